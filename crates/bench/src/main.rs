@@ -1,0 +1,321 @@
+//! `make bench`: ingestion throughput and acknowledgement latency through gRPC and
+//! `/v1/batch` into PostgreSQL, next to the ceiling measured in the same run: the same
+//! rows inserted straight into PostgreSQL with multi-row INSERTs by as many clients.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use prost::Message;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
+use tokio::net::TcpListener;
+use waymark_ingest::store::{self, EventRow};
+use waymark_kit::CancellationToken;
+use waymark_kit::config::{Config, Secret};
+use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
+use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
+
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+#[derive(Parser)]
+struct Args {
+    /// PostgreSQL server URL with a database that can CREATE DATABASE.
+    #[arg(
+        long,
+        env = "WAYMARK_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres: String,
+    /// Events per run.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per batch.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "ingest benchmark: {} events, batches of {}, {} concurrent clients, PostgreSQL, 2-core machine",
+        args.events, args.batch, args.clients
+    );
+
+    let ceiling_db = fresh_database(&args.postgres).await?;
+    let ceiling = raw_insert(&ceiling_db, &args).await?;
+    report(
+        "ceiling: multi-row INSERT of events + outbox rows",
+        &ceiling,
+        None,
+    );
+
+    let grpc_db = fresh_database_url(&args.postgres).await?;
+    let grpc = through_service(&grpc_db, &args, Transport::Grpc).await?;
+    report("waymark gRPC Ingest (durable ack)", &grpc, Some(&ceiling));
+
+    let http_db = fresh_database_url(&args.postgres).await?;
+    let http = through_service(&http_db, &args, Transport::Http).await?;
+    report(
+        "waymark HTTP /v1/batch (durable ack)",
+        &http,
+        Some(&ceiling),
+    );
+    Ok(())
+}
+
+struct Run {
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
+    let rate = run.events as f64 / run.elapsed.as_secs_f64();
+    let mut lat = run.latencies.clone();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    print!(
+        "{name:<52} {rate:>10.0} events/s   p50 {:>7.2} ms   p99 {:>7.2} ms",
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3
+    );
+    if let Some(c) = ceiling {
+        let c_rate = c.events as f64 / c.elapsed.as_secs_f64();
+        print!("   ratio {:.2} of ceiling ({c_rate:.0}/s)", rate / c_rate);
+    }
+    println!();
+}
+
+async fn fresh_database_url(admin_url: &str) -> anyhow::Result<String> {
+    let name = format!("wm_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    admin.close().await.ok();
+    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}
+
+async fn fresh_database(admin_url: &str) -> anyhow::Result<DatabaseConnection> {
+    let url = fresh_database_url(admin_url).await?;
+    let db = waymark_kit::db::connect(&url, 16).await?;
+    waymark_ingest::migrate(&db).await?;
+    Ok(db)
+}
+
+fn event(i: usize) -> Event {
+    let mut e = Event {
+        message_id: format!("m-{i}-{}", uuid::Uuid::now_v7().simple()),
+        user_id: format!("user-{}", i % 10_000),
+        event: "Product Viewed".into(),
+        ..Event::default()
+    };
+    e.set_type(EventType::Track);
+    e
+}
+
+/// The ceiling: the same rows the service writes, inserted directly.
+async fn raw_insert(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Run> {
+    let per_client = args.events / args.clients;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let db = db.clone();
+        let batch = args.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let consumers = vec!["profile".to_owned()];
+            for b in 0..per_client / batch {
+                let rows: Vec<EventRow> = (0..batch)
+                    .map(|i| {
+                        let e = event(c * per_client + b * batch + i);
+                        EventRow {
+                            event_id: uuid::Uuid::now_v7().to_string(),
+                            source_id: "bench".into(),
+                            message_id: e.message_id.clone(),
+                            event_type: e.r#type as i16,
+                            user_id: e.user_id.clone(),
+                            anonymous_id: String::new(),
+                            received_at: waymark_kit::db::now_micros(),
+                            event_time: waymark_kit::db::now_micros(),
+                            payload: e.encode_to_vec(),
+                        }
+                    })
+                    .collect();
+                let t = Instant::now();
+                let txn = db.begin().await?;
+                let refs: Vec<&EventRow> = rows.iter().collect();
+                store::insert_events(&txn, &refs).await?;
+                let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
+                waymark_kit::outbox::enqueue(&txn, &consumers, &payloads).await?;
+                txn.commit().await?;
+                latencies.push(t.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(Run {
+        events: per_client / args.batch * args.batch * args.clients,
+        elapsed: start.elapsed(),
+        latencies,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Grpc,
+    Http,
+}
+
+async fn through_service(url: &str, args: &Args, transport: Transport) -> anyhow::Result<Run> {
+    let config = Config {
+        database_url: url.to_owned(),
+        admin_token: Some(Secret::new(ADMIN_TOKEN)),
+        auto_migrate: true,
+        drain_secs: 0,
+        default_rate_limit_per_second: 10_000_000,
+        log_filter: "warn".into(),
+        ..Config::default()
+    };
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let service = waymark_ingest::IngestService::new(config).await?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(service.serve(grpc, http, shutdown.clone()));
+    let endpoint = format!("http://{grpc_addr}");
+    let mut admin = wait_for(&endpoint).await?;
+    let mut request = tonic::Request::new(CreateSourceRequest {
+        name: "bench".into(),
+        rate_limit_per_second: 0,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
+    let key = admin.create_source(request).await?.into_inner().write_key;
+
+    let per_client = args.events / args.clients;
+    let batches = per_client / args.batch;
+    // Build every request body first so the clients measure the service, not the generator.
+    let mut bodies: Vec<Vec<Vec<Event>>> = Vec::new();
+    for c in 0..args.clients {
+        bodies.push(
+            (0..batches)
+                .map(|b| {
+                    (0..args.batch)
+                        .map(|i| event(c * per_client + b * args.batch + i))
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    let key = Arc::new(key);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for client_batches in bodies {
+        let key = key.clone();
+        let endpoint = endpoint.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(client_batches.len());
+            match transport {
+                Transport::Grpc => {
+                    let mut client = IngestServiceClient::connect(endpoint).await?;
+                    for events in client_batches {
+                        let mut request = tonic::Request::new(IngestRequest { events });
+                        request
+                            .metadata_mut()
+                            .insert("authorization", format!("Bearer {key}").parse()?);
+                        let t = Instant::now();
+                        let response = client.ingest(request).await?.into_inner();
+                        latencies.push(t.elapsed());
+                        anyhow::ensure!(
+                            response.rejected.is_empty(),
+                            "rejected: {:?}",
+                            response.rejected
+                        );
+                    }
+                }
+                Transport::Http => {
+                    let client = reqwest::Client::new();
+                    let url = format!("http://{http_addr}/v1/batch");
+                    let bodies: Vec<Vec<u8>> =
+                        client_batches.iter().map(|b| segment_body(b)).collect();
+                    for body in bodies {
+                        let t = Instant::now();
+                        let response = client
+                            .post(&url)
+                            .basic_auth(key.as_str(), Some(""))
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await?;
+                        anyhow::ensure!(
+                            response.status().as_u16() == 200,
+                            "status {}",
+                            response.status()
+                        );
+                        response.bytes().await?;
+                        latencies.push(t.elapsed());
+                    }
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    shutdown.cancel();
+    server.await??;
+    Ok(Run {
+        events: batches * args.batch * args.clients,
+        elapsed,
+        latencies,
+    })
+}
+
+fn segment_body(events: &[Event]) -> Vec<u8> {
+    let batch: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::json!({"type": "track", "event": e.event, "userId": e.user_id, "messageId": e.message_id}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"batch": batch})).unwrap_or_default()
+}
+
+/// Connects once the service answers admin calls (its schema is migrated).
+async fn wait_for(
+    endpoint: &str,
+) -> anyhow::Result<IngestServiceClient<tonic::transport::Channel>> {
+    for _ in 0..100 {
+        if let Ok(mut client) = IngestServiceClient::connect(endpoint.to_owned()).await {
+            let mut request = tonic::Request::new(waymark_proto::ingest::v1::ListSourcesRequest {});
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
+            if client.list_sources(request).await.is_ok() {
+                return Ok(client);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("service did not start")
+}

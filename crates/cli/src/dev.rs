@@ -1,0 +1,81 @@
+//! `waymark dev`: the platform in one process for a laptop.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use waymark_kit::CancellationToken;
+use waymark_kit::config::{Config, Secret};
+
+pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
+    let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-dev"))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    if std::env::var_os("WAYMARK_DATABASE_URL").is_none() {
+        config.database_url = format!("sqlite://{}/waymark.db?mode=rwc", data_dir.display());
+    }
+    config.auto_migrate = true;
+    let admin_token = config
+        .admin_token
+        .get_or_insert_with(|| Secret::new(format!("dev-admin-{}", uuid::Uuid::new_v4().simple())))
+        .clone();
+
+    let shutdown = CancellationToken::new();
+    waymark_kit::grpc::cancel_on_signal(shutdown.clone());
+    let grpc = crate::bind(config.ingest_grpc_addr).await?;
+    let http = crate::bind(config.ingest_http_addr).await?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let dev_key = config.dev_write_key.clone();
+    let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
+    ingest.migrate().await?;
+    let (source_id, write_key) = ingest
+        .core()
+        .ensure_source_with_key("dev", dev_key.as_ref().map(Secret::expose))
+        .await
+        .context("creating the dev source")?;
+
+    println!();
+    println!("  Waymark dev is running (data in {})", data_dir.display());
+    println!("  ingest gRPC      {grpc_addr}");
+    println!("  ingest HTTP      http://{http_addr}/v1/batch");
+    println!(
+        "  database         {}",
+        redact_password(&config.database_url)
+    );
+    println!("  dev source       {source_id}");
+    println!("  dev write key    {write_key}");
+    println!(
+        "  admin token      export WAYMARK_ADMIN_TOKEN={}",
+        admin_token.expose()
+    );
+    println!();
+    println!(
+        "  try: curl -u {write_key}: http://{http_addr}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'"
+    );
+    println!();
+    ingest.serve(grpc, http, shutdown).await
+}
+
+/// The URL without its credentials, for printing.
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_are_not_printed() {
+        assert_eq!(
+            super::redact_password("postgres://u:secret@db:5432/w"),
+            "postgres://***@db:5432/w"
+        );
+        assert_eq!(
+            super::redact_password("sqlite://.waymark/w.db"),
+            "sqlite://.waymark/w.db"
+        );
+    }
+}

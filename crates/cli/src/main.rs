@@ -1,0 +1,107 @@
+//! `waymark`: the one binary of the platform.
+
+mod client;
+mod dev;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use waymark_kit::CancellationToken;
+use waymark_kit::config::Config;
+
+/// Waymark: customer journey management. Run `waymark dev` to start everything locally.
+#[derive(Parser)]
+#[command(name = "waymark", version, about, propagate_version = true)]
+struct Cli {
+    /// TOML configuration file; WAYMARK_* environment variables override it.
+    #[arg(long, global = true, env = "WAYMARK_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service built so far in one process on its default ports, with SQLite in
+    /// a data directory; prints the endpoints, the dev write key and the admin token.
+    Dev {
+        /// Where the SQLite database lives.
+        #[arg(long, default_value = ".waymark")]
+        data_dir: PathBuf,
+    },
+    /// Run one service.
+    Serve {
+        #[command(subcommand)]
+        service: ServeCommand,
+    },
+    /// Apply pending database migrations of every service.
+    Migrate,
+    /// Manage sources and their write keys (admin RPCs; needs WAYMARK_ADMIN_TOKEN).
+    Sources {
+        #[command(subcommand)]
+        command: client::SourcesCommand,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Send Segment-spec events from a JSON or JSONL file over gRPC.
+    Send(client::SendArgs),
+    /// Read the committed event log.
+    Events {
+        #[command(subcommand)]
+        command: client::EventsCommand,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServeCommand {
+    /// The ingestion service: gRPC on ingest_grpc_addr (50051), Segment HTTP on
+    /// ingest_http_addr (8080).
+    Ingest,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Dev { data_dir } => dev::run(config, data_dir).await,
+        Command::Serve {
+            service: ServeCommand::Ingest,
+        } => {
+            let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-ingest"))?;
+            let shutdown = CancellationToken::new();
+            waymark_kit::grpc::cancel_on_signal(shutdown.clone());
+            let grpc = bind(config.ingest_grpc_addr).await?;
+            let http = bind(config.ingest_http_addr).await?;
+            let service = waymark_ingest::IngestService::new(config).await?;
+            service.serve(grpc, http, shutdown).await
+        }
+        Command::Migrate => {
+            let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-migrate"))?;
+            let service = waymark_ingest::IngestService::new(config).await?;
+            let applied = service.migrate().await?;
+            println!("ingest: {applied} migration(s) applied");
+            Ok(())
+        }
+        Command::Sources { command, target } => client::sources(&config, &target, command).await,
+        Command::Send(args) => client::send(args).await,
+        Command::Events { command, target } => client::events(&config, &target, command).await,
+    }
+}
+
+/// Binds a listener, naming the address when it is taken.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}

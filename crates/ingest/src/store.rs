@@ -1,0 +1,567 @@
+//! The ingestion service's tables: the event log (which is also the dedupe index), sources,
+//! per-source counters and the suppression list, plus the outbox from the kit.
+//!
+//! Times are Unix microseconds (BIGINT) on both backends.
+
+use std::collections::{HashMap, HashSet};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
+    Statement, Value,
+};
+use waymark_kit::db::{Migration, sql};
+
+/// Schema of the ingestion service, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event log, sources, stats, suppressions",
+        postgres: "
+            CREATE TABLE events (
+                seq BIGSERIAL PRIMARY KEY,
+                event_id TEXT NOT NULL,
+                source_id TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                event_type SMALLINT NOT NULL,
+                user_id TEXT NOT NULL,
+                anonymous_id TEXT NOT NULL,
+                received_at BIGINT NOT NULL,
+                event_time BIGINT NOT NULL,
+                payload BYTEA
+            );
+            CREATE UNIQUE INDEX events_dedupe ON events (source_id, message_id);
+            CREATE INDEX events_received_at ON events (received_at);
+            CREATE INDEX events_user ON events (user_id, seq) WHERE user_id <> '';
+            CREATE INDEX events_anonymous ON events (anonymous_id, seq) WHERE anonymous_id <> '';
+            CREATE TABLE sources (
+                source_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                key_hash TEXT NOT NULL UNIQUE,
+                created_at BIGINT NOT NULL,
+                revoked_at BIGINT,
+                rate_limit BIGINT NOT NULL
+            );
+            CREATE UNIQUE INDEX sources_live_name ON sources (name) WHERE revoked_at IS NULL;
+            CREATE TABLE source_stats (
+                source_id TEXT NOT NULL,
+                shard INTEGER NOT NULL,
+                accepted BIGINT NOT NULL DEFAULT 0,
+                duplicates BIGINT NOT NULL DEFAULT 0,
+                rejected BIGINT NOT NULL DEFAULT 0,
+                suppressed BIGINT NOT NULL DEFAULT 0,
+                PRIMARY KEY (source_id, shard)
+            );
+            CREATE TABLE suppressions (
+                id_type TEXT NOT NULL,
+                id_value TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (id_type, id_value)
+            );",
+        sqlite: "
+            CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id TEXT NOT NULL,
+                source_id TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                event_type SMALLINT NOT NULL,
+                user_id TEXT NOT NULL,
+                anonymous_id TEXT NOT NULL,
+                received_at BIGINT NOT NULL,
+                event_time BIGINT NOT NULL,
+                payload BLOB
+            );
+            CREATE UNIQUE INDEX events_dedupe ON events (source_id, message_id);
+            CREATE INDEX events_received_at ON events (received_at);
+            CREATE INDEX events_user ON events (user_id, seq) WHERE user_id <> '';
+            CREATE INDEX events_anonymous ON events (anonymous_id, seq) WHERE anonymous_id <> '';
+            CREATE TABLE sources (
+                source_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                key_hash TEXT NOT NULL UNIQUE,
+                created_at BIGINT NOT NULL,
+                revoked_at BIGINT,
+                rate_limit BIGINT NOT NULL
+            );
+            CREATE UNIQUE INDEX sources_live_name ON sources (name) WHERE revoked_at IS NULL;
+            CREATE TABLE source_stats (
+                source_id TEXT NOT NULL,
+                shard INTEGER NOT NULL,
+                accepted BIGINT NOT NULL DEFAULT 0,
+                duplicates BIGINT NOT NULL DEFAULT 0,
+                rejected BIGINT NOT NULL DEFAULT 0,
+                suppressed BIGINT NOT NULL DEFAULT 0,
+                PRIMARY KEY (source_id, shard)
+            );
+            CREATE TABLE suppressions (
+                id_type TEXT NOT NULL,
+                id_value TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (id_type, id_value)
+            );",
+    },
+    waymark_kit::outbox::migration(2),
+];
+
+/// One event row, ready to insert.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub event_id: String,
+    pub source_id: String,
+    pub message_id: String,
+    pub event_type: i16,
+    pub user_id: String,
+    pub anonymous_id: String,
+    pub received_at: i64,
+    pub event_time: i64,
+    /// The encoded `waymark.common.v1.Event`.
+    pub payload: Vec<u8>,
+}
+
+/// Lifetime counters of one source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub suppressed: u64,
+}
+
+impl Counters {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Counters) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+        self.suppressed += other.suppressed;
+    }
+}
+
+/// A stored source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRow {
+    pub source_id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub rate_limit: u32,
+}
+
+/// Rows per INSERT statement: 9 parameters each stays under SQLite's 32766 limit.
+const EVENT_ROWS_PER_INSERT: usize = 2000;
+
+/// Inserts the rows that are new; returns the (source_id, message_id) keys inserted.
+/// Rows whose key exists already are duplicates and are left untouched.
+pub async fn insert_events(
+    txn: &DatabaseTransaction,
+    rows: &[&EventRow],
+) -> Result<HashSet<(String, String)>, DbErr> {
+    let backend = txn.get_database_backend();
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
+        let mut text = String::with_capacity(128 + chunk.len() * 32);
+        text.push_str(
+            "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
+        for (i, row) in chunk.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            values.extend([
+                row.event_id.as_str().into(),
+                row.source_id.as_str().into(),
+                row.message_id.as_str().into(),
+                row.event_type.into(),
+                row.user_id.as_str().into(),
+                row.anonymous_id.as_str().into(),
+                row.received_at.into(),
+                row.event_time.into(),
+                row.payload.clone().into(),
+            ]);
+        }
+        text.push_str(
+            " ON CONFLICT (source_id, message_id) DO NOTHING RETURNING source_id, message_id",
+        );
+        let returned = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?;
+        for row in returned {
+            inserted.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
+        }
+    }
+    Ok(inserted)
+}
+
+/// Adds counters per source. Each committer writes its own `shard` row so concurrent
+/// transactions never wait on one another's counter row lock.
+pub async fn add_counters(
+    txn: &DatabaseTransaction,
+    shard: i32,
+    counters: &HashMap<String, Counters>,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    for (source_id, c) in counters {
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "INSERT INTO source_stats (source_id, shard, accepted, duplicates, rejected, suppressed)
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (source_id, shard) DO UPDATE SET
+                    accepted = source_stats.accepted + excluded.accepted,
+                    duplicates = source_stats.duplicates + excluded.duplicates,
+                    rejected = source_stats.rejected + excluded.rejected,
+                    suppressed = source_stats.suppressed + excluded.suppressed",
+            ),
+            [
+                source_id.as_str().into(),
+                shard.into(),
+                (c.accepted as i64).into(),
+                (c.duplicates as i64).into(),
+                (c.rejected as i64).into(),
+                (c.suppressed as i64).into(),
+            ],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Counters per source (all sources when `source_id` is None).
+pub async fn read_counters(
+    db: &DatabaseConnection,
+    source_id: Option<&str>,
+) -> Result<Vec<(String, Counters)>, DbErr> {
+    let backend = db.get_database_backend();
+    let mut text = String::from(
+        "SELECT source_id, CAST(SUM(accepted) AS BIGINT), CAST(SUM(duplicates) AS BIGINT), CAST(SUM(rejected) AS BIGINT), CAST(SUM(suppressed) AS BIGINT) FROM source_stats",
+    );
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(id) = source_id {
+        text.push_str(" WHERE source_id = ?");
+        values.push(id.into());
+    }
+    text.push_str(" GROUP BY source_id ORDER BY source_id");
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let n = |i| sum_at(r, i);
+            Ok((
+                r.try_get_by_index(0)?,
+                Counters {
+                    accepted: n(1)?,
+                    duplicates: n(2)?,
+                    rejected: n(3)?,
+                    suppressed: n(4)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn sum_at(row: &QueryResult, index: usize) -> Result<u64, DbErr> {
+    Ok(row.try_get_by_index::<i64>(index)?.max(0) as u64)
+}
+
+/// Creates a source with the hash of its write key.
+pub async fn create_source(
+    db: &DatabaseConnection,
+    source: &SourceRow,
+    key_hash: &str,
+) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            "INSERT INTO sources (source_id, name, key_hash, created_at, revoked_at, rate_limit) VALUES (?, ?, ?, ?, NULL, ?)",
+        ),
+        [
+            source.source_id.as_str().into(),
+            source.name.as_str().into(),
+            key_hash.into(),
+            source.created_at.into(),
+            i64::from(source.rate_limit).into(),
+        ],
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// Replaces the write key of the live source named `name`; false when there is none.
+pub async fn rotate_key(
+    db: &DatabaseConnection,
+    name: &str,
+    key_hash: &str,
+) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "UPDATE sources SET key_hash = ? WHERE name = ? AND revoked_at IS NULL",
+            ),
+            [key_hash.into(), name.into()],
+        ))
+        .await?;
+    Ok(result.rows_affected() > 0)
+}
+
+const SOURCE_COLUMNS: &str = "source_id, name, created_at, revoked_at, rate_limit";
+
+fn source_from(row: &QueryResult) -> Result<SourceRow, DbErr> {
+    Ok(SourceRow {
+        source_id: row.try_get_by_index(0)?,
+        name: row.try_get_by_index(1)?,
+        created_at: row.try_get_by_index(2)?,
+        revoked_at: row.try_get_by_index(3)?,
+        rate_limit: row
+            .try_get_by_index::<i64>(4)?
+            .clamp(0, i64::from(u32::MAX)) as u32,
+    })
+}
+
+/// The live source whose key hashes to `key_hash`.
+pub async fn find_live_source_by_key(
+    db: &DatabaseConnection,
+    key_hash: &str,
+) -> Result<Option<SourceRow>, DbErr> {
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                &format!(
+                    "SELECT {SOURCE_COLUMNS} FROM sources WHERE key_hash = ? AND revoked_at IS NULL"
+                ),
+            ),
+            [key_hash.into()],
+        ))
+        .await?;
+    row.as_ref().map(source_from).transpose()
+}
+
+/// Every source, oldest first.
+pub async fn list_sources(db: &DatabaseConnection) -> Result<Vec<SourceRow>, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!("SELECT {SOURCE_COLUMNS} FROM sources ORDER BY created_at, source_id"),
+        ))
+        .await?;
+    rows.iter().map(source_from).collect()
+}
+
+/// Revokes a source; returns it, or None when it does not exist.
+pub async fn revoke_source(
+    db: &DatabaseConnection,
+    source_id: &str,
+    now: i64,
+) -> Result<Option<SourceRow>, DbErr> {
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            "UPDATE sources SET revoked_at = ? WHERE source_id = ? AND revoked_at IS NULL",
+        ),
+        [now.into(), source_id.into()],
+    ))
+    .await?;
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                &format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE source_id = ?"),
+            ),
+            [source_id.into()],
+        ))
+        .await?;
+    row.as_ref().map(source_from).transpose()
+}
+
+/// Filters for reading the log back.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub source_id: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    /// Only rows with `seq` below this (the page token).
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// Payloads of matching events newest first, with their `seq` for paging. Rows whose
+/// payload retention has expired are skipped.
+pub async fn list_events(
+    db: &DatabaseConnection,
+    filter: &EventFilter,
+) -> Result<Vec<(i64, Vec<u8>)>, DbErr> {
+    let backend = db.get_database_backend();
+    let mut text = String::from("SELECT seq, payload FROM events WHERE payload IS NOT NULL");
+    let mut values: Vec<Value> = Vec::new();
+    let mut clause = |condition: &str, value: Value| {
+        text.push_str(" AND ");
+        text.push_str(condition);
+        values.push(value);
+    };
+    if let Some(v) = &filter.source_id {
+        clause("source_id = ?", v.as_str().into());
+    }
+    if let Some(v) = &filter.user_id {
+        clause("user_id = ?", v.as_str().into());
+    }
+    if let Some(v) = &filter.anonymous_id {
+        clause("anonymous_id = ?", v.as_str().into());
+    }
+    if let Some(v) = filter.start {
+        clause("received_at >= ?", v.into());
+    }
+    if let Some(v) = filter.end {
+        clause("received_at < ?", v.into());
+    }
+    if let Some(v) = filter.before_seq {
+        clause("seq < ?", v.into());
+    }
+    text.push_str(" ORDER BY seq DESC LIMIT ?");
+    values.push(i64::from(filter.limit).into());
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+/// Queues stored events of a time range for `consumer` again; returns how many.
+pub async fn replay(
+    txn: &DatabaseTransaction,
+    consumer: &str,
+    start: i64,
+    end: i64,
+    source_id: Option<&str>,
+    now: i64,
+) -> Result<u64, DbErr> {
+    let backend = txn.get_database_backend();
+    let mut text = String::from(
+        "INSERT INTO outbox (consumer, payload, created_at, available_at)
+         SELECT ?, payload, ?, ? FROM events
+         WHERE payload IS NOT NULL AND received_at >= ? AND received_at < ?",
+    );
+    let mut values: Vec<Value> = vec![
+        consumer.into(),
+        now.into(),
+        now.into(),
+        start.into(),
+        end.into(),
+    ];
+    if let Some(id) = source_id {
+        text.push_str(" AND source_id = ?");
+        values.push(id.into());
+    }
+    text.push_str(" ORDER BY seq");
+    let result = txn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// Adds identifiers to the suppression list; returns how many were new.
+pub async fn add_suppressions(
+    db: &DatabaseConnection,
+    identities: &[(String, String)],
+    now: i64,
+) -> Result<u32, DbErr> {
+    let backend = db.get_database_backend();
+    let mut added = 0;
+    for (id_type, id_value) in identities {
+        let result = db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(
+                    backend,
+                    "INSERT INTO suppressions (id_type, id_value, created_at) VALUES (?, ?, ?) ON CONFLICT (id_type, id_value) DO NOTHING",
+                ),
+                [id_type.as_str().into(), id_value.as_str().into(), now.into()],
+            ))
+            .await?;
+        added += result.rows_affected() as u32;
+    }
+    Ok(added)
+}
+
+/// The whole suppression list.
+pub async fn load_suppressions(db: &DatabaseConnection) -> Result<Vec<(String, String)>, DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT id_type, id_value FROM suppressions",
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+/// Applies retention: payloads older than `payload_cutoff` are erased, and whole rows
+/// (the dedupe keys) older than `key_cutoff` are deleted. Returns (erased, deleted).
+pub async fn sweep(
+    db: &DatabaseConnection,
+    payload_cutoff: i64,
+    key_cutoff: i64,
+) -> Result<(u64, u64), DbErr> {
+    let backend = db.get_database_backend();
+    let deleted = db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, "DELETE FROM events WHERE received_at < ?"),
+            [key_cutoff.into()],
+        ))
+        .await?
+        .rows_affected();
+    let erased = if payload_cutoff > key_cutoff {
+        db.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "UPDATE events SET payload = NULL WHERE received_at < ? AND payload IS NOT NULL",
+            ),
+            [payload_cutoff.into()],
+        ))
+        .await?
+        .rows_affected()
+    } else {
+        0
+    };
+    Ok((erased, deleted))
+}
+
+/// True for PostgreSQL, where several committers can run at once.
+pub fn concurrent_writers(db: &DatabaseConnection) -> bool {
+    db.get_database_backend() == DbBackend::Postgres
+}

@@ -1,0 +1,288 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then `WAYMARK_*`
+//! environment variables. Every setting is validated at start-up and errors name the
+//! setting and its environment variable.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::{LogFormat, TelemetryConfig};
+
+/// A secret value (tokens, keys): never printed by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must compare or send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Every setting of the platform. Services read the ones they need; per-service
+/// overrides (e.g. `ingest_database_url`) win over the shared value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Shared database URL: `postgres://...` or `sqlite://path?mode=rwc`.
+    pub database_url: String,
+    /// Database for the ingestion service only; falls back to `database_url`.
+    pub ingest_database_url: Option<String>,
+    /// Connections per database pool (PostgreSQL; SQLite always uses one writer).
+    pub database_max_connections: u32,
+    /// Redis for the shared profile cache; an in-process cache when unset.
+    pub redis_url: Option<String>,
+    /// Bearer token for admin and service-to-service RPCs.
+    pub admin_token: Option<Secret>,
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`; no export when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter directives (RUST_LOG syntax); RUST_LOG wins when set.
+    pub log_filter: String,
+    /// Ingestion gRPC listen address.
+    pub ingest_grpc_addr: SocketAddr,
+    /// Ingestion Segment-compatible HTTP listen address.
+    pub ingest_http_addr: SocketAddr,
+    /// The profile service's EventSink, where ingestion relays committed events.
+    pub profile_endpoint: String,
+    /// Seconds within which a repeated messageId of a source is a duplicate.
+    pub dedupe_window_secs: u64,
+    /// Seconds the raw event log keeps payloads.
+    pub retention_secs: u64,
+    /// Events per second per source when a source sets no limit of its own.
+    pub default_rate_limit_per_second: u32,
+    /// Write key `waymark dev` gives its dev source; a fresh one is printed when unset.
+    pub dev_write_key: Option<Secret>,
+    /// Events per delivery batch from the outbox relay.
+    pub relay_batch_size: u32,
+    /// Longest pause between delivery retries to a failing consumer, in milliseconds.
+    pub relay_max_backoff_ms: u64,
+    /// Seconds to keep serving in-flight requests after SIGTERM while reporting NotServing.
+    pub drain_secs: u64,
+    /// Apply pending migrations at start-up (`waymark dev` does); otherwise a service
+    /// reports NotServing until `waymark migrate` has run.
+    pub auto_migrate: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://.waymark/waymark.db?mode=rwc".into(),
+            ingest_database_url: None,
+            database_max_connections: 16,
+            redis_url: None,
+            admin_token: None,
+            otlp_endpoint: None,
+            log_format: LogFormat::Pretty,
+            log_filter: "info".into(),
+            ingest_grpc_addr: ([0, 0, 0, 0], 50051).into(),
+            ingest_http_addr: ([0, 0, 0, 0], 8080).into(),
+            profile_endpoint: "http://127.0.0.1:50052".into(),
+            dedupe_window_secs: 7 * 24 * 3600,
+            retention_secs: 30 * 24 * 3600,
+            default_rate_limit_per_second: 50_000,
+            dev_write_key: None,
+            relay_batch_size: 500,
+            relay_max_backoff_ms: 30_000,
+            drain_secs: 5,
+            auto_migrate: false,
+        }
+    }
+}
+
+/// A setting that failed validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be parsed.
+    #[error("configuration: {0}")]
+    Parse(Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("invalid setting `{setting}` (env WAYMARK_{env}): {problem}")]
+    Invalid {
+        setting: &'static str,
+        env: String,
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` when given, then `WAYMARK_*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // WAYMARK_CONFIG names the file itself and WAYMARK_TEST_* belongs to the test suite;
+        // any other unknown WAYMARK_* variable is an error, so typos do not pass silently.
+        figment = figment.merge(
+            Env::prefixed("WAYMARK_")
+                .ignore(&["config"])
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
+        );
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_database_url("database_url", &self.database_url)?;
+        if let Some(url) = &self.ingest_database_url {
+            check_database_url("ingest_database_url", url)?;
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "redis_url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.starts_with("http")
+        {
+            return Err(invalid(
+                "otlp_endpoint",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if !self.profile_endpoint.starts_with("http") {
+            return Err(invalid(
+                "profile_endpoint",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.database_max_connections == 0 {
+            return Err(invalid("database_max_connections", "must be at least 1"));
+        }
+        if self.dedupe_window_secs == 0 {
+            return Err(invalid("dedupe_window_secs", "must be greater than 0"));
+        }
+        if self.retention_secs == 0 {
+            return Err(invalid("retention_secs", "must be greater than 0"));
+        }
+        if self.default_rate_limit_per_second == 0 {
+            return Err(invalid(
+                "default_rate_limit_per_second",
+                "must be greater than 0",
+            ));
+        }
+        if !(1..=5000).contains(&self.relay_batch_size) {
+            return Err(invalid("relay_batch_size", "must be between 1 and 5000"));
+        }
+        if let Some(token) = &self.admin_token
+            && token.expose().len() < 16
+        {
+            return Err(invalid("admin_token", "must be at least 16 characters"));
+        }
+        Ok(())
+    }
+
+    /// The ingestion service's database URL.
+    pub fn ingest_database(&self) -> &str {
+        self.ingest_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+
+    /// Telemetry settings for one service.
+    pub fn telemetry(&self, service_name: &str) -> TelemetryConfig {
+        TelemetryConfig {
+            service_name: service_name.to_owned(),
+            log_format: self.log_format,
+            log_filter: self.log_filter.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+        }
+    }
+}
+
+fn invalid(setting: &'static str, problem: &str) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        env: setting.to_uppercase(),
+        problem: problem.to_owned(),
+    }
+}
+
+fn check_database_url(setting: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+        || url.starts_with("sqlite:")
+    {
+        Ok(())
+    } else {
+        Err(invalid(
+            setting,
+            "must start with postgres://, postgresql:// or sqlite:",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_variable() {
+        let config = Config {
+            database_url: "mysql://x".into(),
+            ..Config::default()
+        };
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("`database_url`"), "{message}");
+        assert!(message.contains("WAYMARK_DATABASE_URL"), "{message}");
+    }
+
+    #[test]
+    // Jail's closure signature is figment's, error size included.
+    #[allow(clippy::result_large_err)]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "waymark.toml",
+                "dedupe_window_secs = 60\nretention_secs = 120\n",
+            )?;
+            jail.set_env("WAYMARK_RETENTION_SECS", "240");
+            jail.set_env("WAYMARK_TEST_POSTGRES_URL", "postgres://ignored");
+            let config = Config::load(Some(Path::new("waymark.toml"))).expect("loads");
+            assert_eq!(config.dedupe_window_secs, 60);
+            assert_eq!(config.retention_secs, 240);
+            jail.set_env("WAYMARK_RETENTON_SECS", "1");
+            let typo = Config::load(None).unwrap_err().to_string();
+            assert!(typo.contains("retenton_secs"), "{typo}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let config = Config {
+            admin_token: Some(Secret::new("super-secret-admin-token")),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("super-secret"));
+    }
+}

@@ -1,0 +1,230 @@
+//! Database connection (PostgreSQL or SQLite through sea-orm) and the migration runner.
+//!
+//! Migrations are plain SQL per backend, versioned per service in `waymark_migrations`:
+//! DDL differences between PostgreSQL and SQLite stay explicit and reviewable.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
+
+/// One schema change of a service.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Increasing version within the service, starting at 1.
+    pub version: i64,
+    /// Short description.
+    pub name: &'static str,
+    /// SQL for PostgreSQL (several statements allowed).
+    pub postgres: &'static str,
+    /// SQL for SQLite (several statements allowed).
+    pub sqlite: &'static str,
+}
+
+/// Opens a pool for `url`. The pool connects lazily so a service can start, report
+/// NotServing and recover while its database is unreachable.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .connect_timeout(Duration::from_secs(3))
+        // Fail fast so callers get UNAVAILABLE instead of hanging while the database is down.
+        .acquire_timeout(Duration::from_secs(3))
+        .sqlx_logging(false)
+        .connect_lazy(true);
+    if url.starts_with("sqlite:") {
+        // SQLite has one writer; a single connection avoids "database is locked" errors,
+        // and synchronous=FULL keeps acknowledged commits across power loss.
+        options.max_connections(1).min_connections(0);
+        options.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(5))
+                .create_if_missing(true)
+        });
+    } else {
+        options.max_connections(max_connections).min_connections(0);
+    }
+    Database::connect(options).await
+}
+
+/// True when the database answers a trivial query.
+pub async fn ping(db: &DatabaseConnection) -> bool {
+    db.execute_unprepared("SELECT 1").await.is_ok()
+}
+
+/// Whether an error means the database could not be reached (retryable) rather than a
+/// bad statement.
+pub fn is_unavailable(error: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as SqlxError;
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            match e.as_ref() {
+                SqlxError::Io(_)
+                | SqlxError::Tls(_)
+                | SqlxError::Protocol(_)
+                | SqlxError::PoolTimedOut
+                | SqlxError::PoolClosed
+                | SqlxError::WorkerCrashed => true,
+                // Server shutting down, too many connections, or SQLite busy.
+                SqlxError::Database(db) => matches!(
+                    db.code().as_deref(),
+                    Some("57P01" | "57P02" | "57P03" | "53300" | "5" | "6")
+                ),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Applies the service's pending migrations, each in its own transaction. On PostgreSQL an
+/// advisory lock serialises replicas that start at the same time.
+pub async fn migrate(
+    db: &DatabaseConnection,
+    service: &str,
+    migrations: &[Migration],
+) -> Result<usize, DbErr> {
+    let backend = db.get_database_backend();
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS waymark_migrations (
+            service TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            name TEXT NOT NULL,
+            applied_at BIGINT NOT NULL,
+            PRIMARY KEY (service, version)
+        )",
+    )
+    .await?;
+    let mut applied = 0;
+    for migration in migrations {
+        let txn = db.begin().await?;
+        if backend == DbBackend::Postgres {
+            txn.execute_unprepared("SELECT pg_advisory_xact_lock(7263542001)")
+                .await?;
+        }
+        let done = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                sql(
+                    backend,
+                    "SELECT 1 FROM waymark_migrations WHERE service = ? AND version = ?",
+                ),
+                [service.into(), migration.version.into()],
+            ))
+            .await?
+            .is_some();
+        if done {
+            txn.rollback().await?;
+            continue;
+        }
+        let script = match backend {
+            DbBackend::Postgres => migration.postgres,
+            _ => migration.sqlite,
+        };
+        txn.execute_unprepared(script).await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "INSERT INTO waymark_migrations (service, version, name, applied_at) VALUES (?, ?, ?, ?)",
+            ),
+            [
+                service.into(),
+                migration.version.into(),
+                migration.name.into(),
+                now_micros().into(),
+            ],
+        ))
+        .await?;
+        txn.commit().await?;
+        tracing::info!(
+            service,
+            version = migration.version,
+            name = migration.name,
+            "migration applied"
+        );
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+/// Versions of `migrations` not yet applied for `service`.
+pub async fn pending(
+    db: &DatabaseConnection,
+    service: &str,
+    migrations: &[Migration],
+) -> Result<Vec<i64>, DbErr> {
+    let backend = db.get_database_backend();
+    let applied: Vec<i64> = match db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT version FROM waymark_migrations WHERE service = ?",
+            ),
+            [service.into()],
+        ))
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.try_get_by_index::<i64>(0))
+            .collect::<Result<_, _>>()?,
+        // No migrations table yet: everything is pending.
+        Err(e) if !is_unavailable(&e) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    Ok(migrations
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+/// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL. Statements here never
+/// contain a literal question mark.
+pub fn sql(backend: DbBackend, text: &str) -> String {
+    if backend != DbBackend::Postgres {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut n = 0;
+    for ch in text.chars() {
+        if ch == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// Microseconds since the Unix epoch: every stored time uses this integer form, which
+/// sorts and indexes the same on both backends.
+pub fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_micros() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        assert_eq!(
+            sql(DbBackend::Postgres, "a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
+        assert_eq!(sql(DbBackend::Sqlite, "a = ? AND b = ?"), "a = ? AND b = ?");
+    }
+}

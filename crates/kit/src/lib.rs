@@ -1,0 +1,10 @@
+//! The platform kit shared by every Waymark service.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod outbox;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;

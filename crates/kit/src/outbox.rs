@@ -1,0 +1,433 @@
+//! The transactional outbox and its relay.
+//!
+//! A producer inserts outbox rows in the same transaction as its own writes, so an event
+//! is queued if and only if it is committed. Relay workers claim rows with a lease
+//! (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never claim the same rows), push
+//! them to the consumer's `EventSink.Deliver`, and delete them once acknowledged. A failed
+//! delivery releases the rows with an exponential backoff; each consumer has its own
+//! workers, so one that is down delays only its own deliveries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use rand::Rng;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use waymark_proto::common::v1::DeliverResponse;
+
+use crate::config::Secret;
+use crate::db::{Migration, now_micros, sql};
+
+/// The outbox table; each service lists it among its own migrations.
+pub const fn migration(version: i64) -> Migration {
+    Migration {
+        version,
+        name: "outbox",
+        postgres: "CREATE TABLE outbox (
+                id BIGSERIAL PRIMARY KEY,
+                consumer TEXT NOT NULL,
+                payload BYTEA NOT NULL,
+                created_at BIGINT NOT NULL,
+                available_at BIGINT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                lease_owner TEXT,
+                lease_until BIGINT NOT NULL DEFAULT 0
+            );
+            CREATE INDEX outbox_consumer_id ON outbox (consumer, id);
+            CREATE INDEX outbox_lease_owner ON outbox (lease_owner) WHERE lease_owner IS NOT NULL;",
+        sqlite: "CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                consumer TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                created_at BIGINT NOT NULL,
+                available_at BIGINT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                lease_owner TEXT,
+                lease_until BIGINT NOT NULL DEFAULT 0
+            );
+            CREATE INDEX outbox_consumer_id ON outbox (consumer, id);
+            CREATE INDEX outbox_lease_owner ON outbox (lease_owner) WHERE lease_owner IS NOT NULL;",
+    }
+}
+
+/// Rows per INSERT statement: well under both backends' bound-parameter limits.
+const ROWS_PER_INSERT: usize = 1000;
+
+/// Queues encoded `waymark.common.v1.Event`s for each consumer, inside the caller's
+/// transaction. Call [`Wakeup::notify`] after the commit.
+pub async fn enqueue<C: ConnectionTrait>(
+    conn: &C,
+    consumers: &[String],
+    payloads: &[&[u8]],
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let now = now_micros();
+    let rows: Vec<(&String, &[u8])> = consumers
+        .iter()
+        .flat_map(|c| payloads.iter().map(move |p| (c, *p)))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut text = String::from(
+            "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+        for (i, (consumer, payload)) in chunk.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str("(?, ?, ?, ?)");
+            values.push((*consumer).as_str().into());
+            values.push(payload.to_vec().into());
+            values.push(now.into());
+            values.push(now.into());
+        }
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Wakes this process's relay workers when new rows are committed, so delivery starts at
+/// once instead of on the next poll.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    /// Wakes every waiting worker.
+    pub fn notify(&self) {
+        self.0.notify_waiters();
+    }
+}
+
+/// Events waiting for one consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    /// Consumer name.
+    pub consumer: String,
+    /// Rows not yet acknowledged.
+    pub pending: u64,
+    /// Enqueue time of the oldest, in Unix microseconds.
+    pub oldest_micros: Option<i64>,
+}
+
+/// The backlog of every consumer with pending rows.
+pub async fn backlog<C: ConnectionTrait>(conn: &C) -> Result<Vec<Backlog>, DbErr> {
+    let rows = conn
+        .query_all_raw(Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT consumer, COUNT(*), MIN(created_at) FROM outbox GROUP BY consumer ORDER BY consumer",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Backlog {
+                consumer: row.try_get_by_index(0)?,
+                pending: row.try_get_by_index::<i64>(1)?.max(0) as u64,
+                oldest_micros: row.try_get_by_index(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Where and how one consumer is delivered to.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The producing service, sent in `DeliverRequest.producer`.
+    pub producer: String,
+    /// The consumer name used in outbox rows.
+    pub consumer: String,
+    /// The consumer's gRPC endpoint.
+    pub endpoint: String,
+    /// Bearer token for the consumer, when it requires one.
+    pub token: Option<Secret>,
+    /// Rows per delivery.
+    pub batch_size: u32,
+    /// Longest pause after repeated failures.
+    pub max_backoff: Duration,
+    /// Concurrent workers for this consumer in this process.
+    pub workers: usize,
+    /// Poll interval when idle, to pick up rows committed by other replicas and expired
+    /// leases.
+    pub idle_poll: Duration,
+}
+
+/// The request as the relay sends it: wire-identical to `waymark.common.v1.DeliverRequest`
+/// (a repeated message field and a repeated bytes field encode the same way), so stored
+/// payloads go out without being decoded and re-encoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDeliverRequest {
+    #[prost(string, tag = "1")]
+    producer: String,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    events: Vec<Vec<u8>>,
+}
+
+/// How long a claimed batch stays invisible to other workers; longer than the delivery
+/// timeout, so a live worker never loses its lease mid-delivery.
+const LEASE: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs the relay workers for one consumer until `shutdown`.
+pub async fn run_relay(
+    db: DatabaseConnection,
+    config: RelayConfig,
+    wakeup: Wakeup,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = crate::grpc::channel(&config.endpoint)?;
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..config.workers.max(1) {
+        let worker = Worker {
+            db: db.clone(),
+            config: config.clone(),
+            channel: channel.clone(),
+            owner: uuid::Uuid::now_v7().to_string(),
+            metrics: RelayMetrics::new(),
+        };
+        workers.spawn(worker.run(wakeup.clone(), shutdown.clone()));
+    }
+    while workers.join_next().await.is_some() {}
+    Ok(())
+}
+
+struct RelayMetrics {
+    delivered: opentelemetry::metrics::Counter<u64>,
+    failures: opentelemetry::metrics::Counter<u64>,
+}
+
+impl RelayMetrics {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("waymark");
+        Self {
+            delivered: meter.u64_counter("outbox.delivered").build(),
+            failures: meter.u64_counter("outbox.delivery_failures").build(),
+        }
+    }
+}
+
+struct Worker {
+    db: DatabaseConnection,
+    config: RelayConfig,
+    channel: tonic::transport::Channel,
+    owner: String,
+    metrics: RelayMetrics,
+}
+
+impl Worker {
+    async fn run(self, wakeup: Wakeup, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let attrs = [KeyValue::new("consumer", self.config.consumer.clone())];
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Register for wake-ups before looking, so a commit between the claim and the
+            // wait is not missed.
+            let notified = wakeup.0.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let pause = match self.claim().await {
+                Ok(batch) if batch.is_empty() => Some(self.config.idle_poll),
+                Ok(batch) => {
+                    let count = batch.len();
+                    match self.deliver(batch).await {
+                        Ok(()) => {
+                            failures = 0;
+                            self.metrics.delivered.add(count as u64, &attrs);
+                            if let Err(error) = self.ack().await {
+                                tracing::warn!(consumer = %self.config.consumer, %error, "outbox ack failed; batch will be redelivered");
+                            }
+                            None
+                        }
+                        Err(status) => {
+                            failures = failures.saturating_add(1);
+                            self.metrics.failures.add(1, &attrs);
+                            let delay = backoff(failures, self.config.max_backoff);
+                            tracing::warn!(
+                                consumer = %self.config.consumer,
+                                code = ?status.code(),
+                                message = status.message(),
+                                events = count,
+                                retry_in_ms = delay.as_millis() as u64,
+                                "delivery failed"
+                            );
+                            if let Err(error) = self.release(delay).await {
+                                tracing::warn!(consumer = %self.config.consumer, %error, "outbox release failed; lease will expire");
+                            }
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                () = tokio::time::sleep(delay) => {}
+                            }
+                            None
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(consumer = %self.config.consumer, %error, "outbox claim failed");
+                    Some(self.config.idle_poll)
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = &mut notified => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    async fn claim(&self) -> Result<Vec<Vec<u8>>, DbErr> {
+        let backend = self.db.get_database_backend();
+        let now = now_micros();
+        let skip_locked = if backend == DbBackend::Postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let text = format!(
+            "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id IN (
+                SELECT id FROM outbox WHERE consumer = ? AND available_at <= ? AND lease_until <= ?
+                ORDER BY id LIMIT ?{skip_locked})
+             RETURNING id, payload"
+        );
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                [
+                    self.owner.as_str().into(),
+                    (now + LEASE.as_micros() as i64).into(),
+                    self.config.consumer.as_str().into(),
+                    now.into(),
+                    now.into(),
+                    i64::from(self.config.batch_size).into(),
+                ],
+            ))
+            .await?;
+        let mut batch = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get_by_index::<i64>(0)?,
+                    r.try_get_by_index::<Vec<u8>>(1)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+        // RETURNING does not promise order; deliver in commit order.
+        batch.sort_unstable_by_key(|(id, _)| *id);
+        Ok(batch.into_iter().map(|(_, payload)| payload).collect())
+    }
+
+    async fn deliver(&self, events: Vec<Vec<u8>>) -> Result<(), tonic::Status> {
+        let span = tracing::info_span!(
+            "outbox.deliver",
+            consumer = %self.config.consumer,
+            events = events.len(),
+            otel.kind = "client"
+        );
+        async {
+            let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+                .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("consumer not ready: {e}")))?;
+            let mut request = tonic::Request::new(RawDeliverRequest {
+                producer: self.config.producer.clone(),
+                events,
+            });
+            crate::telemetry::inject_trace_context(request.metadata_mut());
+            if let Some(token) = &self.config.token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", crate::grpc::bearer(token));
+            }
+            let path = http::uri::PathAndQuery::from_static("/waymark.common.v1.EventSink/Deliver");
+            let codec = tonic_prost::ProstCodec::<RawDeliverRequest, DeliverResponse>::default();
+            grpc.unary(request, path, codec).await.map(|_| ())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn ack(&self) -> Result<(), DbErr> {
+        let backend = self.db.get_database_backend();
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, "DELETE FROM outbox WHERE lease_owner = ?"),
+                [self.owner.as_str().into()],
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    async fn release(&self, delay: Duration) -> Result<(), DbErr> {
+        let backend = self.db.get_database_backend();
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(
+                    backend,
+                    "UPDATE outbox SET lease_owner = NULL, lease_until = 0, attempts = attempts + 1, available_at = ?
+                     WHERE lease_owner = ?",
+                ),
+                [
+                    (now_micros() + delay.as_micros() as i64).into(),
+                    self.owner.as_str().into(),
+                ],
+            ))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Exponential backoff with ±20 % jitter, so failing replicas do not retry in lockstep.
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let exp = FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let base = exp.min(max);
+    let jitter = rand::rng().random_range(0.8..1.2);
+    base.mul_f64(jitter).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(5);
+        let first = backoff(1, max);
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        let fourth = backoff(4, max);
+        assert!(fourth >= Duration::from_millis(640) && fourth <= Duration::from_millis(960));
+        assert!(backoff(40, max) <= max);
+    }
+
+    #[test]
+    fn raw_request_is_wire_compatible_with_deliver_request() {
+        use prost::Message;
+        use waymark_proto::common::v1::{DeliverRequest, Event};
+        let event = Event {
+            message_id: "m1".into(),
+            event: "Signed Up".into(),
+            ..Event::default()
+        };
+        let raw = RawDeliverRequest {
+            producer: "ingest".into(),
+            events: vec![event.encode_to_vec()],
+        };
+        let decoded = DeliverRequest::decode(raw.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.producer, "ingest");
+        assert_eq!(decoded.events, vec![event]);
+    }
+}
