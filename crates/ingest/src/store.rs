@@ -30,7 +30,7 @@ pub const MIGRATIONS: &[Migration] = &[
                 payload BYTEA
             );
             CREATE UNIQUE INDEX events_dedupe ON events (source_id, message_id);
-            CREATE INDEX events_received_at ON events (received_at);
+            CREATE INDEX events_received_at ON events USING BRIN (received_at);
             CREATE INDEX events_user ON events (user_id, seq) WHERE user_id <> '';
             CREATE INDEX events_anonymous ON events (anonymous_id, seq) WHERE anonymous_id <> '';
             CREATE TABLE sources (
@@ -146,7 +146,7 @@ pub struct SourceRow {
     pub rate_limit: u32,
 }
 
-/// Rows per INSERT statement: 9 parameters each stays under SQLite's 32766 limit.
+/// Rows per SQLite INSERT statement: 9 parameters each stays under its 32766 limit.
 const EVENT_ROWS_PER_INSERT: usize = 2000;
 
 /// Inserts the rows that are new; returns the (source_id, message_id) keys inserted.
@@ -157,44 +157,91 @@ pub async fn insert_events(
 ) -> Result<HashSet<(String, String)>, DbErr> {
     let backend = txn.get_database_backend();
     let mut inserted = HashSet::with_capacity(rows.len());
-    for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
-        let mut text = String::with_capacity(128 + chunk.len() * 32);
-        text.push_str(
-            "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
-        for (i, row) in chunk.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
-            values.extend([
-                row.event_id.as_str().into(),
-                row.source_id.as_str().into(),
-                row.message_id.as_str().into(),
-                row.event_type.into(),
-                row.user_id.as_str().into(),
-                row.anonymous_id.as_str().into(),
-                row.received_at.into(),
-                row.event_time.into(),
-                row.payload.clone().into(),
-            ]);
-        }
-        text.push_str(
-            " ON CONFLICT (source_id, message_id) DO NOTHING RETURNING source_id, message_id",
-        );
-        let returned = txn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?;
-        for row in returned {
+    let statements: Vec<Statement> = if backend == DbBackend::Postgres {
+        vec![insert_events_unnest(rows)]
+    } else {
+        rows.chunks(EVENT_ROWS_PER_INSERT)
+            .map(|chunk| insert_events_values(backend, chunk))
+            .collect()
+    };
+    for statement in statements {
+        for row in txn.query_all_raw(statement).await? {
             inserted.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
         }
     }
     Ok(inserted)
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload) ";
+const ON_DUPLICATE: &str =
+    " ON CONFLICT (source_id, message_id) DO NOTHING RETURNING source_id, message_id";
+
+/// PostgreSQL: nine array parameters however many rows, so the server parses and plans
+/// one small statement instead of thousands of placeholders.
+fn insert_events_unnest(rows: &[&EventRow]) -> Statement {
+    let strings = |f: fn(&EventRow) -> &str| -> Value {
+        rows.iter()
+            .map(|r| f(r).to_owned())
+            .collect::<Vec<String>>()
+            .into()
+    };
+    let values = vec![
+        strings(|r| &r.event_id),
+        strings(|r| &r.source_id),
+        strings(|r| &r.message_id),
+        rows.iter()
+            .map(|r| r.event_type)
+            .collect::<Vec<i16>>()
+            .into(),
+        strings(|r| &r.user_id),
+        strings(|r| &r.anonymous_id),
+        rows.iter()
+            .map(|r| r.received_at)
+            .collect::<Vec<i64>>()
+            .into(),
+        rows.iter()
+            .map(|r| r.event_time)
+            .collect::<Vec<i64>>()
+            .into(),
+        rows.iter()
+            .map(|r| r.payload.clone())
+            .collect::<Vec<Vec<u8>>>()
+            .into(),
+    ];
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "{INSERT_EVENTS}SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::int8[], $9::bytea[]){ON_DUPLICATE}"
+        ),
+        values,
+    )
+}
+
+/// SQLite: a multi-row VALUES list.
+fn insert_events_values(backend: DbBackend, chunk: &[&EventRow]) -> Statement {
+    let mut text = String::with_capacity(256 + chunk.len() * 32);
+    text.push_str(INSERT_EVENTS);
+    text.push_str("VALUES ");
+    let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
+    for (i, row) in chunk.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        values.extend([
+            row.event_id.as_str().into(),
+            row.source_id.as_str().into(),
+            row.message_id.as_str().into(),
+            row.event_type.into(),
+            row.user_id.as_str().into(),
+            row.anonymous_id.as_str().into(),
+            row.received_at.into(),
+            row.event_time.into(),
+            row.payload.clone().into(),
+        ]);
+    }
+    text.push_str(ON_DUPLICATE);
+    Statement::from_sql_and_values(backend, sql(backend, &text), values)
 }
 
 /// Adds counters per source. Each committer writes its own `shard` row so concurrent

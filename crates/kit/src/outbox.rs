@@ -53,7 +53,7 @@ pub const fn migration(version: i64) -> Migration {
     }
 }
 
-/// Rows per INSERT statement: well under both backends' bound-parameter limits.
+/// Rows per SQLite INSERT statement: well under its bound-parameter limit.
 const ROWS_PER_INSERT: usize = 1000;
 
 /// Queues encoded `waymark.common.v1.Event`s for each consumer, inside the caller's
@@ -65,6 +65,24 @@ pub async fn enqueue<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
     let now = now_micros();
+    if backend == DbBackend::Postgres {
+        // One array parameter however many rows.
+        let array: Value = payloads
+            .iter()
+            .map(|p| p.to_vec())
+            .collect::<Vec<Vec<u8>>>()
+            .into();
+        for consumer in consumers {
+            conn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                "INSERT INTO outbox (consumer, payload, created_at, available_at)
+                 SELECT $1, p, $2, $2 FROM UNNEST($3::bytea[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
+                [consumer.as_str().into(), now.into(), array.clone()],
+            ))
+            .await?;
+        }
+        return Ok(());
+    }
     let rows: Vec<(&String, &[u8])> = consumers
         .iter()
         .flat_map(|c| payloads.iter().map(move |p| (c, *p)))
@@ -84,12 +102,8 @@ pub async fn enqueue<C: ConnectionTrait>(
             values.push(now.into());
             values.push(now.into());
         }
-        conn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+        conn.execute_raw(Statement::from_sql_and_values(backend, text, values))
+            .await?;
     }
     Ok(())
 }
