@@ -7,31 +7,33 @@ BENCH_ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help run build services test bench lint fmt migrate clean
 
-help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-run: ## build and start the whole platform locally (waymark dev, SQLite in ./.waymark)
+run: ## build and start the whole platform locally (waymark dev)
 	$(CARGO) run --release -p waymark-cli --bin waymark -- dev
 
-build: ## build every crate and test
+build: ## build every crate, test and bench target
 	$(CARGO) build --workspace --all-targets
 
-services: ## make PostgreSQL and Redis reachable (start or install them)
+services: ## make PostgreSQL and Redis reachable (start, or install, them)
 	bash scripts/ensure-services.sh
 
-test: services ## fmt check, clippy, then every unit and integration test (PostgreSQL and SQLite)
+test: services ## fmt check, clippy, every unit and integration test (PostgreSQL and SQLite)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
+		echo "cargo-nextest not installed, falling back to: $(CARGO) test --workspace"; \
 		$(CARGO) test --workspace; \
 	fi
 
-bench: services ## throughput and latency next to the raw PostgreSQL ceiling
+bench: services ## throughput and latency benchmark (BENCH_ARGS=... passes options)
 	$(CARGO) run --release -p waymark-bench --bin waymark-bench -- $(BENCH_ARGS)
 
-lint: ## buf lint of the protos, clippy, rustfmt
+lint: ## buf lint of the protos, clippy, rustfmt check
 	bash scripts/lint-protos.sh
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) fmt --all --check
