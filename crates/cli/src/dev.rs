@@ -23,7 +23,16 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     waymark_kit::grpc::cancel_on_signal(shutdown.clone());
     let grpc = crate::bind(config.ingest_grpc_addr).await?;
     let http = crate::bind(config.ingest_http_addr).await?;
-    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let profile_grpc = crate::bind(config.profile_grpc_addr).await?;
+    let (grpc_addr, http_addr, profile_addr) = (
+        grpc.local_addr()?,
+        http.local_addr()?,
+        profile_grpc.local_addr()?,
+    );
+    // Ingestion relays to the profile service in this same process.
+    config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
+    let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
+    profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
     let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
     ingest.migrate().await?;
@@ -37,6 +46,15 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     println!("  Waymark dev is running (data in {})", data_dir.display());
     println!("  ingest gRPC      {grpc_addr}");
     println!("  ingest HTTP      http://{http_addr}/v1/batch");
+    println!("  profile gRPC     {profile_addr}");
+    println!(
+        "  profile cache    {}",
+        if config.redis_url.is_some() {
+            "redis"
+        } else {
+            "in-process"
+        }
+    );
     println!(
         "  database         {}",
         redact_password(&config.database_url)
@@ -52,7 +70,11 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         "  try: curl -u {write_key}: http://{http_addr}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'"
     );
     println!();
-    ingest.serve(grpc, http, shutdown).await
+    let (ingest_result, profile_result) = tokio::join!(
+        ingest.serve(grpc, http, shutdown.clone()),
+        profile.serve(profile_grpc, shutdown.clone())
+    );
+    ingest_result.and(profile_result)
 }
 
 /// The URL without its credentials, for printing.

@@ -60,6 +60,8 @@ enum ServeCommand {
     /// The ingestion service: gRPC on ingest_grpc_addr (50051), Segment HTTP on
     /// ingest_http_addr (8080).
     Ingest,
+    /// The profile service: gRPC (ProfileService and EventSink) on profile_grpc_addr (50052).
+    Profile,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,11 +88,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = waymark_ingest::IngestService::new(config).await?;
             service.serve(grpc, http, shutdown).await
         }
+        Command::Serve {
+            service: ServeCommand::Profile,
+        } => {
+            let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-profile"))?;
+            let shutdown = CancellationToken::new();
+            waymark_kit::grpc::cancel_on_signal(shutdown.clone());
+            let grpc = bind(config.profile_grpc_addr).await?;
+            let service = waymark_profile::ProfileServer::new(config).await?;
+            service.serve(grpc, shutdown).await
+        }
         Command::Migrate => {
             let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-migrate"))?;
-            let service = waymark_ingest::IngestService::new(config).await?;
-            let applied = service.migrate().await?;
-            println!("ingest: {applied} migration(s) applied");
+            let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
+            println!("ingest: {} migration(s) applied", ingest.migrate().await?);
+            let profile = waymark_profile::ProfileServer::new(config).await?;
+            println!("profile: {} migration(s) applied", profile.migrate().await?);
             Ok(())
         }
         Command::Sources { command, target } => client::sources(&config, &target, command).await,

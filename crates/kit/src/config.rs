@@ -61,6 +61,22 @@ pub struct Config {
     pub ingest_http_addr: SocketAddr,
     /// The profile service's EventSink, where ingestion relays committed events.
     pub profile_endpoint: String,
+    /// Profile gRPC listen address.
+    pub profile_grpc_addr: SocketAddr,
+    /// Database for the profile service only; falls back to `database_url`.
+    pub profile_database_url: Option<String>,
+    /// The orchestrator's EventSink, where the profile service relays resolved events.
+    pub orchestrator_endpoint: String,
+    /// The analytics service's EventSink, where the profile service relays resolved events.
+    pub analytics_endpoint: String,
+    /// Seconds a profile stays in the shared cache without being rewritten.
+    pub profile_cache_ttl_secs: u64,
+    /// Prepended to every Redis key, so several environments can share one Redis.
+    pub profile_cache_key_prefix: String,
+    /// Profiles held by the in-process cache (when no Redis URL is set).
+    pub profile_cache_capacity: usize,
+    /// Trait keys that are identifiers too (e.g. `loyalty_id`), matched like e-mails.
+    pub custom_identity_types: Vec<String>,
     /// Seconds within which a repeated messageId of a source is a duplicate.
     pub dedupe_window_secs: u64,
     /// Seconds the raw event log keeps payloads.
@@ -94,6 +110,14 @@ impl Default for Config {
             ingest_grpc_addr: ([0, 0, 0, 0], 50051).into(),
             ingest_http_addr: ([0, 0, 0, 0], 8080).into(),
             profile_endpoint: "http://127.0.0.1:50052".into(),
+            profile_grpc_addr: ([0, 0, 0, 0], 50052).into(),
+            profile_database_url: None,
+            orchestrator_endpoint: "http://127.0.0.1:50053".into(),
+            analytics_endpoint: "http://127.0.0.1:50054".into(),
+            profile_cache_ttl_secs: 24 * 3600,
+            profile_cache_key_prefix: String::new(),
+            profile_cache_capacity: 100_000,
+            custom_identity_types: Vec::new(),
             dedupe_window_secs: 7 * 24 * 3600,
             retention_secs: 30 * 24 * 3600,
             default_rate_limit_per_second: 50_000,
@@ -148,6 +172,31 @@ impl Config {
         if let Some(url) = &self.ingest_database_url {
             check_database_url("ingest_database_url", url)?;
         }
+        if let Some(url) = &self.profile_database_url {
+            check_database_url("profile_database_url", url)?;
+        }
+        for (setting, endpoint) in [
+            ("orchestrator_endpoint", &self.orchestrator_endpoint),
+            ("analytics_endpoint", &self.analytics_endpoint),
+        ] {
+            if !endpoint.starts_with("http") {
+                return Err(invalid(setting, "must be an http:// or https:// URL"));
+            }
+        }
+        if self.profile_cache_ttl_secs == 0 {
+            return Err(invalid("profile_cache_ttl_secs", "must be greater than 0"));
+        }
+        const RESERVED: &[&str] = &["user_id", "anonymous_id", "email", "phone", "device_id"];
+        if let Some(t) = self
+            .custom_identity_types
+            .iter()
+            .find(|t| t.is_empty() || RESERVED.contains(&t.as_str()) || t.contains(':'))
+        {
+            return Err(invalid(
+                "custom_identity_types",
+                &format!("{t:?} is empty, built in, or contains ':'"),
+            ));
+        }
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -199,6 +248,13 @@ impl Config {
     /// The ingestion service's database URL.
     pub fn ingest_database(&self) -> &str {
         self.ingest_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+
+    /// The profile service's database URL.
+    pub fn profile_database(&self) -> &str {
+        self.profile_database_url
             .as_deref()
             .unwrap_or(&self.database_url)
     }

@@ -16,6 +16,12 @@ pub mod ingest {
     }
 }
 
+pub mod profile {
+    pub mod v1 {
+        tonic::include_proto!("waymark.profile.v1");
+    }
+}
+
 pub mod json;
 
 pub use prost_types;

@@ -148,7 +148,7 @@ async fn grpc_ingest_validates_commits_and_lists(backend: Backend) {
     assert!(bad_page.message().contains("page_size"));
     server.stop().await;
 }
-on_both_backends!(grpc_ingest_validates_commits_and_lists);
+waymark_testkit::on_both_backends!(grpc_ingest_validates_commits_and_lists);
 
 async fn http_endpoints_accept_segment_sdk_requests(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -233,7 +233,7 @@ async fn http_endpoints_accept_segment_sdk_requests(backend: Backend) {
     assert_eq!(by_id("h-8").previous_id, "anon-1");
     server.stop().await;
 }
-on_both_backends!(http_endpoints_accept_segment_sdk_requests);
+waymark_testkit::on_both_backends!(http_endpoints_accept_segment_sdk_requests);
 
 async fn http_errors_have_clear_statuses_and_bodies(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -334,7 +334,7 @@ async fn http_errors_have_clear_statuses_and_bodies(backend: Backend) {
     assert_eq!(status, 401);
     server.stop().await;
 }
-on_both_backends!(http_errors_have_clear_statuses_and_bodies);
+waymark_testkit::on_both_backends!(http_errors_have_clear_statuses_and_bodies);
 
 async fn admin_rpcs_need_the_admin_token(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -396,7 +396,7 @@ async fn admin_rpcs_need_the_admin_token(backend: Backend) {
     assert_eq!(sources.len(), 1);
     server.stop().await;
 }
-on_both_backends!(admin_rpcs_need_the_admin_token);
+waymark_testkit::on_both_backends!(admin_rpcs_need_the_admin_token);
 
 async fn dedupe_survives_a_restart(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -448,7 +448,7 @@ async fn dedupe_survives_a_restart(backend: Backend) {
     assert_eq!((total.accepted, total.duplicates), (3, 3));
     server.stop().await;
 }
-on_both_backends!(dedupe_survives_a_restart);
+waymark_testkit::on_both_backends!(dedupe_survives_a_restart);
 
 async fn relay_delivers_until_acknowledged(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -554,7 +554,7 @@ async fn relay_delivers_until_acknowledged(backend: Backend) {
     assert_eq!(err.code(), Code::InvalidArgument);
     server.stop().await;
 }
-on_both_backends!(relay_delivers_until_acknowledged);
+waymark_testkit::on_both_backends!(relay_delivers_until_acknowledged);
 
 async fn two_relays_on_one_database_do_not_double_send(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -603,7 +603,7 @@ async fn two_relays_on_one_database_do_not_double_send(backend: Backend) {
     a.stop().await;
     b.stop().await;
 }
-on_both_backends!(two_relays_on_one_database_do_not_double_send);
+waymark_testkit::on_both_backends!(two_relays_on_one_database_do_not_double_send);
 
 async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -662,7 +662,7 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
     assert_eq!((total.accepted, total.suppressed), (1, 2));
     server.stop().await;
 }
-on_both_backends!(suppressed_identities_are_dropped_and_counted);
+waymark_testkit::on_both_backends!(suppressed_identities_are_dropped_and_counted);
 
 async fn retention_sweep_erases_old_events(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -696,7 +696,7 @@ async fn retention_sweep_erases_old_events(backend: Backend) {
     );
     server.stop().await;
 }
-on_both_backends!(retention_sweep_erases_old_events);
+waymark_testkit::on_both_backends!(retention_sweep_erases_old_events);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_unreachable_means_not_serving_and_unavailable() {

@@ -1,72 +1,19 @@
-//! Test harness: a fresh database per test (PostgreSQL or SQLite), the real ingestion
-//! server on port 0, a real `EventSink` server standing in for the profile service, and a
-//! TCP proxy that can cut the database off.
+//! The ingestion test server and request helpers; the shared harness is `waymark_testkit`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, Database};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::Request;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 use waymark_ingest::{IngestService, Ingestor};
 use waymark_kit::CancellationToken;
 use waymark_kit::config::{Config, Secret};
-use waymark_proto::common::v1::event_sink_server::{EventSink, EventSinkServer};
-use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event};
+use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
-
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-/// A database that exists for one test.
-pub struct TestDb {
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn new(backend: Backend) -> Self {
-        let name = format!("wm_test_{}", uuid::Uuid::new_v4().simple());
-        match backend {
-            Backend::Postgres => {
-                let admin_url = std::env::var("WAYMARK_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-                let admin = Database::connect(admin_url.as_str())
-                    .await
-                    .expect("connect to PostgreSQL");
-                admin
-                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("create test database");
-                admin.close().await.ok();
-                let base = admin_url
-                    .rsplit_once('/')
-                    .map_or(admin_url.as_str(), |(b, _)| b);
-                Self {
-                    url: format!("{base}/{name}"),
-                }
-            }
-            Backend::Sqlite => {
-                let dir = std::env::temp_dir().join(&name);
-                std::fs::create_dir_all(&dir).expect("temp dir");
-                Self {
-                    url: format!("sqlite://{}/waymark.db?mode=rwc", dir.display()),
-                }
-            }
-        }
-    }
-}
+pub use waymark_testkit::{ADMIN_TOKEN, Backend, Proxy, Sink, TestDb, admin, with_key};
 
 /// Config for a test server: loopback ports, auto-migration, no drain delay.
 pub fn config(database_url: &str, profile_endpoint: &str) -> Config {
@@ -175,23 +122,6 @@ impl Drop for TestServer {
     }
 }
 
-pub fn admin<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    request
-}
-
-pub fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
 pub fn ingest_request(events: Vec<Event>, key: &str) -> Request<IngestRequest> {
     with_key(IngestRequest { events }, key)
 }
@@ -208,151 +138,10 @@ pub fn track(message_id: &str, user_id: &str, name: &str) -> Event {
     event
 }
 
-/// A real `EventSink` server that records what it receives and can be told to fail.
-#[derive(Clone, Default)]
-pub struct Sink {
-    pub received: Arc<Mutex<Vec<Event>>>,
-    pub failing: Arc<AtomicBool>,
-    pub attempts: Arc<AtomicUsize>,
-    pub producers: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-#[tonic::async_trait]
-impl EventSink for Sink {
-    async fn deliver(
-        &self,
-        request: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        let has_token = request
-            .metadata()
-            .get("authorization")
-            .is_some_and(|v| v.to_str().unwrap_or_default() == format!("Bearer {ADMIN_TOKEN}"));
-        if !has_token {
-            return Err(Status::unauthenticated("relay must send the service token"));
-        }
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("sink is down"));
-        }
-        let request = request.into_inner();
-        *self
-            .producers
-            .lock()
-            .await
-            .entry(request.producer)
-            .or_default() += 1;
-        let n = request.events.len() as u32;
-        self.received.lock().await.extend(request.events);
-        Ok(Response::new(DeliverResponse {
-            applied: n,
-            duplicates: 0,
-        }))
-    }
-}
-
-impl Sink {
-    /// Starts the sink on a loopback port; returns its endpoint URL.
-    pub async fn start(&self) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = EventSinkServer::new(self.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        format!("http://{addr}")
-    }
-
-    /// Waits until at least `n` events arrived; returns what arrived.
-    pub async fn wait_for(&self, n: usize) -> Vec<Event> {
-        for _ in 0..400 {
-            {
-                let received = self.received.lock().await;
-                if received.len() >= n {
-                    return received.clone();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let got = self.received.lock().await.len();
-        panic!("sink received {got} events, expected {n}");
-    }
-}
-
-/// A TCP proxy in front of PostgreSQL that can cut every connection, to make the database
-/// unreachable without touching the real server.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (open2, connections2) = (open.clone(), connections.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                connections2.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Self {
-            addr,
-            open,
-            connections,
-        }
-    }
-
-    /// Refuses new connections and cuts the existing ones.
-    pub fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    pub fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
 /// Gzips bytes.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(data).unwrap();
     encoder.finish().unwrap()
-}
-
-/// Runs an async test body once per backend.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(Backend::Postgres).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(Backend::Sqlite).await;
-            }
-        }
-    };
 }

@@ -1,0 +1,454 @@
+//! The unified profile cache every service reads profiles through.
+//!
+//! Keys are versioned and typed: `wm:v1:profile:{id}` holds the protobuf-encoded
+//! `waymark.profile.v1.Profile` with its version, `wm:v1:ident:{type}:{value}` the id of the
+//! profile owning an identifier. The profile service writes after its database commit; a
+//! write with a version not newer than the cached one is ignored (compared atomically in
+//! Redis by a Lua script), so the cache never goes back in time. Redis being down degrades
+//! to misses (counted and logged), never to errors; the cache refills once it is back.
+//! Without a Redis URL an in-process backend with the same semantics serves `waymark dev`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use opentelemetry::metrics::Counter;
+use prost::Message;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use waymark_proto::profile::v1::Profile;
+
+/// Version of the key schema; bump when a value's encoding changes incompatibly.
+pub const KEY_SCHEMA: &str = "wm:v1";
+
+/// The key of a profile (before the deployment's prefix).
+pub fn profile_key(profile_id: &str) -> String {
+    format!("{KEY_SCHEMA}:profile:{profile_id}")
+}
+
+/// The key of an identifier.
+pub fn identity_key(id_type: &str, value: &str) -> String {
+    format!("{KEY_SCHEMA}:ident:{id_type}:{value}")
+}
+
+/// Stores `payload` at `version` unless the cached version is the same or newer.
+/// An empty payload is a tombstone: reads miss, older writes stay out.
+const PUT_IF_NEWER: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'p', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// Redis calls taking longer than this count as Redis being down: a cache must be faster
+/// than the database it shields.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// Pause between reconnection attempts while Redis is down.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// The cache, backed by Redis or by process memory.
+pub struct ProfileCache {
+    backend: Backend,
+    /// Prepended to every key, so environments can share one Redis.
+    prefix: String,
+    /// Keys whose writes failed while Redis was down: they may hold stale values, so they
+    /// are deleted before the cache is trusted again.
+    missed: Mutex<std::collections::HashSet<String>>,
+    ttl: Duration,
+    hits: Counter<u64>,
+    misses: Counter<u64>,
+    errors: Counter<u64>,
+}
+
+enum Backend {
+    Redis(RedisBackend),
+    Memory(Mutex<MemoryBackend>),
+}
+
+impl ProfileCache {
+    /// A Redis-backed cache. Never fails: when Redis is unreachable the cache misses and
+    /// keeps trying to reconnect.
+    pub fn redis(url: &str, prefix: &str, ttl: Duration) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        Ok(Self::with_backend(
+            Backend::Redis(RedisBackend {
+                client,
+                connection: tokio::sync::Mutex::new(None),
+                last_attempt: Mutex::new(None),
+                script: redis::Script::new(PUT_IF_NEWER),
+            }),
+            prefix,
+            ttl,
+        ))
+    }
+
+    /// An in-process cache holding at most `capacity` profiles.
+    pub fn in_memory(capacity: usize, ttl: Duration) -> Self {
+        Self::with_backend(
+            Backend::Memory(Mutex::new(MemoryBackend {
+                capacity: capacity.max(1),
+                profiles: HashMap::new(),
+                identities: HashMap::new(),
+            })),
+            "",
+            ttl,
+        )
+    }
+
+    fn with_backend(backend: Backend, prefix: &str, ttl: Duration) -> Self {
+        let meter = opentelemetry::global::meter("waymark");
+        Self {
+            backend,
+            missed: Mutex::new(std::collections::HashSet::new()),
+            prefix: prefix.to_owned(),
+            ttl,
+            hits: meter.u64_counter("profile_cache.hits").build(),
+            misses: meter.u64_counter("profile_cache.misses").build(),
+            errors: meter.u64_counter("profile_cache.errors").build(),
+        }
+    }
+
+    /// True when backed by Redis.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+    }
+
+    /// The cached profile, if any.
+    pub async fn get(&self, profile_id: &str) -> Option<Profile> {
+        let found = match &self.backend {
+            Backend::Memory(m) => lock(m).get_profile(profile_id),
+            Backend::Redis(r) => {
+                let key = format!("{}{}", self.prefix, profile_key(profile_id));
+                if !self.recovered(r).await {
+                    return None;
+                }
+                match r.run(redis::cmd("HGET").arg(&key).arg("p")).await {
+                    Ok(Some(bytes)) => decode(&bytes),
+                    Ok(None) => None,
+                    Err(error) => {
+                        self.failed("get", &error);
+                        None
+                    }
+                }
+            }
+        };
+        if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        }
+        .add(1, &[]);
+        found
+    }
+
+    /// The id of the profile owning an identifier, if cached.
+    pub async fn resolve(&self, id_type: &str, value: &str) -> Option<String> {
+        match &self.backend {
+            Backend::Memory(m) => lock(m)
+                .identities
+                .get(&(id_type.to_owned(), value.to_owned()))
+                .cloned(),
+            Backend::Redis(r) => {
+                if !self.recovered(r).await {
+                    return None;
+                }
+                match r
+                    .run_string(redis::cmd("GET").arg(format!(
+                        "{}{}",
+                        self.prefix,
+                        identity_key(id_type, value)
+                    )))
+                    .await
+                {
+                    Ok(id) => id,
+                    Err(error) => {
+                        self.failed("resolve", &error);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Caches `profile` (and its identifiers) unless a same or newer version is cached.
+    pub async fn put(&self, profile: &Profile) {
+        let ttl_ms = self.ttl.as_millis() as u64;
+        match &self.backend {
+            Backend::Memory(m) => lock(m).put(profile),
+            Backend::Redis(r) => {
+                let payload = profile.encode_to_vec();
+                let key = format!("{}{}", self.prefix, profile_key(&profile.profile_id));
+                let identity_keys = || {
+                    profile
+                        .identities
+                        .iter()
+                        .map(|i| format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value)))
+                };
+                if !self.recovered(r).await {
+                    self.remember_missed(std::iter::once(key.clone()).chain(identity_keys()));
+                    return;
+                }
+                match r
+                    .put_if_newer(&key, profile.version, &payload, ttl_ms)
+                    .await
+                {
+                    Ok(true) => {}
+                    // A newer version (or a tombstone) is cached; its identifiers stand.
+                    Ok(false) => return,
+                    Err(error) => {
+                        self.failed("put", &error);
+                        self.remember_missed(std::iter::once(key.clone()).chain(identity_keys()));
+                        return;
+                    }
+                }
+                let mut pipe = redis::pipe();
+                for identity in &profile.identities {
+                    pipe.cmd("SET")
+                        .arg(format!(
+                            "{}{}",
+                            self.prefix,
+                            identity_key(&identity.r#type, &identity.value)
+                        ))
+                        .arg(&profile.profile_id)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .ignore();
+                }
+                if let Err(error) = r.pipe(&pipe).await {
+                    self.failed("put identities", &error);
+                    self.remember_missed(identity_keys());
+                }
+            }
+        }
+    }
+
+    /// Drops a profile that was merged away or deleted, leaving a tombstone at `version` so
+    /// a slower writer cannot bring the old state back. Identifier keys are removed.
+    pub async fn invalidate(
+        &self,
+        profile_id: &str,
+        version: u64,
+        identities: &[(String, String)],
+    ) {
+        match &self.backend {
+            Backend::Memory(m) => {
+                let mut m = lock(m);
+                m.profiles
+                    .insert(profile_id.to_owned(), (version, None, Instant::now()));
+                for (t, v) in identities {
+                    if m.identities
+                        .get(&(t.clone(), v.clone()))
+                        .is_some_and(|id| id == profile_id)
+                    {
+                        m.identities.remove(&(t.clone(), v.clone()));
+                    }
+                }
+            }
+            Backend::Redis(r) => {
+                let key = format!("{}{}", self.prefix, profile_key(profile_id));
+                let all_keys = || {
+                    std::iter::once(key.clone()).chain(
+                        identities
+                            .iter()
+                            .map(|(t, v)| format!("{}{}", self.prefix, identity_key(t, v))),
+                    )
+                };
+                if !self.recovered(r).await {
+                    self.remember_missed(all_keys());
+                    return;
+                }
+                if let Err(error) = r
+                    .put_if_newer(&key, version, &[], self.ttl.as_millis() as u64)
+                    .await
+                {
+                    self.failed("invalidate", &error);
+                    self.remember_missed(all_keys());
+                    return;
+                }
+                if !identities.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for (t, v) in identities {
+                        pipe.cmd("DEL")
+                            .arg(format!("{}{}", self.prefix, identity_key(t, v)))
+                            .ignore();
+                    }
+                    if let Err(error) = r.pipe(&pipe).await {
+                        self.failed("invalidate identities", &error);
+                        self.remember_missed(all_keys());
+                    }
+                }
+            }
+        }
+    }
+
+    fn remember_missed(&self, keys: impl Iterator<Item = String>) {
+        lock(&self.missed).extend(keys);
+    }
+
+    /// True when no missed write is outstanding, deleting the keys of missed writes first
+    /// once Redis answers again.
+    async fn recovered(&self, r: &RedisBackend) -> bool {
+        let keys: Vec<String> = {
+            let missed = lock(&self.missed);
+            if missed.is_empty() {
+                return true;
+            }
+            missed.iter().cloned().collect()
+        };
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        match r.pipe(&pipe).await {
+            Ok(()) => {
+                let mut missed = lock(&self.missed);
+                for key in &keys {
+                    missed.remove(key);
+                }
+                tracing::info!(
+                    keys = keys.len(),
+                    "profile cache back; dropped entries written while it was down"
+                );
+                missed.is_empty()
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn failed(&self, operation: &str, error: &redis::RedisError) {
+        self.errors.add(1, &[]);
+        tracing::warn!(operation, %error, "profile cache unavailable; serving from the database");
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<Profile> {
+    if bytes.is_empty() {
+        return None;
+    }
+    Profile::decode(bytes).ok()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct RedisBackend {
+    client: redis::Client,
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    last_attempt: Mutex<Option<Instant>>,
+    script: redis::Script,
+}
+
+impl RedisBackend {
+    /// A connection, connecting first when needed (at most once per RECONNECT_EVERY).
+    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        {
+            let mut last = lock(&self.last_attempt);
+            if last.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis reconnect pending",
+                )));
+            }
+            *last = Some(Instant::now());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(RECONNECT_EVERY);
+        let manager = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await?;
+        tracing::info!("profile cache connected to redis");
+        *slot = Some(manager.clone());
+        Ok(manager)
+    }
+
+    async fn run(&self, cmd: &redis::Cmd) -> Result<Option<Vec<u8>>, redis::RedisError> {
+        let mut c = self.connection().await?;
+        cmd.query_async(&mut c).await
+    }
+
+    async fn run_string(&self, cmd: &redis::Cmd) -> Result<Option<String>, redis::RedisError> {
+        let mut c = self.connection().await?;
+        cmd.query_async(&mut c).await
+    }
+
+    async fn pipe(&self, pipe: &redis::Pipeline) -> Result<(), redis::RedisError> {
+        let mut c = self.connection().await?;
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    async fn put_if_newer(
+        &self,
+        key: &str,
+        version: u64,
+        payload: &[u8],
+        ttl_ms: u64,
+    ) -> Result<bool, redis::RedisError> {
+        let mut c = self.connection().await?;
+        let stored: i64 = self
+            .script
+            .key(key)
+            .arg(version)
+            .arg(payload)
+            .arg(ttl_ms.max(1))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(stored == 1)
+    }
+}
+
+/// Profiles by id as (version, profile or tombstone, stored at).
+struct MemoryBackend {
+    capacity: usize,
+    profiles: HashMap<String, (u64, Option<Profile>, Instant)>,
+    identities: HashMap<(String, String), String>,
+}
+
+impl MemoryBackend {
+    fn get_profile(&self, id: &str) -> Option<Profile> {
+        self.profiles.get(id).and_then(|(_, p, _)| p.clone())
+    }
+
+    fn put(&mut self, profile: &Profile) {
+        if self
+            .profiles
+            .get(&profile.profile_id)
+            .is_some_and(|(v, _, _)| *v >= profile.version)
+        {
+            return;
+        }
+        if self.profiles.len() >= self.capacity && !self.profiles.contains_key(&profile.profile_id)
+        {
+            // Bounded memory: evict the oldest entry.
+            if let Some(oldest) = self
+                .profiles
+                .iter()
+                .min_by_key(|(_, (_, _, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.profiles.remove(&oldest);
+                self.identities.retain(|_, id| *id != oldest);
+            }
+        }
+        for identity in &profile.identities {
+            self.identities.insert(
+                (identity.r#type.clone(), identity.value.clone()),
+                profile.profile_id.clone(),
+            );
+        }
+        self.profiles.insert(
+            profile.profile_id.clone(),
+            (profile.version, Some(profile.clone()), Instant::now()),
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The cache against a real Redis and in process: versions never go back, tombstones keep
+//! stale writers out, identifiers resolve.
+
+use std::time::Duration;
+
+use waymark_profile_cache::ProfileCache;
+use waymark_proto::common::v1::Identity;
+use waymark_proto::profile::v1::Profile;
+
+fn redis_url() -> String {
+    std::env::var("WAYMARK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn profile(id: &str, version: u64, email: &str) -> Profile {
+    Profile {
+        profile_id: id.into(),
+        version,
+        identities: vec![Identity {
+            r#type: "email".into(),
+            value: email.into(),
+        }],
+        ..Profile::default()
+    }
+}
+
+async fn versions_never_go_back(cache: ProfileCache) {
+    let id = uuid::Uuid::new_v4().to_string();
+    assert!(cache.get(&id).await.is_none());
+    cache.put(&profile(&id, 5, "new@x.io")).await;
+    cache.put(&profile(&id, 3, "old@x.io")).await;
+    assert_eq!(
+        cache.get(&id).await.unwrap().version,
+        5,
+        "an older write is ignored"
+    );
+    assert_eq!(
+        cache.resolve("email", "new@x.io").await.as_deref(),
+        Some(id.as_str())
+    );
+    cache.put(&profile(&id, 6, "new@x.io")).await;
+    assert_eq!(cache.get(&id).await.unwrap().version, 6);
+
+    // Merged away or deleted: a tombstone at version 7 keeps a slow writer of 6 out.
+    cache
+        .invalidate(&id, 7, &[("email".into(), "new@x.io".into())])
+        .await;
+    cache.put(&profile(&id, 6, "new@x.io")).await;
+    assert!(cache.get(&id).await.is_none());
+    assert!(cache.resolve("email", "new@x.io").await.is_none());
+    cache.put(&profile(&id, 8, "back@x.io")).await;
+    assert_eq!(
+        cache.get(&id).await.unwrap().version,
+        8,
+        "a newer write replaces the tombstone"
+    );
+}
+
+#[tokio::test]
+async fn redis_versions_never_go_back() {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let cache = ProfileCache::redis(&redis_url(), &prefix, Duration::from_secs(60)).unwrap();
+    assert!(cache.is_shared());
+    versions_never_go_back(cache).await;
+}
+
+#[tokio::test]
+async fn in_process_versions_never_go_back() {
+    versions_never_go_back(ProfileCache::in_memory(10, Duration::from_secs(60))).await;
+}
+
+#[tokio::test]
+async fn in_process_cache_is_bounded() {
+    let cache = ProfileCache::in_memory(2, Duration::from_secs(60));
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        cache.put(&profile(id, 1, &format!("{id}@x.io"))).await;
+        tokio::time::sleep(Duration::from_millis(2 * i as u64 + 1)).await;
+    }
+    assert!(
+        cache.get("a").await.is_none(),
+        "the oldest entry was evicted"
+    );
+    assert!(cache.resolve("email", "a@x.io").await.is_none());
+    assert!(cache.get("c").await.is_some());
+}
+
+#[tokio::test]
+async fn unreachable_redis_means_misses_not_errors() {
+    let cache = ProfileCache::redis("redis://127.0.0.1:1", "", Duration::from_secs(60)).unwrap();
+    cache.put(&profile("p", 1, "p@x.io")).await;
+    assert!(cache.get("p").await.is_none());
+    assert!(cache.resolve("email", "p@x.io").await.is_none());
+}

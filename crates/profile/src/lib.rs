@@ -1,0 +1,171 @@
+//! Waymark customer profile service: resolves every event to one profile (identity
+//! resolution with merges and an audit), keeps traits, computed traits, consent and the
+//! unified timeline, writes the shared profile cache after each commit, and relays resolved
+//! events (plus `Profile Merged` and `Trait Changed`) to the orchestrator and analytics.
+
+pub mod error;
+pub mod grpc;
+pub mod identity;
+pub mod model;
+pub mod resolve;
+pub mod service;
+pub mod store;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use tokio::net::TcpListener;
+use waymark_kit::CancellationToken;
+use waymark_kit::config::Config;
+use waymark_kit::grpc::{Readiness, ServeOptions};
+use waymark_kit::outbox::{RelayConfig, Wakeup};
+use waymark_profile_cache::ProfileCache;
+use waymark_proto::common::v1::event_sink_server::EventSinkServer;
+use waymark_proto::profile::v1::profile_service_server::ProfileServiceServer;
+
+pub use service::Profiles;
+
+/// Name under which migrations are recorded.
+pub const SERVICE: &str = "profile";
+/// The gRPC service name, for health checks.
+pub const GRPC_SERVICE: &str = "waymark.profile.v1.ProfileService";
+/// Consumers of resolved events.
+pub const CONSUMERS: [&str; 2] = ["orchestrator", "analytics"];
+
+/// The profile service, connected but not yet serving.
+pub struct ProfileServer {
+    config: Config,
+    db: DatabaseConnection,
+    core: Profiles,
+    wakeup: Wakeup,
+}
+
+impl ProfileServer {
+    /// Opens the database pool (lazily) and the cache (Redis when configured).
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let db =
+            waymark_kit::db::connect(config.profile_database(), config.database_max_connections)
+                .await
+                .context("opening the profile database")?;
+        let ttl = Duration::from_secs(config.profile_cache_ttl_secs);
+        let cache = match &config.redis_url {
+            Some(url) => ProfileCache::redis(url, &config.profile_cache_key_prefix, ttl)
+                .context("opening the profile cache")?,
+            None => ProfileCache::in_memory(config.profile_cache_capacity, ttl),
+        };
+        let wakeup = Wakeup::default();
+        let rules = identity::IdentityRules {
+            custom_types: config.custom_identity_types.clone(),
+        };
+        let consumers = CONSUMERS.iter().map(|c| (*c).to_owned()).collect();
+        let core = Profiles::new(db.clone(), cache, rules, consumers, wakeup.clone());
+        Ok(Self {
+            config,
+            db,
+            core,
+            wakeup,
+        })
+    }
+
+    /// The core, for in-process callers.
+    pub fn core(&self) -> &Profiles {
+        &self.core
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> anyhow::Result<usize> {
+        migrate(&self.db).await
+    }
+
+    /// Serves gRPC (ProfileService and EventSink) on `grpc` until `shutdown`, relaying
+    /// resolved events to the orchestrator and analytics.
+    pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let readiness =
+            Readiness::new(reporter, &[GRPC_SERVICE, "waymark.common.v1.EventSink"]).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        let (db, auto_migrate) = (self.db.clone(), self.config.auto_migrate);
+        tasks.spawn(waymark_kit::grpc::watch_database(
+            self.db.clone(),
+            readiness.clone(),
+            Duration::from_secs(1),
+            shutdown.clone(),
+            move || {
+                let db = db.clone();
+                async move {
+                    if auto_migrate {
+                        migrate(&db).await?;
+                    } else {
+                        let pending =
+                            waymark_kit::db::pending(&db, SERVICE, store::MIGRATIONS).await?;
+                        anyhow::ensure!(
+                            pending.is_empty(),
+                            "schema versions {pending:?} not applied; run `waymark migrate`"
+                        );
+                    }
+                    Ok(())
+                }
+            },
+        ));
+        for (consumer, endpoint) in [
+            (CONSUMERS[0], self.config.orchestrator_endpoint.clone()),
+            (CONSUMERS[1], self.config.analytics_endpoint.clone()),
+        ] {
+            let relay = RelayConfig {
+                producer: SERVICE.to_owned(),
+                consumer: consumer.to_owned(),
+                endpoint,
+                token: self.config.admin_token.clone(),
+                batch_size: self.config.relay_batch_size,
+                max_backoff: Duration::from_millis(self.config.relay_max_backoff_ms),
+                workers: 1,
+                idle_poll: Duration::from_secs(1),
+            };
+            let (db, wakeup, shutdown, readiness) = (
+                self.db.clone(),
+                self.wakeup.clone(),
+                shutdown.clone(),
+                readiness.clone(),
+            );
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                if let Err(error) =
+                    waymark_kit::outbox::run_relay(db, relay, wakeup, shutdown).await
+                {
+                    tracing::error!(error = %format!("{error:#}"), "relay stopped");
+                }
+            });
+        }
+        let adapter = grpc::ProfileGrpc::new(self.core.clone());
+        let limit = waymark_kit::grpc::MAX_MESSAGE_BYTES;
+        let routes = tonic::service::Routes::new(
+            ProfileServiceServer::new(adapter.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            EventSinkServer::new(adapter)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        );
+        let options = ServeOptions {
+            public_methods: Vec::new(),
+            admin_token: self.config.admin_token.clone(),
+            drain: Duration::from_secs(self.config.drain_secs),
+        };
+        let result =
+            waymark_kit::grpc::serve(grpc, routes, health, readiness, options, shutdown.clone())
+                .await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        result
+    }
+}
+
+/// Applies the profile service's pending migrations to `db`.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<usize> {
+    waymark_kit::db::migrate(db, SERVICE, store::MIGRATIONS)
+        .await
+        .context("migrating the profile database")
+}

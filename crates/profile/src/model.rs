@@ -1,0 +1,330 @@
+//! What an event does to a profile: traits by event time, computed traits, consent; and
+//! how two profiles combine in a merge.
+
+use prost_types::value::Kind;
+use prost_types::{Struct, Timestamp, Value};
+use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::profile::v1::{ComputedTraits, Consent, Profile, TimelineEntry};
+
+/// Orders timestamps.
+pub fn micros(t: &Timestamp) -> i64 {
+    t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos / 1000)
+}
+
+/// A timestamp from microseconds.
+pub fn from_micros(us: i64) -> Timestamp {
+    Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// The name an event is counted and shown under.
+pub fn event_name(event: &Event) -> String {
+    match event.r#type() {
+        EventType::Track => event.event.clone(),
+        EventType::Page => "Page Viewed".into(),
+        EventType::Screen => "Screen Viewed".into(),
+        EventType::Identify => "Identify".into(),
+        EventType::Group => "Group".into(),
+        EventType::Alias => "Alias".into(),
+        EventType::Unspecified => String::new(),
+    }
+}
+
+/// A trait key and its old and new values.
+pub type TraitChange = (String, Option<Value>, Option<Value>);
+
+/// Sets traits observed at `at`; a key last set by a later event keeps its value. Returns
+/// the keys that changed.
+pub fn set_traits(profile: &mut Profile, traits: &Struct, at: &Timestamp) -> Vec<TraitChange> {
+    let mut changes = Vec::new();
+    let current = profile.traits.get_or_insert_with(Struct::default);
+    for (key, value) in &traits.fields {
+        if profile
+            .trait_times
+            .get(key)
+            .is_some_and(|t| micros(t) > micros(at))
+        {
+            continue;
+        }
+        profile.trait_times.insert(key.clone(), *at);
+        let removing = matches!(value.kind, None | Some(Kind::NullValue(_)));
+        let old = if removing {
+            current.fields.remove(key)
+        } else {
+            current.fields.insert(key.clone(), value.clone())
+        };
+        let new = (!removing).then(|| value.clone());
+        if old != new {
+            changes.push((key.clone(), old, new));
+        }
+    }
+    changes
+}
+
+fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
+    match properties?.fields.get(key)?.kind.as_ref()? {
+        Kind::NumberValue(n) => Some(*n),
+        Kind::StringValue(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(properties: Option<&Struct>, key: &str) -> Option<String> {
+    match properties?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.trim().is_empty() => Some(s.trim().to_lowercase()),
+        _ => None,
+    }
+}
+
+/// Applies one event's effects (traits, computed traits, consent). Returns trait changes.
+pub fn apply_event(profile: &mut Profile, event: &Event) -> Vec<TraitChange> {
+    let at = event.timestamp.or(event.received_at).unwrap_or_default();
+    let mut changes = Vec::new();
+    if matches!(event.r#type(), EventType::Identify)
+        && let Some(traits) = &event.traits
+    {
+        changes = set_traits(profile, traits, &at);
+    }
+    if event.r#type() == EventType::Group && !event.group_id.is_empty() {
+        let group = Struct {
+            fields: [(
+                "group_id".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(event.group_id.clone())),
+                },
+            )]
+            .into(),
+        };
+        changes = set_traits(profile, &group, &at);
+    }
+
+    let computed = profile.computed.get_or_insert_with(ComputedTraits::default);
+    if computed.first_seen.is_none_or(|t| micros(&t) > micros(&at)) {
+        computed.first_seen = Some(at);
+    }
+    let latest = computed.last_seen.is_none_or(|t| micros(&t) <= micros(&at));
+    if latest {
+        computed.last_seen = Some(at);
+        computed.last_channel = event.channel;
+    }
+    *computed.event_counts.entry(event_name(event)).or_default() += 1;
+    if !computed.channels.contains(&event.channel) && event.channel != Channel::Unspecified as i32 {
+        computed.channels.push(event.channel);
+    }
+    computed.total_events += 1;
+    if event.r#type() == EventType::Track && event.event == "Order Completed" {
+        let props = event.properties.as_ref();
+        computed.lifetime_value += number(props, "revenue")
+            .or_else(|| number(props, "total"))
+            .unwrap_or(0.0);
+    }
+
+    if event.r#type() == EventType::Track {
+        let granted = match event.event.as_str() {
+            "Consent Granted" | "Subscribed" => Some(true),
+            "Consent Denied" | "Unsubscribed" | "Consent Revoked" => Some(false),
+            _ => None,
+        };
+        if let Some(granted) = granted {
+            let props = event.properties.as_ref();
+            set_consent(
+                profile,
+                Consent {
+                    channel: text(props, "channel").unwrap_or_else(|| "*".into()),
+                    purpose: text(props, "purpose").unwrap_or_else(|| "marketing".into()),
+                    granted,
+                    updated_at: Some(at),
+                    source: event.event_id.clone(),
+                },
+            );
+        }
+    }
+    changes
+}
+
+/// Records a consent decision unless a later one for the same channel and purpose exists.
+pub fn set_consent(profile: &mut Profile, consent: Consent) {
+    let at = consent.updated_at.as_ref().map_or(0, micros);
+    match profile
+        .consents
+        .iter_mut()
+        .find(|c| c.channel == consent.channel && c.purpose == consent.purpose)
+    {
+        Some(existing) if existing.updated_at.as_ref().map_or(0, micros) > at => {}
+        Some(existing) => *existing = consent,
+        None => profile.consents.push(consent),
+    }
+}
+
+/// Folds `other` into `survivor`: identities, traits (latest per key), computed traits and
+/// consent. The timeline moves in storage.
+pub fn merge_into(survivor: &mut Profile, other: &Profile) {
+    for identity in &other.identities {
+        if !survivor.identities.contains(identity) {
+            survivor.identities.push(identity.clone());
+        }
+    }
+    if let Some(traits) = &other.traits {
+        for (key, value) in &traits.fields {
+            let at = other.trait_times.get(key).copied().unwrap_or_default();
+            let single = Struct {
+                fields: [(key.clone(), value.clone())].into(),
+            };
+            set_traits(survivor, &single, &at);
+        }
+    }
+    if let Some(theirs) = &other.computed {
+        let ours = survivor
+            .computed
+            .get_or_insert_with(ComputedTraits::default);
+        if let Some(first) = theirs.first_seen
+            && ours.first_seen.is_none_or(|t| micros(&t) > micros(&first))
+        {
+            ours.first_seen = Some(first);
+        }
+        if let Some(last) = theirs.last_seen
+            && ours.last_seen.is_none_or(|t| micros(&t) < micros(&last))
+        {
+            ours.last_seen = Some(last);
+            ours.last_channel = theirs.last_channel;
+        }
+        for (name, n) in &theirs.event_counts {
+            *ours.event_counts.entry(name.clone()).or_default() += n;
+        }
+        for c in &theirs.channels {
+            if !ours.channels.contains(c) {
+                ours.channels.push(*c);
+            }
+        }
+        ours.lifetime_value += theirs.lifetime_value;
+        ours.total_events += theirs.total_events;
+    }
+    for consent in &other.consents {
+        set_consent(survivor, consent.clone());
+    }
+}
+
+/// The timeline entry of an event.
+pub fn timeline_entry(event: &Event) -> TimelineEntry {
+    let name = match event.r#type() {
+        EventType::Track => event.event.clone(),
+        EventType::Page | EventType::Screen => event.name.clone(),
+        _ => String::new(),
+    };
+    let properties = match event.r#type() {
+        EventType::Identify | EventType::Group => event.traits.clone(),
+        _ => event.properties.clone(),
+    };
+    TimelineEntry {
+        event_id: event.event_id.clone(),
+        r#type: event.r#type,
+        name,
+        channel: event.channel,
+        properties,
+        timestamp: event.timestamp.or(event.received_at),
+        source_id: event.source_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waymark_proto::json::struct_from_json;
+
+    fn traits(json: serde_json::Value) -> Struct {
+        let serde_json::Value::Object(m) = json else {
+            unreachable!()
+        };
+        struct_from_json(m)
+    }
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp {
+            seconds: s,
+            nanos: 0,
+        }
+    }
+
+    #[test]
+    fn a_late_older_event_never_overwrites_a_newer_trait() {
+        let mut p = Profile::default();
+        set_traits(
+            &mut p,
+            &traits(serde_json::json!({"plan": "pro"})),
+            &ts(200),
+        );
+        let changes = set_traits(
+            &mut p,
+            &traits(serde_json::json!({"plan": "free", "city": "Oslo"})),
+            &ts(100),
+        );
+        let t = &p.traits.as_ref().unwrap().fields;
+        assert_eq!(t["plan"].kind, Some(Kind::StringValue("pro".into())));
+        assert_eq!(t["city"].kind, Some(Kind::StringValue("Oslo".into())));
+        assert_eq!(changes.len(), 1, "only city changed");
+    }
+
+    #[test]
+    fn computed_traits_follow_events() {
+        let mut p = Profile::default();
+        let mut order = Event {
+            event: "Order Completed".into(),
+            timestamp: Some(ts(50)),
+            properties: Some(traits(serde_json::json!({"revenue": 30.5}))),
+            ..Event::default()
+        };
+        order.set_type(EventType::Track);
+        order.set_channel(Channel::Web);
+        let mut call = Event {
+            event: "Called".into(),
+            timestamp: Some(ts(10)),
+            ..Event::default()
+        };
+        call.set_type(EventType::Track);
+        call.set_channel(Channel::Phone);
+        apply_event(&mut p, &order);
+        apply_event(&mut p, &order);
+        apply_event(&mut p, &call);
+        let c = p.computed.unwrap();
+        assert_eq!(c.lifetime_value, 61.0);
+        assert_eq!(c.event_counts["Order Completed"], 2);
+        assert_eq!(c.first_seen, Some(ts(10)));
+        assert_eq!(c.last_seen, Some(ts(50)));
+        assert_eq!(
+            c.last_channel,
+            Channel::Web as i32,
+            "the late, older call does not become the last channel"
+        );
+        assert_eq!(c.total_events, 3);
+    }
+
+    #[test]
+    fn unsubscribe_events_deny_consent_and_later_decisions_win() {
+        let mut p = Profile::default();
+        let mut unsub = Event {
+            event: "Unsubscribed".into(),
+            timestamp: Some(ts(100)),
+            properties: Some(traits(serde_json::json!({"channel": "Email"}))),
+            ..Event::default()
+        };
+        unsub.set_type(EventType::Track);
+        apply_event(&mut p, &unsub);
+        set_consent(
+            &mut p,
+            Consent {
+                channel: "email".into(),
+                purpose: "marketing".into(),
+                granted: true,
+                updated_at: Some(ts(50)),
+                source: "api".into(),
+            },
+        );
+        assert_eq!(p.consents.len(), 1);
+        assert!(
+            !p.consents[0].granted,
+            "an older grant does not override a newer denial"
+        );
+    }
+}

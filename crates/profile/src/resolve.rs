@@ -1,0 +1,420 @@
+//! Identity resolution over a batch, in memory: the store loads every profile the batch's
+//! identifiers point to, this module decides (create, add, merge), and the store writes
+//! the result in one transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+use waymark_proto::common::v1::{Event, EventType, Identity};
+use waymark_proto::profile::v1::Profile;
+
+use crate::identity::{Ident, IdentityRules};
+use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry};
+
+/// A profile as loaded or created in this batch.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub profile: Profile,
+    pub created_us: i64,
+    /// Set when merged into another profile.
+    pub merged_into: Option<String>,
+}
+
+/// One merge, for the audit log.
+#[derive(Debug, Clone)]
+pub struct MergeRecord {
+    pub merge_id: String,
+    pub survivor_id: String,
+    pub merged_id: String,
+    pub event_id: String,
+    pub evidence: Vec<Identity>,
+    pub at_us: i64,
+}
+
+/// Everything a batch changed.
+#[derive(Debug, Default)]
+pub struct WorkingSet {
+    pub records: HashMap<String, Record>,
+    pub index: HashMap<Ident, String>,
+    pub dirty: HashSet<String>,
+    pub dirty_identities: HashMap<Ident, String>,
+    pub merges: Vec<MergeRecord>,
+    /// (event, profile id at the time) of each applied event, in order.
+    pub applied: Vec<(Event, String)>,
+    /// Synthetic events (Profile Merged, Trait Changed).
+    pub synthetic: Vec<(Event, String)>,
+    /// Events no identifier could attribute (every value blocked).
+    pub unattributed: usize,
+}
+
+impl WorkingSet {
+    /// Starts from loaded profiles (their identities form the index).
+    pub fn new(records: Vec<Record>) -> Self {
+        let mut set = WorkingSet::default();
+        for record in records {
+            for identity in &record.profile.identities {
+                set.index.insert(
+                    (identity.r#type.clone(), identity.value.clone()),
+                    record.profile.profile_id.clone(),
+                );
+            }
+            set.records
+                .insert(record.profile.profile_id.clone(), record);
+        }
+        set
+    }
+
+    /// Follows merges to the live profile.
+    pub fn live(&self, id: &str) -> String {
+        let mut current = id.to_owned();
+        for _ in 0..64 {
+            match self
+                .records
+                .get(&current)
+                .and_then(|r| r.merged_into.clone())
+            {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+        current
+    }
+
+    /// Resolves `event` to a profile (creating or merging as needed) and applies it.
+    pub fn apply(&mut self, rules: &IdentityRules, mut event: Event, now_us: i64) {
+        let mut ids = rules.extract(&event);
+        if ids.is_empty() {
+            self.unattributed += 1;
+            return;
+        }
+        let profile_id = loop {
+            let matched = self.matching(&ids);
+            if self.fits(rules, &ids, &matched) {
+                break self.resolve(&ids, matched, &event, now_us);
+            }
+            // Leave out the event's lowest-priority identifier and try again.
+            ids.pop();
+            if ids.is_empty() {
+                self.unattributed += 1;
+                return;
+            }
+        };
+        let record = self
+            .records
+            .get_mut(&profile_id)
+            .expect("resolved profile is loaded");
+        let changes = apply_event(&mut record.profile, &event);
+        record.profile.version += 1;
+        record.profile.updated_at = Some(from_micros(now_us));
+        self.dirty.insert(profile_id.clone());
+        if !changes.is_empty() {
+            self.synthetic
+                .push((trait_changed_event(&event, &changes), profile_id.clone()));
+        }
+        event.profile_id = profile_id.clone();
+        self.applied.push((event, profile_id));
+    }
+
+    /// Distinct live profiles owning any of `ids`, oldest first, with the identifiers that
+    /// matched each.
+    fn matching(&self, ids: &[Ident]) -> Vec<(String, Vec<Ident>)> {
+        let mut found: Vec<(String, Vec<Ident>)> = Vec::new();
+        for ident in ids {
+            if let Some(owner) = self.index.get(ident) {
+                let owner = self.live(owner);
+                match found.iter_mut().find(|(id, _)| *id == owner) {
+                    Some((_, evidence)) => evidence.push(ident.clone()),
+                    None => found.push((owner, vec![ident.clone()])),
+                }
+            }
+        }
+        found.sort_by_key(|(id, _)| {
+            (
+                self.records.get(id).map_or(i64::MAX, |r| r.created_us),
+                id.clone(),
+            )
+        });
+        found
+    }
+
+    /// Whether the profiles and the event's identifiers together stay within every limit.
+    fn fits(&self, rules: &IdentityRules, ids: &[Ident], matched: &[(String, Vec<Ident>)]) -> bool {
+        let mut all: HashSet<Ident> = ids.iter().cloned().collect();
+        for (id, _) in matched {
+            if let Some(r) = self.records.get(id) {
+                all.extend(
+                    r.profile
+                        .identities
+                        .iter()
+                        .map(|i| (i.r#type.clone(), i.value.clone())),
+                );
+            }
+        }
+        let mut per_type: HashMap<&str, usize> = HashMap::new();
+        for (t, _) in &all {
+            *per_type.entry(t.as_str()).or_default() += 1;
+        }
+        per_type.into_iter().all(|(t, n)| n <= rules.limit(t))
+    }
+
+    fn resolve(
+        &mut self,
+        ids: &[Ident],
+        matched: Vec<(String, Vec<Ident>)>,
+        event: &Event,
+        now_us: i64,
+    ) -> String {
+        let survivor = match matched.first() {
+            Some((id, _)) => id.clone(),
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                let profile = Profile {
+                    profile_id: id.clone(),
+                    created_at: Some(from_micros(now_us)),
+                    ..Profile::default()
+                };
+                self.records.insert(
+                    id.clone(),
+                    Record {
+                        profile,
+                        created_us: now_us,
+                        merged_into: None,
+                    },
+                );
+                id
+            }
+        };
+        for (other, evidence) in matched.iter().skip(1) {
+            self.merge(
+                &survivor,
+                other,
+                event,
+                evidence.clone(),
+                matched[0].1.clone(),
+                now_us,
+            );
+        }
+        for ident in ids {
+            if !self.index.contains_key(ident) {
+                self.index.insert(ident.clone(), survivor.clone());
+                self.dirty_identities
+                    .insert(ident.clone(), survivor.clone());
+                let record = self.records.get_mut(&survivor).expect("survivor loaded");
+                record.profile.identities.push(Identity {
+                    r#type: ident.0.clone(),
+                    value: ident.1.clone(),
+                });
+            }
+        }
+        survivor
+    }
+
+    fn merge(
+        &mut self,
+        survivor: &str,
+        other: &str,
+        event: &Event,
+        evidence: Vec<Ident>,
+        survivor_evidence: Vec<Ident>,
+        now_us: i64,
+    ) {
+        let Some(mut merged) = self.records.remove(other) else {
+            return;
+        };
+        for identity in &merged.profile.identities {
+            let ident = (identity.r#type.clone(), identity.value.clone());
+            self.index.insert(ident.clone(), survivor.to_owned());
+            self.dirty_identities.insert(ident, survivor.to_owned());
+        }
+        let record = self.records.get_mut(survivor).expect("survivor loaded");
+        merge_into(&mut record.profile, &merged.profile);
+        // The older first_seen of both is the profile's creation as far as anyone can tell.
+        if merged.created_us < record.created_us {
+            record.created_us = merged.created_us;
+        }
+        merged.merged_into = Some(survivor.to_owned());
+        merged.profile.version += 1;
+        self.records.insert(other.to_owned(), merged);
+        self.dirty.insert(other.to_owned());
+        self.dirty.insert(survivor.to_owned());
+        let to_identity = |(t, v): &Ident| Identity {
+            r#type: t.clone(),
+            value: v.clone(),
+        };
+        let evidence: Vec<Identity> = survivor_evidence
+            .iter()
+            .chain(evidence.iter())
+            .map(to_identity)
+            .collect();
+        let merge = MergeRecord {
+            merge_id: uuid::Uuid::now_v7().to_string(),
+            survivor_id: survivor.to_owned(),
+            merged_id: other.to_owned(),
+            event_id: event.event_id.clone(),
+            evidence,
+            at_us: now_us,
+        };
+        self.synthetic
+            .push((profile_merged(event, &merge), survivor.to_owned()));
+        self.merges.push(merge);
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+fn synthetic(cause: &Event, name: &str, properties: Struct) -> Event {
+    let mut event = Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        message_id: format!("{}:{}", cause.event_id, name),
+        event: name.to_owned(),
+        user_id: cause.user_id.clone(),
+        anonymous_id: cause.anonymous_id.clone(),
+        properties: Some(properties),
+        timestamp: cause.timestamp.or(cause.received_at),
+        received_at: cause.received_at,
+        channel: cause.channel,
+        source_id: "profile".into(),
+        ..Event::default()
+    };
+    event.set_type(EventType::Track);
+    event
+}
+
+fn profile_merged(cause: &Event, merge: &MergeRecord) -> Event {
+    let properties = Struct {
+        fields: [
+            ("merged_profile_id".to_owned(), string(&merge.merged_id)),
+            ("survivor_profile_id".to_owned(), string(&merge.survivor_id)),
+            ("merge_id".to_owned(), string(&merge.merge_id)),
+        ]
+        .into(),
+    };
+    synthetic(cause, "Profile Merged", properties)
+}
+
+/// A `Trait Changed` event describing `changes`, caused by `cause`.
+pub fn trait_changed_event(cause: &Event, changes: &[TraitChange]) -> Event {
+    let null = || Value {
+        kind: Some(Kind::NullValue(0)),
+    };
+    let changed = changes
+        .iter()
+        .map(|(key, old, new)| {
+            let entry = Struct {
+                fields: [
+                    ("old".to_owned(), old.clone().unwrap_or_else(null)),
+                    ("new".to_owned(), new.clone().unwrap_or_else(null)),
+                ]
+                .into(),
+            };
+            (
+                key.clone(),
+                Value {
+                    kind: Some(Kind::StructValue(entry)),
+                },
+            )
+        })
+        .collect();
+    let properties = Struct {
+        fields: [(
+            "changes".to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(Struct { fields: changed })),
+            },
+        )]
+        .into(),
+    };
+    synthetic(cause, "Trait Changed", properties)
+}
+
+/// The timeline entry of an applied event, for storage.
+pub fn entry_time_us(event: &Event) -> i64 {
+    timeline_entry(event).timestamp.as_ref().map_or(0, micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> IdentityRules {
+        IdentityRules {
+            custom_types: vec![],
+        }
+    }
+
+    fn event(user: &str, anon: &str, email: Option<&str>) -> Event {
+        let mut e = Event {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            user_id: user.into(),
+            anonymous_id: anon.into(),
+            ..Event::default()
+        };
+        if let Some(email) = email {
+            let serde_json::Value::Object(m) = serde_json::json!({"email": email}) else {
+                unreachable!()
+            };
+            e.traits = Some(waymark_proto::json::struct_from_json(m));
+            e.set_type(EventType::Identify);
+        } else {
+            e.event = "Clicked".into();
+            e.set_type(EventType::Track);
+        }
+        e
+    }
+
+    #[test]
+    fn no_match_creates_one_match_adds_several_merge_into_the_oldest() {
+        let mut set = WorkingSet::default();
+        set.apply(&rules(), event("", "anon-1", None), 1);
+        set.apply(&rules(), event("", "anon-2", Some("a@x.io")), 2);
+        assert_eq!(set.records.len(), 2);
+        let first = set.index[&("anonymous_id".into(), "anon-1".into())].clone();
+        // Links anon-1 and the e-mail: the two profiles merge into the older one.
+        set.apply(&rules(), event("", "anon-1", Some("a@x.io")), 3);
+        let live: HashSet<String> = set.records.keys().map(|id| set.live(id)).collect();
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            set.live(&set.index[&("email".into(), "a@x.io".into())]),
+            first
+        );
+        assert_eq!(set.merges.len(), 1);
+        assert_eq!(set.merges[0].survivor_id, first);
+        assert_eq!(
+            set.records[&first]
+                .profile
+                .computed
+                .as_ref()
+                .unwrap()
+                .total_events,
+            3
+        );
+    }
+
+    #[test]
+    fn a_merge_that_would_give_a_profile_two_user_ids_drops_the_weakest_identifier() {
+        let mut set = WorkingSet::default();
+        set.apply(&rules(), event("u-1", "device-a", None), 1);
+        set.apply(&rules(), event("u-2", "device-b", None), 2);
+        // u-2 on device-a: merging would join u-1 and u-2; the anonymous id is dropped.
+        set.apply(&rules(), event("u-2", "device-a", None), 3);
+        assert!(set.merges.is_empty());
+        let u1 = set.index[&("user_id".into(), "u-1".into())].clone();
+        let u2 = set.index[&("user_id".into(), "u-2".into())].clone();
+        assert_ne!(u1, u2);
+        assert_eq!(set.applied.last().unwrap().1, u2);
+    }
+
+    #[test]
+    fn blocked_values_never_merge() {
+        let mut set = WorkingSet::default();
+        set.apply(&rules(), event("u-1", "undefined", None), 1);
+        set.apply(&rules(), event("u-2", "undefined", None), 2);
+        assert!(set.merges.is_empty());
+        assert_eq!(set.records.len(), 2);
+    }
+}

@@ -1,0 +1,368 @@
+//! The profile core: applies delivered batches and serves reads through the cache. No
+//! tonic here; the adapter maps [`ProfileError`] in `error.rs`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prost_types::Struct;
+use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
+use waymark_kit::db::now_micros;
+use waymark_kit::outbox::Wakeup;
+use waymark_profile_cache::ProfileCache;
+use waymark_proto::common::v1::Event;
+use waymark_proto::profile::v1::{Consent, Merge, Profile, TimelineEntry};
+
+use crate::identity::{IdentityRules, normalise};
+use crate::model::{from_micros, set_consent, set_traits};
+use crate::resolve::{Record, WorkingSet};
+use crate::store::{self, TimelineFilter};
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("invalid {field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DbErr> for ProfileError {
+    fn from(e: DbErr) -> Self {
+        if waymark_kit::db::is_unavailable(&e) {
+            ProfileError::Unavailable(e.to_string())
+        } else {
+            ProfileError::Internal(e.to_string())
+        }
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ProfileError {
+    ProfileError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+/// The outcome of a delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u32,
+    pub duplicates: u32,
+}
+
+/// The profile core.
+#[derive(Clone)]
+pub struct Profiles {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    cache: ProfileCache,
+    rules: IdentityRules,
+    consumers: Vec<String>,
+    wakeup: Wakeup,
+    /// One applier per process; replicas serialise on a database lock.
+    applier: tokio::sync::Mutex<()>,
+}
+
+impl Profiles {
+    /// Builds the core.
+    pub fn new(
+        db: DatabaseConnection,
+        cache: ProfileCache,
+        rules: IdentityRules,
+        consumers: Vec<String>,
+        wakeup: Wakeup,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                cache,
+                rules,
+                consumers,
+                wakeup,
+                applier: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// Applies a delivered batch: idempotent by event id, all or nothing.
+    pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
+        let total = events.len() as u32;
+        let _guard = self.inner.applier.lock().await;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        store::lock_applier(&txn).await?;
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        let done = store::already_applied(&txn, &ids).await?;
+        let mut seen = HashSet::new();
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .filter(|e| {
+                !e.event_id.is_empty()
+                    && !done.contains(&e.event_id)
+                    && seen.insert(e.event_id.clone())
+            })
+            .collect();
+        let applied_count = fresh.len() as u32;
+        if fresh.is_empty() {
+            txn.rollback().await?;
+            return Ok(Applied {
+                applied: 0,
+                duplicates: total,
+            });
+        }
+        let idents: Vec<_> = {
+            let mut all = HashSet::new();
+            for e in &fresh {
+                all.extend(self.inner.rules.extract(e));
+            }
+            all.into_iter().collect()
+        };
+        let records = store::load_owners(&txn, &idents).await?;
+        let mut set = WorkingSet::new(records);
+        for event in fresh {
+            set.apply(&self.inner.rules, event, now);
+        }
+        if set.unattributed > 0 {
+            tracing::warn!(
+                events = set.unattributed,
+                "events without a usable identifier were not attributed"
+            );
+        }
+        store::save_batch(&txn, &set, &self.inner.consumers, now).await?;
+        txn.commit().await?;
+        self.inner.wakeup.notify();
+        self.refresh_cache(&set).await;
+        Ok(Applied {
+            applied: applied_count,
+            duplicates: total - applied_count,
+        })
+    }
+
+    /// After a commit: newer versions into the cache, merged-away profiles out of it.
+    async fn refresh_cache(&self, set: &WorkingSet) {
+        for id in &set.dirty {
+            let Some(record) = set.records.get(id) else {
+                continue;
+            };
+            match &record.merged_into {
+                None => self.inner.cache.put(&record.profile).await,
+                Some(_) => {
+                    self.inner
+                        .cache
+                        .invalidate(id, record.profile.version, &[])
+                        .await
+                }
+            }
+        }
+    }
+
+    /// A profile by id (following merges), from the cache when it has it.
+    pub async fn get(&self, profile_id: &str) -> Result<Profile, ProfileError> {
+        if profile_id.is_empty() {
+            return Err(invalid("profile_id", "is required"));
+        }
+        if let Some(p) = self.inner.cache.get(profile_id).await {
+            return Ok(p);
+        }
+        let record = store::load_live(&self.inner.db, profile_id)
+            .await?
+            .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
+        self.inner.cache.put(&record.profile).await;
+        Ok(record.profile)
+    }
+
+    /// A profile by identifier.
+    pub async fn get_by_identity(
+        &self,
+        id_type: &str,
+        value: &str,
+    ) -> Result<Profile, ProfileError> {
+        if id_type.is_empty() {
+            return Err(invalid("identity.type", "is required"));
+        }
+        let value = normalise(id_type, value).ok_or_else(|| {
+            invalid(
+                "identity.value",
+                "is empty, blocked or malformed for its type",
+            )
+        })?;
+        let id = match self.inner.cache.resolve(id_type, &value).await {
+            Some(id) => id,
+            None => store::owner_of(&self.inner.db, id_type, &value)
+                .await?
+                .ok_or_else(|| {
+                    ProfileError::NotFound(format!("no profile with {id_type} {value:?}"))
+                })?,
+        };
+        self.get(&id).await
+    }
+
+    /// Several profiles; unknown ids are left out.
+    pub async fn batch_get(&self, ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
+        if ids.len() > 1000 {
+            return Err(invalid("profile_ids", "at most 1000 per call"));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.get(id).await {
+                Ok(p) => out.push(p),
+                Err(ProfileError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A timeline page and the next page token.
+    pub async fn timeline(
+        &self,
+        mut filter: TimelineFilter,
+        page_token: &str,
+    ) -> Result<(Vec<TimelineEntry>, String), ProfileError> {
+        let live = self.get(&filter.profile_id).await?;
+        filter.profile_id = live.profile_id;
+        if !page_token.is_empty() {
+            let (ts, id) = page_token
+                .split_once('/')
+                .and_then(|(ts, id)| Some((ts.parse::<i64>().ok()?, id.to_owned())))
+                .ok_or_else(|| invalid("page_token", "is not a token from a previous page"))?;
+            filter.before = Some((ts, id));
+        }
+        filter.limit = match filter.limit {
+            0 => 100,
+            n if n > 1000 => return Err(invalid("page_size", "must be at most 1000")),
+            n => n,
+        };
+        let limit = filter.limit as usize;
+        filter.limit += 1;
+        let rows = store::timeline(&self.inner.db, &filter).await?;
+        let next = if rows.len() > limit {
+            format!("{}/{}", rows[limit - 1].0, rows[limit - 1].1)
+        } else {
+            String::new()
+        };
+        Ok((
+            rows.into_iter().take(limit).map(|(_, _, e)| e).collect(),
+            next,
+        ))
+    }
+
+    /// Changes one live profile under the applier lock and emits the resulting events.
+    async fn update(
+        &self,
+        profile_id: &str,
+        change: impl FnOnce(&mut Profile, i64) -> Vec<Event>,
+    ) -> Result<Profile, ProfileError> {
+        if profile_id.is_empty() {
+            return Err(invalid("profile_id", "is required"));
+        }
+        let _guard = self.inner.applier.lock().await;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        store::lock_applier(&txn).await?;
+        let mut record: Record = store::load_live(&txn, profile_id)
+            .await?
+            .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
+        let emitted = change(&mut record.profile, now);
+        record.profile.version += 1;
+        record.profile.updated_at = Some(from_micros(now));
+        store::save_records(&txn, &[&record], now).await?;
+        let payloads: Vec<Vec<u8>> = emitted.iter().map(prost::Message::encode_to_vec).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        if !refs.is_empty() {
+            waymark_kit::outbox::enqueue(&txn, &self.inner.consumers, &refs).await?;
+        }
+        txn.commit().await?;
+        self.inner.wakeup.notify();
+        self.inner.cache.put(&record.profile).await;
+        Ok(record.profile)
+    }
+
+    /// Sets traits from a trusted service; emits `Trait Changed` when something changed.
+    pub async fn update_traits(
+        &self,
+        profile_id: &str,
+        traits: Struct,
+        source: &str,
+    ) -> Result<Profile, ProfileError> {
+        if traits.fields.is_empty() {
+            return Err(invalid("traits", "must set at least one trait"));
+        }
+        let source = source.to_owned();
+        self.update(profile_id, move |profile, now| {
+            let at = from_micros(now);
+            let changes = set_traits(profile, &traits, &at);
+            tracing::info!(profile_id = %profile.profile_id, source, changed = changes.len(), "traits updated");
+            if changes.is_empty() {
+                return Vec::new();
+            }
+            let mut cause = Event { event_id: format!("api-{}", uuid::Uuid::now_v7()), timestamp: Some(at), received_at: Some(at), ..Event::default() };
+            cause.profile_id = profile.profile_id.clone();
+            let mut event = crate::resolve::trait_changed_event(&cause, &changes);
+            event.profile_id = profile.profile_id.clone();
+            vec![event]
+        })
+        .await
+    }
+
+    /// Records a consent decision.
+    pub async fn set_consent(
+        &self,
+        profile_id: &str,
+        channel: &str,
+        purpose: &str,
+        granted: bool,
+        source: &str,
+    ) -> Result<Profile, ProfileError> {
+        let channel = channel.trim().to_lowercase();
+        let purpose = purpose.trim().to_lowercase();
+        if channel.is_empty() {
+            return Err(invalid("channel", "is required (\"*\" for every channel)"));
+        }
+        if purpose.is_empty() {
+            return Err(invalid("purpose", "is required"));
+        }
+        let source = if source.is_empty() {
+            "api".to_owned()
+        } else {
+            source.to_owned()
+        };
+        self.update(profile_id, move |profile, now| {
+            set_consent(
+                profile,
+                Consent {
+                    channel,
+                    purpose,
+                    granted,
+                    updated_at: Some(from_micros(now)),
+                    source,
+                },
+            );
+            Vec::new()
+        })
+        .await
+    }
+
+    /// Merges into a profile.
+    pub async fn merges(&self, profile_id: &str) -> Result<Vec<Merge>, ProfileError> {
+        if profile_id.is_empty() {
+            return Err(invalid("profile_id", "is required"));
+        }
+        Ok(store::merges(&self.inner.db, profile_id).await?)
+    }
+}

@@ -1,0 +1,496 @@
+//! The profile service's tables. A profile's state is its encoded `Profile` (one row read
+//! serves GetProfile); `identities` is the index resolution queries; `timeline` holds every
+//! applied event; `applied_events` makes delivery idempotent; `merges` is the audit log.
+
+use std::collections::HashSet;
+
+use prost::Message;
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Statement, Value,
+};
+use waymark_kit::db::{Migration, sql};
+use waymark_proto::common::v1::Identity;
+use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
+
+use crate::identity::Ident;
+use crate::model::{from_micros, timeline_entry};
+use crate::resolve::{Record, WorkingSet, entry_time_us};
+
+const SCHEMA: &str = "
+    CREATE TABLE profiles (
+        profile_id TEXT PRIMARY KEY,
+        merged_into TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        state BYTEA NOT NULL
+    );
+    CREATE TABLE identities (
+        id_type TEXT NOT NULL,
+        id_value TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        PRIMARY KEY (id_type, id_value)
+    );
+    CREATE INDEX identities_profile ON identities (profile_id);
+    CREATE TABLE timeline (
+        event_id TEXT PRIMARY KEY,
+        profile_id TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        channel SMALLINT NOT NULL,
+        event_type SMALLINT NOT NULL,
+        name TEXT NOT NULL,
+        entry BYTEA NOT NULL
+    );
+    CREATE INDEX timeline_profile_ts ON timeline (profile_id, ts);
+    CREATE TABLE applied_events (
+        event_id TEXT PRIMARY KEY,
+        applied_at BIGINT NOT NULL
+    );
+    CREATE TABLE merges (
+        merge_id TEXT PRIMARY KEY,
+        survivor_id TEXT NOT NULL,
+        merged_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        merged_at BIGINT NOT NULL
+    );
+    CREATE INDEX merges_survivor ON merges (survivor_id);";
+
+/// Schema of the profile service, in order. The same DDL serves both backends: SQLite
+/// accepts BYTEA as a type name and stores blobs in such columns unchanged.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "profiles, identities, timeline, merges",
+        postgres: SCHEMA,
+        sqlite: SCHEMA,
+    },
+    waymark_kit::outbox::migration(2),
+];
+
+/// Bound parameters per statement stay well under both backends' limits.
+const MAX_PARAMS: usize = 30_000;
+
+/// Runs `INSERT ... VALUES (...), (...) <suffix>` for `rows` in chunks.
+async fn insert_rows(
+    txn: &DatabaseTransaction,
+    head: &str,
+    suffix: &str,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), DbErr> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    let backend = txn.get_database_backend();
+    let placeholders = format!("({})", vec!["?"; width].join(", "));
+    for chunk in rows.chunks((MAX_PARAMS / width).max(1)) {
+        let text = format!(
+            "{head} VALUES {} {suffix}",
+            vec![placeholders.as_str(); chunk.len()].join(", ")
+        );
+        let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Serialises appliers across replicas on PostgreSQL (SQLite has one writer anyway).
+pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7263542002)")
+            .await?;
+    }
+    Ok(())
+}
+
+fn in_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// The event ids of `ids` applied before.
+pub async fn already_applied<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[String],
+) -> Result<HashSet<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(MAX_PARAMS) {
+        let text = format!(
+            "SELECT event_id FROM applied_events WHERE event_id IN ({})",
+            in_list(chunk.len())
+        );
+        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
+        for row in conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+        {
+            found.insert(row.try_get_by_index(0)?);
+        }
+    }
+    Ok(found)
+}
+
+fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
+    let bytes: Vec<u8> = row.try_get_by_index(3)?;
+    let profile = Profile::decode(bytes.as_slice())
+        .map_err(|e| DbErr::Custom(format!("stored profile does not decode: {e}")))?;
+    Ok(Record {
+        profile,
+        created_us: row.try_get_by_index(2)?,
+        merged_into: row.try_get_by_index(1)?,
+    })
+}
+
+/// The live profiles owning any of `idents`.
+pub async fn load_owners<C: ConnectionTrait>(
+    conn: &C,
+    idents: &[Ident],
+) -> Result<Vec<Record>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut owners: HashSet<String> = HashSet::new();
+    for chunk in idents.chunks(MAX_PARAMS / 2) {
+        let text = format!(
+            "SELECT DISTINCT profile_id FROM identities WHERE (id_type, id_value) IN ({})",
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        );
+        let values: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, v)| [t.as_str().into(), v.as_str().into()])
+            .collect();
+        for row in conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+        {
+            owners.insert(row.try_get_by_index(0)?);
+        }
+    }
+    let ids: Vec<String> = owners.into_iter().collect();
+    load_records(conn, &ids).await
+}
+
+/// Profiles by id (live or merged).
+pub async fn load_records<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[String],
+) -> Result<Vec<Record>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut records = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(MAX_PARAMS) {
+        let text = format!(
+            "SELECT profile_id, merged_into, created_at, state FROM profiles WHERE profile_id IN ({})",
+            in_list(chunk.len())
+        );
+        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
+        for row in conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+        {
+            records.push(record_from(&row)?);
+        }
+    }
+    Ok(records)
+}
+
+/// The live profile for `id`, following merges.
+pub async fn load_live<C: ConnectionTrait>(conn: &C, id: &str) -> Result<Option<Record>, DbErr> {
+    let mut current = id.to_owned();
+    for _ in 0..64 {
+        let Some(record) = load_records(conn, std::slice::from_ref(&current))
+            .await?
+            .pop()
+        else {
+            return Ok(None);
+        };
+        match &record.merged_into {
+            Some(next) => current = next.clone(),
+            None => return Ok(Some(record)),
+        }
+    }
+    Ok(None)
+}
+
+/// The profile owning an identifier.
+pub async fn owner_of<C: ConnectionTrait>(
+    conn: &C,
+    id_type: &str,
+    value: &str,
+) -> Result<Option<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT profile_id FROM identities WHERE id_type = ? AND id_value = ?",
+            ),
+            [id_type.into(), value.into()],
+        ))
+        .await?;
+    row.map(|r| r.try_get_by_index(0)).transpose()
+}
+
+/// Writes profiles (upsert) from records.
+pub async fn save_records(
+    txn: &DatabaseTransaction,
+    records: &[&Record],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let rows = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.profile.profile_id.as_str().into(),
+                r.merged_into.clone().into(),
+                r.created_us.into(),
+                now_us.into(),
+                (r.profile.version as i64).into(),
+                r.profile.encode_to_vec().into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state)",
+        "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
+         updated_at = excluded.updated_at, version = excluded.version, state = excluded.state",
+        rows,
+    )
+    .await
+}
+
+/// Writes everything a batch changed, then queues the emitted events for `consumers`.
+pub async fn save_batch(
+    txn: &DatabaseTransaction,
+    set: &WorkingSet,
+    consumers: &[String],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    let dirty: Vec<&Record> = set
+        .dirty
+        .iter()
+        .filter_map(|id| set.records.get(id))
+        .collect();
+    save_records(txn, &dirty, now_us).await?;
+
+    let identities = set
+        .dirty_identities
+        .iter()
+        .map(|((t, v), owner)| vec![t.as_str().into(), v.as_str().into(), set.live(owner).into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO identities (id_type, id_value, profile_id)",
+        "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
+        identities,
+    )
+    .await?;
+
+    for merge in &set.merges {
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
+            ),
+            [
+                set.live(&merge.survivor_id).into(),
+                merge.merged_id.as_str().into(),
+            ],
+        ))
+        .await?;
+    }
+    let merges = set
+        .merges
+        .iter()
+        .map(|m| {
+            let evidence: Vec<serde_json::Value> = m
+                .evidence
+                .iter()
+                .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
+                .collect();
+            vec![
+                m.merge_id.as_str().into(),
+                m.survivor_id.as_str().into(),
+                m.merged_id.as_str().into(),
+                m.event_id.as_str().into(),
+                serde_json::Value::Array(evidence).to_string().into(),
+                m.at_us.into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
+        "",
+        merges,
+    )
+    .await?;
+
+    let timeline = set
+        .applied
+        .iter()
+        .map(|(event, owner)| {
+            let entry = timeline_entry(event);
+            vec![
+                event.event_id.as_str().into(),
+                set.live(owner).into(),
+                entry_time_us(event).into(),
+                (event.channel as i16).into(),
+                (event.r#type as i16).into(),
+                entry.name.as_str().into(),
+                entry.encode_to_vec().into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO timeline (event_id, profile_id, ts, channel, event_type, name, entry)",
+        "ON CONFLICT (event_id) DO NOTHING",
+        timeline,
+    )
+    .await?;
+    let applied = set
+        .applied
+        .iter()
+        .map(|(e, _)| vec![e.event_id.as_str().into(), now_us.into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO applied_events (event_id, applied_at)",
+        "ON CONFLICT (event_id) DO NOTHING",
+        applied,
+    )
+    .await?;
+
+    let payloads: Vec<Vec<u8>> = set
+        .applied
+        .iter()
+        .chain(set.synthetic.iter())
+        .map(|(event, owner)| {
+            let mut event = event.clone();
+            event.profile_id = set.live(owner);
+            event.encode_to_vec()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    if !refs.is_empty() {
+        waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
+    }
+    Ok(())
+}
+
+/// Filters of a timeline read.
+#[derive(Debug, Default, Clone)]
+pub struct TimelineFilter {
+    pub profile_id: String,
+    pub channels: Vec<i32>,
+    pub types: Vec<i32>,
+    pub name: Option<String>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    /// (ts, event_id) of the last entry of the previous page.
+    pub before: Option<(i64, String)>,
+    pub limit: u32,
+}
+
+/// Timeline entries newest first, with their (ts, event_id) for paging.
+pub async fn timeline<C: ConnectionTrait>(
+    conn: &C,
+    f: &TimelineFilter,
+) -> Result<Vec<(i64, String, TimelineEntry)>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut text = String::from("SELECT ts, event_id, entry FROM timeline WHERE profile_id = ?");
+    let mut values: Vec<Value> = vec![f.profile_id.as_str().into()];
+    if !f.channels.is_empty() {
+        text.push_str(&format!(" AND channel IN ({})", in_list(f.channels.len())));
+        values.extend(f.channels.iter().map(|c| Value::from(*c as i16)));
+    }
+    if !f.types.is_empty() {
+        text.push_str(&format!(" AND event_type IN ({})", in_list(f.types.len())));
+        values.extend(f.types.iter().map(|c| Value::from(*c as i16)));
+    }
+    if let Some(name) = &f.name {
+        text.push_str(" AND name = ?");
+        values.push(name.as_str().into());
+    }
+    if let Some(start) = f.start {
+        text.push_str(" AND ts >= ?");
+        values.push(start.into());
+    }
+    if let Some(end) = f.end {
+        text.push_str(" AND ts < ?");
+        values.push(end.into());
+    }
+    if let Some((ts, id)) = &f.before {
+        text.push_str(" AND (ts < ? OR (ts = ? AND event_id < ?))");
+        values.extend([Value::from(*ts), Value::from(*ts), Value::from(id.as_str())]);
+    }
+    text.push_str(" ORDER BY ts DESC, event_id DESC LIMIT ?");
+    values.push(i64::from(f.limit).into());
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let bytes: Vec<u8> = r.try_get_by_index(2)?;
+            let entry = TimelineEntry::decode(bytes.as_slice())
+                .map_err(|e| DbErr::Custom(e.to_string()))?;
+            Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?, entry))
+        })
+        .collect()
+}
+
+/// Merges into `survivor_id`, oldest first.
+pub async fn merges<C: ConnectionTrait>(conn: &C, survivor_id: &str) -> Result<Vec<Merge>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, "SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at FROM merges WHERE survivor_id = ? ORDER BY merged_at, merge_id"),
+            [survivor_id.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let evidence: String = r.try_get_by_index(4)?;
+            let evidence: Vec<serde_json::Value> =
+                serde_json::from_str(&evidence).unwrap_or_default();
+            Ok(Merge {
+                merge_id: r.try_get_by_index(0)?,
+                survivor_id: r.try_get_by_index(1)?,
+                merged_id: r.try_get_by_index(2)?,
+                event_id: r.try_get_by_index(3)?,
+                evidence: evidence
+                    .iter()
+                    .map(|e| Identity {
+                        r#type: e["type"].as_str().unwrap_or_default().to_owned(),
+                        value: e["value"].as_str().unwrap_or_default().to_owned(),
+                    })
+                    .collect(),
+                merged_at: Some(from_micros(r.try_get_by_index(5)?)),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,646 @@
+//! Integration tests of the profile service against real PostgreSQL, SQLite and Redis.
+
+mod support;
+
+use std::time::Duration;
+
+use prost_types::value::Kind;
+use serde_json::json;
+use support::*;
+use tonic::Code;
+use waymark_proto::common::v1::{Channel, EventType, Identity};
+use waymark_proto::profile::v1::*;
+
+fn redis_url() -> String {
+    std::env::var("WAYMARK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn trait_str(profile: &Profile, key: &str) -> Option<String> {
+    match profile.traits.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn by_identity(t: &str, v: &str) -> GetProfileRequest {
+    GetProfileRequest {
+        profile_id: String::new(),
+        identity: Some(Identity {
+            r#type: t.into(),
+            value: v.into(),
+        }),
+    }
+}
+
+async fn get(server: &TestProfile, request: GetProfileRequest) -> Result<Profile, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_profile(admin(request))
+        .await
+        .map(|r| r.into_inner().profile.unwrap())
+}
+
+/// Anonymous web visit, sign-up in the app, then a call to the contact centre, all through
+/// the real ingestion service and its relay: one profile, one timeline, three channels.
+async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
+    let sink = Sink::default();
+    let sink_url = sink.start().await;
+    let profile_db = TestDb::new(backend).await;
+    let profile = TestProfile::start(config(&profile_db.url, &sink_url, Some(&redis_url()))).await;
+
+    let ingest_db = TestDb::new(backend).await;
+    let mut ingest_config = config(&ingest_db.url, &sink_url, None);
+    ingest_config.profile_endpoint = profile.url();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let ingest = waymark_ingest::IngestService::new(ingest_config)
+        .await
+        .unwrap();
+    let shutdown = waymark_kit::CancellationToken::new();
+    let ingest_task = tokio::spawn(ingest.serve(grpc, http, shutdown.clone()));
+    let mut ingest_client = loop {
+        if let Ok(c) =
+            waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(format!(
+                "http://{grpc_addr}"
+            ))
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let key = loop {
+        let request = admin(waymark_proto::ingest::v1::CreateSourceRequest {
+            name: "all".into(),
+            rate_limit_per_second: 0,
+        });
+        match ingest_client.create_source(request).await {
+            Ok(r) => break r.into_inner().write_key,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "web-anon-1", "name": "Pricing", "context": {"userAgent": "Mozilla/5.0"}},
+        {"type": "identify", "userId": "cust-42", "anonymousId": "app-install-9",
+         "traits": {"email": "Ada@Example.com", "plan": "trial"}, "context": {"library": {"name": "analytics-ios"}}},
+        {"type": "alias", "userId": "cust-42", "previousId": "web-anon-1"},
+        {"type": "track", "anonymousId": "call-77", "event": "Call Started",
+         "context": {"channel": "contact_center", "traits": {"email": "ada@example.com"}}}
+    ]});
+    let response = reqwest::Client::new()
+        .post(format!("http://{http_addr}/v1/batch"))
+        .basic_auth(&key, Some(""))
+        .body(serde_json::to_vec(&batch).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let mut found = None;
+    for _ in 0..200 {
+        if let Ok(p) = get(&profile, by_identity("email", " ADA@example.com")).await
+            && p.computed.as_ref().is_some_and(|c| c.total_events == 4)
+        {
+            found = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let customer = found.expect("all four events reach one profile");
+    for (t, v) in [
+        ("anonymous_id", "web-anon-1"),
+        ("user_id", "cust-42"),
+        ("anonymous_id", "call-77"),
+        ("phone", "none"),
+    ] {
+        let owner = get(&profile, by_identity(t, v)).await;
+        if t == "phone" {
+            assert_eq!(
+                owner.unwrap_err().code(),
+                Code::InvalidArgument,
+                "blocked values are refused"
+            );
+        } else {
+            assert_eq!(owner.unwrap().profile_id, customer.profile_id, "{t} {v}");
+        }
+    }
+    let timeline = profile
+        .client()
+        .await
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: customer.profile_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut channels: Vec<i32> = timeline.iter().map(|e| e.channel).collect();
+    channels.sort_unstable();
+    channels.dedup();
+    // The alias carries no context, so its channel is "other".
+    assert_eq!(
+        channels,
+        [
+            Channel::Web as i32,
+            Channel::MobileApp as i32,
+            Channel::ContactCenter as i32,
+            Channel::Other as i32
+        ],
+        "the timeline holds every channel"
+    );
+    let only_calls = profile
+        .client()
+        .await
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: customer.profile_id.clone(),
+            channels: vec![Channel::ContactCenter as i32],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(only_calls.len(), 1);
+    assert_eq!(only_calls[0].name, "Call Started");
+
+    // Downstream: every applied event carries its profile id.
+    let received = sink.wait_for(8).await;
+    let applied: Vec<_> = received
+        .iter()
+        .filter(|e| e.source_id != "profile")
+        .collect();
+    assert!(applied.iter().all(|e| !e.profile_id.is_empty()));
+    shutdown.cancel();
+    ingest_task.await.unwrap().unwrap();
+    profile.stop().await;
+}
+waymark_testkit::on_both_backends!(one_customer_across_web_app_and_contact_centre);
+
+async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let older = event(
+        EventType::Identify,
+        "",
+        "anon-a",
+        "",
+        json!({"email": "kim@example.com", "plan": "free"}),
+        100,
+    );
+    let newer = event(
+        EventType::Identify,
+        "",
+        "anon-b",
+        "",
+        json!({"phone": "+44 20 7946 0958"}),
+        200,
+    );
+    server.deliver(vec![older]).await;
+    server.deliver(vec![newer]).await;
+    let a = get(&server, by_identity("anonymous_id", "anon-a"))
+        .await
+        .unwrap();
+    let b = get(&server, by_identity("anonymous_id", "anon-b"))
+        .await
+        .unwrap();
+    assert_ne!(a.profile_id, b.profile_id);
+
+    let link = event(
+        EventType::Identify,
+        "",
+        "anon-b",
+        "",
+        json!({"email": "KIM@example.com", "plan": "pro"}),
+        300,
+    );
+    let link_id = link.event_id.clone();
+    server.deliver(vec![link]).await;
+    let merged = get(
+        &server,
+        GetProfileRequest {
+            profile_id: b.profile_id.clone(),
+            identity: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        merged.profile_id, a.profile_id,
+        "the newer profile's id resolves to the survivor"
+    );
+    assert!(merged.version > a.version);
+    assert_eq!(trait_str(&merged, "plan").as_deref(), Some("pro"));
+    assert_eq!(merged.computed.as_ref().unwrap().total_events, 3);
+    let phone_owner = get(&server, by_identity("phone", "+442079460958"))
+        .await
+        .unwrap();
+    assert_eq!(phone_owner.profile_id, a.profile_id);
+
+    let merges = server
+        .client()
+        .await
+        .list_merges(admin(ListMergesRequest {
+            profile_id: a.profile_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .merges;
+    assert_eq!(merges.len(), 1);
+    assert_eq!(
+        (merges[0].survivor_id.as_str(), merges[0].merged_id.as_str()),
+        (a.profile_id.as_str(), b.profile_id.as_str())
+    );
+    assert_eq!(merges[0].event_id, link_id);
+    let evidence: Vec<_> = merges[0]
+        .evidence
+        .iter()
+        .map(|i| (i.r#type.as_str(), i.value.as_str()))
+        .collect();
+    assert!(
+        evidence.contains(&("email", "kim@example.com"))
+            && evidence.contains(&("anonymous_id", "anon-b")),
+        "{evidence:?}"
+    );
+
+    let timeline = server
+        .client()
+        .await
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: a.profile_id.clone(),
+            page_size: 2,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(timeline.entries.len(), 2);
+    let rest = server
+        .client()
+        .await
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: a.profile_id.clone(),
+            page_token: timeline.next_page_token,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rest.entries.len(),
+        1,
+        "the merged profile's timeline moved to the survivor"
+    );
+
+    let mut seen_merge = false;
+    for _ in 0..100 {
+        if sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .any(|e| e.event == "Profile Merged" && e.profile_id == a.profile_id)
+        {
+            seen_merge = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen_merge, "Profile Merged is emitted downstream");
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(shared_email_merges_into_the_oldest_with_an_audit);
+
+async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "u-1",
+            "undefined",
+            "A",
+            json!({}),
+            1,
+        )])
+        .await;
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "u-2",
+            "undefined",
+            "B",
+            json!({}),
+            2,
+        )])
+        .await;
+    let one = get(&server, by_identity("user_id", "u-1")).await.unwrap();
+    let two = get(&server, by_identity("user_id", "u-2")).await.unwrap();
+    assert_ne!(
+        one.profile_id, two.profile_id,
+        "a blocked anonymous id links nobody"
+    );
+
+    // A shared device would give one profile two user ids: the device id is left out.
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "u-1",
+            "shared-device",
+            "C",
+            json!({}),
+            3,
+        )])
+        .await;
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "u-2",
+            "shared-device",
+            "D",
+            json!({}),
+            4,
+        )])
+        .await;
+    let one = get(&server, by_identity("user_id", "u-1")).await.unwrap();
+    let two = get(&server, by_identity("user_id", "u-2")).await.unwrap();
+    assert_ne!(one.profile_id, two.profile_id);
+    assert_eq!(
+        one.identities
+            .iter()
+            .filter(|i| i.r#type == "user_id")
+            .count(),
+        1
+    );
+    assert_eq!(
+        two.computed.unwrap().total_events,
+        2,
+        "the event still lands on u-2"
+    );
+    let merges = server
+        .client()
+        .await
+        .list_merges(admin(ListMergesRequest {
+            profile_id: one.profile_id,
+        }))
+        .await
+        .unwrap();
+    assert!(merges.into_inner().merges.is_empty());
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(blocked_values_and_limits_prevent_wrong_merges);
+
+async fn late_events_and_redelivery_change_nothing_they_should_not(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let new_plan = event(
+        EventType::Identify,
+        "u-9",
+        "",
+        "",
+        json!({"plan": "enterprise"}),
+        500,
+    );
+    let order = event(
+        EventType::Track,
+        "u-9",
+        "",
+        "Order Completed",
+        json!({"revenue": 120.5}),
+        400,
+    );
+    let batch = vec![new_plan, order];
+    assert_eq!(server.deliver(batch.clone()).await.applied, 2);
+    let again = server.deliver(batch).await;
+    assert_eq!(
+        (again.applied, again.duplicates),
+        (0, 2),
+        "a redelivered batch changes nothing"
+    );
+    let late = event(
+        EventType::Identify,
+        "u-9",
+        "",
+        "",
+        json!({"plan": "trial", "city": "Lyon"}),
+        100,
+    );
+    server.deliver(vec![late]).await;
+    let p = get(&server, by_identity("user_id", "u-9")).await.unwrap();
+    assert_eq!(
+        trait_str(&p, "plan").as_deref(),
+        Some("enterprise"),
+        "an older event never overwrites a newer trait"
+    );
+    assert_eq!(trait_str(&p, "city").as_deref(), Some("Lyon"));
+    let c = p.computed.unwrap();
+    assert_eq!((c.total_events, c.lifetime_value), (3, 120.5));
+    assert_eq!(c.first_seen.unwrap().seconds, 100);
+    assert_eq!(c.last_seen.unwrap().seconds, 500);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(late_events_and_redelivery_change_nothing_they_should_not);
+
+async fn trusted_updates_consent_and_errors(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "u-5",
+            "",
+            "Unsubscribed",
+            json!({"channel": "email"}),
+            10,
+        )])
+        .await;
+    let p = get(&server, by_identity("user_id", "u-5")).await.unwrap();
+    assert_eq!(p.consents.len(), 1);
+    assert!(!p.consents[0].granted);
+    let mut client = server.client().await;
+    let serde_json::Value::Object(stage) = json!({"journey_stage": "loyalty"}) else {
+        unreachable!()
+    };
+    let updated = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(stage)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(
+        trait_str(&updated, "journey_stage").as_deref(),
+        Some("loyalty")
+    );
+    let consented = client
+        .set_consent(admin(SetConsentRequest {
+            profile_id: p.profile_id.clone(),
+            channel: "SMS".into(),
+            purpose: "marketing".into(),
+            granted: true,
+            source: "preference-centre".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(consented.consents.len(), 2);
+    // Reads see the newest version at once (the cache never goes back).
+    let read = get(
+        &server,
+        GetProfileRequest {
+            profile_id: p.profile_id.clone(),
+            identity: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(read.version, consented.version);
+
+    let err = client
+        .set_consent(admin(SetConsentRequest {
+            profile_id: p.profile_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("channel"));
+    let err = get(&server, GetProfileRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = get(
+        &server,
+        GetProfileRequest {
+            profile_id: "nope".into(),
+            identity: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .get_profile(GetProfileRequest {
+            profile_id: p.profile_id.clone(),
+            identity: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut seen = false;
+    for _ in 0..100 {
+        if sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .any(|e| e.event == "Trait Changed" && e.profile_id == p.profile_id)
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "Trait Changed is emitted downstream");
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(trusted_updates_consent_and_errors);
+
+/// Redis goes away mid-test: the service keeps answering from the database, and the cache
+/// refills when Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_the_database_and_refills() {
+    let redis_addr: std::net::SocketAddr =
+        redis_url().trim_start_matches("redis://").parse().unwrap();
+    let proxy = Proxy::start(redis_addr).await;
+    let sink = Sink::default();
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxied = format!("redis://{}", proxy.addr);
+    let config = config(&db.url, &sink.start().await, Some(&proxied));
+    let prefix = config.profile_cache_key_prefix.clone();
+    let server = TestProfile::start(config).await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "r-1",
+            "",
+            "",
+            json!({"tier": "gold"}),
+            1,
+        )])
+        .await;
+    let p = get(&server, by_identity("user_id", "r-1")).await.unwrap();
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!(
+        "{prefix}{}",
+        waymark_profile_cache::profile_key(&p.profile_id)
+    );
+    let cached: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("p")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(cached.is_some(), "written to Redis after the commit");
+
+    proxy.cut();
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "r-1",
+            "",
+            "",
+            json!({"tier": "platinum"}),
+            2,
+        )])
+        .await;
+    let during = get(&server, by_identity("user_id", "r-1")).await.unwrap();
+    assert_eq!(
+        trait_str(&during, "tier").as_deref(),
+        Some("platinum"),
+        "served from the database"
+    );
+
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = get(
+        &server,
+        GetProfileRequest {
+            profile_id: p.profile_id.clone(),
+            identity: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.version, during.version);
+    let version: Option<u64> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("v")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        version,
+        Some(during.version),
+        "the cache refilled with the newest version"
+    );
+    server.stop().await;
+}

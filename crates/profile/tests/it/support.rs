@@ -1,0 +1,161 @@
+//! The profile test server; the shared harness is `waymark_testkit`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use waymark_kit::CancellationToken;
+use waymark_kit::config::{Config, Secret};
+use waymark_profile::ProfileServer;
+use waymark_proto::common::v1::event_sink_client::EventSinkClient;
+use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event, EventType};
+use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
+pub use waymark_testkit::{ADMIN_TOKEN, Backend, Proxy, Sink, TestDb, admin};
+
+/// Config for a profile test server relaying to `sink` (orchestrator and analytics).
+pub fn config(database_url: &str, sink: &str, redis_url: Option<&str>) -> Config {
+    Config {
+        database_url: database_url.to_owned(),
+        admin_token: Some(Secret::new(ADMIN_TOKEN)),
+        orchestrator_endpoint: sink.to_owned(),
+        analytics_endpoint: sink.to_owned(),
+        redis_url: redis_url.map(str::to_owned),
+        auto_migrate: true,
+        drain_secs: 0,
+        relay_max_backoff_ms: 500,
+        database_max_connections: 8,
+        log_filter: "warn".into(),
+        // Tests share one Redis: a prefix per server keeps their identities apart.
+        profile_cache_key_prefix: format!("test-{}:", uuid::Uuid::new_v4().simple()),
+        ..Config::default()
+    }
+}
+
+/// A running profile server.
+pub struct TestProfile {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProfile {
+    pub async fn start(config: Config) -> Self {
+        std::mem::forget(waymark_kit::telemetry::init(
+            &config.telemetry("profile-test"),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = ProfileServer::new(config).await.expect("profile server");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(server.serve(listener, shutdown.clone()));
+        let this = Self {
+            addr,
+            shutdown,
+            handle: Some(handle),
+        };
+        this.wait_serving().await;
+        this
+    }
+
+    async fn wait_serving(&self) {
+        let serving = tonic_health_serving();
+        for _ in 0..200 {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let check = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                if health
+                    .check(check)
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == serving)
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("profile server never became serving");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> ProfileServiceClient<Channel> {
+        ProfileServiceClient::connect(self.url()).await.unwrap()
+    }
+
+    /// Delivers events as ingestion's relay would.
+    pub async fn deliver(&self, events: Vec<Event>) -> DeliverResponse {
+        let mut client = EventSinkClient::connect(self.url()).await.unwrap();
+        client
+            .deliver(admin(DeliverRequest {
+                producer: "test".into(),
+                events,
+            }))
+            .await
+            .expect("deliver")
+            .into_inner()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestProfile {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn tonic_health_serving() -> i32 {
+    tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+}
+
+/// An event as ingestion would deliver it.
+pub fn event(
+    kind: EventType,
+    user_id: &str,
+    anonymous_id: &str,
+    name: &str,
+    json: serde_json::Value,
+    at_secs: i64,
+) -> Event {
+    let serde_json::Value::Object(map) = json else {
+        panic!("object")
+    };
+    let structure = Some(waymark_proto::json::struct_from_json(map));
+    let mut e = Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        user_id: user_id.into(),
+        anonymous_id: anonymous_id.into(),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: at_secs,
+            nanos: 0,
+        }),
+        received_at: Some(prost_types::Timestamp {
+            seconds: at_secs,
+            nanos: 0,
+        }),
+        source_id: "src".into(),
+        ..Event::default()
+    };
+    e.set_type(kind);
+    match kind {
+        EventType::Track => {
+            e.event = name.into();
+            e.properties = structure;
+        }
+        EventType::Identify => e.traits = structure,
+        _ => e.name = name.into(),
+    }
+    e
+}
