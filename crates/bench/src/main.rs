@@ -3,6 +3,8 @@
 //! rows (event log + outbox) inserted straight into PostgreSQL by as many clients, one
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
 
+mod profile_bench;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,11 +40,40 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Which benchmarks: ingest, profile or all.
+    #[arg(long, default_value = "all")]
+    suite: String,
+    /// Redis for the profile cache.
+    #[arg(
+        long,
+        env = "WAYMARK_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis: String,
+    /// Events applied by the profile benchmark.
+    #[arg(long, default_value_t = 50_000)]
+    profile_events: usize,
+    /// GetProfile calls in the profile benchmark.
+    #[arg(long, default_value_t = 50_000)]
+    reads: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.suite == "all" || args.suite == "profile" {
+        profile_bench::run(
+            &args.postgres,
+            &args.redis,
+            args.profile_events,
+            args.reads,
+            args.clients,
+        )
+        .await?;
+    }
+    if args.suite == "profile" {
+        return Ok(());
+    }
     println!(
         "ingest benchmark: {} events, batches of {}, {} concurrent clients, PostgreSQL, 2-core machine",
         args.events, args.batch, args.clients
@@ -70,13 +101,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Run {
+pub(crate) struct Run {
     events: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
 }
 
-fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
+pub(crate) fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
     let rate = run.events as f64 / run.elapsed.as_secs_f64();
     let mut lat = run.latencies.clone();
     lat.sort_unstable();
@@ -86,7 +117,7 @@ fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
             .unwrap_or_default()
     };
     print!(
-        "{name:<52} {rate:>10.0} events/s   p50 {:>7.2} ms   p99 {:>7.2} ms",
+        "{name:<52} {rate:>10.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms",
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3
     );
@@ -97,7 +128,7 @@ fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
     println!();
 }
 
-async fn fresh_database_url(admin_url: &str) -> anyhow::Result<String> {
+pub(crate) async fn fresh_database_url(admin_url: &str) -> anyhow::Result<String> {
     let name = format!("wm_bench_{}", uuid::Uuid::new_v4().simple());
     let admin = Database::connect(admin_url)
         .await
