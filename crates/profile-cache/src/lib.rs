@@ -75,7 +75,8 @@ impl ProfileCache {
         Ok(Self::with_backend(
             Backend::Redis(RedisBackend {
                 client,
-                connection: tokio::sync::Mutex::new(None),
+                connection: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
                 last_attempt: Mutex::new(None),
                 script: redis::Script::new(PUT_IF_NEWER),
             }),
@@ -336,7 +337,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct RedisBackend {
     client: redis::Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The live connection; cloned per call without awaiting under the lock.
+    connection: Mutex<Option<ConnectionManager>>,
+    /// Held while connecting, so concurrent callers do not all dial Redis.
+    connecting: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
     script: redis::Script,
 }
@@ -344,8 +348,11 @@ struct RedisBackend {
 impl RedisBackend {
     /// A connection, connecting first when needed (at most once per RECONNECT_EVERY).
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(c) = slot.as_ref() {
+        if let Some(c) = lock(&self.connection).as_ref() {
+            return Ok(c.clone());
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(c) = lock(&self.connection).as_ref() {
             return Ok(c.clone());
         }
         {
@@ -368,7 +375,7 @@ impl RedisBackend {
             .get_connection_manager_with_config(config)
             .await?;
         tracing::info!("profile cache connected to redis");
-        *slot = Some(manager.clone());
+        *lock(&self.connection) = Some(manager.clone());
         Ok(manager)
     }
 
