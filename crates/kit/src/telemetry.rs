@@ -5,24 +5,25 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing::Instrument as _;
+use tracing::instrument::Instrumented;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// How log lines are rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -38,17 +39,18 @@ pub enum LogFormat {
 /// Telemetry settings of one process.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
-    /// `service.name` of exported spans and metrics.
+    /// `service.name` of exported spans and metrics, e.g. `waymark-ingest`.
     pub service_name: String,
     /// Log rendering.
     pub log_format: LogFormat,
-    /// Filter directives; `RUST_LOG` wins when set.
+    /// `EnvFilter` directives, e.g. `info,waymark=debug`; `RUST_LOG` wins when set.
     pub log_filter: String,
-    /// OTLP/gRPC endpoint; no export when unset.
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`; no export at all when unset.
     pub otlp_endpoint: Option<String>,
 }
 
-/// Flushes and shuts down the exporters when dropped.
+/// Flushes and shuts down the OTel providers on drop. Drop it inside the Tokio runtime: the
+/// OTLP exporters send their last batch through a tonic channel driven by that runtime.
 #[derive(Default)]
 pub struct TelemetryGuard {
     tracer: Option<SdkTracerProvider>,
@@ -57,23 +59,33 @@ pub struct TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(t) = self.tracer.take() {
-            let _ = t.shutdown();
+        if let Some(tracer) = self.tracer.take()
+            && let Err(error) = tracer.shutdown_with_timeout(Duration::from_secs(5))
+        {
+            tracing::warn!(%error, "shutting down span export");
         }
-        if let Some(m) = self.meter.take() {
-            let _ = m.shutdown();
+        if let Some(meter) = self.meter.take()
+            && let Err(error) = meter.shutdown()
+        {
+            tracing::warn!(%error, "shutting down metric export");
         }
     }
 }
 
-/// Installs the global subscriber, propagator and (with an endpoint) OTLP exporters. A
-/// second call in the same process (tests) leaves the first installation in place.
+/// Installs the global subscriber (fmt layer, `EnvFilter`, and with an endpoint an OTLP span
+/// layer plus an OTLP meter provider) and the W3C propagator. Must run inside a Tokio runtime
+/// when an endpoint is set. A later call in the same process (tests) keeps the first
+/// installation and returns a guard that does nothing.
 pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log_filter))
-        .with_context(|| format!("invalid log filter {:?}", cfg.log_filter))?;
-    let mut guard = TelemetryGuard::default();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
+        _ => EnvFilter::try_new(&cfg.log_filter)
+            .with_context(|| format!("invalid log filter {:?}", cfg.log_filter))?,
+    };
+
+    let mut providers = TelemetryGuard::default();
     let otel_layer = match &cfg.otlp_endpoint {
         None => None,
         Some(endpoint) => {
@@ -84,7 +96,7 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
                 .build()
-                .context("building the OTLP span exporter")?;
+                .context("building the otlp span exporter")?;
             let tracer_provider = SdkTracerProvider::builder()
                 .with_batch_exporter(spans)
                 .with_resource(resource.clone())
@@ -93,23 +105,19 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
                 .build()
-                .context("building the OTLP metric exporter")?;
+                .context("building the otlp metric exporter")?;
             let meter_provider = SdkMeterProvider::builder()
                 .with_periodic_exporter(metrics)
                 .with_resource(resource)
                 .build();
-            opentelemetry::global::set_meter_provider(meter_provider.clone());
             let tracer = tracer_provider.tracer("waymark");
-            guard.tracer = Some(tracer_provider);
-            guard.meter = Some(meter_provider);
+            providers.tracer = Some(tracer_provider);
+            providers.meter = Some(meter_provider);
             Some(tracing_opentelemetry::layer().with_tracer(tracer))
         }
     };
     let (pretty, json) = match cfg.log_format {
-        LogFormat::Pretty => (
-            Some(tracing_subscriber::fmt::layer().with_target(false)),
-            None,
-        ),
+        LogFormat::Pretty => (Some(tracing_subscriber::fmt::layer()), None),
         LogFormat::Json => (
             None,
             Some(
@@ -127,13 +135,18 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
         .with(otel_layer)
         .try_init();
     if installed.is_err() {
-        // Already installed in this process: keep that one, export nothing twice.
+        // Someone (an earlier test) installed a subscriber already: keep theirs, and drop
+        // our unused providers without touching the global meter provider.
         return Ok(TelemetryGuard::default());
+    }
+    // Only now: a failed second call must not swap the meter provider of the first.
+    if let Some(meter) = &providers.meter {
+        opentelemetry::global::set_meter_provider(meter.clone());
     }
     if let Some(endpoint) = &cfg.otlp_endpoint {
         tracing::info!(endpoint, service = %cfg.service_name, "exporting telemetry over otlp");
     }
-    Ok(guard)
+    Ok(providers)
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -152,6 +165,7 @@ struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // Propagator keys are lowercase ASCII; anything unrepresentable is skipped, not fatal.
         if let (Ok(key), Ok(value)) = (
             tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
             value.parse(),
@@ -161,7 +175,8 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// Writes the current span's trace context into outgoing gRPC metadata.
+/// Writes the current span's trace context (`traceparent`, `tracestate`) into outgoing gRPC
+/// metadata so the callee continues the trace.
 pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|p| {
@@ -179,11 +194,26 @@ pub fn propagate_trace(
 
 /// `("pkg.Service", "Method")` from a gRPC path `/pkg.Service/Method`.
 fn rpc_names(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().unwrap_or_default().to_owned();
-    let method = parts.next().unwrap_or_default().to_owned();
-    (service, method)
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path.trim_start_matches('/'), ""));
+    (service.to_owned(), method.to_owned())
 }
+
+/// The gRPC status of a response at header time: tonic sends errors trailers-only, with
+/// `grpc-status` in the headers; without it the call has not failed (yet).
+fn grpc_status<B>(response: &http::Response<B>) -> i64 {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// gRPC UNKNOWN: the inner service failed without producing any gRPC status.
+const UNKNOWN: i64 = 2;
 
 struct RpcMetrics {
     requests: Counter<u64>,
@@ -192,7 +222,8 @@ struct RpcMetrics {
 }
 
 /// Tower layer for tonic servers: a span per RPC (continuing the caller's trace) and
-/// request count, latency and error metrics per RPC.
+/// request count, latency and error metrics per RPC. Build it after [`init`]: the
+/// instruments bind to the meter provider that is global at that moment.
 #[derive(Clone)]
 pub struct GrpcTelemetryLayer {
     metrics: Arc<RpcMetrics>,
@@ -205,7 +236,7 @@ impl Default for GrpcTelemetryLayer {
 }
 
 impl GrpcTelemetryLayer {
-    /// Creates the instruments once, on the global meter provider.
+    /// Creates the instruments once, on the global meter `waymark`.
     pub fn new() -> Self {
         let meter = opentelemetry::global::meter("waymark");
         Self {
@@ -239,16 +270,13 @@ pub struct GrpcTelemetry<S> {
     metrics: Arc<RpcMetrics>,
 }
 
-impl<S, B, R> tower_service::Service<http::Request<B>> for GrpcTelemetry<S>
+impl<S, B, ResBody> tower_service::Service<http::Request<B>> for GrpcTelemetry<S>
 where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    R: 'static,
+    S: tower_service::Service<http::Request<B>, Response = http::Response<ResBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = GrpcTelemetryFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -261,53 +289,90 @@ where
         });
         let span = tracing::info_span!(
             "grpc",
-            otel.name = %format!("{service}/{method}"),
+            otel.name = %format_args!("{service}/{method}"),
             otel.kind = "server",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = service.as_str(),
+            rpc.method = method.as_str(),
             rpc.grpc.status_code = tracing::field::Empty,
         );
+        // Fails only when no OTel layer is installed; then there is no trace to continue.
         let _ = span.set_parent(parent);
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
-        let future = self.inner.call(request);
-        let record_span = span.clone();
-        Box::pin(
-            async move {
-                let result = future.await;
-                let code = match &result {
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .unwrap_or(0),
-                    Err(_) => 13,
-                };
-                record_span.record("rpc.grpc.status_code", code);
-                let attrs = [
-                    KeyValue::new("rpc.service", service),
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("rpc.grpc.status_code", code),
-                ];
-                metrics.requests.add(1, &attrs);
-                metrics
-                    .duration
-                    .record(started.elapsed().as_secs_f64() * 1000.0, &attrs);
-                if code != 0 {
-                    metrics.errors.add(1, &attrs);
-                }
-                result
+        let future = {
+            // Entered so that anything the inner service does synchronously in `call` is
+            // attributed to this RPC too.
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        GrpcTelemetryFuture {
+            inner: future.instrument(span),
+            pending: Some(Pending {
+                metrics: self.metrics.clone(),
+                service,
+                method,
+                started: Instant::now(),
+            }),
+        }
+    }
+}
+
+/// What the future still has to record once the response headers are known.
+struct Pending {
+    metrics: Arc<RpcMetrics>,
+    service: String,
+    method: String,
+    started: Instant,
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`GrpcTelemetry`]: runs the inner future inside the RPC span and
+    /// records status and metrics when it completes.
+    pub struct GrpcTelemetryFuture<F> {
+        #[pin]
+        inner: Instrumented<F>,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, ResBody, E> Future for GrpcTelemetryFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = ready!(this.inner.as_mut().poll(cx));
+        if let Some(pending) = this.pending.take() {
+            let code = match &result {
+                Ok(response) => grpc_status(response),
+                Err(_) => UNKNOWN,
+            };
+            this.inner.span().record("rpc.grpc.status_code", code);
+            let attributes = [
+                KeyValue::new("rpc.service", pending.service),
+                KeyValue::new("rpc.method", pending.method),
+                KeyValue::new("rpc.grpc.status_code", code),
+            ];
+            let metrics = &pending.metrics;
+            metrics.requests.add(1, &attributes);
+            metrics.duration.record(
+                pending.started.elapsed().as_secs_f64() * 1000.0,
+                &attributes,
+            );
+            if code != 0 {
+                metrics.errors.add(1, &attributes);
             }
-            .instrument(span),
-        )
+        }
+        Poll::Ready(result)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry::trace::TraceContextExt as _;
+    use std::sync::Mutex;
+    use tower_service::Service as _;
 
     #[test]
     fn rpc_names_come_from_the_path() {
@@ -318,6 +383,7 @@ mod tests {
                 "Ingest".to_owned()
             )
         );
+        assert_eq!(rpc_names("/health"), ("health".to_owned(), String::new()));
         assert_eq!(rpc_names("/"), (String::new(), String::new()));
     }
 
@@ -330,35 +396,84 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("outgoing");
             let _entered = span.enter();
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            inject_trace_context(&mut metadata);
-            let traceparent = metadata
-                .get("traceparent")
-                .expect("traceparent")
-                .to_str()
-                .unwrap()
-                .to_owned();
-            let trace_id = span.context().span().span_context().trace_id().to_string();
+            let request = propagate_trace(tonic::Request::new(())).unwrap();
+            let traceparent = request.metadata().get("traceparent").expect("traceparent");
+            let trace_id = span.context().span().span_context().trace_id();
+            assert_ne!(trace_id, opentelemetry::trace::TraceId::INVALID);
             assert!(
-                traceparent.contains(&trace_id),
-                "{traceparent} carries {trace_id}"
+                traceparent
+                    .to_str()
+                    .unwrap()
+                    .contains(&trace_id.to_string()),
+                "{traceparent:?} carries {trace_id}"
             );
         });
     }
 
+    /// Captures the status code the layer records on its span.
+    #[derive(Clone, Default)]
+    struct StatusCapture(Arc<Mutex<Option<i64>>>);
+
+    impl tracing::field::Visit for StatusCapture {
+        fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+            if field.name() == "rpc.grpc.status_code" {
+                *self.0.lock().unwrap() = Some(value);
+            }
+        }
+
+        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StatusCapture {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            values.record(&mut self.clone());
+        }
+    }
+
     #[tokio::test]
-    async fn layer_passes_responses_through() {
-        use tower::ServiceExt;
-        let inner = tower::service_fn(|_req: http::Request<()>| async {
-            let mut response = http::Response::new(());
+    async fn layer_continues_the_trace_and_records_the_status() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let provider = SdkTracerProvider::builder().build();
+        let status = StatusCapture::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(status.clone());
+        // Current-thread test runtime: the scoped subscriber covers the whole call.
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let inner = tower::service_fn(|_request: http::Request<()>| async {
+            let trace_id = tracing::Span::current()
+                .context()
+                .span()
+                .span_context()
+                .trace_id();
+            let mut response = http::Response::new(trace_id.to_string());
             response
                 .headers_mut()
                 .insert("grpc-status", http::HeaderValue::from_static("5"));
             Ok::<_, std::convert::Infallible>(response)
         });
-        let service = tower_layer::Layer::layer(&GrpcTelemetryLayer::new(), inner);
-        let request = http::Request::builder().uri("/a.B/C").body(()).unwrap();
-        let response = service.oneshot(request).await.unwrap();
+        let mut service = tower_layer::Layer::layer(&GrpcTelemetryLayer::new(), inner);
+        let request = http::Request::builder()
+            .uri("/waymark.profile.v1.ProfileService/GetProfile")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(())
+            .unwrap();
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+
         assert_eq!(response.headers()["grpc-status"], "5");
+        assert_eq!(response.body(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(*status.0.lock().unwrap(), Some(5));
     }
 }
