@@ -490,6 +490,7 @@ pub async fn merges<C: ConnectionTrait>(conn: &C, survivor_id: &str) -> Result<V
                     })
                     .collect(),
                 merged_at: Some(from_micros(r.try_get_by_index(5)?)),
+                unmerged_at: None,
             })
         })
         .collect()
