@@ -1,0 +1,200 @@
+//! Waymark's condition language: [CEL](https://cel.dev) expressions that segments and
+//! journey splits are defined by. Conditions are data, never code: an expression can only
+//! read the variables it is given and call CEL's standard functions, so a condition cannot
+//! reach the host the way Apache Unomi's scripted conditions did (CVE-2020-13942).
+//!
+//! [`Condition::compile`] parses once and checks what the interpreter does not:
+//!
+//! - the source is 1 to [`MAX_SOURCE_BYTES`] bytes and nests at most [`MAX_DEPTH`] levels;
+//! - every top-level variable is one the caller allows, and every function is one of CEL's
+//!   standard functions ([`FUNCTIONS`]): a typo fails when the condition is saved, not on
+//!   every profile later;
+//! - the macros `all`, `exists`, `exists_one`, `map` and `filter` do not nest (neither in
+//!   another's body nor in its range): the interpreter has no cost limit, and nesting is
+//!   what turns a 4 KiB condition into billions of steps or an exponentially large value;
+//! - no message construction (`T{...}`) and no optional syntax (`a.?b`).
+//!
+//! [`Condition::evaluate`] then runs it against [`Variables`] many times. Its result:
+//!
+//! - a missing map key anywhere (`traits.plan` on a profile without a plan, an absent
+//!   `consent["email/marketing"]`) makes the whole condition false: a profile is never put
+//!   in a segment on data it does not have. CEL's `&&` and `||` still decide when the
+//!   other side does (`has(traits.plan) && traits.plan == "pro"`, `traits.vip || x`), and
+//!   `has(traits.plan)` tests presence; note that `traits.plan != "pro"` is also false
+//!   without a plan: write `!has(traits.plan) || traits.plan != "pro"` to include them;
+//! - any other runtime failure (comparing a string with a number, a field of a string,
+//!   division by zero, a variable that was not set) and a result that is not a bool are
+//!   [`ConditionError::Evaluation`] errors, for the caller to log.
+
+mod check;
+mod value;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, LazyLock};
+
+use cel::common::ast::SourceInfo;
+use cel::{Context, Env, ExecutionError, IdedExpr};
+
+pub use check::FUNCTIONS;
+pub use value::{Value, Variables};
+
+/// The longest condition accepted, in bytes.
+pub const MAX_SOURCE_BYTES: usize = 4096;
+/// How deeply a condition may nest: brackets, calls, operators and field selections.
+pub const MAX_DEPTH: usize = 32;
+
+/// The stack the parser runs on. Its ANTLR runtime recurses on nesting before any limit
+/// applies: a 4 KiB source of brackets needs up to 8 MiB in debug builds, more than a
+/// Tokio worker (2 MiB) has. Only touched pages are committed.
+const PARSER_STACK_BYTES: usize = 32 << 20;
+
+/// The one environment: CEL's standard library without optional values.
+static ENV: LazyLock<Arc<Env>> =
+    LazyLock::new(|| Arc::new(Env::stdlib().with_optional_support(false)));
+
+/// Why a condition was rejected or could not be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConditionError {
+    /// The source is empty or blank.
+    #[error("the condition is empty")]
+    Empty,
+    /// The source is longer than [`MAX_SOURCE_BYTES`].
+    #[error("the condition is {0} bytes long; at most {MAX_SOURCE_BYTES} are allowed")]
+    TooLong(usize),
+    /// The source does not parse or breaks a rule; the message says where.
+    #[error("{0}")]
+    Invalid(String),
+    /// Evaluation failed for these variables.
+    #[error("{0}")]
+    Evaluation(String),
+}
+
+/// A compiled condition: cheap to clone and to share between threads, evaluated many times.
+///
+/// It holds the checked syntax tree rather than a `cel::Program`: the tree is plain data
+/// (`Send + Sync`), and the interpreter's per-evaluation state, a `cel::Context` borrowing
+/// the variables, is created for each evaluation, which costs no allocation.
+#[derive(Clone)]
+pub struct Condition {
+    inner: Arc<Compiled>,
+}
+
+struct Compiled {
+    source: String,
+    expr: IdedExpr,
+    /// The allowed top-level variables the condition reads, sorted.
+    uses: Vec<String>,
+}
+
+impl Condition {
+    /// Parses and checks `source`, which may read the top-level `variables` only.
+    pub fn compile(source: &str, variables: &[&str]) -> Result<Condition, ConditionError> {
+        if source.trim().is_empty() {
+            return Err(ConditionError::Empty);
+        }
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(ConditionError::TooLong(source.len()));
+        }
+        // A thread of our own for its stack, which also keeps a panic in the parser from
+        // reaching the caller.
+        let (expr, uses) = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("condition-parser".into())
+                .stack_size(PARSER_STACK_BYTES)
+                .spawn_scoped(scope, || parse_and_check(source, variables))
+                .map_err(|e| ConditionError::Invalid(format!("could not start the parser: {e}")))?
+                .join()
+                .map_err(|_| ConditionError::Invalid("the parser failed on this input".into()))?
+        })?;
+        Ok(Condition {
+            inner: Arc::new(Compiled {
+                source: source.to_owned(),
+                expr,
+                uses,
+            }),
+        })
+    }
+
+    /// The source it was compiled from.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// Whether it reads the top-level `variable`, e.g. `now`, which makes it time-based.
+    pub fn uses(&self, variable: &str) -> bool {
+        self.inner
+            .uses
+            .binary_search_by(|v| v.as_str().cmp(variable))
+            .is_ok()
+    }
+
+    /// Evaluates it; see the crate documentation for missing keys and errors.
+    pub fn evaluate(&self, vars: &Variables) -> Result<bool, ConditionError> {
+        let resolver = vars.resolver();
+        let mut context = Context::with_env(Arc::clone(&ENV));
+        context.set_variable_resolver(&resolver);
+        // The interpreter is a large third-party crate: a panic in it on some input must
+        // not take the event down with it.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            cel::Value::resolve(&self.inner.expr, &context)
+        }))
+        .map_err(|_| ConditionError::Evaluation("the interpreter failed on this input".into()))?;
+        match result {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(ConditionError::Evaluation(format!(
+                "the condition yielded {}, not a bool",
+                other.type_of()
+            ))),
+            Err(ExecutionError::NoSuchKey(_)) => Ok(false),
+            Err(e) => Err(ConditionError::Evaluation(e.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Condition")
+            .field(&self.inner.source)
+            .finish()
+    }
+}
+
+fn parse_and_check(
+    source: &str,
+    variables: &[&str],
+) -> Result<(IdedExpr, Vec<String>), ConditionError> {
+    // MAX_DEPTH always fits: the parser takes a u16.
+    let parser = ENV.parser().max_recursion_depth(MAX_DEPTH as u16);
+    let (expr, info) = parser.parse_with_source_info(source).map_err(|errors| {
+        // Later errors are mostly the parser's recovery from the first.
+        let Some(first) = errors.errors.first() else {
+            return ConditionError::Invalid("the condition does not parse".into());
+        };
+        let problem = if first.msg.contains("Recursion limit") {
+            format!("nested more than {MAX_DEPTH} levels deep")
+        } else {
+            first.msg.clone()
+        };
+        let (line, column) = first.pos;
+        ConditionError::Invalid(format!("line {line}, column {column}: {problem}"))
+    })?;
+    let uses = check::check(&expr, variables, &ENV, |id| position(&info, id))?;
+    Ok((expr, uses))
+}
+
+/// "line L, column C: " (both from 1, the column in characters) where the expression `id`
+/// starts, or nothing if that is not known.
+fn position(info: &SourceInfo, id: u64) -> String {
+    let Some(before) = info
+        .offset_for(id)
+        .and_then(|(start, _)| info.source.get(..start as usize))
+    else {
+        return String::new();
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: ")
+}
+
+#[cfg(test)]
+mod tests;
