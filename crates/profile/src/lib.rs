@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod identity;
 pub mod model;
 pub mod resolve;
+pub mod segment;
 pub mod service;
 pub mod store;
 
