@@ -65,6 +65,12 @@ pub struct Config {
     pub profile_grpc_addr: SocketAddr,
     /// Database for the profile service only; falls back to `database_url`.
     pub profile_database_url: Option<String>,
+    /// The ingestion service's gRPC API, where the profile service pushes the identifiers
+    /// of deleted profiles (`SuppressIdentities`).
+    pub ingest_endpoint: String,
+    /// Seconds between sweeps that re-evaluate time-based segment conditions (those that
+    /// use `now`) for every profile.
+    pub segment_sweep_secs: u64,
     /// The orchestrator's EventSink, where the profile service relays resolved events.
     pub orchestrator_endpoint: String,
     /// The analytics service's EventSink, where the profile service relays resolved events.
@@ -112,6 +118,8 @@ impl Default for Config {
             profile_endpoint: "http://127.0.0.1:50052".into(),
             profile_grpc_addr: ([0, 0, 0, 0], 50052).into(),
             profile_database_url: None,
+            ingest_endpoint: "http://127.0.0.1:50051".into(),
+            segment_sweep_secs: 300,
             orchestrator_endpoint: "http://127.0.0.1:50053".into(),
             analytics_endpoint: "http://127.0.0.1:50054".into(),
             profile_cache_ttl_secs: 24 * 3600,
@@ -178,10 +186,14 @@ impl Config {
         for (setting, endpoint) in [
             ("orchestrator_endpoint", &self.orchestrator_endpoint),
             ("analytics_endpoint", &self.analytics_endpoint),
+            ("ingest_endpoint", &self.ingest_endpoint),
         ] {
             if !endpoint.starts_with("http") {
                 return Err(invalid(setting, "must be an http:// or https:// URL"));
             }
+        }
+        if self.segment_sweep_secs == 0 {
+            return Err(invalid("segment_sweep_secs", "must be greater than 0"));
         }
         if self.profile_cache_ttl_secs == 0 {
             return Err(invalid("profile_cache_ttl_secs", "must be greater than 0"));

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     NotFound,
     /// The thing to create exists already.
     AlreadyExists,
+    /// The target is not in a state that allows the operation (e.g. a merge already undone).
+    FailedPrecondition,
     /// No or unknown credentials.
     Unauthenticated,
     /// Credentials valid but not allowed here.
@@ -34,6 +36,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => Code::InvalidArgument,
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
@@ -48,6 +51,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => 400,
             ErrorKind::NotFound => 404,
             ErrorKind::AlreadyExists => 409,
+            ErrorKind::FailedPrecondition => 409,
             ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied => 403,
             ErrorKind::ResourceExhausted => 429,

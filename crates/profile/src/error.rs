@@ -9,6 +9,7 @@ impl From<ProfileError> for tonic::Status {
         let error = match error {
             ProfileError::Invalid { field, problem } => Error::invalid(field, problem),
             ProfileError::NotFound(m) => Error::new(ErrorKind::NotFound, m),
+            ProfileError::FailedPrecondition(m) => Error::new(ErrorKind::FailedPrecondition, m),
             ProfileError::Unavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
                 Error::new(

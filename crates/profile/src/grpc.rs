@@ -6,8 +6,8 @@ use waymark_proto::common::v1::{DeliverRequest, DeliverResponse};
 use waymark_proto::profile::v1::profile_service_server::ProfileService;
 use waymark_proto::profile::v1::*;
 
-use crate::model::micros;
-use crate::service::Profiles;
+use crate::model::{from_micros, micros};
+use crate::service::{Profiles, identity};
 use crate::store::TimelineFilter;
 
 /// Implements both services over the core.
@@ -34,6 +34,7 @@ impl EventSink for ProfileGrpc {
         Ok(Response::new(DeliverResponse {
             applied: applied.applied,
             duplicates: applied.duplicates,
+            suppressed: applied.suppressed,
         }))
     }
 }
@@ -138,5 +139,119 @@ impl ProfileService for ProfileGrpc {
     ) -> Result<Response<ListMergesResponse>, Status> {
         let merges = self.core.merges(&request.into_inner().profile_id).await?;
         Ok(Response::new(ListMergesResponse { merges }))
+    }
+
+    #[tracing::instrument(skip_all, fields(profile_id = %request.get_ref().profile_id))]
+    async fn delete_profile(
+        &self,
+        request: Request<DeleteProfileRequest>,
+    ) -> Result<Response<DeleteProfileResponse>, Status> {
+        let r = request.into_inner();
+        let deleted = self.core.delete(&r.profile_id, &r.reason).await?;
+        Ok(Response::new(DeleteProfileResponse {
+            profile_id: deleted.profile_id,
+            suppressed: deleted.suppressed.iter().map(identity).collect(),
+            timeline_entries: deleted.timeline_entries,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(profile_id = %request.get_ref().profile_id))]
+    async fn export_profile(
+        &self,
+        request: Request<ExportProfileRequest>,
+    ) -> Result<Response<ExportProfileResponse>, Status> {
+        let export = self.core.export(&request.into_inner().profile_id).await?;
+        Ok(Response::new(ExportProfileResponse {
+            profile: Some(export.profile),
+            timeline: export.timeline,
+            merges: export.merges,
+            segments: export.segments,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_suppressions(
+        &self,
+        request: Request<ListSuppressionsRequest>,
+    ) -> Result<Response<ListSuppressionsResponse>, Status> {
+        let r = request.into_inner();
+        let (rows, next_page_token) = self.core.suppressions(r.page_size, &r.page_token).await?;
+        let suppressions = rows
+            .into_iter()
+            .map(|row| Suppression {
+                identity: Some(identity(&(row.id_type, row.id_value))),
+                suppressed_at: Some(from_micros(row.suppressed_at)),
+                synced_to_ingest: row.synced_at.is_some(),
+            })
+            .collect();
+        Ok(Response::new(ListSuppressionsResponse {
+            suppressions,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn put_segment(
+        &self,
+        request: Request<PutSegmentRequest>,
+    ) -> Result<Response<PutSegmentResponse>, Status> {
+        let Some(segment) = request.into_inner().segment else {
+            return Err(waymark_kit::error::Error::invalid("segment", "is required").into());
+        };
+        let segment = self.core.put_segment(segment).await?;
+        Ok(Response::new(PutSegmentResponse {
+            segment: Some(segment),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(segment_id = %request.get_ref().segment_id))]
+    async fn get_segment(
+        &self,
+        request: Request<GetSegmentRequest>,
+    ) -> Result<Response<GetSegmentResponse>, Status> {
+        let segment = self
+            .core
+            .get_segment(&request.into_inner().segment_id)
+            .await?;
+        Ok(Response::new(GetSegmentResponse {
+            segment: Some(segment),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_segments(
+        &self,
+        _request: Request<ListSegmentsRequest>,
+    ) -> Result<Response<ListSegmentsResponse>, Status> {
+        let segments = self.core.list_segments().await?;
+        Ok(Response::new(ListSegmentsResponse { segments }))
+    }
+
+    #[tracing::instrument(skip_all, fields(segment_id = %request.get_ref().segment_id))]
+    async fn delete_segment(
+        &self,
+        request: Request<DeleteSegmentRequest>,
+    ) -> Result<Response<DeleteSegmentResponse>, Status> {
+        let exited = self
+            .core
+            .delete_segment(&request.into_inner().segment_id)
+            .await?;
+        Ok(Response::new(DeleteSegmentResponse { exited }))
+    }
+
+    #[tracing::instrument(skip_all, fields(segment_id = %request.get_ref().segment_id))]
+    async fn list_segment_members(
+        &self,
+        request: Request<ListSegmentMembersRequest>,
+    ) -> Result<Response<ListSegmentMembersResponse>, Status> {
+        let r = request.into_inner();
+        let (profile_ids, next_page_token) = self
+            .core
+            .segment_members(&r.segment_id, r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(ListSegmentMembersResponse {
+            profile_ids,
+            next_page_token,
+        }))
     }
 }

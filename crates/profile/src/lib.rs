@@ -1,8 +1,12 @@
 //! Waymark customer profile service: resolves every event to one profile (identity
-//! resolution with merges and an audit), keeps traits, computed traits, consent and the
-//! unified timeline, writes the shared profile cache after each commit, and relays resolved
-//! events (plus `Profile Merged` and `Trait Changed`) to the orchestrator and analytics.
+//! resolution with merges, an audit and unmerge), keeps traits, computed traits, emotion,
+//! consent, segment memberships and the unified timeline, writes the shared profile cache
+//! after each commit, and relays resolved events (plus `Profile Merged`, `Trait Changed`,
+//! `Emotion Changed`, `Segment Entered` / `Segment Exited`, `Profile Unmerged` and
+//! `Profile Deleted`) to the orchestrator and analytics. Erasure suppresses identifiers
+//! here and, pushed in the background, at ingestion.
 
+pub mod background;
 pub mod error;
 pub mod grpc;
 pub mod identity;
@@ -136,6 +140,27 @@ impl ProfileServer {
                 {
                     tracing::error!(error = %format!("{error:#}"), "relay stopped");
                 }
+            });
+        }
+        {
+            let (core, shutdown, readiness) =
+                (self.core.clone(), shutdown.clone(), readiness.clone());
+            let (endpoint, token) = (
+                self.config.ingest_endpoint.clone(),
+                self.config.admin_token.clone(),
+            );
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                background::push_suppressions(core, endpoint, token, shutdown).await;
+            });
+        }
+        {
+            let (core, shutdown, readiness) =
+                (self.core.clone(), shutdown.clone(), readiness.clone());
+            let every = Duration::from_secs(self.config.segment_sweep_secs);
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                background::sweep_segments(core, every, shutdown).await;
             });
         }
         let adapter = grpc::ProfileGrpc::new(self.core.clone());

@@ -15,7 +15,13 @@ use waymark_proto::profile::v1::{Consent, Merge, Profile, TimelineEntry};
 use crate::identity::{IdentityRules, normalise};
 use crate::model::{from_micros, set_consent, set_traits};
 use crate::resolve::{Record, WorkingSet};
+use crate::segment::SegmentDefinition;
 use crate::store::{self, TimelineFilter};
+
+mod privacy;
+mod segments;
+
+pub use privacy::{Deleted, Export, INGEST_IDENTITY_TYPES, identity};
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +33,8 @@ pub enum ProfileError {
     },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -55,6 +63,8 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> ProfileError {
 pub struct Applied {
     pub applied: u32,
     pub duplicates: u32,
+    /// Acknowledged but dropped: they carry an identifier of an erased profile.
+    pub suppressed: u32,
 }
 
 /// The profile core.
@@ -71,6 +81,12 @@ struct Inner {
     wakeup: Wakeup,
     /// One applier per process; replicas serialise on a database lock.
     applier: tokio::sync::Mutex<()>,
+    /// Compiled segment definitions, replaced whole when one changes.
+    segments: std::sync::RwLock<Arc<Vec<SegmentDefinition>>>,
+    /// Signalled when a definition changed, to start its backfill.
+    segments_changed: tokio::sync::Notify,
+    /// Signalled when an erasure added suppressions for ingestion.
+    suppressions_pending: tokio::sync::Notify,
 }
 
 impl Profiles {
@@ -90,6 +106,9 @@ impl Profiles {
                 consumers,
                 wakeup,
                 applier: tokio::sync::Mutex::new(()),
+                segments: std::sync::RwLock::default(),
+                segments_changed: tokio::sync::Notify::new(),
+                suppressions_pending: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -117,21 +136,42 @@ impl Profiles {
                     && seen.insert(e.event_id.clone())
             })
             .collect();
+        let duplicates = total - fresh.len() as u32;
+        let extracted: Vec<_> = fresh.iter().map(|e| self.inner.rules.extract(e)).collect();
+        let idents: Vec<_> = {
+            let all: HashSet<_> = extracted.iter().flatten().cloned().collect();
+            all.into_iter().collect()
+        };
+        // Ingestion drops these too, but events committed before the erasure reached it
+        // may still be in flight.
+        let suppressed = store::suppressed_among(&txn, &idents).await?;
+        let before = fresh.len();
+        let fresh: Vec<Event> = if suppressed.is_empty() {
+            fresh
+        } else {
+            fresh
+                .into_iter()
+                .zip(&extracted)
+                .filter(|(_, ids)| !ids.iter().any(|id| suppressed.contains(id)))
+                .map(|(e, _)| e)
+                .collect()
+        };
+        let suppressed_count = (before - fresh.len()) as u32;
+        if suppressed_count > 0 {
+            tracing::info!(
+                events = suppressed_count,
+                "events of erased profiles dropped"
+            );
+        }
         let applied_count = fresh.len() as u32;
         if fresh.is_empty() {
             txn.rollback().await?;
             return Ok(Applied {
                 applied: 0,
-                duplicates: total,
+                duplicates,
+                suppressed: suppressed_count,
             });
         }
-        let idents: Vec<_> = {
-            let mut all = HashSet::new();
-            for e in &fresh {
-                all.extend(self.inner.rules.extract(e));
-            }
-            all.into_iter().collect()
-        };
         let records = store::load_owners(&txn, &idents).await?;
         let mut set = WorkingSet::new(records);
         for event in fresh {
@@ -143,13 +183,19 @@ impl Profiles {
                 "events without a usable identifier were not attributed"
             );
         }
+        let transitions = self.evaluate_batch(&mut set, now);
         store::save_batch(&txn, &set, &self.inner.consumers, now).await?;
+        segments::save_transitions(&txn, &transitions, now).await?;
+        for merge in &set.merges {
+            store::drop_memberships(&txn, &merge.merged_id).await?;
+        }
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.refresh_cache(&set).await;
         Ok(Applied {
             applied: applied_count,
-            duplicates: total - applied_count,
+            duplicates,
+            suppressed: suppressed_count,
         })
     }
 
@@ -278,10 +324,13 @@ impl Profiles {
         let mut record: Record = store::load_live(&txn, profile_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
-        let emitted = change(&mut record.profile, now);
+        let mut emitted = change(&mut record.profile, now);
+        let (transitions, segment_events) = self.evaluate_profile(&mut record.profile, now);
+        emitted.extend(segment_events);
         record.profile.version += 1;
         record.profile.updated_at = Some(from_micros(now));
         store::save_records(&txn, &[&record], now).await?;
+        segments::save_transitions(&txn, &transitions, now).await?;
         let payloads: Vec<Vec<u8>> = emitted.iter().map(prost::Message::encode_to_vec).collect();
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
         if !refs.is_empty() {

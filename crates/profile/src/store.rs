@@ -16,6 +16,12 @@ use crate::identity::Ident;
 use crate::model::{from_micros, timeline_entry};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
 
+mod privacy;
+mod segments;
+
+pub use privacy::*;
+pub use segments::*;
+
 const SCHEMA: &str = "
     CREATE TABLE profiles (
         profile_id TEXT PRIMARY KEY,
@@ -66,13 +72,47 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: SCHEMA,
     },
     waymark_kit::outbox::migration(2),
+    Migration {
+        version: 4,
+        name: "suppressions, segments, unmerge audit",
+        postgres: PRIVACY_AND_SEGMENTS,
+        sqlite: PRIVACY_AND_SEGMENTS,
+    },
 ];
 
+const PRIVACY_AND_SEGMENTS: &str = "
+    CREATE TABLE suppressions (
+        id_type TEXT NOT NULL,
+        id_value TEXT NOT NULL,
+        suppressed_at BIGINT NOT NULL,
+        synced_at BIGINT,
+        PRIMARY KEY (id_type, id_value)
+    );
+    CREATE INDEX suppressions_time ON suppressions (suppressed_at);
+    CREATE TABLE segments (
+        segment_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        condition TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        generation BIGINT NOT NULL,
+        backfilled_generation BIGINT NOT NULL
+    );
+    CREATE TABLE segment_members (
+        segment_id TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        entered_at BIGINT NOT NULL,
+        PRIMARY KEY (segment_id, profile_id)
+    );
+    CREATE INDEX segment_members_profile ON segment_members (profile_id);
+    ALTER TABLE merges ADD COLUMN unmerged_at BIGINT;";
+
 /// Bound parameters per statement stay well under both backends' limits.
-const MAX_PARAMS: usize = 30_000;
+pub(crate) const MAX_PARAMS: usize = 30_000;
 
 /// Runs `INSERT ... VALUES (...), (...) <suffix>` for `rows` in chunks.
-async fn insert_rows(
+pub(crate) async fn insert_rows(
     txn: &DatabaseTransaction,
     head: &str,
     suffix: &str,
@@ -108,7 +148,7 @@ pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<(), DbErr> {
     Ok(())
 }
 
-fn in_list(n: usize) -> String {
+pub(crate) fn in_list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
@@ -139,7 +179,7 @@ pub async fn already_applied<C: ConnectionTrait>(
     Ok(found)
 }
 
-fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
+pub(crate) fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
     let bytes: Vec<u8> = row.try_get_by_index(3)?;
     let profile = Profile::decode(bytes.as_slice())
         .map_err(|e| DbErr::Custom(format!("stored profile does not decode: {e}")))?;
@@ -468,7 +508,7 @@ pub async fn merges<C: ConnectionTrait>(conn: &C, survivor_id: &str) -> Result<V
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(
             backend,
-            sql(backend, "SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at FROM merges WHERE survivor_id = ? ORDER BY merged_at, merge_id"),
+            sql(backend, "SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at, unmerged_at FROM merges WHERE survivor_id = ? ORDER BY merged_at, merge_id"),
             [survivor_id.into()],
         ))
         .await?;
@@ -490,7 +530,7 @@ pub async fn merges<C: ConnectionTrait>(conn: &C, survivor_id: &str) -> Result<V
                     })
                     .collect(),
                 merged_at: Some(from_micros(r.try_get_by_index(5)?)),
-                unmerged_at: None,
+                unmerged_at: r.try_get_by_index::<Option<i64>>(6)?.map(from_micros),
             })
         })
         .collect()

@@ -119,6 +119,7 @@ impl EventSink for Sink {
         Ok(Response::new(DeliverResponse {
             applied: n,
             duplicates: 0,
+            suppressed: 0,
         }))
     }
 }

@@ -1,5 +1,7 @@
 //! Integration tests of the profile service against real PostgreSQL, SQLite and Redis.
 
+mod privacy;
+mod segments;
 mod support;
 
 use std::time::Duration;

@@ -36,6 +36,8 @@ pub fn config(database_url: &str, sink: &str, redis_url: Option<&str>) -> Config
 /// A running profile server.
 pub struct TestProfile {
     pub addr: SocketAddr,
+    /// The Redis key prefix of this server's cache entries.
+    pub cache_prefix: String,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -47,11 +49,13 @@ impl TestProfile {
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let cache_prefix = config.profile_cache_key_prefix.clone();
         let server = ProfileServer::new(config).await.expect("profile server");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server.serve(listener, shutdown.clone()));
         let this = Self {
             addr,
+            cache_prefix,
             shutdown,
             handle: Some(handle),
         };
@@ -158,4 +162,84 @@ pub fn event(
         _ => e.name = name.into(),
     }
     e
+}
+
+/// The real ingestion service and a profile service wired both ways: ingestion relays to
+/// the profile service, which pushes suppressions back to ingestion.
+pub struct Platform {
+    pub profile: TestProfile,
+    pub http: SocketAddr,
+    pub ingest: waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient<Channel>,
+    pub write_key: String,
+    shutdown: CancellationToken,
+    ingest_task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Platform {
+    pub async fn start(backend: Backend, sink: &str, redis_url: Option<&str>) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let profile_db = TestDb::new(backend).await;
+        let mut profile_config = config(&profile_db.url, sink, redis_url);
+        profile_config.ingest_endpoint = format!("http://{grpc_addr}");
+        let profile = TestProfile::start(profile_config).await;
+
+        let ingest_db = TestDb::new(backend).await;
+        let mut ingest_config = config(&ingest_db.url, sink, None);
+        ingest_config.profile_endpoint = profile.url();
+        let ingest = waymark_ingest::IngestService::new(ingest_config)
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let ingest_task = tokio::spawn(ingest.serve(grpc, http, shutdown.clone()));
+        let mut client = loop {
+            if let Ok(c) =
+                waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(
+                    format!("http://{grpc_addr}"),
+                )
+                .await
+            {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let write_key = loop {
+            let request = admin(waymark_proto::ingest::v1::CreateSourceRequest {
+                name: "all".into(),
+                rate_limit_per_second: 0,
+            });
+            match client.create_source(request).await {
+                Ok(r) => break r.into_inner().write_key,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        Self {
+            profile,
+            http: http_addr,
+            ingest: client,
+            write_key,
+            shutdown,
+            ingest_task,
+        }
+    }
+
+    /// Posts a Segment batch to `/v1/batch`; returns the HTTP status.
+    pub async fn post_batch(&self, batch: serde_json::Value) -> u16 {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/batch", self.http))
+            .basic_auth(&self.write_key, Some(""))
+            .body(serde_json::to_vec(&batch).unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.ingest_task.await.unwrap().unwrap();
+        self.profile.stop().await;
+    }
 }

@@ -1,0 +1,128 @@
+//! The profile service's background work while serving: pushing suppressions to
+//! ingestion, and the segment sweeper (backfills and time-based conditions).
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use waymark_kit::CancellationToken;
+use waymark_kit::config::Secret;
+use waymark_proto::ingest::v1::SuppressIdentitiesRequest;
+use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
+
+use crate::service::{Profiles, identity};
+
+/// Suppressions per `SuppressIdentities` call.
+const PUSH_BATCH: u32 = 500;
+/// Longest pause between attempts while ingestion is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Keeps ingestion's suppression list in step with erasures: pushes every suppression it
+/// has not acknowledged, at once after an erasure, and again after failures with backoff.
+pub async fn push_suppressions(
+    core: Profiles,
+    endpoint: String,
+    token: Option<Secret>,
+    shutdown: CancellationToken,
+) {
+    let channel = match waymark_kit::grpc::channel(&endpoint) {
+        Ok(channel) => channel,
+        Err(error) => {
+            tracing::error!(%endpoint, error = %format!("{error:#}"), "suppression push disabled");
+            return;
+        }
+    };
+    let mut client = IngestServiceClient::new(channel);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let pause = match push_once(&core, &mut client, token.as_ref()).await {
+            Ok(0) => {
+                backoff = Duration::from_millis(200);
+                // Also poll: another replica may have erased a profile.
+                tokio::select! {
+                    () = core.suppressions_added() => continue,
+                    () = tokio::time::sleep(Duration::from_secs(30)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            Ok(_) => Duration::ZERO,
+            Err(error) => {
+                tracing::warn!(%endpoint, %error, retry_in_ms = backoff.as_millis() as u64, "pushing suppressions to ingestion failed");
+                let pause = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Pushes one batch; returns how many suppressions it settled.
+async fn push_once(
+    core: &Profiles,
+    client: &mut IngestServiceClient<Channel>,
+    token: Option<&Secret>,
+) -> anyhow::Result<usize> {
+    let (push, custom) = core.unsynced_suppressions(PUSH_BATCH).await?;
+    if !custom.is_empty() {
+        core.mark_suppressions_synced(&custom).await?;
+    }
+    if !push.is_empty() {
+        let mut request = tonic::Request::new(SuppressIdentitiesRequest {
+            identities: push.iter().map(identity).collect(),
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", waymark_kit::grpc::bearer(token));
+        }
+        waymark_kit::telemetry::inject_trace_context(request.metadata_mut());
+        client.suppress_identities(request).await?;
+        core.mark_suppressions_synced(&push).await?;
+        tracing::info!(identities = push.len(), "suppressions pushed to ingestion");
+    }
+    Ok(push.len() + custom.len())
+}
+
+/// Loads the segment definitions, then backfills changed ones as soon as they change and
+/// re-evaluates time-based ones every `every`.
+pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: CancellationToken) {
+    loop {
+        match core.reload_segments().await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "loading segments failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+    loop {
+        let pause = match core.sweep_segments().await {
+            Ok(changed) => {
+                if changed > 0 {
+                    tracing::info!(profiles = changed, "segment sweep changed memberships");
+                }
+                every
+            }
+            Err(error) => {
+                tracing::warn!(%error, "segment sweep failed; retrying");
+                Duration::from_secs(5).min(every)
+            }
+        };
+        tokio::select! {
+            () = core.segments_changed() => {}
+            () = tokio::time::sleep(pause) => {
+                // Definitions may have changed on another replica.
+                if let Err(error) = core.reload_segments().await {
+                    tracing::warn!(%error, "reloading segments failed");
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The right to be forgotten and the right of access: erasure with suppression, export,
+//! and the suppression list that ingestion is kept in step with.
+
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Value};
+use sea_orm::TransactionTrait;
+use waymark_kit::db::now_micros;
+use waymark_proto::common::v1::{Channel, Event, EventType, Identity};
+use waymark_proto::profile::v1::{Merge, Profile, Segment, TimelineEntry};
+
+use super::{ProfileError, Profiles, invalid};
+use crate::identity::Ident;
+use crate::model::from_micros;
+use crate::store::{self, SuppressionRow, TimelineFilter};
+
+/// The identifier types ingestion checks; custom types are enforced here alone.
+pub const INGEST_IDENTITY_TYPES: [&str; 5] =
+    ["user_id", "anonymous_id", "email", "phone", "device_id"];
+
+/// What an erasure removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deleted {
+    pub profile_id: String,
+    pub suppressed: Vec<Ident>,
+    pub timeline_entries: u64,
+}
+
+/// Everything held about one person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Export {
+    pub profile: Profile,
+    pub timeline: Vec<TimelineEntry>,
+    pub merges: Vec<Merge>,
+    pub segments: Vec<Segment>,
+}
+
+/// A page size within 1..=1000 (0 means the default of 100).
+pub(crate) fn page_size(requested: u32) -> Result<u32, ProfileError> {
+    match requested {
+        0 => Ok(100),
+        n if n > 1000 => Err(invalid("page_size", "must be at most 1000")),
+        n => Ok(n),
+    }
+}
+
+impl Profiles {
+    /// Erases a profile and everything merged into it, suppresses its identifiers and
+    /// tells downstream services with `Profile Deleted`.
+    pub async fn delete(&self, profile_id: &str, reason: &str) -> Result<Deleted, ProfileError> {
+        if profile_id.is_empty() {
+            return Err(invalid("profile_id", "is required"));
+        }
+        let _guard = self.inner.applier.lock().await;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        store::lock_applier(&txn).await?;
+        let record = store::load_live(&txn, profile_id)
+            .await?
+            .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
+        let live_id = record.profile.profile_id.clone();
+        let tree = store::merge_tree(&txn, &live_id).await?;
+        let mut identities = store::identities_of(&txn, &live_id).await?;
+        for identity in &record.profile.identities {
+            let ident = (identity.r#type.clone(), identity.value.clone());
+            if !identities.contains(&ident) {
+                identities.push(ident);
+            }
+        }
+        let erased = store::erase(&txn, &tree, &identities).await?;
+        store::suppress(&txn, &identities, now).await?;
+        let notice = profile_deleted(&live_id, &tree, now);
+        waymark_kit::outbox::enqueue(
+            &txn,
+            &self.inner.consumers,
+            &[prost::Message::encode_to_vec(&notice).as_slice()],
+        )
+        .await?;
+        txn.commit().await?;
+        self.inner.wakeup.notify();
+        self.inner.suppressions_pending.notify_one();
+        // Profile ids are never reused, so the highest version keeps every id out for good.
+        for id in &tree {
+            let keys: &[Ident] = if *id == live_id { &identities } else { &[] };
+            self.inner.cache.invalidate(id, u64::MAX, keys).await;
+        }
+        tracing::info!(
+            profile_id = %live_id,
+            profiles = tree.len(),
+            identities = identities.len(),
+            timeline_entries = erased.timeline_entries,
+            reason,
+            "profile erased"
+        );
+        Ok(Deleted {
+            profile_id: live_id,
+            suppressed: identities,
+            timeline_entries: erased.timeline_entries,
+        })
+    }
+
+    /// Everything held about the person a profile id (or a merged-away id) belongs to.
+    pub async fn export(&self, profile_id: &str) -> Result<Export, ProfileError> {
+        if profile_id.is_empty() {
+            return Err(invalid("profile_id", "is required"));
+        }
+        let db = &self.inner.db;
+        let record = store::load_live(db, profile_id)
+            .await?
+            .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
+        let live_id = record.profile.profile_id.clone();
+        let filter = TimelineFilter {
+            profile_id: live_id.clone(),
+            limit: u32::MAX,
+            ..TimelineFilter::default()
+        };
+        let timeline = store::timeline(db, &filter)
+            .await?
+            .into_iter()
+            .map(|(_, _, entry)| entry)
+            .collect();
+        let merges = store::merges(db, &live_id).await?;
+        let mut segments = Vec::new();
+        for segment_id in &record.profile.segments {
+            if let Some(row) = store::segment(db, segment_id).await? {
+                segments.push(super::segments::segment_message(row));
+            }
+        }
+        Ok(Export {
+            profile: record.profile,
+            timeline,
+            merges,
+            segments,
+        })
+    }
+
+    /// A page of the suppression list, newest first, and the next page token.
+    pub async fn suppressions(
+        &self,
+        page_size_requested: u32,
+        page_token: &str,
+    ) -> Result<(Vec<SuppressionRow>, String), ProfileError> {
+        let limit = page_size(page_size_requested)?;
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(
+                parse_suppression_token(page_token)
+                    .ok_or_else(|| invalid("page_token", "is not a token from a previous page"))?,
+            )
+        };
+        let mut rows = store::suppressions(&self.inner.db, after.as_ref(), limit + 1).await?;
+        let next = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last()
+                .map(|r| format!("{}/{}/{}", r.suppressed_at, r.id_type, r.id_value))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((rows, next))
+    }
+
+    /// Suppressions ingestion has not acknowledged yet, split into those to push and those
+    /// of custom types, which ingestion does not check.
+    pub async fn unsynced_suppressions(
+        &self,
+        limit: u32,
+    ) -> Result<(Vec<Ident>, Vec<Ident>), ProfileError> {
+        let rows = store::unsynced_suppressions(&self.inner.db, limit).await?;
+        Ok(rows
+            .into_iter()
+            .partition(|(t, _)| INGEST_IDENTITY_TYPES.contains(&t.as_str())))
+    }
+
+    /// Records that ingestion has the suppressions (or needs none, for custom types).
+    pub async fn mark_suppressions_synced(&self, identities: &[Ident]) -> Result<(), ProfileError> {
+        Ok(store::mark_synced(&self.inner.db, identities, now_micros()).await?)
+    }
+
+    /// Resolves once a deletion has added suppressions to push.
+    pub async fn suppressions_added(&self) {
+        self.inner.suppressions_pending.notified().await;
+    }
+}
+
+fn parse_suppression_token(token: &str) -> Option<(i64, String, String)> {
+    let (at, rest) = token.split_once('/')?;
+    let (id_type, value) = rest.split_once('/')?;
+    Some((at.parse().ok()?, id_type.to_owned(), value.to_owned()))
+}
+
+/// The downstream notice of an erasure. It carries ids only: the identifiers are gone.
+fn profile_deleted(live_id: &str, tree: &[String], now_us: i64) -> Event {
+    let ids = tree
+        .iter()
+        .map(|id| Value {
+            kind: Some(Kind::StringValue(id.clone())),
+        })
+        .collect();
+    let mut event = Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        message_id: format!("{live_id}:Profile Deleted"),
+        event: "Profile Deleted".into(),
+        profile_id: live_id.to_owned(),
+        properties: Some(Struct {
+            fields: [(
+                "erased_profile_ids".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue { values: ids })),
+                },
+            )]
+            .into(),
+        }),
+        timestamp: Some(from_micros(now_us)),
+        received_at: Some(from_micros(now_us)),
+        source_id: "profile".into(),
+        ..Event::default()
+    };
+    event.set_type(EventType::Track);
+    event.set_channel(Channel::Other);
+    event
+}
+
+/// An identifier as the API shows it.
+pub fn identity((id_type, value): &Ident) -> Identity {
+    Identity {
+        r#type: id_type.clone(),
+        value: value.clone(),
+    }
+}

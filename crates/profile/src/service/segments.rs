@@ -1,0 +1,459 @@
+//! Segments: definitions with CEL conditions, membership after every delivered batch for
+//! each profile the batch changed, a background backfill for new definitions and a
+//! periodic sweep for conditions that use `now`, with `Segment Entered` / `Segment
+//! Exited` events downstream.
+//!
+//! Within one batch a profile's transitions collapse: a customer who enters and leaves a
+//! segment inside the same delivery emits neither event.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+use sea_orm::{DatabaseTransaction, TransactionTrait};
+use waymark_kit::db::now_micros;
+use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::profile::v1::{Profile, Segment};
+
+use super::privacy::page_size;
+use super::{ProfileError, Profiles, invalid};
+use crate::model::from_micros;
+use crate::resolve::{Record, WorkingSet};
+use crate::segment::{SegmentDefinition, evaluate_memberships, validate_segment};
+use crate::store::{self, MembershipChange, SegmentRow};
+
+/// Profiles per sweep transaction: short enough not to hold up event delivery long.
+const SWEEP_PAGE: u32 = 500;
+
+/// One profile's membership change, for the index and the downstream events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Transition {
+    pub profile_id: String,
+    pub entered: Vec<String>,
+    pub exited: Vec<String>,
+}
+
+/// The API view of a stored segment.
+pub(crate) fn segment_message(row: SegmentRow) -> Segment {
+    Segment {
+        segment_id: row.segment_id,
+        name: row.name,
+        description: row.description,
+        condition: row.condition,
+        created_at: Some(from_micros(row.created_at)),
+        updated_at: Some(from_micros(row.updated_at)),
+        member_count: row.member_count,
+        backfilled: row.backfilled_generation >= row.generation,
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+fn segment_event(name: &str, profile_id: &str, segment: &str, label: &str, now_us: i64) -> Event {
+    let mut event = Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        message_id: format!("{profile_id}:{name}:{segment}:{now_us}"),
+        event: name.to_owned(),
+        profile_id: profile_id.to_owned(),
+        properties: Some(Struct {
+            fields: [
+                ("segment_id".to_owned(), string(segment)),
+                ("segment_name".to_owned(), string(label)),
+            ]
+            .into(),
+        }),
+        timestamp: Some(from_micros(now_us)),
+        received_at: Some(from_micros(now_us)),
+        source_id: "profile".into(),
+        ..Event::default()
+    };
+    event.set_type(EventType::Track);
+    event.set_channel(Channel::Other);
+    event
+}
+
+/// Re-evaluates `only` (or every segment when `None`) for `profile`, updating its
+/// membership list. Segments outside `only` keep their membership.
+fn reevaluate(
+    profile: &mut Profile,
+    definitions: &[SegmentDefinition],
+    only: Option<&HashSet<String>>,
+    now_us: i64,
+) -> Option<Transition> {
+    let membership = match only {
+        Some(ids) => {
+            let chosen: Vec<SegmentDefinition> = definitions
+                .iter()
+                .filter(|d| ids.contains(&d.segment_id))
+                .cloned()
+                .collect();
+            evaluate_memberships(profile, &chosen, now_us)
+        }
+        None => evaluate_memberships(profile, definitions, now_us),
+    };
+    if membership.entered.is_empty() && membership.exited.is_empty() {
+        return None;
+    }
+    profile.segments = membership.members;
+    Some(Transition {
+        profile_id: profile.profile_id.clone(),
+        entered: membership.entered,
+        exited: membership.exited,
+    })
+}
+
+impl Profiles {
+    /// The compiled definitions in force.
+    pub(crate) fn definitions(&self) -> Arc<Vec<SegmentDefinition>> {
+        self.inner
+            .segments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Loads and compiles every stored definition. A stored condition that no longer
+    /// compiles is logged and left out rather than stopping the service.
+    pub async fn reload_segments(&self) -> Result<(), ProfileError> {
+        let rows = store::segments(&self.inner.db).await?;
+        let mut compiled = Vec::with_capacity(rows.len());
+        for row in rows {
+            let message = segment_message(row);
+            match validate_segment(&message) {
+                Ok(definition) => compiled.push(definition),
+                Err((field, problem)) => tracing::error!(
+                    segment_id = %message.segment_id,
+                    field,
+                    problem,
+                    "stored segment does not compile; skipped"
+                ),
+            }
+        }
+        *self
+            .inner
+            .segments
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(compiled);
+        Ok(())
+    }
+
+    /// Evaluates every segment for each live profile a batch changed: updates their
+    /// membership lists and queues `Segment Entered` / `Segment Exited`.
+    pub(crate) fn evaluate_batch(&self, set: &mut WorkingSet, now_us: i64) -> Vec<Transition> {
+        let definitions = self.definitions();
+        let mut transitions = Vec::new();
+        for id in &set.dirty {
+            let Some(record) = set.records.get_mut(id) else {
+                continue;
+            };
+            if record.merged_into.is_some() {
+                continue;
+            }
+            if definitions.is_empty() && record.profile.segments.is_empty() {
+                continue;
+            }
+            if let Some(t) = reevaluate(&mut record.profile, &definitions, None, now_us) {
+                transitions.push(t);
+            }
+        }
+        for t in &transitions {
+            set.synthetic
+                .extend(transition_events(t, &definitions, now_us));
+        }
+        transitions
+    }
+
+    /// Evaluates every segment for one profile changed outside event delivery; returns the
+    /// transition (if any) and its events.
+    pub(crate) fn evaluate_profile(
+        &self,
+        profile: &mut Profile,
+        now_us: i64,
+    ) -> (Vec<Transition>, Vec<Event>) {
+        let definitions = self.definitions();
+        match reevaluate(profile, &definitions, None, now_us) {
+            Some(t) => {
+                let events = transition_events(&t, &definitions, now_us)
+                    .into_iter()
+                    .map(|(event, _)| event)
+                    .collect();
+                (vec![t], events)
+            }
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Creates or replaces a segment; membership follows in the background.
+    pub async fn put_segment(&self, segment: Segment) -> Result<Segment, ProfileError> {
+        let definition = validate_segment(&segment)
+            .map_err(|(field, problem)| invalid(request_field(field), problem))?;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        store::put_segment(
+            &txn,
+            &SegmentRow {
+                segment_id: definition.segment_id.clone(),
+                name: segment.name,
+                description: segment.description,
+                condition: segment.condition,
+                created_at: now,
+                updated_at: now,
+                generation: 0,
+                backfilled_generation: 0,
+                member_count: 0,
+            },
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        self.reload_segments().await?;
+        self.inner.segments_changed.notify_one();
+        tracing::info!(segment_id = %definition.segment_id, time_based = definition.time_based, "segment stored");
+        self.get_segment(&definition.segment_id).await
+    }
+
+    /// One segment.
+    pub async fn get_segment(&self, segment_id: &str) -> Result<Segment, ProfileError> {
+        if segment_id.is_empty() {
+            return Err(invalid("segment_id", "is required"));
+        }
+        store::segment(&self.inner.db, segment_id)
+            .await?
+            .map(segment_message)
+            .ok_or_else(|| ProfileError::NotFound(format!("no segment {segment_id:?}")))
+    }
+
+    /// Every segment.
+    pub async fn list_segments(&self) -> Result<Vec<Segment>, ProfileError> {
+        Ok(store::segments(&self.inner.db)
+            .await?
+            .into_iter()
+            .map(segment_message)
+            .collect())
+    }
+
+    /// A page of members and the next page token.
+    pub async fn segment_members(
+        &self,
+        segment_id: &str,
+        page_size_requested: u32,
+        page_token: &str,
+    ) -> Result<(Vec<String>, String), ProfileError> {
+        let limit = page_size(page_size_requested)?;
+        self.get_segment(segment_id).await?;
+        let mut ids = store::members(&self.inner.db, segment_id, page_token, limit + 1).await?;
+        let next = if ids.len() > limit as usize {
+            ids.truncate(limit as usize);
+            ids.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((ids, next))
+    }
+
+    /// Deletes a segment; every member exits it.
+    pub async fn delete_segment(&self, segment_id: &str) -> Result<u64, ProfileError> {
+        self.get_segment(segment_id).await?;
+        let _guard = self.inner.applier.lock().await;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        store::lock_applier(&txn).await?;
+        let name = self
+            .definitions()
+            .iter()
+            .find(|d| d.segment_id == segment_id)
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
+        let mut exited = 0;
+        let mut written = Vec::new();
+        let mut after = String::new();
+        loop {
+            let ids = store::members(&txn, segment_id, &after, SWEEP_PAGE).await?;
+            let Some(last) = ids.last() else { break };
+            after = last.clone();
+            let mut records = store::load_records(&txn, &ids).await?;
+            let mut events = Vec::new();
+            for record in &mut records {
+                record.profile.segments.retain(|s| s != segment_id);
+                record.profile.version += 1;
+                record.profile.updated_at = Some(from_micros(now));
+                events.push(segment_event(
+                    "Segment Exited",
+                    &record.profile.profile_id,
+                    segment_id,
+                    &name,
+                    now,
+                ));
+            }
+            exited += records.len() as u64;
+            save_changed(&txn, &self.inner.consumers, &records, &[], &events, now).await?;
+            written.extend(records);
+        }
+        if !store::delete_segment(&txn, segment_id).await? {
+            return Err(ProfileError::NotFound(format!("no segment {segment_id:?}")));
+        }
+        txn.commit().await?;
+        self.inner.wakeup.notify();
+        self.reload_segments().await?;
+        for record in &written {
+            self.inner.cache.put(&record.profile).await;
+        }
+        tracing::info!(segment_id, exited, "segment deleted");
+        Ok(exited)
+    }
+
+    /// Computes membership of every segment that awaits its backfill or uses `now`, for
+    /// every live profile, page by page. Returns the number of profiles that changed.
+    pub async fn sweep_segments(&self) -> Result<usize, ProfileError> {
+        let rows = store::segments(&self.inner.db).await?;
+        let definitions = self.definitions();
+        let pending: Vec<&SegmentRow> = rows
+            .iter()
+            .filter(|r| r.backfilled_generation < r.generation)
+            .collect();
+        let mut due: HashSet<String> = pending.iter().map(|r| r.segment_id.clone()).collect();
+        due.extend(
+            definitions
+                .iter()
+                .filter(|d| d.time_based)
+                .map(|d| d.segment_id.clone()),
+        );
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        let mut after = String::new();
+        loop {
+            let _guard = self.inner.applier.lock().await;
+            let now = now_micros();
+            let txn = self.inner.db.begin().await?;
+            store::lock_applier(&txn).await?;
+            let mut page = store::live_profiles(&txn, &after, SWEEP_PAGE).await?;
+            let Some(last) = page.last() else {
+                txn.rollback().await?;
+                break;
+            };
+            after = last.profile.profile_id.clone();
+            let mut records: Vec<Record> = Vec::new();
+            let mut transitions = Vec::new();
+            for mut record in page.drain(..) {
+                if let Some(t) = reevaluate(&mut record.profile, &definitions, Some(&due), now) {
+                    record.profile.version += 1;
+                    record.profile.updated_at = Some(from_micros(now));
+                    transitions.push(t);
+                    records.push(record);
+                }
+            }
+            let events: Vec<Event> = transitions
+                .iter()
+                .flat_map(|t| transition_events(t, &definitions, now))
+                .map(|(event, _)| event)
+                .collect();
+            save_changed(
+                &txn,
+                &self.inner.consumers,
+                &records,
+                &transitions,
+                &events,
+                now,
+            )
+            .await?;
+            txn.commit().await?;
+            if !events.is_empty() {
+                self.inner.wakeup.notify();
+            }
+            for record in &records {
+                self.inner.cache.put(&record.profile).await;
+            }
+            changed += records.len();
+        }
+        for row in pending {
+            store::mark_backfilled(&self.inner.db, &row.segment_id, row.generation).await?;
+        }
+        Ok(changed)
+    }
+
+    /// Resolves when a definition changed, so the backfill starts at once.
+    pub async fn segments_changed(&self) {
+        self.inner.segments_changed.notified().await;
+    }
+}
+
+/// The events of one transition, each with the profile it belongs to.
+fn transition_events(
+    t: &Transition,
+    definitions: &[SegmentDefinition],
+    now_us: i64,
+) -> Vec<(Event, String)> {
+    let name_of = |id: &str| {
+        definitions
+            .iter()
+            .find(|d| d.segment_id == id)
+            .map(|d| d.name.clone())
+            .unwrap_or_default()
+    };
+    let entered = t.entered.iter().map(|s| ("Segment Entered", s));
+    let exited = t.exited.iter().map(|s| ("Segment Exited", s));
+    entered
+        .chain(exited)
+        .map(|(name, segment)| {
+            (
+                segment_event(name, &t.profile_id, segment, &name_of(segment), now_us),
+                t.profile_id.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Writes profiles changed outside event delivery, their index rows and their events.
+async fn save_changed(
+    txn: &DatabaseTransaction,
+    consumers: &[String],
+    records: &[Record],
+    transitions: &[Transition],
+    events: &[Event],
+    now_us: i64,
+) -> Result<(), ProfileError> {
+    let refs: Vec<&Record> = records.iter().collect();
+    store::save_records(txn, &refs, now_us).await?;
+    save_transitions(txn, transitions, now_us).await?;
+    let payloads: Vec<Vec<u8>> = events.iter().map(prost::Message::encode_to_vec).collect();
+    let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    if !payloads.is_empty() {
+        waymark_kit::outbox::enqueue(txn, consumers, &payloads).await?;
+    }
+    Ok(())
+}
+
+/// Mirrors transitions into the membership index.
+pub(crate) async fn save_transitions(
+    txn: &DatabaseTransaction,
+    transitions: &[Transition],
+    now_us: i64,
+) -> Result<(), sea_orm::DbErr> {
+    let changes: Vec<MembershipChange<'_>> = transitions
+        .iter()
+        .map(|t| MembershipChange {
+            profile_id: &t.profile_id,
+            entered: &t.entered,
+            exited: &t.exited,
+        })
+        .collect();
+    store::save_memberships(txn, &changes, now_us).await
+}
+
+/// The request field a segment validation problem is about.
+fn request_field(field: &str) -> &'static str {
+    match field {
+        "segment_id" => "segment.segment_id",
+        "name" => "segment.name",
+        "description" => "segment.description",
+        "condition" => "segment.condition",
+        _ => "segment",
+    }
+}

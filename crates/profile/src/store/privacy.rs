@@ -1,0 +1,262 @@
+//! Erasure, export and the suppression list.
+
+use std::collections::HashSet;
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
+use waymark_kit::db::sql;
+
+use super::{in_list, insert_rows};
+use crate::identity::Ident;
+
+/// The profile and every profile merged into it, directly or through earlier merges.
+pub async fn merge_tree<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "WITH RECURSIVE tree(profile_id) AS (
+                     SELECT ?
+                     UNION SELECT p.profile_id FROM profiles p JOIN tree t ON p.merged_into = t.profile_id
+                 ) SELECT profile_id FROM tree",
+            ),
+            [live_id.into()],
+        ))
+        .await?;
+    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+}
+
+/// Identifiers pointing at a profile.
+pub async fn identities_of<C: ConnectionTrait>(
+    conn: &C,
+    profile_id: &str,
+) -> Result<Vec<Ident>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT id_type, id_value FROM identities WHERE profile_id = ? ORDER BY id_type, id_value",
+            ),
+            [profile_id.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+/// Rows erased with a profile.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Erased {
+    pub timeline_entries: u64,
+}
+
+/// Erases the profiles of `tree` (a live profile and those merged into it) with their
+/// identifiers, timeline, merge audit and segment memberships.
+pub async fn erase(
+    txn: &DatabaseTransaction,
+    tree: &[String],
+    identities: &[Ident],
+) -> Result<Erased, DbErr> {
+    let backend = txn.get_database_backend();
+    let ids: Vec<Value> = tree.iter().map(|id| id.as_str().into()).collect();
+    let list = in_list(ids.len());
+    let mut erased = Erased::default();
+    for (table, condition) in [
+        ("timeline", format!("profile_id IN ({list})")),
+        ("segment_members", format!("profile_id IN ({list})")),
+        ("identities", format!("profile_id IN ({list})")),
+        ("profiles", format!("profile_id IN ({list})")),
+    ] {
+        let result = txn
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &format!("DELETE FROM {table} WHERE {condition}")),
+                ids.clone(),
+            ))
+            .await?;
+        if table == "timeline" {
+            erased.timeline_entries = result.rows_affected();
+        }
+    }
+    // The audit names the identifiers that linked the profiles: it goes with them.
+    let mut both = ids.clone();
+    both.extend(ids.iter().cloned());
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
+        ),
+        both,
+    ))
+    .await?;
+    // Identifiers that only the profile's state listed (none should, but erase is total).
+    for (id_type, value) in identities {
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "DELETE FROM identities WHERE id_type = ? AND id_value = ?",
+            ),
+            [id_type.as_str().into(), value.as_str().into()],
+        ))
+        .await?;
+    }
+    Ok(erased)
+}
+
+/// Puts identifiers on the suppression list (already listed ones stay as they were).
+pub async fn suppress(
+    txn: &DatabaseTransaction,
+    identities: &[Ident],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let rows = identities
+        .iter()
+        .map(|(t, v)| vec![t.as_str().into(), v.as_str().into(), now_us.into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO suppressions (id_type, id_value, suppressed_at)",
+        "ON CONFLICT (id_type, id_value) DO NOTHING",
+        rows,
+    )
+    .await
+}
+
+/// The identifiers among `idents` that are suppressed.
+pub async fn suppressed_among<C: ConnectionTrait>(
+    conn: &C,
+    idents: &[Ident],
+) -> Result<HashSet<Ident>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut found = HashSet::new();
+    for chunk in idents.chunks(super::MAX_PARAMS / 2) {
+        let text = format!(
+            "SELECT id_type, id_value FROM suppressions WHERE (id_type, id_value) IN ({})",
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        );
+        let values: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, v)| [t.as_str().into(), v.as_str().into()])
+            .collect();
+        for row in conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+        {
+            found.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
+        }
+    }
+    Ok(found)
+}
+
+/// One row of the suppression list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuppressionRow {
+    pub id_type: String,
+    pub id_value: String,
+    pub suppressed_at: i64,
+    pub synced_at: Option<i64>,
+}
+
+/// A page of the suppression list, newest first, after the `(suppressed_at, type, value)`
+/// of the previous page's last row.
+pub async fn suppressions<C: ConnectionTrait>(
+    conn: &C,
+    after: Option<&(i64, String, String)>,
+    limit: u32,
+) -> Result<Vec<SuppressionRow>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut text =
+        String::from("SELECT id_type, id_value, suppressed_at, synced_at FROM suppressions");
+    let mut values: Vec<Value> = Vec::new();
+    if let Some((at, t, v)) = after {
+        text.push_str(
+            " WHERE suppressed_at < ? OR (suppressed_at = ? AND (id_type > ? OR (id_type = ? AND id_value > ?)))",
+        );
+        values.extend([
+            Value::from(*at),
+            Value::from(*at),
+            t.as_str().into(),
+            t.as_str().into(),
+            v.as_str().into(),
+        ]);
+    }
+    text.push_str(" ORDER BY suppressed_at DESC, id_type, id_value LIMIT ?");
+    values.push(i64::from(limit).into());
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SuppressionRow {
+                id_type: r.try_get_by_index(0)?,
+                id_value: r.try_get_by_index(1)?,
+                suppressed_at: r.try_get_by_index(2)?,
+                synced_at: r.try_get_by_index(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Suppressions ingestion has not acknowledged yet, oldest first.
+pub async fn unsynced_suppressions<C: ConnectionTrait>(
+    conn: &C,
+    limit: u32,
+) -> Result<Vec<Ident>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT id_type, id_value FROM suppressions WHERE synced_at IS NULL
+                 ORDER BY suppressed_at, id_type, id_value LIMIT ?",
+            ),
+            [i64::from(limit).into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+/// Marks suppressions as acknowledged by ingestion.
+pub async fn mark_synced<C: ConnectionTrait>(
+    conn: &C,
+    identities: &[Ident],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    for chunk in identities.chunks(super::MAX_PARAMS / 2) {
+        let text = format!(
+            "UPDATE suppressions SET synced_at = ? WHERE (id_type, id_value) IN ({})",
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        );
+        let mut values: Vec<Value> = vec![now_us.into()];
+        values.extend(
+            chunk
+                .iter()
+                .flat_map(|(t, v)| [Value::from(t.as_str()), Value::from(v.as_str())]),
+        );
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, &text),
+            values,
+        ))
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Segment definitions and the membership index. A profile's own state lists its
+//! segments (that is what the cache serves); `segment_members` mirrors it in the same
+//! transaction so members can be listed and counted without reading every profile.
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
+use waymark_kit::db::sql;
+
+use super::{insert_rows, record_from};
+use crate::resolve::Record;
+
+/// A stored segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentRow {
+    pub segment_id: String,
+    pub name: String,
+    pub description: String,
+    pub condition: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Bumped by every change of the definition.
+    pub generation: i64,
+    /// The generation whose membership has been computed for every profile.
+    pub backfilled_generation: i64,
+    pub member_count: u64,
+}
+
+const SELECT_SEGMENTS: &str =
+    "SELECT s.segment_id, s.name, s.description, s.condition, s.created_at,
+        s.updated_at, s.generation, s.backfilled_generation,
+        (SELECT COUNT(*) FROM segment_members m WHERE m.segment_id = s.segment_id)
+    FROM segments s";
+
+fn segment_from(row: &sea_orm::QueryResult) -> Result<SegmentRow, DbErr> {
+    Ok(SegmentRow {
+        segment_id: row.try_get_by_index(0)?,
+        name: row.try_get_by_index(1)?,
+        description: row.try_get_by_index(2)?,
+        condition: row.try_get_by_index(3)?,
+        created_at: row.try_get_by_index(4)?,
+        updated_at: row.try_get_by_index(5)?,
+        generation: row.try_get_by_index(6)?,
+        backfilled_generation: row.try_get_by_index(7)?,
+        member_count: row.try_get_by_index::<i64>(8)?.max(0) as u64,
+    })
+}
+
+/// Every segment, by id.
+pub async fn segments<C: ConnectionTrait>(conn: &C) -> Result<Vec<SegmentRow>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!("{SELECT_SEGMENTS} ORDER BY s.segment_id"),
+        ))
+        .await?;
+    rows.iter().map(segment_from).collect()
+}
+
+/// One segment.
+pub async fn segment<C: ConnectionTrait>(
+    conn: &C,
+    segment_id: &str,
+) -> Result<Option<SegmentRow>, DbErr> {
+    let backend = conn.get_database_backend();
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                &format!("{SELECT_SEGMENTS} WHERE s.segment_id = ?"),
+            ),
+            [segment_id.into()],
+        ))
+        .await?;
+    row.as_ref().map(segment_from).transpose()
+}
+
+/// Creates or replaces a segment; a new generation awaits its backfill.
+pub async fn put_segment(
+    txn: &DatabaseTransaction,
+    segment: &SegmentRow,
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            "INSERT INTO segments (segment_id, name, description, condition, created_at, updated_at,
+                 generation, backfilled_generation)
+             VALUES (?, ?, ?, ?, ?, ?, 1, 0)
+             ON CONFLICT (segment_id) DO UPDATE SET name = excluded.name,
+                 description = excluded.description, condition = excluded.condition,
+                 updated_at = excluded.updated_at, generation = segments.generation + 1",
+        ),
+        [
+            segment.segment_id.as_str().into(),
+            segment.name.as_str().into(),
+            segment.description.as_str().into(),
+            segment.condition.as_str().into(),
+            now_us.into(),
+            now_us.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Removes a segment definition and its membership index.
+pub async fn delete_segment(txn: &DatabaseTransaction, segment_id: &str) -> Result<bool, DbErr> {
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(backend, "DELETE FROM segment_members WHERE segment_id = ?"),
+        [segment_id.into()],
+    ))
+    .await?;
+    let deleted = txn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, "DELETE FROM segments WHERE segment_id = ?"),
+            [segment_id.into()],
+        ))
+        .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// Records that `generation` of a segment has been computed for every profile, unless
+/// the definition changed meanwhile.
+pub async fn mark_backfilled<C: ConnectionTrait>(
+    conn: &C,
+    segment_id: &str,
+    generation: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    conn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            "UPDATE segments SET backfilled_generation = ? WHERE segment_id = ? AND generation = ?",
+        ),
+        [generation.into(), segment_id.into(), generation.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Membership changes of one profile.
+pub struct MembershipChange<'a> {
+    pub profile_id: &'a str,
+    pub entered: &'a [String],
+    pub exited: &'a [String],
+}
+
+/// Mirrors membership changes into the index.
+pub async fn save_memberships(
+    txn: &DatabaseTransaction,
+    changes: &[MembershipChange<'_>],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    let entered = changes
+        .iter()
+        .flat_map(|c| {
+            c.entered.iter().map(|s| {
+                vec![
+                    Value::from(s.as_str()),
+                    Value::from(c.profile_id),
+                    now_us.into(),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO segment_members (segment_id, profile_id, entered_at)",
+        "ON CONFLICT (segment_id, profile_id) DO NOTHING",
+        entered,
+    )
+    .await?;
+    for change in changes {
+        for segment_id in change.exited {
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(
+                    backend,
+                    "DELETE FROM segment_members WHERE segment_id = ? AND profile_id = ?",
+                ),
+                [segment_id.as_str().into(), change.profile_id.into()],
+            ))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops every membership of a profile that was merged away: the survivor is evaluated
+/// afresh and holds the memberships from then on.
+pub async fn drop_memberships(txn: &DatabaseTransaction, profile_id: &str) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(backend, "DELETE FROM segment_members WHERE profile_id = ?"),
+        [profile_id.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// A page of members, ascending after `after`.
+pub async fn members<C: ConnectionTrait>(
+    conn: &C,
+    segment_id: &str,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT profile_id FROM segment_members WHERE segment_id = ? AND profile_id > ?
+                 ORDER BY profile_id LIMIT ?",
+            ),
+            [segment_id.into(), after.into(), i64::from(limit).into()],
+        ))
+        .await?;
+    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+}
+
+/// A page of live profiles, ascending by id after `after`, for sweeps over every profile.
+pub async fn live_profiles<C: ConnectionTrait>(
+    conn: &C,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<Record>, DbErr> {
+    let backend = conn.get_database_backend();
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT profile_id, merged_into, created_at, state FROM profiles
+                 WHERE merged_into IS NULL AND profile_id > ? ORDER BY profile_id LIMIT ?",
+            ),
+            [after.into(), i64::from(limit).into()],
+        ))
+        .await?;
+    rows.iter().map(record_from).collect()
+}

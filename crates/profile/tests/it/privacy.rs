@@ -1,0 +1,238 @@
+//! The right to be forgotten and the right of access, through the real ingestion service.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::Code;
+use waymark_proto::common::v1::EventType;
+use waymark_proto::ingest::v1::GetStatsRequest;
+use waymark_proto::profile::v1::*;
+
+use crate::support::*;
+use crate::{by_identity, get, redis_url};
+
+async fn wait_for_events(platform: &Platform, email: &str, events: u64) -> Profile {
+    for _ in 0..200 {
+        if let Ok(p) = get(&platform.profile, by_identity("email", email)).await
+            && p.computed
+                .as_ref()
+                .is_some_and(|c| c.total_events == events)
+        {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{events} events never reached the profile of {email}");
+}
+
+/// Export everything, erase, and make sure nothing comes back: not through ingestion
+/// (suppressed there once pushed) and not through events already in flight.
+async fn erased_profiles_stay_erased(backend: Backend) {
+    let sink = Sink::default();
+    let platform = Platform::start(backend, &sink.start().await, Some(&redis_url())).await;
+    let status = platform
+        .post_batch(json!({"batch": [
+            {"type": "page", "anonymousId": "gdpr-anon", "name": "Home"},
+            {"type": "identify", "userId": "gdpr-1", "anonymousId": "gdpr-anon",
+             "traits": {"email": "Forget@Me.io", "name": "Robin"}},
+            {"type": "track", "userId": "gdpr-1", "event": "Order Completed",
+             "properties": {"revenue": 12.5}}
+        ]}))
+        .await;
+    assert_eq!(status, 200);
+    let before = wait_for_events(&platform, "forget@me.io", 3).await;
+    let mut client = platform.profile.client().await;
+
+    let export = client
+        .export_profile(admin(ExportProfileRequest {
+            profile_id: before.profile_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        export.profile.as_ref().unwrap().profile_id,
+        before.profile_id
+    );
+    assert_eq!(
+        export.timeline.len(),
+        3,
+        "the export holds the whole timeline"
+    );
+    assert!(export.merges.is_empty());
+
+    let deleted = client
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: before.profile_id.clone(),
+            reason: "ticket 17".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.profile_id, before.profile_id);
+    assert_eq!(deleted.timeline_entries, 3);
+    let mut suppressed: Vec<(String, String)> = deleted
+        .suppressed
+        .iter()
+        .map(|i| (i.r#type.clone(), i.value.clone()))
+        .collect();
+    suppressed.sort();
+    assert_eq!(
+        suppressed,
+        [
+            ("anonymous_id".to_owned(), "gdpr-anon".to_owned()),
+            ("email".to_owned(), "forget@me.io".to_owned()),
+            ("user_id".to_owned(), "gdpr-1".to_owned()),
+        ]
+    );
+
+    for request in [
+        GetProfileRequest {
+            profile_id: before.profile_id.clone(),
+            identity: None,
+        },
+        by_identity("email", "forget@me.io"),
+        by_identity("user_id", "gdpr-1"),
+    ] {
+        let error = get(&platform.profile, request).await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::NotFound,
+            "erased from cache and database"
+        );
+    }
+    let timeline = client
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: before.profile_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(timeline.code(), Code::NotFound);
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let cached: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(format!(
+            "{}{}",
+            platform.profile.cache_prefix,
+            waymark_profile_cache::profile_key(&before.profile_id)
+        ))
+        .arg("p")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        cached.is_none_or(|bytes| bytes.is_empty()),
+        "only a tombstone is left in Redis"
+    );
+
+    // An event committed by ingestion before the erasure reached it: dropped here.
+    let in_flight = event(EventType::Track, "gdpr-1", "", "Clicked", json!({}), 50);
+    let outcome = platform.profile.deliver(vec![in_flight]).await;
+    assert_eq!((outcome.applied, outcome.suppressed), (0, 1));
+
+    // Ingestion learns the suppressions from the profile service.
+    let mut synced = false;
+    for _ in 0..200 {
+        let page = client
+            .list_suppressions(admin(ListSuppressionsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.suppressions.len(), 3);
+        if page.suppressions.iter().all(|s| s.synced_to_ingest) {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(synced, "every suppression reaches ingestion");
+    let status = platform
+        .post_batch(json!({"batch": [
+            {"type": "identify", "anonymousId": "fresh-device", "traits": {"email": "forget@me.io"}}
+        ]}))
+        .await;
+    assert_eq!(status, 200);
+    let mut ingest = platform.ingest.clone();
+    let stats = ingest
+        .get_stats(admin(GetStatsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stats.total.unwrap().suppressed,
+        1,
+        "dropped and counted at ingestion"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let error = get(&platform.profile, by_identity("email", "forget@me.io"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Code::NotFound,
+        "the person does not come back"
+    );
+
+    // Paging of the suppression list.
+    let first = client
+        .list_suppressions(admin(ListSuppressionsRequest {
+            page_size: 2,
+            page_token: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.suppressions.len(), 2);
+    let rest = client
+        .list_suppressions(admin(ListSuppressionsRequest {
+            page_size: 2,
+            page_token: first.next_page_token,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.suppressions.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    let bad = client
+        .list_suppressions(admin(ListSuppressionsRequest {
+            page_size: 2,
+            page_token: "garbage".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // Downstream services are told, without the identifiers.
+    let mut notice = None;
+    for _ in 0..100 {
+        notice = sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .find(|e| e.event == "Profile Deleted")
+            .cloned();
+        if notice.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let notice = notice.expect("Profile Deleted is emitted downstream");
+    assert_eq!(notice.profile_id, before.profile_id);
+    assert!(notice.user_id.is_empty() && notice.anonymous_id.is_empty());
+
+    let missing = client
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: before.profile_id.clone(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    platform.stop().await;
+}
+waymark_testkit::on_both_backends!(erased_profiles_stay_erased);

@@ -1,0 +1,295 @@
+//! Segments: CEL conditions, backfill, membership on events and trusted updates, the
+//! periodic sweep of time-based conditions, deletion, and the events they emit.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::Code;
+use waymark_proto::common::v1::EventType;
+use waymark_proto::profile::v1::*;
+
+use crate::support::*;
+use crate::{by_identity, get, redis_url};
+
+fn segment(id: &str, condition: &str) -> PutSegmentRequest {
+    PutSegmentRequest {
+        segment: Some(Segment {
+            segment_id: id.into(),
+            name: format!("{id} customers"),
+            description: String::new(),
+            condition: condition.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn members(server: &TestProfile, id: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = server
+            .client()
+            .await
+            .list_segment_members(admin(ListSegmentMembersRequest {
+                segment_id: id.into(),
+                page_size: 1,
+                page_token: token,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.profile_ids);
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
+    for _ in 0..200 {
+        let s = server
+            .client()
+            .await
+            .get_segment(admin(GetSegmentRequest {
+                segment_id: id.into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .segment
+            .unwrap();
+        if s.backfilled {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("segment {id} never backfilled");
+}
+
+/// Distinct events: the orchestrator and analytics relays both deliver to the one sink.
+async fn segment_events(sink: &Sink, name: &str, profile_id: &str, segment_id: &str) -> usize {
+    sink.received
+        .lock()
+        .await
+        .iter()
+        .filter(|e| {
+            e.event == name
+                && e.profile_id == profile_id
+                && waymark_proto::json::string_at(e.properties.as_ref().unwrap(), &["segment_id"])
+                    == Some(segment_id)
+        })
+        .map(|e| e.event_id.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+async fn wait_segment_event(sink: &Sink, name: &str, profile_id: &str, segment_id: &str) {
+    for _ in 0..200 {
+        if segment_events(sink, name, profile_id, segment_id).await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no {name} for {profile_id} in {segment_id}");
+}
+
+async fn segments_follow_conditions(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let mut config = config(&db.url, &sink.start().await, Some(&redis_url()));
+    config.segment_sweep_secs = 1;
+    let server = TestProfile::start(config).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    server
+        .deliver(vec![
+            event(
+                EventType::Identify,
+                "vip-a",
+                "",
+                "",
+                json!({"plan": "pro"}),
+                now,
+            ),
+            event(
+                EventType::Track,
+                "vip-a",
+                "",
+                "Order Completed",
+                json!({"revenue": 150}),
+                now,
+            ),
+            event(
+                EventType::Identify,
+                "vip-b",
+                "",
+                "",
+                json!({"plan": "free"}),
+                now,
+            ),
+            event(
+                EventType::Identify,
+                "vip-c",
+                "",
+                "",
+                json!({"plan": "pro"}),
+                now,
+            ),
+            event(
+                EventType::Track,
+                "vip-c",
+                "",
+                "Order Completed",
+                json!({"revenue": 20}),
+                now,
+            ),
+        ])
+        .await;
+    let a = get(&server, by_identity("user_id", "vip-a")).await.unwrap();
+    let c = get(&server, by_identity("user_id", "vip-c")).await.unwrap();
+    let mut client = server.client().await;
+
+    // Validation names the field and the problem.
+    for (request, field) in [
+        (segment("VIP!", "true"), "segment.segment_id"),
+        (segment("vip", "traits.plan == "), "segment.condition"),
+        (
+            segment("vip", "shell.exec('rm -rf /')"),
+            "segment.condition",
+        ),
+        (segment("vip", ""), "segment.condition"),
+    ] {
+        let error = client.put_segment(admin(request)).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        let details =
+            tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
+        assert_eq!(details.field_violations[0].field, field, "{error:?}");
+    }
+
+    // Backfill: existing profiles are evaluated as soon as the segment is stored.
+    let stored = client
+        .put_segment(admin(segment(
+            "vip",
+            r#"traits.plan == "pro" && computed.lifetime_value > 100.0"#,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    assert_eq!(stored.segment_id, "vip");
+    let backfilled = wait_backfilled(&server, "vip").await;
+    assert_eq!(backfilled.member_count, 1);
+    assert_eq!(members(&server, "vip").await, [a.profile_id.as_str()]);
+    let a_now = get(&server, by_identity("user_id", "vip-a")).await.unwrap();
+    assert_eq!(
+        a_now.segments,
+        ["vip"],
+        "the cached profile lists its segments"
+    );
+    wait_segment_event(&sink, "Segment Entered", &a.profile_id, "vip").await;
+
+    // An event moves a profile in.
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "vip-c",
+            "",
+            "Order Completed",
+            json!({"revenue": 200}),
+            now,
+        )])
+        .await;
+    let c_now = get(&server, by_identity("user_id", "vip-c")).await.unwrap();
+    assert_eq!(c_now.segments, ["vip"]);
+    wait_segment_event(&sink, "Segment Entered", &c.profile_id, "vip").await;
+    let mut expected = vec![a.profile_id.clone(), c.profile_id.clone()];
+    expected.sort();
+    assert_eq!(members(&server, "vip").await, expected);
+
+    // A trusted update moves a profile out.
+    let updated = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: a.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(
+                json!({"plan": "free"}).as_object().unwrap().clone(),
+            )),
+            source: "test".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert!(updated.segments.is_empty());
+    wait_segment_event(&sink, "Segment Exited", &a.profile_id, "vip").await;
+    assert_eq!(members(&server, "vip").await, [c.profile_id.as_str()]);
+
+    // A redelivered batch changes nothing: no second Segment Entered.
+    let again = event(
+        EventType::Track,
+        "vip-c",
+        "",
+        "Order Completed",
+        json!({"revenue": 1}),
+        now,
+    );
+    server.deliver(vec![again.clone()]).await;
+    server.deliver(vec![again]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        segment_events(&sink, "Segment Entered", &c.profile_id, "vip").await,
+        1
+    );
+
+    // Time-based: nobody is lapsed yet; two seconds later everybody is, with no event.
+    client
+        .put_segment(admin(segment(
+            "quiet",
+            r#"now - computed.last_seen > duration("2s")"#,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(wait_backfilled(&server, "quiet").await.member_count, 0);
+    let mut lapsed = 0;
+    for _ in 0..100 {
+        lapsed = members(&server, "quiet").await.len();
+        if lapsed == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lapsed, 3, "the sweep re-evaluates conditions that use now");
+
+    // Listing and deletion.
+    let listed: Vec<String> = client
+        .list_segments(admin(ListSegmentsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .segments
+        .into_iter()
+        .map(|s| s.segment_id)
+        .collect();
+    assert_eq!(listed, ["quiet", "vip"]);
+    let deleted = client
+        .delete_segment(admin(DeleteSegmentRequest {
+            segment_id: "vip".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.exited, 1);
+    wait_segment_event(&sink, "Segment Exited", &c.profile_id, "vip").await;
+    let c_after = get(&server, by_identity("user_id", "vip-c")).await.unwrap();
+    assert_eq!(c_after.segments, ["quiet"]);
+    let gone = client
+        .get_segment(admin(GetSegmentRequest {
+            segment_id: "vip".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(segments_follow_conditions);
