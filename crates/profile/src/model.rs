@@ -63,7 +63,8 @@ pub fn set_traits(profile: &mut Profile, traits: &Struct, at: &Timestamp) -> Vec
     changes
 }
 
-fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
+/// A number property, also when sent as a numeric string.
+pub(crate) fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
     match properties?.fields.get(key)?.kind.as_ref()? {
         Kind::NumberValue(n) => Some(*n),
         Kind::StringValue(s) => s.parse().ok(),
