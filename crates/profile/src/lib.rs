@@ -3,6 +3,7 @@
 //! unified timeline, writes the shared profile cache after each commit, and relays resolved
 //! events (plus `Profile Merged` and `Trait Changed`) to the orchestrator and analytics.
 
+pub mod aggregate;
 pub mod emotion;
 pub mod error;
 pub mod grpc;
