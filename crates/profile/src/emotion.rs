@@ -258,9 +258,9 @@ pub fn merge(survivor: &mut Option<Emotion>, other: &Emotion) {
 // dampeners (±0.293, fading with distance), CAPS emphasis (+0.733 when the rest of the text
 // is not shouted), "but" shifting weight to what follows it (×0.5 before, ×1.5 after),
 // up to four "!" adding 0.292 each, and the sum normalised by `x / sqrt(x² + 15)`.
-// No crate: the only candidate on crates.io, `vader_sentiment` 0.1.1, is an unmaintained
-// Rust 2015 port (lazy_static, maplit, regex) that parses VADER's 7,500-word lexicon at
-// start-up, far more than support text needs.
+// No crate: `vader_sentiment` 0.1.1 on crates.io is an unmaintained Rust 2015 port
+// (lazy_static, maplit, regex) that parses VADER's 7,500-word lexicon at start-up, far
+// more than support text needs.
 
 const NEGATION: f64 = -0.74;
 const BOOST: f64 = 0.293;
