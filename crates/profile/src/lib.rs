@@ -6,7 +6,9 @@
 //! `Profile Deleted`) to the orchestrator and analytics. Erasure suppresses identifiers
 //! here and, pushed in the background, at ingestion.
 
+pub mod aggregate;
 pub mod background;
+pub mod emotion;
 pub mod error;
 pub mod grpc;
 pub mod identity;

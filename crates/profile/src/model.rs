@@ -1,10 +1,12 @@
-//! What an event does to a profile: traits by event time, computed traits, consent; and
-//! how two profiles combine in a merge.
+//! What an event does to a profile: traits by event time, computed traits, consent,
+//! emotion; and how two profiles combine in a merge.
 
 use prost_types::value::Kind;
 use prost_types::{Struct, Timestamp, Value};
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{ComputedTraits, Consent, Profile, TimelineEntry};
+
+use crate::emotion::{self, EmotionChange, EmotionRules};
 
 /// Orders timestamps.
 pub fn micros(t: &Timestamp) -> i64 {
@@ -63,7 +65,8 @@ pub fn set_traits(profile: &mut Profile, traits: &Struct, at: &Timestamp) -> Vec
     changes
 }
 
-fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
+/// A number property, also when sent as a numeric string.
+pub(crate) fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
     match properties?.fields.get(key)?.kind.as_ref()? {
         Kind::NumberValue(n) => Some(*n),
         Kind::StringValue(s) => s.parse().ok(),
@@ -78,8 +81,17 @@ fn text(properties: Option<&Struct>, key: &str) -> Option<String> {
     }
 }
 
-/// Applies one event's effects (traits, computed traits, consent). Returns trait changes.
-pub fn apply_event(profile: &mut Profile, event: &Event) -> Vec<TraitChange> {
+/// What applying an event changed that others may want to hear about.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Effects {
+    /// Traits set or removed.
+    pub trait_changes: Vec<TraitChange>,
+    /// The emotion label moved.
+    pub emotion_change: Option<EmotionChange>,
+}
+
+/// Applies one event's effects (traits, computed traits, consent, emotion).
+pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &EmotionRules) -> Effects {
     let at = event.timestamp.or(event.received_at).unwrap_or_default();
     let mut changes = Vec::new();
     if matches!(event.r#type(), EventType::Identify)
@@ -141,7 +153,12 @@ pub fn apply_event(profile: &mut Profile, event: &Event) -> Vec<TraitChange> {
             );
         }
     }
-    changes
+    let emotion_change = emotion::signal(event)
+        .and_then(|signal| emotion::observe(&mut profile.emotion, signal, emotion_rules));
+    Effects {
+        trait_changes: changes,
+        emotion_change,
+    }
 }
 
 /// Records a consent decision unless a later one for the same channel and purpose exists.
@@ -158,8 +175,8 @@ pub fn set_consent(profile: &mut Profile, consent: Consent) {
     }
 }
 
-/// Folds `other` into `survivor`: identities, traits (latest per key), computed traits and
-/// consent. The timeline moves in storage.
+/// Folds `other` into `survivor`: identities, traits (latest per key), computed traits,
+/// consent and emotion (the newer state). The timeline moves in storage.
 pub fn merge_into(survivor: &mut Profile, other: &Profile) {
     for identity in &other.identities {
         if !survivor.identities.contains(identity) {
@@ -203,6 +220,9 @@ pub fn merge_into(survivor: &mut Profile, other: &Profile) {
     }
     for consent in &other.consents {
         set_consent(survivor, consent.clone());
+    }
+    if let Some(theirs) = &other.emotion {
+        emotion::merge(&mut survivor.emotion, theirs);
     }
 }
 
@@ -284,9 +304,9 @@ mod tests {
         };
         call.set_type(EventType::Track);
         call.set_channel(Channel::Phone);
-        apply_event(&mut p, &order);
-        apply_event(&mut p, &order);
-        apply_event(&mut p, &call);
+        apply_event(&mut p, &order, &EmotionRules::default());
+        apply_event(&mut p, &order, &EmotionRules::default());
+        apply_event(&mut p, &call, &EmotionRules::default());
         let c = p.computed.unwrap();
         assert_eq!(c.lifetime_value, 61.0);
         assert_eq!(c.event_counts["Order Completed"], 2);
@@ -310,7 +330,7 @@ mod tests {
             ..Event::default()
         };
         unsub.set_type(EventType::Track);
-        apply_event(&mut p, &unsub);
+        apply_event(&mut p, &unsub, &EmotionRules::default());
         set_consent(
             &mut p,
             Consent {
@@ -326,5 +346,57 @@ mod tests {
             !p.consents[0].granted,
             "an older grant does not override a newer denial"
         );
+    }
+
+    fn track(name: &str, properties: serde_json::Value, at: i64) -> Event {
+        let mut e = Event {
+            event_id: format!("{name}-{at}"),
+            event: name.into(),
+            timestamp: Some(ts(at)),
+            properties: Some(traits(properties)),
+            ..Event::default()
+        };
+        e.set_type(EventType::Track);
+        e
+    }
+
+    #[test]
+    fn signal_events_move_the_emotion_and_report_label_changes() {
+        use waymark_proto::profile::v1::EmotionLabel;
+        let rules = EmotionRules::default();
+        let mut p = Profile::default();
+        let csat = track("CSAT Submitted", serde_json::json!({"csat": 5}), 100);
+        let change = apply_event(&mut p, &csat, &rules).emotion_change.unwrap();
+        assert_eq!(
+            (change.previous, change.label),
+            (EmotionLabel::Unspecified, EmotionLabel::Delighted)
+        );
+        let order = track("Order Completed", serde_json::json!({"revenue": 5}), 200);
+        assert_eq!(apply_event(&mut p, &order, &rules), Effects::default());
+        let complaint = track(
+            "Complaint Filed",
+            serde_json::json!({"comment": "Absolutely furious, the worst support ever!!"}),
+            300,
+        );
+        let change = apply_event(&mut p, &complaint, &rules)
+            .emotion_change
+            .unwrap();
+        assert_eq!(change.label, EmotionLabel::Upset);
+        assert_eq!(change.signal.event_id, complaint.event_id);
+        let emotion = p.emotion.as_ref().unwrap();
+        assert_eq!(emotion.label(), EmotionLabel::Upset);
+        assert_eq!(emotion.last_signal.as_ref().unwrap().kind, "sentiment");
+    }
+
+    #[test]
+    fn a_merge_keeps_the_newer_emotion() {
+        let rules = EmotionRules::default();
+        let (mut survivor, mut other) = (Profile::default(), Profile::default());
+        let happy = track("NPS Submitted", serde_json::json!({"nps": 10}), 100);
+        let angry = track("NPS Submitted", serde_json::json!({"nps": 0}), 200);
+        apply_event(&mut survivor, &happy, &rules);
+        apply_event(&mut other, &angry, &rules);
+        merge_into(&mut survivor, &other);
+        assert_eq!(survivor.emotion, other.emotion);
     }
 }

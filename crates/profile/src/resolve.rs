@@ -9,6 +9,7 @@ use prost_types::{Struct, Value};
 use waymark_proto::common::v1::{Event, EventType, Identity};
 use waymark_proto::profile::v1::Profile;
 
+use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
 use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry};
 
@@ -42,10 +43,12 @@ pub struct WorkingSet {
     pub merges: Vec<MergeRecord>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
-    /// Synthetic events (Profile Merged, Trait Changed).
+    /// Synthetic events (Profile Merged, Trait Changed, Emotion Changed).
     pub synthetic: Vec<(Event, String)>,
     /// Events no identifier could attribute (every value blocked).
     pub unattributed: usize,
+    /// How CX signals move a profile's emotion.
+    pub emotion_rules: EmotionRules,
 }
 
 impl WorkingSet {
@@ -104,13 +107,19 @@ impl WorkingSet {
             .records
             .get_mut(&profile_id)
             .expect("resolved profile is loaded");
-        let changes = apply_event(&mut record.profile, &event);
+        let effects = apply_event(&mut record.profile, &event, &self.emotion_rules);
         record.profile.version += 1;
         record.profile.updated_at = Some(from_micros(now_us));
         self.dirty.insert(profile_id.clone());
-        if !changes.is_empty() {
+        if !effects.trait_changes.is_empty() {
+            self.synthetic.push((
+                trait_changed_event(&event, &effects.trait_changes),
+                profile_id.clone(),
+            ));
+        }
+        if let Some(change) = &effects.emotion_change {
             self.synthetic
-                .push((trait_changed_event(&event, &changes), profile_id.clone()));
+                .push((emotion_changed_event(&event, change), profile_id.clone()));
         }
         event.profile_id = profile_id.clone();
         self.applied.push((event, profile_id));
@@ -332,6 +341,32 @@ pub fn trait_changed_event(cause: &Event, changes: &[TraitChange]) -> Event {
     synthetic(cause, "Trait Changed", properties)
 }
 
+/// An `Emotion Changed` event for a label change caused by `cause`.
+fn emotion_changed_event(cause: &Event, change: &EmotionChange) -> Event {
+    let properties = Struct {
+        fields: [
+            (
+                "previous_label".to_owned(),
+                string(label_name(change.previous)),
+            ),
+            ("label".to_owned(), string(label_name(change.label))),
+            (
+                "score".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(change.score)),
+                },
+            ),
+            ("signal_kind".to_owned(), string(&change.signal.kind)),
+            (
+                "signal_event_id".to_owned(),
+                string(&change.signal.event_id),
+            ),
+        ]
+        .into(),
+    };
+    synthetic(cause, "Emotion Changed", properties)
+}
+
 /// The timeline entry of an applied event, for storage.
 pub fn entry_time_us(event: &Event) -> i64 {
     timeline_entry(event).timestamp.as_ref().map_or(0, micros)
@@ -416,5 +451,41 @@ mod tests {
         set.apply(&rules(), event("u-2", "undefined", None), 2);
         assert!(set.merges.is_empty());
         assert_eq!(set.records.len(), 2);
+    }
+
+    #[test]
+    fn a_label_change_emits_emotion_changed_and_a_steady_label_does_not() {
+        let survey = |csat: i64| {
+            let serde_json::Value::Object(m) = serde_json::json!({"csat": csat}) else {
+                unreachable!()
+            };
+            let mut e = event("u-1", "", None);
+            e.event = "CSAT Submitted".into();
+            e.properties = Some(waymark_proto::json::struct_from_json(m));
+            e
+        };
+        let mut set = WorkingSet::default();
+        let first = survey(1);
+        set.apply(&rules(), first.clone(), 1);
+        set.apply(&rules(), survey(1), 2);
+        assert_eq!(
+            set.synthetic.len(),
+            1,
+            "the second 1-star CSAT keeps the label"
+        );
+        let (changed, profile_id) = &set.synthetic[0];
+        assert_eq!(changed.event, "Emotion Changed");
+        assert_eq!(profile_id, &set.applied[0].1);
+        let props = waymark_proto::json::struct_to_json(changed.properties.as_ref().unwrap());
+        assert_eq!(
+            serde_json::Value::Object(props),
+            serde_json::json!({
+                "previous_label": "unspecified",
+                "label": "upset",
+                "score": -1,
+                "signal_kind": "csat",
+                "signal_event_id": first.event_id,
+            })
+        );
     }
 }
