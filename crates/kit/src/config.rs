@@ -69,8 +69,15 @@ pub struct Config {
     /// of deleted profiles (`SuppressIdentities`).
     pub ingest_endpoint: String,
     /// Seconds between sweeps that re-evaluate time-based segment conditions (those that
-    /// use `now`) for every profile.
+    /// use `now`) and sliding-window aggregates for every profile.
     pub segment_sweep_secs: u64,
+    /// Seconds after which a customer's emotion score has halved without new signals.
+    pub emotion_half_life_secs: u64,
+    /// Aggregates kept on every profile (`ComputedTraits.aggregates`), e.g.
+    /// `[{ name = "orders_30d", event = "Order Completed", function = "count",
+    /// window_secs = 2592000 }]`. Their shape is checked by the profile service at
+    /// start-up ([`Config::profile_aggregate_specs`]).
+    pub profile_aggregates: Vec<figment::value::Value>,
     /// The orchestrator's EventSink, where the profile service relays resolved events.
     pub orchestrator_endpoint: String,
     /// The analytics service's EventSink, where the profile service relays resolved events.
@@ -120,6 +127,8 @@ impl Default for Config {
             profile_database_url: None,
             ingest_endpoint: "http://127.0.0.1:50051".into(),
             segment_sweep_secs: 300,
+            emotion_half_life_secs: 7 * 24 * 3600,
+            profile_aggregates: Vec::new(),
             orchestrator_endpoint: "http://127.0.0.1:50053".into(),
             analytics_endpoint: "http://127.0.0.1:50054".into(),
             profile_cache_ttl_secs: 24 * 3600,
@@ -147,7 +156,7 @@ pub enum ConfigError {
     /// A value parsed but is not acceptable.
     #[error("invalid setting `{setting}` (env WAYMARK_{env}): {problem}")]
     Invalid {
-        setting: &'static str,
+        setting: String,
         env: String,
         problem: String,
     },
@@ -191,6 +200,9 @@ impl Config {
             if !endpoint.starts_with("http") {
                 return Err(invalid(setting, "must be an http:// or https:// URL"));
             }
+        }
+        if self.emotion_half_life_secs == 0 {
+            return Err(invalid("emotion_half_life_secs", "must be greater than 0"));
         }
         if self.segment_sweep_secs == 0 {
             return Err(invalid("segment_sweep_secs", "must be greater than 0"));
@@ -257,6 +269,24 @@ impl Config {
         Ok(())
     }
 
+    /// `profile_aggregates` read as the profile service's spec type; the error names the
+    /// entry that does not fit.
+    pub fn profile_aggregate_specs<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<T>, ConfigError> {
+        self.profile_aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                value.deserialize().map_err(|e| ConfigError::Invalid {
+                    setting: format!("profile_aggregates[{i}]"),
+                    env: "PROFILE_AGGREGATES".into(),
+                    problem: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
     /// The ingestion service's database URL.
     pub fn ingest_database(&self) -> &str {
         self.ingest_database_url
@@ -284,7 +314,7 @@ impl Config {
 
 fn invalid(setting: &'static str, problem: &str) -> ConfigError {
     ConfigError::Invalid {
-        setting,
+        setting: setting.to_owned(),
         env: setting.to_uppercase(),
         problem: problem.to_owned(),
     }
@@ -322,6 +352,44 @@ mod tests {
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("`database_url`"), "{message}");
         assert!(message.contains("WAYMARK_DATABASE_URL"), "{message}");
+    }
+
+    #[test]
+    // Jail's closure signature is figment's, error size included.
+    #[allow(clippy::result_large_err)]
+    fn aggregate_entries_that_do_not_fit_are_named() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Spec {
+            name: String,
+            window_secs: Option<u64>,
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "WAYMARK_PROFILE_AGGREGATES",
+                r#"[{name = "a", window_secs = 60}]"#,
+            );
+            let specs: Vec<Spec> = Config::load(None)
+                .expect("loads")
+                .profile_aggregate_specs()
+                .expect("fits");
+            let expected = Spec {
+                name: "a".into(),
+                window_secs: Some(60),
+            };
+            assert_eq!(specs, [expected]);
+            jail.set_env(
+                "WAYMARK_PROFILE_AGGREGATES",
+                r#"[{name = "a", window_secs = 60}, {name = "b", window_secs = "soon"}]"#,
+            );
+            let config = Config::load(None).expect("loads");
+            let message = config
+                .profile_aggregate_specs::<Spec>()
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("`profile_aggregates[1]`"), "{message}");
+            assert!(message.contains("WAYMARK_PROFILE_AGGREGATES"), "{message}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn normalise_phone(value: &str) -> Option<String> {
 }
 
 /// Per-type limits and priorities.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct IdentityRules {
     /// Trait keys (in `traits` or `context.traits`) that are identifiers of the same name.
     pub custom_types: Vec<String>,

@@ -49,8 +49,10 @@ pub struct ProfileServer {
 }
 
 impl ProfileServer {
-    /// Opens the database pool (lazily) and the cache (Redis when configured).
+    /// Opens the database pool (lazily) and the cache (Redis when configured). Fails on
+    /// aggregate specs that cannot work, naming the setting.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let rules = rules(&config)?;
         let db =
             waymark_kit::db::connect(config.profile_database(), config.database_max_connections)
                 .await
@@ -62,9 +64,6 @@ impl ProfileServer {
             None => ProfileCache::in_memory(config.profile_cache_capacity, ttl),
         };
         let wakeup = Wakeup::default();
-        let rules = identity::IdentityRules {
-            custom_types: config.custom_identity_types.clone(),
-        };
         let consumers = CONSUMERS.iter().map(|c| (*c).to_owned()).collect();
         let core = Profiles::new(db.clone(), cache, rules, consumers, wakeup.clone());
         Ok(Self {
@@ -189,6 +188,22 @@ impl ProfileServer {
         while tasks.join_next().await.is_some() {}
         result
     }
+}
+
+/// The domain settings of `config`, checked.
+pub fn rules(config: &Config) -> anyhow::Result<resolve::Rules> {
+    let aggregates: Vec<aggregate::AggregateSpec> = config.profile_aggregate_specs()?;
+    aggregate::validate(&aggregates)
+        .map_err(|e| anyhow::anyhow!("invalid setting `profile_aggregates`: {e}"))?;
+    Ok(resolve::Rules {
+        identity: identity::IdentityRules {
+            custom_types: config.custom_identity_types.clone(),
+        },
+        emotion: emotion::EmotionRules {
+            half_life: Duration::from_secs(config.emotion_half_life_secs),
+        },
+        aggregates,
+    })
 }
 
 /// Applies the profile service's pending migrations to `db`.

@@ -7,11 +7,21 @@ use std::collections::{HashMap, HashSet};
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 use waymark_proto::common::v1::{Event, EventType, Identity};
-use waymark_proto::profile::v1::Profile;
+use waymark_proto::profile::v1::{ComputedTraits, Profile};
 
+use crate::aggregate::{self, AggregateSpec, AggregateState};
 use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
 use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry};
+
+/// Everything configurable about what events do to profiles.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub identity: IdentityRules,
+    pub emotion: EmotionRules,
+    /// The configured aggregates (`profile_aggregates`), validated.
+    pub aggregates: Vec<AggregateSpec>,
+}
 
 /// A profile as loaded or created in this batch.
 #[derive(Debug, Clone)]
@@ -20,6 +30,36 @@ pub struct Record {
     pub created_us: i64,
     /// Set when merged into another profile.
     pub merged_into: Option<String>,
+    /// What the configured aggregates remember; stored beside the profile, not cached.
+    pub aggregates: AggregateState,
+}
+
+impl Record {
+    /// Observes an event for the configured aggregates and refreshes their values.
+    pub fn observe_aggregates(&mut self, specs: &[AggregateSpec], event: &Event, now_us: i64) {
+        if specs.is_empty() {
+            return;
+        }
+        aggregate::observe(&mut self.aggregates, specs, event);
+        self.refresh_aggregates(specs, now_us);
+    }
+
+    /// Recomputes the aggregate values as of `now_us` (windows slide with time); true
+    /// when they changed.
+    pub fn refresh_aggregates(&mut self, specs: &[AggregateSpec], now_us: i64) -> bool {
+        aggregate::prune(&mut self.aggregates, specs, now_us);
+        let values: std::collections::HashMap<String, Value> =
+            aggregate::values(&self.aggregates, specs, now_us);
+        let computed = self
+            .profile
+            .computed
+            .get_or_insert_with(ComputedTraits::default);
+        if computed.aggregates == values {
+            return false;
+        }
+        computed.aggregates = values;
+        true
+    }
 }
 
 /// One merge, for the audit log.
@@ -47,8 +87,6 @@ pub struct WorkingSet {
     pub synthetic: Vec<(Event, String)>,
     /// Events no identifier could attribute (every value blocked).
     pub unattributed: usize,
-    /// How CX signals move a profile's emotion.
-    pub emotion_rules: EmotionRules,
 }
 
 impl WorkingSet {
@@ -85,16 +123,16 @@ impl WorkingSet {
     }
 
     /// Resolves `event` to a profile (creating or merging as needed) and applies it.
-    pub fn apply(&mut self, rules: &IdentityRules, mut event: Event, now_us: i64) {
-        let mut ids = rules.extract(&event);
+    pub fn apply(&mut self, rules: &Rules, mut event: Event, now_us: i64) {
+        let mut ids = rules.identity.extract(&event);
         if ids.is_empty() {
             self.unattributed += 1;
             return;
         }
         let profile_id = loop {
             let matched = self.matching(&ids);
-            if self.fits(rules, &ids, &matched) {
-                break self.resolve(&ids, matched, &event, now_us);
+            if self.fits(&rules.identity, &ids, &matched) {
+                break self.resolve(&ids, matched, &event, &rules.aggregates, now_us);
             }
             // Leave out the event's lowest-priority identifier and try again.
             ids.pop();
@@ -107,7 +145,8 @@ impl WorkingSet {
             .records
             .get_mut(&profile_id)
             .expect("resolved profile is loaded");
-        let effects = apply_event(&mut record.profile, &event, &self.emotion_rules);
+        let effects = apply_event(&mut record.profile, &event, &rules.emotion);
+        record.observe_aggregates(&rules.aggregates, &event, now_us);
         record.profile.version += 1;
         record.profile.updated_at = Some(from_micros(now_us));
         self.dirty.insert(profile_id.clone());
@@ -172,6 +211,7 @@ impl WorkingSet {
         ids: &[Ident],
         matched: Vec<(String, Vec<Ident>)>,
         event: &Event,
+        aggregates: &[AggregateSpec],
         now_us: i64,
     ) -> String {
         let survivor = match matched.first() {
@@ -189,20 +229,16 @@ impl WorkingSet {
                         profile,
                         created_us: now_us,
                         merged_into: None,
+                        aggregates: AggregateState::default(),
                     },
                 );
                 id
             }
         };
         for (other, evidence) in matched.iter().skip(1) {
-            self.merge(
-                &survivor,
-                other,
-                event,
-                evidence.clone(),
-                matched[0].1.clone(),
-                now_us,
-            );
+            // What matched the survivor and what matched the merged profile.
+            let evidence = matched[0].1.iter().chain(evidence).cloned().collect();
+            self.merge(&survivor, other, event, evidence, aggregates, now_us);
         }
         for ident in ids {
             if !self.index.contains_key(ident) {
@@ -225,7 +261,7 @@ impl WorkingSet {
         other: &str,
         event: &Event,
         evidence: Vec<Ident>,
-        survivor_evidence: Vec<Ident>,
+        aggregates: &[AggregateSpec],
         now_us: i64,
     ) {
         let Some(mut merged) = self.records.remove(other) else {
@@ -238,6 +274,10 @@ impl WorkingSet {
         }
         let record = self.records.get_mut(survivor).expect("survivor loaded");
         merge_into(&mut record.profile, &merged.profile);
+        if !aggregates.is_empty() {
+            aggregate::merge(&mut record.aggregates, &merged.aggregates, aggregates);
+            record.refresh_aggregates(aggregates, now_us);
+        }
         // The older first_seen of both is the profile's creation as far as anyone can tell.
         if merged.created_us < record.created_us {
             record.created_us = merged.created_us;
@@ -251,11 +291,7 @@ impl WorkingSet {
             r#type: t.clone(),
             value: v.clone(),
         };
-        let evidence: Vec<Identity> = survivor_evidence
-            .iter()
-            .chain(evidence.iter())
-            .map(to_identity)
-            .collect();
+        let evidence: Vec<Identity> = evidence.iter().map(to_identity).collect();
         let merge = MergeRecord {
             merge_id: uuid::Uuid::now_v7().to_string(),
             survivor_id: survivor.to_owned(),
@@ -376,10 +412,8 @@ pub fn entry_time_us(event: &Event) -> i64 {
 mod tests {
     use super::*;
 
-    fn rules() -> IdentityRules {
-        IdentityRules {
-            custom_types: vec![],
-        }
+    fn rules() -> Rules {
+        Rules::default()
     }
 
     fn event(user: &str, anon: &str, email: Option<&str>) -> Event {

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use prost_types::value::Kind;
 use waymark_condition::{Condition, Value, Variables};
 use waymark_proto::common::v1::Channel;
-use waymark_proto::profile::v1::{ComputedTraits, Emotion, EmotionLabel, Profile, Segment};
+use waymark_proto::profile::v1::{ComputedTraits, Emotion, Profile, Segment};
 
+use crate::emotion::EmotionRules;
 use crate::model::micros;
 
 /// The variables a segment condition can read.
@@ -67,7 +68,7 @@ pub fn validate_segment(segment: &Segment) -> Result<SegmentDefinition, (&'stati
 }
 
 /// The variables of `profile` at `now_us` (microseconds since the Unix epoch).
-pub fn variables(profile: &Profile, now_us: i64) -> Variables {
+pub fn variables(profile: &Profile, now_us: i64, emotion_rules: &EmotionRules) -> Variables {
     let traits = profile
         .traits
         .as_ref()
@@ -86,7 +87,10 @@ pub fn variables(profile: &Profile, now_us: i64) -> Variables {
     let mut vars = Variables::new();
     vars.set("traits", traits)
         .set("computed", computed(profile.computed.as_ref()))
-        .set("emotion", emotion(profile.emotion.as_ref()))
+        .set(
+            "emotion",
+            emotion(profile.emotion.as_ref(), now_us, emotion_rules),
+        )
         .set("consent", Value::Map(consent))
         .set(
             "identities",
@@ -160,21 +164,16 @@ fn channel_name(channel: i32) -> String {
         .to_ascii_lowercase()
 }
 
-/// The stored score and label; `crate::emotion::current` will replace the score with its
-/// decay to now. No emotion yet leaves the map empty, so conditions on it are false.
-fn emotion(emotion: Option<&Emotion>) -> Value {
+/// The score decayed to now and its label. No emotion yet leaves the map empty, so
+/// conditions on it are false.
+fn emotion(emotion: Option<&Emotion>, now_us: i64, rules: &EmotionRules) -> Value {
     let Some(e) = emotion else {
         return Value::Map(BTreeMap::new());
     };
-    let label = EmotionLabel::try_from(e.label).unwrap_or(EmotionLabel::Unspecified);
-    let label = label.as_str_name();
-    let label = label
-        .strip_prefix("EMOTION_LABEL_")
-        .unwrap_or(label)
-        .to_ascii_lowercase();
+    let (score, label) = crate::emotion::current(e, now_us, rules);
     Value::Map(BTreeMap::from([
-        ("score".to_owned(), e.score.into()),
-        ("label".to_owned(), label.into()),
+        ("score".to_owned(), score.into()),
+        ("label".to_owned(), crate::emotion::label_name(label).into()),
     ]))
 }
 
@@ -219,8 +218,9 @@ pub fn evaluate_memberships(
     profile: &Profile,
     segments: &[SegmentDefinition],
     now_us: i64,
+    emotion_rules: &EmotionRules,
 ) -> Membership {
-    let vars = variables(profile, now_us);
+    let vars = variables(profile, now_us, emotion_rules);
     let mut entered = Vec::new();
     let mut exited = Vec::new();
     let mut members: Vec<String> = profile
@@ -265,7 +265,7 @@ mod tests {
     use prost_types::Timestamp;
     use waymark_proto::common::v1::Identity;
     use waymark_proto::json::struct_from_json;
-    use waymark_proto::profile::v1::Consent;
+    use waymark_proto::profile::v1::{Consent, EmotionLabel};
 
     use super::*;
     use crate::model::from_micros;
@@ -346,9 +346,9 @@ mod tests {
                 },
             ],
             emotion: Some(Emotion {
-                score: -0.72,
+                score: -0.9,
                 label: EmotionLabel::Upset as i32,
-                updated_at: at(41),
+                updated_at: at(1),
                 last_signal: None,
             }),
             ..Profile::default()
@@ -356,7 +356,12 @@ mod tests {
     }
 
     fn matches(profile: &Profile, condition: &str) -> bool {
-        let m = evaluate_memberships(profile, &[segment("s", condition)], NOW_US);
+        let m = evaluate_memberships(
+            profile,
+            &[segment("s", condition)],
+            NOW_US,
+            &EmotionRules::default(),
+        );
         m.members == ["s"]
     }
 
@@ -456,7 +461,7 @@ mod tests {
         ];
         assert!(segments[4].time_based);
         assert!(segments.iter().take(4).all(|s| !s.time_based));
-        let m = evaluate_memberships(&ana(), &segments, NOW_US);
+        let m = evaluate_memberships(&ana(), &segments, NOW_US, &EmotionRules::default());
         assert_eq!(
             m.members,
             ["email-marketing", "lapsed-30d", "pro-high-ltv", "upset"]
@@ -465,7 +470,12 @@ mod tests {
         assert!(m.exited.is_empty());
 
         // Ten days earlier she had been active in the last 30 days.
-        let m = evaluate_memberships(&ana(), &segments, NOW_US - 20 * DAY_US);
+        let m = evaluate_memberships(
+            &ana(),
+            &segments,
+            NOW_US - 20 * DAY_US,
+            &EmotionRules::default(),
+        );
         assert!(!m.members.contains(&"lapsed-30d".to_owned()));
     }
 
@@ -484,8 +494,9 @@ mod tests {
         p.segments = vec!["broken".into(), "deleted-later".into(), "pro".into()];
         // She comes back today, calmer.
         p.computed.as_mut().unwrap().last_seen = at(0);
-        p.emotion.as_mut().unwrap().label = EmotionLabel::Neutral as i32;
-        let m = evaluate_memberships(&p, &segments, NOW_US);
+        let calm = p.emotion.as_mut().unwrap();
+        (calm.score, calm.label) = (0.1, EmotionLabel::Neutral as i32);
+        let m = evaluate_memberships(&p, &segments, NOW_US, &EmotionRules::default());
         assert_eq!(m.entered, Vec::<String>::new());
         assert_eq!(
             m.exited,
@@ -495,8 +506,15 @@ mod tests {
         assert_eq!(m.members, ["deleted-later", "pro"], "others are left alone");
 
         p.segments = m.members;
-        p.emotion.as_mut().unwrap().label = EmotionLabel::Upset as i32;
-        let m = evaluate_memberships(&p, &segments, NOW_US + 31 * DAY_US);
+        // A furious call on the day she lapses.
+        let upset = p.emotion.as_mut().unwrap();
+        (upset.score, upset.label, upset.updated_at) = (-0.9, EmotionLabel::Upset as i32, at(-31));
+        let m = evaluate_memberships(
+            &p,
+            &segments,
+            NOW_US + 31 * DAY_US,
+            &EmotionRules::default(),
+        );
         assert_eq!(m.entered, ["lapsed-30d", "upset"]);
         assert!(m.exited.is_empty());
         assert_eq!(m.members, ["deleted-later", "lapsed-30d", "pro", "upset"]);
@@ -508,7 +526,12 @@ mod tests {
             traits.fields.remove("plan");
             p
         };
-        let m = evaluate_memberships(&downgraded, &segments, NOW_US + 31 * DAY_US);
+        let m = evaluate_memberships(
+            &downgraded,
+            &segments,
+            NOW_US + 31 * DAY_US,
+            &EmotionRules::default(),
+        );
         assert_eq!(
             m.exited,
             ["pro"],

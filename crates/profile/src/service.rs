@@ -12,9 +12,9 @@ use waymark_profile_cache::ProfileCache;
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::{Consent, Merge, Profile, TimelineEntry};
 
-use crate::identity::{IdentityRules, normalise};
+use crate::identity::normalise;
 use crate::model::{from_micros, set_consent, set_traits};
-use crate::resolve::{Record, WorkingSet};
+use crate::resolve::{Record, Rules, WorkingSet};
 use crate::segment::SegmentDefinition;
 use crate::store::{self, TimelineFilter};
 
@@ -76,7 +76,7 @@ pub struct Profiles {
 struct Inner {
     db: DatabaseConnection,
     cache: ProfileCache,
-    rules: IdentityRules,
+    rules: Rules,
     consumers: Vec<String>,
     wakeup: Wakeup,
     /// One applier per process; replicas serialise on a database lock.
@@ -94,7 +94,7 @@ impl Profiles {
     pub fn new(
         db: DatabaseConnection,
         cache: ProfileCache,
-        rules: IdentityRules,
+        rules: Rules,
         consumers: Vec<String>,
         wakeup: Wakeup,
     ) -> Self {
@@ -137,7 +137,10 @@ impl Profiles {
             })
             .collect();
         let duplicates = total - fresh.len() as u32;
-        let extracted: Vec<_> = fresh.iter().map(|e| self.inner.rules.extract(e)).collect();
+        let extracted: Vec<_> = fresh
+            .iter()
+            .map(|e| self.inner.rules.identity.extract(e))
+            .collect();
         let idents: Vec<_> = {
             let all: HashSet<_> = extracted.iter().flatten().cloned().collect();
             all.into_iter().collect()

@@ -12,6 +12,7 @@ use waymark_kit::db::{Migration, sql};
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
+use crate::aggregate::AggregateState;
 use crate::identity::Ident;
 use crate::model::{from_micros, timeline_entry};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
@@ -77,6 +78,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "suppressions, segments, unmerge audit",
         postgres: PRIVACY_AND_SEGMENTS,
         sqlite: PRIVACY_AND_SEGMENTS,
+    },
+    Migration {
+        version: 5,
+        name: "aggregate state beside each profile",
+        postgres: "ALTER TABLE profiles ADD COLUMN aggregates BYTEA",
+        sqlite: "ALTER TABLE profiles ADD COLUMN aggregates BYTEA",
     },
 ];
 
@@ -179,14 +186,21 @@ pub async fn already_applied<C: ConnectionTrait>(
     Ok(found)
 }
 
+/// Columns [`record_from`] reads, in order.
+pub(crate) const RECORD_COLUMNS: &str = "profile_id, merged_into, created_at, state, aggregates";
+
 pub(crate) fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
     let bytes: Vec<u8> = row.try_get_by_index(3)?;
     let profile = Profile::decode(bytes.as_slice())
         .map_err(|e| DbErr::Custom(format!("stored profile does not decode: {e}")))?;
+    let aggregates: Option<Vec<u8>> = row.try_get_by_index(4)?;
+    let aggregates = AggregateState::decode(aggregates.as_deref().unwrap_or_default())
+        .map_err(|e| DbErr::Custom(format!("stored aggregates do not decode: {e}")))?;
     Ok(Record {
         profile,
         created_us: row.try_get_by_index(2)?,
         merged_into: row.try_get_by_index(1)?,
+        aggregates,
     })
 }
 
@@ -230,7 +244,7 @@ pub async fn load_records<C: ConnectionTrait>(
     let mut records = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_PARAMS) {
         let text = format!(
-            "SELECT profile_id, merged_into, created_at, state FROM profiles WHERE profile_id IN ({})",
+            "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id IN ({})",
             in_list(chunk.len())
         );
         let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
@@ -302,14 +316,16 @@ pub async fn save_records(
                 now_us.into(),
                 (r.profile.version as i64).into(),
                 r.profile.encode_to_vec().into(),
+                r.aggregates.encode_to_vec().into(),
             ]
         })
         .collect();
     insert_rows(
         txn,
-        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state)",
+        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates)",
         "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
-         updated_at = excluded.updated_at, version = excluded.version, state = excluded.state",
+         updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
+         aggregates = excluded.aggregates",
         rows,
     )
     .await

@@ -18,6 +18,7 @@ use waymark_proto::profile::v1::{Profile, Segment};
 
 use super::privacy::page_size;
 use super::{ProfileError, Profiles, invalid};
+use crate::emotion::EmotionRules;
 use crate::model::from_micros;
 use crate::resolve::{Record, WorkingSet};
 use crate::segment::{SegmentDefinition, evaluate_memberships, validate_segment};
@@ -84,6 +85,7 @@ fn reevaluate(
     definitions: &[SegmentDefinition],
     only: Option<&HashSet<String>>,
     now_us: i64,
+    emotion: &EmotionRules,
 ) -> Option<Transition> {
     let membership = match only {
         Some(ids) => {
@@ -92,9 +94,9 @@ fn reevaluate(
                 .filter(|d| ids.contains(&d.segment_id))
                 .cloned()
                 .collect();
-            evaluate_memberships(profile, &chosen, now_us)
+            evaluate_memberships(profile, &chosen, now_us, emotion)
         }
-        None => evaluate_memberships(profile, definitions, now_us),
+        None => evaluate_memberships(profile, definitions, now_us, emotion),
     };
     if membership.entered.is_empty() && membership.exited.is_empty() {
         return None;
@@ -157,7 +159,13 @@ impl Profiles {
             if definitions.is_empty() && record.profile.segments.is_empty() {
                 continue;
             }
-            if let Some(t) = reevaluate(&mut record.profile, &definitions, None, now_us) {
+            if let Some(t) = reevaluate(
+                &mut record.profile,
+                &definitions,
+                None,
+                now_us,
+                &self.inner.rules.emotion,
+            ) {
                 transitions.push(t);
             }
         }
@@ -176,7 +184,13 @@ impl Profiles {
         now_us: i64,
     ) -> (Vec<Transition>, Vec<Event>) {
         let definitions = self.definitions();
-        match reevaluate(profile, &definitions, None, now_us) {
+        match reevaluate(
+            profile,
+            &definitions,
+            None,
+            now_us,
+            &self.inner.rules.emotion,
+        ) {
             Some(t) => {
                 let events = transition_events(&t, &definitions, now_us)
                     .into_iter()
@@ -307,8 +321,10 @@ impl Profiles {
         Ok(exited)
     }
 
-    /// Computes membership of every segment that awaits its backfill or uses `now`, for
-    /// every live profile, page by page. Returns the number of profiles that changed.
+    /// Computes membership of every segment that awaits its backfill or uses `now`, and
+    /// slides windowed aggregates, for every live profile, page by page. A profile whose
+    /// aggregates moved is evaluated for every segment. Returns the number of profiles
+    /// that changed.
     pub async fn sweep_segments(&self) -> Result<usize, ProfileError> {
         let rows = store::segments(&self.inner.db).await?;
         let definitions = self.definitions();
@@ -323,7 +339,9 @@ impl Profiles {
                 .filter(|d| d.time_based)
                 .map(|d| d.segment_id.clone()),
         );
-        if due.is_empty() {
+        let specs = &self.inner.rules.aggregates;
+        let windowed = specs.iter().any(|s| s.window.is_some());
+        if due.is_empty() && !windowed {
             return Ok(0);
         }
         let mut changed = 0;
@@ -342,10 +360,19 @@ impl Profiles {
             let mut records: Vec<Record> = Vec::new();
             let mut transitions = Vec::new();
             for mut record in page.drain(..) {
-                if let Some(t) = reevaluate(&mut record.profile, &definitions, Some(&due), now) {
+                let slid = windowed && record.refresh_aggregates(specs, now);
+                let only = (!slid).then_some(&due);
+                let transition = reevaluate(
+                    &mut record.profile,
+                    &definitions,
+                    only,
+                    now,
+                    &self.inner.rules.emotion,
+                );
+                if slid || transition.is_some() {
                     record.profile.version += 1;
                     record.profile.updated_at = Some(from_micros(now));
-                    transitions.push(t);
+                    transitions.extend(transition);
                     records.push(record);
                 }
             }

@@ -5,7 +5,7 @@
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
 use waymark_kit::db::sql;
 
-use super::{insert_rows, record_from};
+use super::{RECORD_COLUMNS, insert_rows, record_from};
 use crate::resolve::Record;
 
 /// A stored segment.
@@ -241,8 +241,10 @@ pub async fn live_profiles<C: ConnectionTrait>(
             backend,
             sql(
                 backend,
-                "SELECT profile_id, merged_into, created_at, state FROM profiles
-                 WHERE merged_into IS NULL AND profile_id > ? ORDER BY profile_id LIMIT ?",
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM profiles
+                     WHERE merged_into IS NULL AND profile_id > ? ORDER BY profile_id LIMIT ?"
+                ),
             ),
             [after.into(), i64::from(limit).into()],
         ))

@@ -12,6 +12,7 @@ use waymark_profile::ProfileServer;
 use waymark_proto::common::v1::event_sink_client::EventSinkClient;
 use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event, EventType};
 use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
+use waymark_proto::profile::v1::{PutSegmentRequest, Segment};
 pub use waymark_testkit::{ADMIN_TOKEN, Backend, Proxy, Sink, TestDb, admin};
 
 /// Config for a profile test server relaying to `sink` (orchestrator and analytics).
@@ -103,6 +104,25 @@ impl TestProfile {
             .await
             .expect("deliver")
             .into_inner()
+    }
+
+    /// Stores a segment.
+    pub async fn put_segment(&self, id: &str, condition: &str) -> Segment {
+        self.client()
+            .await
+            .put_segment(admin(PutSegmentRequest {
+                segment: Some(Segment {
+                    segment_id: id.into(),
+                    name: id.into(),
+                    condition: condition.into(),
+                    ..Segment::default()
+                }),
+            }))
+            .await
+            .expect("put segment")
+            .into_inner()
+            .segment
+            .unwrap()
     }
 
     pub async fn stop(mut self) {

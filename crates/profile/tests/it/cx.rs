@@ -1,0 +1,172 @@
+//! Emotion from CX signals and configured aggregates, through the service, feeding a
+//! segment: the "upset repeat buyer" an agent should call back.
+
+use std::time::Duration;
+
+use prost_types::value::Kind;
+use serde_json::json;
+use waymark_kit::config::Config;
+use waymark_proto::common::v1::EventType;
+use waymark_proto::profile::v1::*;
+
+use crate::support::*;
+use crate::{by_identity, get, redis_url};
+
+const DAY: i64 = 24 * 3600;
+
+/// Aggregates as an operator writes them in the TOML file.
+fn with_aggregates(base: Config) -> Config {
+    let file = std::env::temp_dir().join(format!("waymark-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &file,
+        r#"profile_aggregates = [
+            { name = "orders_30d", event = "Order Completed", function = "count", window_secs = 2592000 },
+            { name = "revenue", event = "Order Completed", property = "revenue", function = "sum" },
+            { name = "products_seen", event = "Product Viewed", property = "product_id", function = "distinct_count" },
+        ]"#,
+    )
+    .unwrap();
+    let loaded = Config::load(Some(&file)).unwrap();
+    std::fs::remove_file(file).ok();
+    Config {
+        profile_aggregates: loaded.profile_aggregates,
+        ..base
+    }
+}
+
+fn number(profile: &Profile, name: &str) -> Option<f64> {
+    match profile
+        .computed
+        .as_ref()?
+        .aggregates
+        .get(name)?
+        .kind
+        .as_ref()?
+    {
+        Kind::NumberValue(n) => Some(*n),
+        _ => None,
+    }
+}
+
+async fn emotion_changes(sink: &Sink, profile_id: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    sink.received
+        .lock()
+        .await
+        .iter()
+        .filter(|e| e.event == "Emotion Changed" && e.profile_id == profile_id)
+        .filter(|e| seen.insert(e.event_id.clone()))
+        .filter_map(|e| {
+            waymark_proto::json::string_at(e.properties.as_ref()?, &["label"]).map(str::to_owned)
+        })
+        .collect()
+}
+
+async fn upset_repeat_buyers_are_found(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = with_aggregates(config(&db.url, &sink.start().await, Some(&redis_url())));
+    let server = TestProfile::start(config).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    server
+        .put_segment(
+            "call-back",
+            r#"emotion.label == "upset" && computed.aggregates.orders_30d >= 2"#,
+        )
+        .await;
+
+    let order = |revenue: i64, at: i64| {
+        event(
+            EventType::Track,
+            "cx-1",
+            "",
+            "Order Completed",
+            json!({"revenue": revenue}),
+            at,
+        )
+    };
+    let viewed = |product: &str| {
+        event(
+            EventType::Track,
+            "cx-1",
+            "",
+            "Product Viewed",
+            json!({"product_id": product}),
+            now,
+        )
+    };
+    server
+        .deliver(vec![
+            order(100, now - 40 * DAY),
+            order(10, now - DAY),
+            order(20, now),
+            viewed("p1"),
+            viewed("p1"),
+            viewed("p2"),
+        ])
+        .await;
+    let bought = get(&server, by_identity("user_id", "cx-1")).await.unwrap();
+    assert_eq!(
+        number(&bought, "orders_30d"),
+        Some(2.0),
+        "the 40-day-old order is outside the window"
+    );
+    assert_eq!(number(&bought, "revenue"), Some(130.0));
+    assert_eq!(number(&bought, "products_seen"), Some(2.0));
+    assert!(bought.segments.is_empty(), "not upset yet");
+
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "cx-1",
+            "",
+            "Complaint Filed",
+            json!({"text": "I've been waiting two weeks and nobody answers, this is terrible"}),
+            now,
+        )])
+        .await;
+    let upset = get(&server, by_identity("user_id", "cx-1")).await.unwrap();
+    let emotion = upset
+        .emotion
+        .clone()
+        .expect("an emotion from the complaint");
+    assert_eq!(emotion.label(), EmotionLabel::Upset, "{emotion:?}");
+    assert!(emotion.score < -0.6);
+    assert_eq!(emotion.last_signal.as_ref().unwrap().kind, "sentiment");
+    assert_eq!(upset.segments, ["call-back"]);
+
+    // A 5-star CSAT after the call-back makes them delighted, and they leave the segment.
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "cx-1",
+            "",
+            "CSAT Submitted",
+            json!({"csat": 5}),
+            now + 60,
+        )])
+        .await;
+    let happy = get(&server, by_identity("user_id", "cx-1")).await.unwrap();
+    assert_eq!(
+        happy.emotion.as_ref().unwrap().label(),
+        EmotionLabel::Delighted
+    );
+    assert!(happy.segments.is_empty());
+
+    let mut labels = Vec::new();
+    for _ in 0..100 {
+        labels = emotion_changes(&sink, &happy.profile_id).await;
+        if labels.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    labels.sort();
+    assert_eq!(
+        labels,
+        ["delighted", "upset"],
+        "Emotion Changed on each new label"
+    );
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(upset_repeat_buyers_are_found);
