@@ -141,6 +141,18 @@ impl ProfileService for ProfileGrpc {
         Ok(Response::new(ListMergesResponse { merges }))
     }
 
+    #[tracing::instrument(skip_all, fields(merge_id = %request.get_ref().merge_id))]
+    async fn unmerge(
+        &self,
+        request: Request<UnmergeRequest>,
+    ) -> Result<Response<UnmergeResponse>, Status> {
+        let (survivor, restored) = self.core.unmerge(&request.into_inner().merge_id).await?;
+        Ok(Response::new(UnmergeResponse {
+            survivor: Some(survivor),
+            restored: Some(restored),
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(profile_id = %request.get_ref().profile_id))]
     async fn delete_profile(
         &self,

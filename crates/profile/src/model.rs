@@ -90,6 +90,17 @@ pub struct Effects {
     pub emotion_change: Option<EmotionChange>,
 }
 
+/// `source_id` prefix of the events that record a trusted service's change (UpdateTraits,
+/// SetConsent), followed by the service's name. They are kept in the timeline so a profile
+/// can be rebuilt from its events, but they are not customer activity: computed traits
+/// and aggregates ignore them.
+pub const TRUSTED_SOURCE_PREFIX: &str = "api:";
+
+/// The calling service, for an event that records a trusted change.
+pub fn trusted_source(event: &Event) -> Option<&str> {
+    event.source_id.strip_prefix(TRUSTED_SOURCE_PREFIX)
+}
+
 /// Applies one event's effects (traits, computed traits, consent, emotion).
 pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &EmotionRules) -> Effects {
     let at = event.timestamp.or(event.received_at).unwrap_or_default();
@@ -111,26 +122,8 @@ pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &Emotion
         };
         changes = set_traits(profile, &group, &at);
     }
-
-    let computed = profile.computed.get_or_insert_with(ComputedTraits::default);
-    if computed.first_seen.is_none_or(|t| micros(&t) > micros(&at)) {
-        computed.first_seen = Some(at);
-    }
-    let latest = computed.last_seen.is_none_or(|t| micros(&t) <= micros(&at));
-    if latest {
-        computed.last_seen = Some(at);
-        computed.last_channel = event.channel;
-    }
-    *computed.event_counts.entry(event_name(event)).or_default() += 1;
-    if !computed.channels.contains(&event.channel) && event.channel != Channel::Unspecified as i32 {
-        computed.channels.push(event.channel);
-    }
-    computed.total_events += 1;
-    if event.r#type() == EventType::Track && event.event == "Order Completed" {
-        let props = event.properties.as_ref();
-        computed.lifetime_value += number(props, "revenue")
-            .or_else(|| number(props, "total"))
-            .unwrap_or(0.0);
+    if trusted_source(event).is_none() {
+        count_activity(profile, event, &at);
     }
 
     if event.r#type() == EventType::Track {
@@ -148,7 +141,7 @@ pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &Emotion
                     purpose: text(props, "purpose").unwrap_or_else(|| "marketing".into()),
                     granted,
                     updated_at: Some(at),
-                    source: event.event_id.clone(),
+                    source: trusted_source(event).unwrap_or(&event.event_id).to_owned(),
                 },
             );
         }
@@ -158,6 +151,39 @@ pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &Emotion
     Effects {
         trait_changes: changes,
         emotion_change,
+    }
+}
+
+/// Computed traits: first and last seen, counts, channels, lifetime value.
+fn count_activity(profile: &mut Profile, event: &Event, at: &Timestamp) {
+    let computed = profile.computed.get_or_insert_with(ComputedTraits::default);
+    if computed.first_seen.is_none_or(|t| micros(&t) > micros(at)) {
+        computed.first_seen = Some(*at);
+    }
+    let latest = computed.last_seen.is_none_or(|t| micros(&t) <= micros(at));
+    if latest {
+        computed.last_seen = Some(*at);
+        computed.last_channel = event.channel;
+    }
+    *computed.event_counts.entry(event_name(event)).or_default() += 1;
+    if !computed.channels.contains(&event.channel) && event.channel != Channel::Unspecified as i32 {
+        computed.channels.push(event.channel);
+    }
+    computed.total_events += 1;
+    if event.r#type() == EventType::Track && event.event == "Order Completed" {
+        let props = event.properties.as_ref();
+        computed.lifetime_value += number(props, "revenue")
+            .or_else(|| number(props, "total"))
+            .unwrap_or(0.0);
+    }
+}
+
+/// The timeline name of an event: the track event, the page or screen name, or nothing.
+pub fn timeline_name(event: &Event) -> &str {
+    match event.r#type() {
+        EventType::Track => &event.event,
+        EventType::Page | EventType::Screen => &event.name,
+        _ => "",
     }
 }
 
@@ -228,11 +254,7 @@ pub fn merge_into(survivor: &mut Profile, other: &Profile) {
 
 /// The timeline entry of an event.
 pub fn timeline_entry(event: &Event) -> TimelineEntry {
-    let name = match event.r#type() {
-        EventType::Track => event.event.clone(),
-        EventType::Page | EventType::Screen => event.name.clone(),
-        _ => String::new(),
-    };
+    let name = timeline_name(event).to_owned();
     let properties = match event.r#type() {
         EventType::Identify | EventType::Group => event.traits.clone(),
         _ => event.properties.clone(),

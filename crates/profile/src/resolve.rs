@@ -12,7 +12,9 @@ use waymark_proto::profile::v1::{ComputedTraits, Profile};
 use crate::aggregate::{self, AggregateSpec, AggregateState};
 use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
-use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry};
+use crate::model::{
+    TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry, trusted_source,
+};
 
 /// Everything configurable about what events do to profiles.
 #[derive(Debug, Clone, Default)]
@@ -37,7 +39,7 @@ pub struct Record {
 impl Record {
     /// Observes an event for the configured aggregates and refreshes their values.
     pub fn observe_aggregates(&mut self, specs: &[AggregateSpec], event: &Event, now_us: i64) {
-        if specs.is_empty() {
+        if specs.is_empty() || trusted_source(event).is_some() {
             return;
         }
         aggregate::observe(&mut self.aggregates, specs, event);

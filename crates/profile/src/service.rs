@@ -9,17 +9,19 @@ use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
 use waymark_kit::db::now_micros;
 use waymark_kit::outbox::Wakeup;
 use waymark_profile_cache::ProfileCache;
-use waymark_proto::common::v1::Event;
-use waymark_proto::profile::v1::{Consent, Merge, Profile, TimelineEntry};
+use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::identity::normalise;
-use crate::model::{from_micros, set_consent, set_traits};
+use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
+use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules, WorkingSet};
 use crate::segment::SegmentDefinition;
 use crate::store::{self, TimelineFilter};
 
 mod privacy;
 mod segments;
+mod unmerge;
 
 pub use privacy::{Deleted, Export, INGEST_IDENTITY_TYPES, identity};
 
@@ -49,6 +51,16 @@ impl From<DbErr> for ProfileError {
             ProfileError::Internal(e.to_string())
         }
     }
+}
+
+/// The `source_id` of a trusted change made by `service` (the caller's name, "api" when
+/// it gave none).
+fn trusted_source_id(service: &str) -> String {
+    let service = service.trim();
+    format!(
+        "{TRUSTED_SOURCE_PREFIX}{}",
+        if service.is_empty() { "api" } else { service }
+    )
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ProfileError {
@@ -311,28 +323,52 @@ impl Profiles {
         ))
     }
 
-    /// Changes one live profile under the applier lock and emits the resulting events.
-    async fn update(
+    /// Applies a trusted service's change to one live profile, under the applier lock.
+    /// The change is an event (see [`TRUSTED_SOURCE_PREFIX`]) kept in the timeline, so
+    /// rebuilding the profile from its events (Unmerge) keeps it.
+    async fn apply_trusted(
         &self,
         profile_id: &str,
-        change: impl FnOnce(&mut Profile, i64) -> Vec<Event>,
+        mut change: Event,
     ) -> Result<Profile, ProfileError> {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
         let _guard = self.inner.applier.lock().await;
         let now = now_micros();
+        let at = from_micros(now);
+        (change.timestamp, change.received_at) = (Some(at), Some(at));
+        change.event_id = uuid::Uuid::now_v7().to_string();
+        change.message_id.clone_from(&change.event_id);
+        change.set_channel(Channel::Other);
         let txn = self.inner.db.begin().await?;
         store::lock_applier(&txn).await?;
         let mut record: Record = store::load_live(&txn, profile_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
-        let mut emitted = change(&mut record.profile, now);
+        let live_id = record.profile.profile_id.clone();
+        change.profile_id.clone_from(&live_id);
+        let effects = apply_event(&mut record.profile, &change, &self.inner.rules.emotion);
+        let mut emitted = Vec::new();
+        if !effects.trait_changes.is_empty() {
+            let mut event = trait_changed_event(&change, &effects.trait_changes);
+            event.profile_id.clone_from(&live_id);
+            emitted.push(event);
+        }
         let (transitions, segment_events) = self.evaluate_profile(&mut record.profile, now);
         emitted.extend(segment_events);
         record.profile.version += 1;
-        record.profile.updated_at = Some(from_micros(now));
+        record.profile.updated_at = Some(at);
         store::save_records(&txn, &[&record], now).await?;
+        store::insert_timeline(
+            &txn,
+            &[store::TimelineRow {
+                event: &change,
+                owner: live_id.clone(),
+                origin: &live_id,
+            }],
+        )
+        .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
         let payloads: Vec<Vec<u8>> = emitted.iter().map(prost::Message::encode_to_vec).collect();
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
@@ -342,6 +378,12 @@ impl Profiles {
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.cache.put(&record.profile).await;
+        tracing::info!(
+            profile_id = %live_id,
+            source = %change.source_id,
+            changed_traits = effects.trait_changes.len(),
+            "trusted update applied"
+        );
         Ok(record.profile)
     }
 
@@ -355,21 +397,13 @@ impl Profiles {
         if traits.fields.is_empty() {
             return Err(invalid("traits", "must set at least one trait"));
         }
-        let source = source.to_owned();
-        self.update(profile_id, move |profile, now| {
-            let at = from_micros(now);
-            let changes = set_traits(profile, &traits, &at);
-            tracing::info!(profile_id = %profile.profile_id, source, changed = changes.len(), "traits updated");
-            if changes.is_empty() {
-                return Vec::new();
-            }
-            let mut cause = Event { event_id: format!("api-{}", uuid::Uuid::now_v7()), timestamp: Some(at), received_at: Some(at), ..Event::default() };
-            cause.profile_id = profile.profile_id.clone();
-            let mut event = crate::resolve::trait_changed_event(&cause, &changes);
-            event.profile_id = profile.profile_id.clone();
-            vec![event]
-        })
-        .await
+        let mut change = Event {
+            traits: Some(traits),
+            source_id: trusted_source_id(source),
+            ..Event::default()
+        };
+        change.set_type(EventType::Identify);
+        self.apply_trusted(profile_id, change).await
     }
 
     /// Records a consent decision.
@@ -389,25 +423,28 @@ impl Profiles {
         if purpose.is_empty() {
             return Err(invalid("purpose", "is required"));
         }
-        let source = if source.is_empty() {
-            "api".to_owned()
-        } else {
-            source.to_owned()
+        let string = |s: String| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(s)),
         };
-        self.update(profile_id, move |profile, now| {
-            set_consent(
-                profile,
-                Consent {
-                    channel,
-                    purpose,
-                    granted,
-                    updated_at: Some(from_micros(now)),
-                    source,
-                },
-            );
-            Vec::new()
-        })
-        .await
+        let mut change = Event {
+            event: if granted {
+                "Consent Granted"
+            } else {
+                "Consent Denied"
+            }
+            .into(),
+            properties: Some(Struct {
+                fields: [
+                    ("channel".to_owned(), string(channel)),
+                    ("purpose".to_owned(), string(purpose)),
+                ]
+                .into(),
+            }),
+            source_id: trusted_source_id(source),
+            ..Event::default()
+        };
+        change.set_type(EventType::Track);
+        self.apply_trusted(profile_id, change).await
     }
 
     /// Merges into a profile.

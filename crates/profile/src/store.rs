@@ -9,19 +9,21 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Statement, Value,
 };
 use waymark_kit::db::{Migration, sql};
-use waymark_proto::common::v1::Identity;
+use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::aggregate::AggregateState;
 use crate::identity::Ident;
-use crate::model::{from_micros, timeline_entry};
+use crate::model::{from_micros, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
 
 mod privacy;
 mod segments;
+mod unmerge;
 
 pub use privacy::*;
 pub use segments::*;
+pub use unmerge::*;
 
 const SCHEMA: &str = "
     CREATE TABLE profiles (
@@ -74,6 +76,12 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     waymark_kit::outbox::migration(2),
     Migration {
+        version: 3,
+        name: "timeline keeps each event whole, with the profile it was first applied to",
+        postgres: TIMELINE_EVENTS,
+        sqlite: TIMELINE_EVENTS,
+    },
+    Migration {
         version: 4,
         name: "suppressions, segments, unmerge audit",
         postgres: PRIVACY_AND_SEGMENTS,
@@ -86,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: "ALTER TABLE profiles ADD COLUMN aggregates BYTEA",
     },
 ];
+
+const TIMELINE_EVENTS: &str = "
+    ALTER TABLE timeline ADD COLUMN origin_profile_id TEXT;
+    ALTER TABLE timeline ADD COLUMN event BYTEA;
+    CREATE INDEX timeline_origin ON timeline (origin_profile_id);";
 
 const PRIVACY_AND_SEGMENTS: &str = "
     CREATE TABLE suppressions (
@@ -400,29 +413,16 @@ pub async fn save_batch(
     )
     .await?;
 
-    let timeline = set
+    let timeline: Vec<TimelineRow<'_>> = set
         .applied
         .iter()
-        .map(|(event, owner)| {
-            let entry = timeline_entry(event);
-            vec![
-                event.event_id.as_str().into(),
-                set.live(owner).into(),
-                entry_time_us(event).into(),
-                (event.channel as i16).into(),
-                (event.r#type as i16).into(),
-                entry.name.as_str().into(),
-                entry.encode_to_vec().into(),
-            ]
+        .map(|(event, owner)| TimelineRow {
+            event,
+            owner: set.live(owner),
+            origin: owner,
         })
         .collect();
-    insert_rows(
-        txn,
-        "INSERT INTO timeline (event_id, profile_id, ts, channel, event_type, name, entry)",
-        "ON CONFLICT (event_id) DO NOTHING",
-        timeline,
-    )
-    .await?;
+    insert_timeline(txn, &timeline).await?;
     let applied = set
         .applied
         .iter()
@@ -453,6 +453,83 @@ pub async fn save_batch(
     Ok(())
 }
 
+/// One event for the timeline.
+pub struct TimelineRow<'a> {
+    pub event: &'a Event,
+    /// The live profile it shows on.
+    pub owner: String,
+    /// The profile it was first applied to; merges never change it, Unmerge reads it.
+    pub origin: &'a str,
+}
+
+/// Adds events to the timeline (already present ones stay). The whole event is kept, so
+/// a profile can be rebuilt by replaying it; the entry shown is derived on read.
+pub async fn insert_timeline(
+    txn: &DatabaseTransaction,
+    rows: &[TimelineRow<'_>],
+) -> Result<(), DbErr> {
+    let rows = rows
+        .iter()
+        .map(|row| {
+            let event = row.event;
+            vec![
+                event.event_id.as_str().into(),
+                row.owner.as_str().into(),
+                row.origin.into(),
+                entry_time_us(event).into(),
+                (event.channel as i16).into(),
+                (event.r#type as i16).into(),
+                timeline_name(event).into(),
+                Vec::<u8>::new().into(),
+                event.encode_to_vec().into(),
+            ]
+        })
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO timeline (event_id, profile_id, origin_profile_id, ts, channel, event_type, name, entry, event)",
+        "ON CONFLICT (event_id) DO NOTHING",
+        rows,
+    )
+    .await
+}
+
+/// The events first applied to any of `origins`, oldest first, with their origin. Rows
+/// written before schema version 3 hold no event and are left out.
+pub async fn events_of<C: ConnectionTrait>(
+    conn: &C,
+    origins: &[String],
+) -> Result<Vec<(String, Event)>, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut events = Vec::new();
+    for chunk in origins.chunks(MAX_PARAMS) {
+        let text = format!(
+            "SELECT origin_profile_id, event FROM timeline
+             WHERE origin_profile_id IN ({}) AND event IS NOT NULL ORDER BY ts, event_id",
+            in_list(chunk.len())
+        );
+        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
+        for row in conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+        {
+            let bytes: Vec<u8> = row.try_get_by_index(1)?;
+            let event = Event::decode(bytes.as_slice())
+                .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;
+            events.push((row.try_get_by_index(0)?, event));
+        }
+    }
+    // Chunks are each in order; the whole list must be too.
+    events.sort_by(|(_, a), (_, b)| {
+        (entry_time_us(a), &a.event_id).cmp(&(entry_time_us(b), &b.event_id))
+    });
+    Ok(events)
+}
+
 /// Filters of a timeline read.
 #[derive(Debug, Default, Clone)]
 pub struct TimelineFilter {
@@ -473,7 +550,8 @@ pub async fn timeline<C: ConnectionTrait>(
     f: &TimelineFilter,
 ) -> Result<Vec<(i64, String, TimelineEntry)>, DbErr> {
     let backend = conn.get_database_backend();
-    let mut text = String::from("SELECT ts, event_id, entry FROM timeline WHERE profile_id = ?");
+    let mut text =
+        String::from("SELECT ts, event_id, entry, event FROM timeline WHERE profile_id = ?");
     let mut values: Vec<Value> = vec![f.profile_id.as_str().into()];
     if !f.channels.is_empty() {
         text.push_str(&format!(" AND channel IN ({})", in_list(f.channels.len())));
@@ -510,9 +588,17 @@ pub async fn timeline<C: ConnectionTrait>(
         .await?;
     rows.iter()
         .map(|r| {
-            let bytes: Vec<u8> = r.try_get_by_index(2)?;
-            let entry = TimelineEntry::decode(bytes.as_slice())
-                .map_err(|e| DbErr::Custom(e.to_string()))?;
+            let entry = match r.try_get_by_index::<Option<Vec<u8>>>(3)? {
+                Some(event) => timeline_entry(
+                    &Event::decode(event.as_slice()).map_err(|e| DbErr::Custom(e.to_string()))?,
+                ),
+                // Written before schema version 3: only the entry was kept.
+                None => {
+                    let bytes: Vec<u8> = r.try_get_by_index(2)?;
+                    TimelineEntry::decode(bytes.as_slice())
+                        .map_err(|e| DbErr::Custom(e.to_string()))?
+                }
+            };
             Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?, entry))
         })
         .collect()

@@ -4,6 +4,7 @@ mod cx;
 mod privacy;
 mod segments;
 mod support;
+mod unmerge;
 
 use std::time::Duration;
 

@@ -1,0 +1,109 @@
+//! What Unmerge reads and rewrites: one merge of the audit, identifier ownership and the
+//! timeline rows of the profiles being split back out.
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
+use waymark_kit::db::sql;
+
+use super::{in_list, insert_rows};
+use crate::identity::Ident;
+
+/// One merge of the audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeRow {
+    pub merge_id: String,
+    pub survivor_id: String,
+    pub merged_id: String,
+    pub merged_at: i64,
+    pub unmerged_at: Option<i64>,
+}
+
+/// A merge by its audit id.
+pub async fn merge_by_id<C: ConnectionTrait>(
+    conn: &C,
+    merge_id: &str,
+) -> Result<Option<MergeRow>, DbErr> {
+    let backend = conn.get_database_backend();
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at FROM merges WHERE merge_id = ?",
+            ),
+            [merge_id.into()],
+        ))
+        .await?;
+    row.map(|r| {
+        Ok(MergeRow {
+            merge_id: r.try_get_by_index(0)?,
+            survivor_id: r.try_get_by_index(1)?,
+            merged_id: r.try_get_by_index(2)?,
+            merged_at: r.try_get_by_index(3)?,
+            unmerged_at: r.try_get_by_index(4)?,
+        })
+    })
+    .transpose()
+}
+
+/// Records that a merge was undone.
+pub async fn mark_unmerged(
+    txn: &DatabaseTransaction,
+    merge_id: &str,
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(
+            backend,
+            "UPDATE merges SET unmerged_at = ? WHERE merge_id = ?",
+        ),
+        [now_us.into(), merge_id.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Points identifiers at `owner`.
+pub async fn assign_identities(
+    txn: &DatabaseTransaction,
+    identities: &[Ident],
+    owner: &str,
+) -> Result<(), DbErr> {
+    let rows = identities
+        .iter()
+        .map(|(t, v)| vec![t.as_str().into(), v.as_str().into(), owner.into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO identities (id_type, id_value, profile_id)",
+        "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
+        rows,
+    )
+    .await
+}
+
+/// Moves the timeline rows first applied to any of `origins` to `owner`.
+pub async fn move_timeline(
+    txn: &DatabaseTransaction,
+    origins: &[String],
+    owner: &str,
+) -> Result<u64, DbErr> {
+    let backend = txn.get_database_backend();
+    let mut values: Vec<Value> = vec![owner.into()];
+    values.extend(origins.iter().map(|o| Value::from(o.as_str())));
+    let result = txn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                &format!(
+                    "UPDATE timeline SET profile_id = ? WHERE origin_profile_id IN ({})",
+                    in_list(origins.len())
+                ),
+            ),
+            values,
+        ))
+        .await?;
+    Ok(result.rows_affected())
+}

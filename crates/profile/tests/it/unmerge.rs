@@ -1,0 +1,213 @@
+//! Unmerge: a merge split back out from its audit, both sides rebuilt from their events.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::Code;
+use waymark_proto::common::v1::EventType;
+use waymark_proto::profile::v1::*;
+
+use crate::support::*;
+use crate::{by_identity, get, redis_url, trait_str};
+
+fn by_id(id: &str) -> GetProfileRequest {
+    GetProfileRequest {
+        profile_id: id.into(),
+        identity: None,
+    }
+}
+
+async fn timeline_len(server: &TestProfile, id: &str) -> usize {
+    server
+        .client()
+        .await
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len()
+}
+
+async fn unmerge_restores_both_sides(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-a",
+            "",
+            json!({"email": "kim@example.com", "city": "Oslo"}),
+            100,
+        )])
+        .await;
+    server
+        .deliver(vec![
+            event(
+                EventType::Identify,
+                "",
+                "anon-b",
+                "",
+                json!({"phone": "+44 20 7946 0958", "plan": "pro"}),
+                200,
+            ),
+            event(
+                EventType::Track,
+                "",
+                "anon-b",
+                "Order Completed",
+                json!({"revenue": 50}),
+                210,
+            ),
+        ])
+        .await;
+    let a = get(&server, by_identity("anonymous_id", "anon-a"))
+        .await
+        .unwrap();
+    let b = get(&server, by_identity("anonymous_id", "anon-b"))
+        .await
+        .unwrap();
+    // The wrong link: device b claims Kim's e-mail.
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-b",
+            "",
+            json!({"email": "kim@example.com"}),
+            300,
+        )])
+        .await;
+    let merged = get(&server, by_id(&b.profile_id)).await.unwrap();
+    assert_eq!(merged.profile_id, a.profile_id);
+    assert_eq!(trait_str(&merged, "plan").as_deref(), Some("pro"));
+    assert_eq!(merged.computed.as_ref().unwrap().lifetime_value, 50.0);
+
+    let mut client = server.client().await;
+    // Analytics writes a stage and the customer opts into SMS: trusted changes that must
+    // survive the rebuild without counting as activity.
+    client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: a.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(
+                json!({"stage": "loyalty"}).as_object().unwrap().clone(),
+            )),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap();
+    client
+        .set_consent(admin(SetConsentRequest {
+            profile_id: a.profile_id.clone(),
+            channel: "sms".into(),
+            purpose: "marketing".into(),
+            granted: true,
+            source: "preference-centre".into(),
+        }))
+        .await
+        .unwrap();
+    let merges = client
+        .list_merges(admin(ListMergesRequest {
+            profile_id: a.profile_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .merges;
+    assert_eq!(merges.len(), 1);
+    let response = client
+        .unmerge(admin(UnmergeRequest {
+            merge_id: merges[0].merge_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let (survivor, restored) = (response.survivor.unwrap(), response.restored.unwrap());
+    assert_eq!(survivor.profile_id, a.profile_id);
+    assert_eq!(restored.profile_id, b.profile_id);
+
+    // The survivor is rebuilt from its own events: the linking identify stays with it.
+    assert_eq!(trait_str(&survivor, "city").as_deref(), Some("Oslo"));
+    assert_eq!(trait_str(&survivor, "plan"), None);
+    let computed = survivor.computed.as_ref().unwrap();
+    assert_eq!((computed.total_events, computed.lifetime_value), (2, 0.0));
+    assert_eq!(trait_str(&survivor, "stage").as_deref(), Some("loyalty"));
+    let sms = survivor
+        .consents
+        .iter()
+        .find(|c| c.channel == "sms")
+        .expect("the consent survives");
+    assert!(sms.granted);
+    assert_eq!(sms.source, "preference-centre");
+    // The restored profile is what it was before the merge.
+    assert_eq!(trait_str(&restored, "plan").as_deref(), Some("pro"));
+    let computed = restored.computed.as_ref().unwrap();
+    assert_eq!((computed.total_events, computed.lifetime_value), (2, 50.0));
+
+    // Reads (cache and database) and identifiers follow.
+    for (request, owner) in [
+        (by_id(&b.profile_id), &b.profile_id),
+        (by_id(&a.profile_id), &a.profile_id),
+        (by_identity("phone", "+442079460958"), &b.profile_id),
+        (by_identity("anonymous_id", "anon-b"), &b.profile_id),
+        (by_identity("email", "kim@example.com"), &a.profile_id),
+    ] {
+        assert_eq!(&get(&server, request).await.unwrap().profile_id, owner);
+    }
+    assert_eq!(timeline_len(&server, &b.profile_id).await, 2);
+    assert_eq!(
+        timeline_len(&server, &a.profile_id).await,
+        4,
+        "two events and two trusted changes"
+    );
+
+    // The audit keeps the merge, marked undone; undoing it twice is refused.
+    let merges = client
+        .list_merges(admin(ListMergesRequest {
+            profile_id: a.profile_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .merges;
+    assert!(merges[0].unmerged_at.is_some());
+    let again = client
+        .unmerge(admin(UnmergeRequest {
+            merge_id: merges[0].merge_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    for (merge_id, code) in [("", Code::InvalidArgument), ("nope", Code::NotFound)] {
+        let error = client
+            .unmerge(admin(UnmergeRequest {
+                merge_id: merge_id.into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), code);
+    }
+
+    let mut announced = false;
+    for _ in 0..100 {
+        if sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .any(|e| e.event == "Profile Unmerged" && e.profile_id == a.profile_id)
+        {
+            announced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(announced, "Profile Unmerged is emitted downstream");
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(unmerge_restores_both_sides);
