@@ -49,43 +49,8 @@ async fn get(server: &TestProfile, request: GetProfileRequest) -> Result<Profile
 /// the real ingestion service and its relay: one profile, one timeline, three channels.
 async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     let sink = Sink::default();
-    let sink_url = sink.start().await;
-    let profile_db = TestDb::new(backend).await;
-    let profile = TestProfile::start(config(&profile_db.url, &sink_url, Some(&redis_url()))).await;
-
-    let ingest_db = TestDb::new(backend).await;
-    let mut ingest_config = config(&ingest_db.url, &sink_url, None);
-    ingest_config.profile_endpoint = profile.url();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let ingest = waymark_ingest::IngestService::new(ingest_config)
-        .await
-        .unwrap();
-    let shutdown = waymark_kit::CancellationToken::new();
-    let ingest_task = tokio::spawn(ingest.serve(grpc, http, shutdown.clone()));
-    let mut ingest_client = loop {
-        if let Ok(c) =
-            waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(format!(
-                "http://{grpc_addr}"
-            ))
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let key = loop {
-        let request = admin(waymark_proto::ingest::v1::CreateSourceRequest {
-            name: "all".into(),
-            rate_limit_per_second: 0,
-        });
-        match ingest_client.create_source(request).await {
-            Ok(r) => break r.into_inner().write_key,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let platform = Platform::start(backend, &sink.start().await, Some(&redis_url())).await;
+    let profile = &platform.profile;
     let batch = json!({"batch": [
         {"type": "page", "anonymousId": "web-anon-1", "name": "Pricing", "context": {"userAgent": "Mozilla/5.0"}},
         {"type": "identify", "userId": "cust-42", "anonymousId": "app-install-9",
@@ -94,18 +59,11 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
         {"type": "track", "anonymousId": "call-77", "event": "Call Started",
          "context": {"channel": "contact_center", "traits": {"email": "ada@example.com"}}}
     ]});
-    let response = reqwest::Client::new()
-        .post(format!("http://{http_addr}/v1/batch"))
-        .basic_auth(&key, Some(""))
-        .body(serde_json::to_vec(&batch).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(platform.post_batch(batch).await, 200);
 
     let mut found = None;
     for _ in 0..200 {
-        if let Ok(p) = get(&profile, by_identity("email", " ADA@example.com")).await
+        if let Ok(p) = get(profile, by_identity("email", " ADA@example.com")).await
             && p.computed.as_ref().is_some_and(|c| c.total_events == 4)
         {
             found = Some(p);
@@ -120,7 +78,7 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
         ("anonymous_id", "call-77"),
         ("phone", "none"),
     ] {
-        let owner = get(&profile, by_identity(t, v)).await;
+        let owner = get(profile, by_identity(t, v)).await;
         if t == "phone" {
             assert_eq!(
                 owner.unwrap_err().code(),
@@ -178,9 +136,7 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
         .filter(|e| e.source_id != "profile")
         .collect();
     assert!(applied.iter().all(|e| !e.profile_id.is_empty()));
-    shutdown.cancel();
-    ingest_task.await.unwrap().unwrap();
-    profile.stop().await;
+    platform.stop().await;
 }
 waymark_testkit::on_both_backends!(one_customer_across_web_app_and_contact_centre);
 

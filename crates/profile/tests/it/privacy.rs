@@ -30,13 +30,39 @@ async fn wait_for_events(platform: &Platform, email: &str, events: u64) -> Profi
 async fn erased_profiles_stay_erased(backend: Backend) {
     let sink = Sink::default();
     let platform = Platform::start(backend, &sink.start().await, Some(&redis_url())).await;
+    // A web visit and an order as two profiles, then the identify that merges them.
+    for (batch, identity) in [
+        (
+            json!({"type": "page", "anonymousId": "gdpr-anon", "name": "Home"}),
+            ("anonymous_id", "gdpr-anon"),
+        ),
+        (
+            json!({"type": "track", "userId": "gdpr-1", "event": "Order Completed",
+                   "properties": {"revenue": 12.5}}),
+            ("user_id", "gdpr-1"),
+        ),
+    ] {
+        assert_eq!(platform.post_batch(json!({ "batch": [batch] })).await, 200);
+        let mut found = false;
+        for _ in 0..200 {
+            if get(&platform.profile, by_identity(identity.0, identity.1))
+                .await
+                .is_ok()
+            {
+                found = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(found, "{identity:?} reaches the profile service");
+    }
+    let visitor = get(&platform.profile, by_identity("anonymous_id", "gdpr-anon"))
+        .await
+        .unwrap();
     let status = platform
         .post_batch(json!({"batch": [
-            {"type": "page", "anonymousId": "gdpr-anon", "name": "Home"},
             {"type": "identify", "userId": "gdpr-1", "anonymousId": "gdpr-anon",
-             "traits": {"email": "Forget@Me.io", "name": "Robin"}},
-            {"type": "track", "userId": "gdpr-1", "event": "Order Completed",
-             "properties": {"revenue": 12.5}}
+             "traits": {"email": "Forget@Me.io", "name": "Robin"}}
         ]}))
         .await;
     assert_eq!(status, 200);
@@ -59,7 +85,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         3,
         "the export holds the whole timeline"
     );
-    assert!(export.merges.is_empty());
+    assert_eq!(export.merges.len(), 1, "and the merge audit");
 
     let deleted = client
         .delete_profile(admin(DeleteProfileRequest {
@@ -89,6 +115,10 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     for request in [
         GetProfileRequest {
             profile_id: before.profile_id.clone(),
+            identity: None,
+        },
+        GetProfileRequest {
+            profile_id: visitor.profile_id.clone(),
             identity: None,
         },
         by_identity("email", "forget@me.io"),

@@ -60,29 +60,8 @@ impl TestProfile {
             shutdown,
             handle: Some(handle),
         };
-        this.wait_serving().await;
+        wait_serving(&this.url()).await;
         this
-    }
-
-    async fn wait_serving(&self) {
-        let serving = tonic_health_serving();
-        for _ in 0..200 {
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                let check = tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                };
-                if health
-                    .check(check)
-                    .await
-                    .is_ok_and(|r| r.into_inner().status == serving)
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("profile server never became serving");
     }
 
     pub fn url(&self) -> String {
@@ -137,6 +116,32 @@ impl Drop for TestProfile {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Waits until a server's gRPC health reports SERVING: its migrations are applied.
+pub async fn wait_serving(url: &str) {
+    let serving = tonic_health_serving();
+    for _ in 0..200 {
+        if let Ok(channel) = Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let check = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            if health
+                .check(check)
+                .await
+                .is_ok_and(|r| r.into_inner().status == serving)
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never became serving");
 }
 
 fn tonic_health_serving() -> i32 {
@@ -213,27 +218,23 @@ impl Platform {
             .unwrap();
         let shutdown = CancellationToken::new();
         let ingest_task = tokio::spawn(ingest.serve(grpc, http, shutdown.clone()));
-        let mut client = loop {
-            if let Ok(c) =
-                waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(
-                    format!("http://{grpc_addr}"),
-                )
-                .await
-            {
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let write_key = loop {
-            let request = admin(waymark_proto::ingest::v1::CreateSourceRequest {
+        let ingest_url = format!("http://{grpc_addr}");
+        wait_serving(&ingest_url).await;
+        let mut client =
+            waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(
+                ingest_url,
+            )
+            .await
+            .unwrap();
+        let write_key = client
+            .create_source(admin(waymark_proto::ingest::v1::CreateSourceRequest {
                 name: "all".into(),
                 rate_limit_per_second: 0,
-            });
-            match client.create_source(request).await {
-                Ok(r) => break r.into_inner().write_key,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+            }))
+            .await
+            .expect("create a source")
+            .into_inner()
+            .write_key;
         Self {
             profile,
             http: http_addr,
