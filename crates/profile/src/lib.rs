@@ -12,6 +12,7 @@ pub mod emotion;
 pub mod error;
 pub mod grpc;
 pub mod identity;
+mod metrics;
 pub mod model;
 pub mod resolve;
 pub mod segment;

@@ -13,6 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::identity::normalise;
+use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules, WorkingSet};
@@ -99,6 +100,7 @@ struct Inner {
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
     suppressions_pending: tokio::sync::Notify,
+    metrics: Metrics,
 }
 
 impl Profiles {
@@ -121,6 +123,7 @@ impl Profiles {
                 segments: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
+                metrics: Metrics::new(),
             }),
         }
     }
@@ -181,6 +184,12 @@ impl Profiles {
         let applied_count = fresh.len() as u32;
         if fresh.is_empty() {
             txn.rollback().await?;
+            self.inner
+                .metrics
+                .delivered("duplicate", duplicates as usize);
+            self.inner
+                .metrics
+                .delivered("suppressed", suppressed_count as usize);
             return Ok(Applied {
                 applied: 0,
                 duplicates,
@@ -206,6 +215,12 @@ impl Profiles {
         }
         txn.commit().await?;
         self.inner.wakeup.notify();
+        let metrics = &self.inner.metrics;
+        metrics.delivered("applied", set.applied.len());
+        metrics.delivered("duplicate", duplicates as usize);
+        metrics.delivered("suppressed", suppressed_count as usize);
+        metrics.delivered("unattributed", set.unattributed);
+        metrics.emitted(set.synthetic.iter().map(|(event, _)| event));
         self.refresh_cache(&set).await;
         Ok(Applied {
             applied: applied_count,
@@ -377,6 +392,7 @@ impl Profiles {
         }
         txn.commit().await?;
         self.inner.wakeup.notify();
+        self.inner.metrics.emitted(&emitted);
         self.inner.cache.put(&record.profile).await;
         tracing::info!(
             profile_id = %live_id,

@@ -78,6 +78,7 @@ impl Profiles {
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.suppressions_pending.notify_one();
+        self.inner.metrics.emitted([&notice]);
         // Profile ids are never reused, so the highest version keeps every id out for good.
         for id in &tree {
             let keys: &[Ident] = if *id == live_id { &identities } else { &[] };

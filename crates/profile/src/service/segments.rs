@@ -285,6 +285,7 @@ impl Profiles {
             .unwrap_or_default();
         let mut exited = 0;
         let mut written = Vec::new();
+        let mut all_events = Vec::new();
         let mut after = String::new();
         loop {
             let ids = store::members(&txn, segment_id, &after, SWEEP_PAGE).await?;
@@ -307,12 +308,14 @@ impl Profiles {
             exited += records.len() as u64;
             save_changed(&txn, &self.inner.consumers, &records, &[], &events, now).await?;
             written.extend(records);
+            all_events.extend(events);
         }
         if !store::delete_segment(&txn, segment_id).await? {
             return Err(ProfileError::NotFound(format!("no segment {segment_id:?}")));
         }
         txn.commit().await?;
         self.inner.wakeup.notify();
+        self.inner.metrics.emitted(&all_events);
         self.reload_segments().await?;
         for record in &written {
             self.inner.cache.put(&record.profile).await;
@@ -393,6 +396,7 @@ impl Profiles {
             txn.commit().await?;
             if !events.is_empty() {
                 self.inner.wakeup.notify();
+                self.inner.metrics.emitted(&events);
             }
             for record in &records {
                 self.inner.cache.put(&record.profile).await;

@@ -180,6 +180,7 @@ impl Profiles {
         waymark_kit::outbox::enqueue(&txn, &self.inner.consumers, &payloads).await?;
         txn.commit().await?;
         self.inner.wakeup.notify();
+        self.inner.metrics.emitted(&emitted);
         self.inner.cache.put(&survivor.profile).await;
         self.inner.cache.put(&restored.profile).await;
         tracing::info!(

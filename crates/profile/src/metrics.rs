@@ -1,0 +1,45 @@
+//! The profile service's own counters; request counts and latencies per RPC come from the
+//! kit's gRPC layer, cache hits and misses from the cache.
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+use waymark_proto::common::v1::Event;
+
+/// Counters bound to the global meter `waymark`.
+pub(crate) struct Metrics {
+    /// Delivered events by outcome: applied, duplicate, suppressed, unattributed.
+    events: Counter<u64>,
+    /// Events the service itself emits, by name: Trait Changed, Emotion Changed, Segment
+    /// Entered / Exited, Profile Merged / Unmerged / Deleted.
+    emitted: Counter<u64>,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let meter = opentelemetry::global::meter("waymark");
+        Self {
+            events: meter
+                .u64_counter("profile.events")
+                .with_description("delivered events by outcome")
+                .build(),
+            emitted: meter
+                .u64_counter("profile.emitted_events")
+                .with_description("events the profile service emitted, by name")
+                .build(),
+        }
+    }
+
+    pub(crate) fn delivered(&self, outcome: &'static str, count: usize) {
+        if count > 0 {
+            self.events
+                .add(count as u64, &[KeyValue::new("outcome", outcome)]);
+        }
+    }
+
+    pub(crate) fn emitted<'a>(&self, events: impl IntoIterator<Item = &'a Event>) {
+        for event in events {
+            self.emitted
+                .add(1, &[KeyValue::new("name", event.event.clone())]);
+        }
+    }
+}
