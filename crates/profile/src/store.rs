@@ -159,6 +159,63 @@ pub(crate) async fn insert_rows(
     Ok(())
 }
 
+/// Runs a query written with `?` placeholders on either backend.
+pub(crate) async fn query<C: ConnectionTrait>(
+    conn: &C,
+    text: &str,
+    values: impl IntoIterator<Item = Value>,
+) -> Result<Vec<QueryResult>, DbErr> {
+    let backend = conn.get_database_backend();
+    conn.query_all_raw(Statement::from_sql_and_values(
+        backend,
+        sql(backend, text),
+        values,
+    ))
+    .await
+}
+
+/// The first row of a query written with `?` placeholders.
+pub(crate) async fn query_one<C: ConnectionTrait>(
+    conn: &C,
+    text: &str,
+    values: impl IntoIterator<Item = Value>,
+) -> Result<Option<QueryResult>, DbErr> {
+    let backend = conn.get_database_backend();
+    conn.query_one_raw(Statement::from_sql_and_values(
+        backend,
+        sql(backend, text),
+        values,
+    ))
+    .await
+}
+
+/// Runs a statement written with `?` placeholders; returns the rows it affected.
+pub(crate) async fn execute<C: ConnectionTrait>(
+    conn: &C,
+    text: &str,
+    values: impl IntoIterator<Item = Value>,
+) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let result = conn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(backend, text),
+            values,
+        ))
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// `(?, ?), (?, ?), ...` for `idents`, and their values in order.
+pub(crate) fn ident_pairs(idents: &[Ident]) -> (String, Vec<Value>) {
+    let placeholders = vec!["(?, ?)"; idents.len()].join(", ");
+    let values = idents
+        .iter()
+        .flat_map(|(t, v)| [t.as_str().into(), v.as_str().into()])
+        .collect();
+    (placeholders, values)
+}
+
 /// Serialises appliers across replicas on PostgreSQL (SQLite has one writer anyway).
 pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
@@ -500,7 +557,6 @@ pub async fn events_of<C: ConnectionTrait>(
     conn: &C,
     origins: &[String],
 ) -> Result<Vec<(String, Event)>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut events = Vec::new();
     for chunk in origins.chunks(MAX_PARAMS) {
         let text = format!(
@@ -508,15 +564,8 @@ pub async fn events_of<C: ConnectionTrait>(
              WHERE origin_profile_id IN ({}) AND event IS NOT NULL ORDER BY ts, event_id",
             in_list(chunk.len())
         );
-        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
-        for row in conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?
-        {
+        let values = chunk.iter().map(|s| Value::from(s.as_str()));
+        for row in query(conn, &text, values).await? {
             let bytes: Vec<u8> = row.try_get_by_index(1)?;
             let event = Event::decode(bytes.as_slice())
                 .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;

@@ -2,28 +2,22 @@
 
 use std::collections::HashSet;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
-use waymark_kit::db::sql;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{in_list, insert_rows};
+use super::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
 use crate::identity::Ident;
 
 /// The profile and every profile merged into it, directly or through earlier merges.
 pub async fn merge_tree<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<String>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "WITH RECURSIVE tree(profile_id) AS (
-                     SELECT ?
-                     UNION SELECT p.profile_id FROM profiles p JOIN tree t ON p.merged_into = t.profile_id
-                 ) SELECT profile_id FROM tree",
-            ),
-            [live_id.into()],
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        "WITH RECURSIVE tree(profile_id) AS (
+             SELECT ?
+             UNION SELECT p.profile_id FROM profiles p JOIN tree t ON p.merged_into = t.profile_id
+         ) SELECT profile_id FROM tree",
+        [live_id.into()],
+    )
+    .await?;
     rows.iter().map(|r| r.try_get_by_index(0)).collect()
 }
 
@@ -32,17 +26,12 @@ pub async fn identities_of<C: ConnectionTrait>(
     conn: &C,
     profile_id: &str,
 ) -> Result<Vec<Ident>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT id_type, id_value FROM identities WHERE profile_id = ? ORDER BY id_type, id_value",
-            ),
-            [profile_id.into()],
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        "SELECT id_type, id_value FROM identities WHERE profile_id = ? ORDER BY id_type, id_value",
+        [profile_id.into()],
+    )
+    .await?;
     rows.iter()
         .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
         .collect()
@@ -61,52 +50,40 @@ pub async fn erase(
     tree: &[String],
     identities: &[Ident],
 ) -> Result<Erased, DbErr> {
-    let backend = txn.get_database_backend();
     let ids: Vec<Value> = tree.iter().map(|id| id.as_str().into()).collect();
     let list = in_list(ids.len());
-    let mut erased = Erased::default();
-    for (table, condition) in [
-        ("timeline", format!("profile_id IN ({list})")),
-        ("segment_members", format!("profile_id IN ({list})")),
-        ("identities", format!("profile_id IN ({list})")),
-        ("profiles", format!("profile_id IN ({list})")),
-    ] {
-        let result = txn
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &format!("DELETE FROM {table} WHERE {condition}")),
-                ids.clone(),
-            ))
-            .await?;
-        if table == "timeline" {
-            erased.timeline_entries = result.rows_affected();
-        }
-    }
-    // The audit names the identifiers that linked the profiles: it goes with them.
-    let mut both = ids.clone();
-    both.extend(ids.iter().cloned());
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
-        ),
-        both,
-    ))
+    let timeline_entries = execute(
+        txn,
+        &format!("DELETE FROM timeline WHERE profile_id IN ({list})"),
+        ids.clone(),
+    )
     .await?;
-    // Identifiers that only the profile's state listed (none should, but erase is total).
-    for (id_type, value) in identities {
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "DELETE FROM identities WHERE id_type = ? AND id_value = ?",
-            ),
-            [id_type.as_str().into(), value.as_str().into()],
-        ))
+    for table in ["segment_members", "identities", "profiles"] {
+        execute(
+            txn,
+            &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+            ids.clone(),
+        )
         .await?;
     }
-    Ok(erased)
+    // The audit names the identifiers that linked the profiles: it goes with them.
+    execute(
+        txn,
+        &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
+        ids.iter().chain(&ids).cloned(),
+    )
+    .await?;
+    // Identifiers only the profile's state listed: erasure leaves none behind.
+    for chunk in identities.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
+        execute(
+            txn,
+            &format!("DELETE FROM identities WHERE (id_type, id_value) IN ({pairs})"),
+            values,
+        )
+        .await?;
+    }
+    Ok(Erased { timeline_entries })
 }
 
 /// Puts identifiers on the suppression list (already listed ones stay as they were).
@@ -133,25 +110,13 @@ pub async fn suppressed_among<C: ConnectionTrait>(
     conn: &C,
     idents: &[Ident],
 ) -> Result<HashSet<Ident>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut found = HashSet::new();
-    for chunk in idents.chunks(super::MAX_PARAMS / 2) {
+    for chunk in idents.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
         let text = format!(
-            "SELECT id_type, id_value FROM suppressions WHERE (id_type, id_value) IN ({})",
-            vec!["(?, ?)"; chunk.len()].join(", ")
+            "SELECT id_type, id_value FROM suppressions WHERE (id_type, id_value) IN ({pairs})"
         );
-        let values: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(t, v)| [t.as_str().into(), v.as_str().into()])
-            .collect();
-        for row in conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?
-        {
+        for row in query(conn, &text, values).await? {
             found.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
         }
     }
@@ -174,7 +139,6 @@ pub async fn suppressions<C: ConnectionTrait>(
     after: Option<&(i64, String, String)>,
     limit: u32,
 ) -> Result<Vec<SuppressionRow>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut text =
         String::from("SELECT id_type, id_value, suppressed_at, synced_at FROM suppressions");
     let mut values: Vec<Value> = Vec::new();
@@ -192,13 +156,7 @@ pub async fn suppressions<C: ConnectionTrait>(
     }
     text.push_str(" ORDER BY suppressed_at DESC, id_type, id_value LIMIT ?");
     values.push(i64::from(limit).into());
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+    let rows = query(conn, &text, values).await?;
     rows.iter()
         .map(|r| {
             Ok(SuppressionRow {
@@ -216,18 +174,13 @@ pub async fn unsynced_suppressions<C: ConnectionTrait>(
     conn: &C,
     limit: u32,
 ) -> Result<Vec<Ident>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT id_type, id_value FROM suppressions WHERE synced_at IS NULL
-                 ORDER BY suppressed_at, id_type, id_value LIMIT ?",
-            ),
-            [i64::from(limit).into()],
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        "SELECT id_type, id_value FROM suppressions WHERE synced_at IS NULL
+         ORDER BY suppressed_at, id_type, id_value LIMIT ?",
+        [i64::from(limit).into()],
+    )
+    .await?;
     rows.iter()
         .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
         .collect()
@@ -239,23 +192,15 @@ pub async fn mark_synced<C: ConnectionTrait>(
     identities: &[Ident],
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    for chunk in identities.chunks(super::MAX_PARAMS / 2) {
-        let text = format!(
-            "UPDATE suppressions SET synced_at = ? WHERE (id_type, id_value) IN ({})",
-            vec!["(?, ?)"; chunk.len()].join(", ")
-        );
-        let mut values: Vec<Value> = vec![now_us.into()];
-        values.extend(
-            chunk
-                .iter()
-                .flat_map(|(t, v)| [Value::from(t.as_str()), Value::from(v.as_str())]),
-        );
-        conn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
+    for chunk in identities.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
+        execute(
+            conn,
+            &format!(
+                "UPDATE suppressions SET synced_at = ? WHERE (id_type, id_value) IN ({pairs})"
+            ),
+            std::iter::once(Value::from(now_us)).chain(values),
+        )
         .await?;
     }
     Ok(())

@@ -1,10 +1,9 @@
 //! What Unmerge reads and rewrites: one merge of the audit, identifier ownership and the
 //! timeline rows of the profiles being split back out.
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
-use waymark_kit::db::sql;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{in_list, insert_rows};
+use super::{execute, in_list, insert_rows, query_one};
 use crate::identity::Ident;
 
 /// One merge of the audit.
@@ -22,17 +21,12 @@ pub async fn merge_by_id<C: ConnectionTrait>(
     conn: &C,
     merge_id: &str,
 ) -> Result<Option<MergeRow>, DbErr> {
-    let backend = conn.get_database_backend();
-    let row = conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at FROM merges WHERE merge_id = ?",
-            ),
-            [merge_id.into()],
-        ))
-        .await?;
+    let row = query_one(
+        conn,
+        "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at FROM merges WHERE merge_id = ?",
+        [merge_id.into()],
+    )
+    .await?;
     row.map(|r| {
         Ok(MergeRow {
             merge_id: r.try_get_by_index(0)?,
@@ -51,15 +45,11 @@ pub async fn mark_unmerged(
     merge_id: &str,
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "UPDATE merges SET unmerged_at = ? WHERE merge_id = ?",
-        ),
+    execute(
+        txn,
+        "UPDATE merges SET unmerged_at = ? WHERE merge_id = ?",
         [now_us.into(), merge_id.into()],
-    ))
+    )
     .await?;
     Ok(())
 }
@@ -89,21 +79,15 @@ pub async fn move_timeline(
     origins: &[String],
     owner: &str,
 ) -> Result<u64, DbErr> {
-    let backend = txn.get_database_backend();
-    let mut values: Vec<Value> = vec![owner.into()];
-    values.extend(origins.iter().map(|o| Value::from(o.as_str())));
-    let result = txn
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                &format!(
-                    "UPDATE timeline SET profile_id = ? WHERE origin_profile_id IN ({})",
-                    in_list(origins.len())
-                ),
-            ),
-            values,
-        ))
-        .await?;
-    Ok(result.rows_affected())
+    let values =
+        std::iter::once(Value::from(owner)).chain(origins.iter().map(|o| Value::from(o.as_str())));
+    execute(
+        txn,
+        &format!(
+            "UPDATE timeline SET profile_id = ? WHERE origin_profile_id IN ({})",
+            in_list(origins.len())
+        ),
+        values,
+    )
+    .await
 }
