@@ -54,6 +54,43 @@ impl From<DbErr> for ProfileError {
     }
 }
 
+/// An event the profile service emits on its own account rather than because of one
+/// delivered event: Segment Entered / Exited, Profile Deleted, Profile Unmerged.
+pub(crate) fn notice(
+    name: &str,
+    profile_id: &str,
+    properties: impl IntoIterator<Item = (&'static str, prost_types::Value)>,
+    now_us: i64,
+) -> Event {
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let mut event = Event {
+        message_id: event_id.clone(),
+        event_id,
+        event: name.to_owned(),
+        profile_id: profile_id.to_owned(),
+        properties: Some(Struct {
+            fields: properties
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value))
+                .collect(),
+        }),
+        timestamp: Some(from_micros(now_us)),
+        received_at: Some(from_micros(now_us)),
+        source_id: "profile".into(),
+        ..Event::default()
+    };
+    event.set_type(EventType::Track);
+    event.set_channel(Channel::Other);
+    event
+}
+
+/// A string as a protobuf value.
+pub(crate) fn string_value(s: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.to_owned())),
+    }
+}
+
 /// The `source_id` of a trusted change made by `service` (the caller's name, "api" when
 /// it gave none).
 fn trusted_source_id(service: &str) -> String {
@@ -439,9 +476,6 @@ impl Profiles {
         if purpose.is_empty() {
             return Err(invalid("purpose", "is required"));
         }
-        let string = |s: String| prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(s)),
-        };
         let mut change = Event {
             event: if granted {
                 "Consent Granted"
@@ -451,8 +485,8 @@ impl Profiles {
             .into(),
             properties: Some(Struct {
                 fields: [
-                    ("channel".to_owned(), string(channel)),
-                    ("purpose".to_owned(), string(purpose)),
+                    ("channel".to_owned(), string_value(&channel)),
+                    ("purpose".to_owned(), string_value(&purpose)),
                 ]
                 .into(),
             }),

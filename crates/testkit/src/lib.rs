@@ -152,6 +152,18 @@ impl Sink {
         let got = self.received.lock().await.len();
         panic!("sink received {got} events, expected {n}");
     }
+
+    /// Waits (ten seconds at most) for an event that satisfies `wanted`; `what` names it
+    /// in the failure.
+    pub async fn wait_for_event(&self, what: &str, wanted: impl Fn(&Event) -> bool) -> Event {
+        for _ in 0..400 {
+            if let Some(found) = self.received.lock().await.iter().find(|e| wanted(e)) {
+                return found.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the sink never received {what}");
+    }
 }
 
 /// A TCP proxy in front of PostgreSQL that can cut every connection, to make the database

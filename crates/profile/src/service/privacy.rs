@@ -2,15 +2,14 @@
 //! and the suppression list that ingestion is kept in step with.
 
 use prost_types::value::Kind;
-use prost_types::{ListValue, Struct, Value};
+use prost_types::{ListValue, Value};
 use sea_orm::TransactionTrait;
 use waymark_kit::db::now_micros;
-use waymark_proto::common::v1::{Channel, Event, EventType, Identity};
+use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::{Merge, Profile, Segment, TimelineEntry};
 
 use super::{ProfileError, Profiles, invalid};
 use crate::identity::Ident;
-use crate::model::from_micros;
 use crate::store::{self, SuppressionRow, TimelineFilter};
 
 /// The identifier types ingestion checks; custom types are enforced here alone.
@@ -192,34 +191,16 @@ fn parse_suppression_token(token: &str) -> Option<(i64, String, String)> {
 
 /// The downstream notice of an erasure. It carries ids only: the identifiers are gone.
 fn profile_deleted(live_id: &str, tree: &[String], now_us: i64) -> Event {
-    let ids = tree
-        .iter()
-        .map(|id| Value {
-            kind: Some(Kind::StringValue(id.clone())),
-        })
-        .collect();
-    let mut event = Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        message_id: format!("{live_id}:Profile Deleted"),
-        event: "Profile Deleted".into(),
-        profile_id: live_id.to_owned(),
-        properties: Some(Struct {
-            fields: [(
-                "erased_profile_ids".to_owned(),
-                Value {
-                    kind: Some(Kind::ListValue(ListValue { values: ids })),
-                },
-            )]
-            .into(),
-        }),
-        timestamp: Some(from_micros(now_us)),
-        received_at: Some(from_micros(now_us)),
-        source_id: "profile".into(),
-        ..Event::default()
+    let ids = tree.iter().map(|id| super::string_value(id)).collect();
+    let erased = Value {
+        kind: Some(Kind::ListValue(ListValue { values: ids })),
     };
-    event.set_type(EventType::Track);
-    event.set_channel(Channel::Other);
-    event
+    super::notice(
+        "Profile Deleted",
+        live_id,
+        [("erased_profile_ids", erased)],
+        now_us,
+    )
 }
 
 /// An identifier as the API shows it.

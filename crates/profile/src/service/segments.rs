@@ -9,15 +9,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use prost_types::value::Kind;
-use prost_types::{Struct, Value};
 use sea_orm::{DatabaseTransaction, TransactionTrait};
 use waymark_kit::db::now_micros;
-use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::{Profile, Segment};
 
 use super::privacy::page_size;
-use super::{ProfileError, Profiles, invalid};
+use super::{ProfileError, Profiles, invalid, notice, string_value};
 use crate::emotion::EmotionRules;
 use crate::model::from_micros;
 use crate::resolve::{Record, WorkingSet};
@@ -49,33 +47,16 @@ pub(crate) fn segment_message(row: SegmentRow) -> Segment {
     }
 }
 
-fn string(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
 fn segment_event(name: &str, profile_id: &str, segment: &str, label: &str, now_us: i64) -> Event {
-    let mut event = Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        message_id: format!("{profile_id}:{name}:{segment}:{now_us}"),
-        event: name.to_owned(),
-        profile_id: profile_id.to_owned(),
-        properties: Some(Struct {
-            fields: [
-                ("segment_id".to_owned(), string(segment)),
-                ("segment_name".to_owned(), string(label)),
-            ]
-            .into(),
-        }),
-        timestamp: Some(from_micros(now_us)),
-        received_at: Some(from_micros(now_us)),
-        source_id: "profile".into(),
-        ..Event::default()
-    };
-    event.set_type(EventType::Track);
-    event.set_channel(Channel::Other);
-    event
+    notice(
+        name,
+        profile_id,
+        [
+            ("segment_id", string_value(segment)),
+            ("segment_name", string_value(label)),
+        ],
+        now_us,
+    )
 }
 
 /// Re-evaluates `only` (or every segment when `None`) for `profile`, updating its

@@ -9,14 +9,12 @@
 
 use std::collections::HashSet;
 
-use prost_types::value::Kind;
-use prost_types::{Struct, Value};
 use sea_orm::TransactionTrait;
 use waymark_kit::db::now_micros;
-use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::Profile;
 
-use super::{ProfileError, Profiles, invalid, segments};
+use super::{ProfileError, Profiles, invalid, notice, segments, string_value};
 use crate::aggregate::AggregateState;
 use crate::identity::Ident;
 use crate::model::{apply_event, from_micros};
@@ -67,34 +65,17 @@ fn idents(profile: &Profile) -> Vec<Ident> {
         .collect()
 }
 
-fn string(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
 fn profile_unmerged(survivor: &str, restored: &str, merge_id: &str, now_us: i64) -> Event {
-    let mut event = Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        message_id: format!("{merge_id}:Profile Unmerged"),
-        event: "Profile Unmerged".into(),
-        profile_id: survivor.to_owned(),
-        properties: Some(Struct {
-            fields: [
-                ("survivor_profile_id".to_owned(), string(survivor)),
-                ("restored_profile_id".to_owned(), string(restored)),
-                ("merge_id".to_owned(), string(merge_id)),
-            ]
-            .into(),
-        }),
-        timestamp: Some(from_micros(now_us)),
-        received_at: Some(from_micros(now_us)),
-        source_id: "profile".into(),
-        ..Event::default()
-    };
-    event.set_type(EventType::Track);
-    event.set_channel(Channel::Other);
-    event
+    notice(
+        "Profile Unmerged",
+        survivor,
+        [
+            ("survivor_profile_id", string_value(survivor)),
+            ("restored_profile_id", string_value(restored)),
+            ("merge_id", string_value(merge_id)),
+        ],
+        now_us,
+    )
 }
 
 impl Profiles {

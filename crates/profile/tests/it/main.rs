@@ -257,21 +257,10 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
         "the merged profile's timeline moved to the survivor"
     );
 
-    let mut seen_merge = false;
-    for _ in 0..100 {
-        if sink
-            .received
-            .lock()
-            .await
-            .iter()
-            .any(|e| e.event == "Profile Merged" && e.profile_id == a.profile_id)
-        {
-            seen_merge = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(seen_merge, "Profile Merged is emitted downstream");
+    sink.wait_for_event("Profile Merged", |e| {
+        e.event == "Profile Merged" && e.profile_id == a.profile_id
+    })
+    .await;
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(shared_email_merges_into_the_oldest_with_an_audit);
@@ -501,21 +490,10 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let mut seen = false;
-    for _ in 0..100 {
-        if sink
-            .received
-            .lock()
-            .await
-            .iter()
-            .any(|e| e.event == "Trait Changed" && e.profile_id == p.profile_id)
-        {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(seen, "Trait Changed is emitted downstream");
+    sink.wait_for_event("Trait Changed", |e| {
+        e.event == "Trait Changed" && e.profile_id == p.profile_id
+    })
+    .await;
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(trusted_updates_consent_and_errors);

@@ -237,21 +237,9 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     assert_eq!(bad.code(), Code::InvalidArgument);
 
     // Downstream services are told, without the identifiers.
-    let mut notice = None;
-    for _ in 0..100 {
-        notice = sink
-            .received
-            .lock()
-            .await
-            .iter()
-            .find(|e| e.event == "Profile Deleted")
-            .cloned();
-        if notice.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let notice = notice.expect("Profile Deleted is emitted downstream");
+    let notice = sink
+        .wait_for_event("Profile Deleted", |e| e.event == "Profile Deleted")
+        .await;
     assert_eq!(notice.profile_id, before.profile_id);
     assert!(notice.user_id.is_empty() && notice.anonymous_id.is_empty());
 

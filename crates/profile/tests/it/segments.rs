@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::EventType;
+use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -67,31 +67,28 @@ async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
     panic!("segment {id} never backfilled");
 }
 
+fn is_segment_event(e: &Event, name: &str, profile_id: &str, segment_id: &str) -> bool {
+    e.event == name
+        && e.profile_id == profile_id
+        && waymark_proto::json::string_at(e.properties.as_ref().unwrap(), &["segment_id"])
+            == Some(segment_id)
+}
+
 /// Distinct events: the orchestrator and analytics relays both deliver to the one sink.
 async fn segment_events(sink: &Sink, name: &str, profile_id: &str, segment_id: &str) -> usize {
     sink.received
         .lock()
         .await
         .iter()
-        .filter(|e| {
-            e.event == name
-                && e.profile_id == profile_id
-                && waymark_proto::json::string_at(e.properties.as_ref().unwrap(), &["segment_id"])
-                    == Some(segment_id)
-        })
+        .filter(|e| is_segment_event(e, name, profile_id, segment_id))
         .map(|e| e.event_id.as_str())
         .collect::<std::collections::HashSet<_>>()
         .len()
 }
 
 async fn wait_segment_event(sink: &Sink, name: &str, profile_id: &str, segment_id: &str) {
-    for _ in 0..200 {
-        if segment_events(sink, name, profile_id, segment_id).await > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no {name} for {profile_id} in {segment_id}");
+    sink.wait_for_event(name, |e| is_segment_event(e, name, profile_id, segment_id))
+        .await;
 }
 
 async fn segments_follow_conditions(backend: Backend) {

@@ -1,7 +1,5 @@
 //! Unmerge: a merge split back out from its audit, both sides rebuilt from their events.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tonic::Code;
 use waymark_proto::common::v1::EventType;
@@ -193,21 +191,10 @@ async fn unmerge_restores_both_sides(backend: Backend) {
         assert_eq!(error.code(), code);
     }
 
-    let mut announced = false;
-    for _ in 0..100 {
-        if sink
-            .received
-            .lock()
-            .await
-            .iter()
-            .any(|e| e.event == "Profile Unmerged" && e.profile_id == a.profile_id)
-        {
-            announced = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(announced, "Profile Unmerged is emitted downstream");
+    sink.wait_for_event("Profile Unmerged", |e| {
+        e.event == "Profile Unmerged" && e.profile_id == a.profile_id
+    })
+    .await;
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(unmerge_restores_both_sides);
