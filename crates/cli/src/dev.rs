@@ -29,8 +29,10 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         http.local_addr()?,
         profile_grpc.local_addr()?,
     );
-    // Ingestion relays to the profile service in this same process.
+    // Ingestion relays to the profile service in this same process, which pushes the
+    // suppressions of erased profiles back to ingestion.
     config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
+    config.ingest_endpoint = format!("http://127.0.0.1:{}", grpc_addr.port());
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
     profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
