@@ -1,15 +1,17 @@
-//! Client verbs: sources, send, events.
+//! Client verbs of the ingestion service (sources, send, events) and what every client
+//! verb shares: the admin token and errors that name the problem.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
-use tonic::Request;
 use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
 use waymark_ingest::segment::{BatchDefaults, event_to_json, format_timestamp, parse_message};
 use waymark_kit::config::Config;
 use waymark_proto::common::v1::Event;
@@ -87,7 +89,8 @@ async fn connect(endpoint: &str) -> anyhow::Result<IngestServiceClient<Channel>>
         .max_decoding_message_size(waymark_kit::grpc::MAX_MESSAGE_BYTES))
 }
 
-fn admin<T>(config: &Config, message: T) -> anyhow::Result<Request<T>> {
+/// `message` with the admin token as bearer.
+pub fn admin<T>(config: &Config, message: T) -> anyhow::Result<Request<T>> {
     let token = config
         .admin_token
         .as_ref()
@@ -97,6 +100,43 @@ fn admin<T>(config: &Config, message: T) -> anyhow::Result<Request<T>> {
         .metadata_mut()
         .insert("authorization", waymark_kit::grpc::bearer(token));
     Ok(request)
+}
+
+/// A failed RPC as an error that names the problem: each invalid field of an
+/// InvalidArgument (its `BadRequest` details), otherwise the code and the server's message,
+/// with a hint where the fix is on this side.
+pub fn rpc_error(status: Status, endpoint: &str) -> anyhow::Error {
+    let details = status.get_error_details();
+    if let Some(bad_request) = details.bad_request()
+        && !bad_request.field_violations.is_empty()
+    {
+        let lines: Vec<String> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| format!("invalid {}: {}", v.field, v.description))
+            .collect();
+        return anyhow!("{}", lines.join("\n"));
+    }
+    let message = status.message();
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            anyhow!("{message} (WAYMARK_ADMIN_TOKEN must be the server's admin token)")
+        }
+        Code::Unavailable => anyhow!("{endpoint} is unavailable: {message}"),
+        code => anyhow!("{}: {message}", code_words(code)),
+    }
+}
+
+/// `NotFound` as "not found".
+fn code_words(code: Code) -> String {
+    let mut words = String::new();
+    for c in format!("{code:?}").chars() {
+        if c.is_ascii_uppercase() && !words.is_empty() {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> String {
@@ -109,6 +149,7 @@ pub async fn sources(
     command: SourcesCommand,
 ) -> anyhow::Result<()> {
     let mut client = connect(&target.endpoint).await?;
+    let fail = |status| rpc_error(status, &target.endpoint);
     match command {
         SourcesCommand::Create { name, rate_limit } => {
             let created = client
@@ -119,7 +160,8 @@ pub async fn sources(
                         rate_limit_per_second: rate_limit,
                     },
                 )?)
-                .await?
+                .await
+                .map_err(fail)?
                 .into_inner();
             let source = created.source.unwrap_or_default();
             println!("source id   {}", source.source_id);
@@ -130,7 +172,8 @@ pub async fn sources(
         SourcesCommand::List => {
             let sources = client
                 .list_sources(admin(config, ListSourcesRequest {})?)
-                .await?
+                .await
+                .map_err(fail)?
                 .into_inner()
                 .sources;
             println!(
@@ -151,7 +194,8 @@ pub async fn sources(
         SourcesCommand::Revoke { source_id } => {
             let source = client
                 .revoke_source(admin(config, RevokeSourceRequest { source_id })?)
-                .await?
+                .await
+                .map_err(fail)?
                 .into_inner()
                 .source
                 .unwrap_or_default();
@@ -238,7 +282,11 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             events: chunk.to_vec(),
         });
         request.metadata_mut().insert("authorization", auth.clone());
-        let response = client.ingest(request).await?.into_inner();
+        let response = client
+            .ingest(request)
+            .await
+            .map_err(|status| rpc_error(status, &args.target.endpoint))?
+            .into_inner();
         accepted += u64::from(response.accepted);
         duplicates += u64::from(response.duplicates);
         suppressed += u64::from(response.suppressed);
@@ -288,7 +336,8 @@ pub async fn events(
         };
         let mut events = client
             .list_events(admin(config, request)?)
-            .await?
+            .await
+            .map_err(|status| rpc_error(status, &target.endpoint))?
             .into_inner()
             .events;
         // The page is newest first; print oldest first.
@@ -334,5 +383,33 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("line 2: timestamp"), "{err}");
+    }
+
+    #[test]
+    fn rpc_errors_name_the_problem() {
+        use waymark_kit::error::{Error, FieldViolation};
+        let invalid: Status = Error::invalid_fields(vec![
+            FieldViolation::new("condition", "undeclared reference to 'emotin'"),
+            FieldViolation::new("name", "must be at most 200 characters"),
+        ])
+        .into();
+        assert_eq!(
+            rpc_error(invalid, "http://e").to_string(),
+            "invalid condition: undeclared reference to 'emotin'\n\
+             invalid name: must be at most 200 characters"
+        );
+        assert_eq!(
+            rpc_error(Status::not_found("no profile \"p\""), "http://e").to_string(),
+            "not found: no profile \"p\""
+        );
+        assert_eq!(
+            rpc_error(Status::unavailable("tcp connect error"), "http://e").to_string(),
+            "http://e is unavailable: tcp connect error"
+        );
+        assert!(
+            rpc_error(Status::unauthenticated("invalid admin token"), "http://e")
+                .to_string()
+                .contains("WAYMARK_ADMIN_TOKEN")
+        );
     }
 }

@@ -10,8 +10,16 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-dev"))?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
+    // One SQLite file per service: each owns its tables, and both have an `outbox` and a
+    // `suppressions` table, so one shared file fails to migrate.
     if std::env::var_os("WAYMARK_DATABASE_URL").is_none() {
-        config.database_url = format!("sqlite://{}/waymark.db?mode=rwc", data_dir.display());
+        let file = |service: &str| format!("sqlite://{}/{service}.db?mode=rwc", data_dir.display());
+        config
+            .ingest_database_url
+            .get_or_insert_with(|| file("ingest"));
+        config
+            .profile_database_url
+            .get_or_insert_with(|| file("profile"));
     }
     config.auto_migrate = true;
     let admin_token = config
@@ -29,8 +37,10 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         http.local_addr()?,
         profile_grpc.local_addr()?,
     );
-    // Ingestion relays to the profile service in this same process.
+    // Ingestion relays to the profile service in this same process, which pushes the
+    // suppressions of erased profiles back to ingestion.
     config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
+    config.ingest_endpoint = format!("http://127.0.0.1:{}", grpc_addr.port());
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
     profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
@@ -56,8 +66,12 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         }
     );
     println!(
-        "  database         {}",
-        redact_password(&config.database_url)
+        "  ingest database  {}",
+        redact_password(config.ingest_database())
+    );
+    println!(
+        "  profile database {}",
+        redact_password(config.profile_database())
     );
     println!("  dev source       {source_id}");
     println!("  dev write key    {write_key}");

@@ -2,6 +2,8 @@
 
 mod client;
 mod dev;
+mod profiles;
+mod render;
 
 use std::path::PathBuf;
 
@@ -52,6 +54,20 @@ enum Command {
         command: client::EventsCommand,
         #[command(flatten)]
         target: client::Target,
+    },
+    /// Read, export, erase and unmerge customer profiles (needs WAYMARK_ADMIN_TOKEN).
+    Profiles {
+        #[command(subcommand)]
+        command: profiles::ProfilesCommand,
+        #[command(flatten)]
+        target: profiles::ProfileTarget,
+    },
+    /// Define segments and list their members (needs WAYMARK_ADMIN_TOKEN).
+    Segments {
+        #[command(subcommand)]
+        command: profiles::SegmentsCommand,
+        #[command(flatten)]
+        target: profiles::ProfileTarget,
     },
 }
 
@@ -109,6 +125,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sources { command, target } => client::sources(&config, &target, command).await,
         Command::Send(args) => client::send(args).await,
         Command::Events { command, target } => client::events(&config, &target, command).await,
+        Command::Profiles { command, target } => {
+            profiles::profiles(&config, &target, command).await
+        }
+        Command::Segments { command, target } => {
+            profiles::segments(&config, &target, command).await
+        }
     }
 }
 
@@ -117,4 +139,26 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn profiles_get_takes_exactly_one_lookup() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["waymark", "profiles", "get"].iter().chain(args));
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--email", "ada@example.com", "--phone", "+4915112345678"]).is_err());
+        assert!(parse(&["--identity", "device_id=d-1"]).is_ok());
+        assert!(parse(&["--identity", "device_id"]).is_err());
+    }
 }

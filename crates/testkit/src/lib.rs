@@ -1,6 +1,8 @@
 //! Shared integration-test harness: a fresh database per test (PostgreSQL or SQLite), a
-//! real `EventSink` server standing in for a downstream service, and a TCP proxy that can
-//! cut a dependency off.
+//! real `EventSink` server standing in for a downstream service, a TCP proxy that can
+//! cut a dependency off, and the real services booted in-process (`platform`).
+
+pub mod platform;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +62,11 @@ impl TestDb {
             }
         }
     }
+}
+
+/// The Redis the tests share (`WAYMARK_TEST_REDIS_URL`); servers keep apart by key prefix.
+pub fn redis_url() -> String {
+    std::env::var("WAYMARK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// A request carrying the admin token.

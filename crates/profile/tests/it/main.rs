@@ -15,10 +15,6 @@ use tonic::Code;
 use waymark_proto::common::v1::{Channel, EventType, Identity};
 use waymark_proto::profile::v1::*;
 
-fn redis_url() -> String {
-    std::env::var("WAYMARK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 fn trait_str(profile: &Profile, key: &str) -> Option<String> {
     match profile.traits.as_ref()?.fields.get(key)?.kind.as_ref()? {
         Kind::StringValue(s) => Some(s.clone()),
