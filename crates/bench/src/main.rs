@@ -143,7 +143,7 @@ pub(crate) async fn fresh_database_url(admin_url: &str) -> anyhow::Result<String
 
 async fn fresh_database(admin_url: &str) -> anyhow::Result<DatabaseConnection> {
     let url = fresh_database_url(admin_url).await?;
-    let db = waymark_kit::db::connect(&url, 16).await?;
+    let db = waymark_kit::db::connect(&url, waymark_ingest::SERVICE, 16).await?;
     waymark_ingest::migrate(&db).await?;
     Ok(db)
 }

@@ -10,16 +10,9 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-dev"))?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    // One SQLite file per service: each owns its tables, and both have an `outbox` and a
-    // `suppressions` table, so one shared file fails to migrate.
+    // The config gives each service its own file beside this one.
     if std::env::var_os("WAYMARK_DATABASE_URL").is_none() {
-        let file = |service: &str| format!("sqlite://{}/{service}.db?mode=rwc", data_dir.display());
-        config
-            .ingest_database_url
-            .get_or_insert_with(|| file("ingest"));
-        config
-            .profile_database_url
-            .get_or_insert_with(|| file("profile"));
+        config.database_url = format!("sqlite://{}/waymark.db?mode=rwc", data_dir.display());
     }
     config.auto_migrate = true;
     let admin_token = config
@@ -67,11 +60,11 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     );
     println!(
         "  ingest database  {}",
-        redact_password(config.ingest_database())
+        redact_password(&config.ingest_database())
     );
     println!(
         "  profile database {}",
-        redact_password(config.profile_database())
+        redact_password(&config.profile_database())
     );
     println!("  dev source       {source_id}");
     println!("  dev write key    {write_key}");

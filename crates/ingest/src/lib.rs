@@ -45,10 +45,13 @@ impl IngestService {
     /// Opens the database pool (lazily: the service starts even while it is down) and
     /// builds the core.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let db =
-            waymark_kit::db::connect(config.ingest_database(), config.database_max_connections)
-                .await
-                .context("opening the ingest database")?;
+        let db = waymark_kit::db::connect(
+            &config.ingest_database(),
+            SERVICE,
+            config.database_max_connections,
+        )
+        .await
+        .context("opening the ingest database")?;
         let wakeup = Wakeup::default();
         let concurrent = store::concurrent_writers(&db);
         let settings = IngestSettings {

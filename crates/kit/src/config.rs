@@ -162,6 +162,10 @@ pub enum ConfigError {
     },
 }
 
+/// `WAYMARK_*` variables that belong to the `waymark` binary rather than to a service:
+/// the configuration file and the client verbs' endpoint and write key.
+pub const CLIENT_VARIABLES: [&str; 3] = ["config", "endpoint", "write_key"];
+
 impl Config {
     /// Loads defaults, then `file` when given, then `WAYMARK_*` variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -169,11 +173,12 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        // WAYMARK_CONFIG names the file itself and WAYMARK_TEST_* belongs to the test suite;
-        // any other unknown WAYMARK_* variable is an error, so typos do not pass silently.
+        // WAYMARK_CONFIG names the file itself, the client verbs' variables are theirs, and
+        // WAYMARK_TEST_* belongs to the test suite; any other unknown WAYMARK_* variable is
+        // an error, so typos do not pass silently.
         figment = figment.merge(
             Env::prefixed("WAYMARK_")
-                .ignore(&["config"])
+                .ignore(&CLIENT_VARIABLES)
                 .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
         );
         let config: Config = figment
@@ -288,17 +293,34 @@ impl Config {
     }
 
     /// The ingestion service's database URL.
-    pub fn ingest_database(&self) -> &str {
-        self.ingest_database_url
-            .as_deref()
-            .unwrap_or(&self.database_url)
+    pub fn ingest_database(&self) -> String {
+        self.service_database("ingest", self.ingest_database_url.as_deref())
     }
 
     /// The profile service's database URL.
-    pub fn profile_database(&self) -> &str {
-        self.profile_database_url
-            .as_deref()
-            .unwrap_or(&self.database_url)
+    pub fn profile_database(&self) -> String {
+        self.service_database("profile", self.profile_database_url.as_deref())
+    }
+
+    /// A service's database: its own setting, else the shared `database_url`. A shared
+    /// SQLite file becomes one file per service beside it (`waymark.db` gives
+    /// `waymark-ingest.db`), since SQLite has no schemas to keep services apart.
+    fn service_database(&self, service: &str, own: Option<&str>) -> String {
+        if let Some(url) = own {
+            return url.to_owned();
+        }
+        let shared = &self.database_url;
+        if !shared.starts_with("sqlite:") {
+            return shared.clone();
+        }
+        let (path, query) = shared.split_once('?').unwrap_or((shared, ""));
+        let stem = path.strip_suffix(".db").unwrap_or(path);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!("{stem}-{service}.db{query}")
     }
 
     /// Telemetry settings for one service.
@@ -341,6 +363,26 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn services_share_postgres_but_get_their_own_sqlite_file() {
+        let postgres = Config {
+            database_url: "postgres://db/waymark".into(),
+            ..Config::default()
+        };
+        assert_eq!(postgres.ingest_database(), "postgres://db/waymark");
+        assert_eq!(postgres.profile_database(), "postgres://db/waymark");
+        let sqlite = Config {
+            database_url: "sqlite://.waymark/waymark.db?mode=rwc".into(),
+            profile_database_url: Some("sqlite:///var/profile.db".into()),
+            ..Config::default()
+        };
+        assert_eq!(
+            sqlite.ingest_database(),
+            "sqlite://.waymark/waymark-ingest.db?mode=rwc"
+        );
+        assert_eq!(sqlite.profile_database(), "sqlite:///var/profile.db");
     }
 
     #[test]
@@ -403,6 +445,7 @@ mod tests {
             )?;
             jail.set_env("WAYMARK_RETENTION_SECS", "240");
             jail.set_env("WAYMARK_TEST_POSTGRES_URL", "postgres://ignored");
+            jail.set_env("WAYMARK_WRITE_KEY", "wk_for_the_client_verbs");
             let config = Config::load(Some(Path::new("waymark.toml"))).expect("loads");
             assert_eq!(config.dedupe_window_secs, 60);
             assert_eq!(config.retention_secs, 240);

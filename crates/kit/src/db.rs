@@ -2,6 +2,11 @@
 //!
 //! Migrations are plain SQL per backend, versioned per service in `waymark_migrations`:
 //! DDL differences between PostgreSQL and SQLite stay explicit and reviewable.
+//!
+//! Each service owns a namespace, so services can share one database without their table
+//! names meeting (every service has an `outbox`, for one): on PostgreSQL a schema named
+//! after the service, selected by the connection's `search_path`; on SQLite its own file
+//! (see `Config::service_database`).
 
 use std::time::Duration;
 
@@ -24,9 +29,13 @@ pub struct Migration {
     pub sqlite: &'static str,
 }
 
-/// Opens a pool for `url`. The pool connects lazily so a service can start, report
-/// NotServing and recover while its database is unreachable.
-pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+/// Opens a pool for `service` at `url`. The pool connects lazily so a service can start,
+/// report NotServing and recover while its database is unreachable.
+pub async fn connect(
+    url: &str,
+    service: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .connect_timeout(Duration::from_secs(3))
@@ -45,7 +54,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                 .create_if_missing(true)
         });
     } else {
-        options.max_connections(max_connections).min_connections(0);
+        options
+            .max_connections(max_connections)
+            .min_connections(0)
+            .set_schema_search_path(service);
     }
     Database::connect(options).await
 }
@@ -90,6 +102,11 @@ pub async fn migrate(
     migrations: &[Migration],
 ) -> Result<usize, DbErr> {
     let backend = db.get_database_backend();
+    if backend == DbBackend::Postgres {
+        // The connection's search_path names this schema (see `connect`).
+        db.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{service}\""))
+            .await?;
+    }
     db.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS waymark_migrations (
             service TEXT NOT NULL,

@@ -54,10 +54,13 @@ impl ProfileServer {
     /// aggregate specs that cannot work, naming the setting.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let rules = rules(&config)?;
-        let db =
-            waymark_kit::db::connect(config.profile_database(), config.database_max_connections)
-                .await
-                .context("opening the profile database")?;
+        let db = waymark_kit::db::connect(
+            &config.profile_database(),
+            SERVICE,
+            config.database_max_connections,
+        )
+        .await
+        .context("opening the profile database")?;
         let ttl = Duration::from_secs(config.profile_cache_ttl_secs);
         let cache = match &config.redis_url {
             Some(url) => ProfileCache::redis(url, &config.profile_cache_key_prefix, ttl)

@@ -169,13 +169,14 @@ impl Platform {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let profile_db = TestDb::new(backend).await;
-        let mut profile_config = config(&profile_db.url, sink, redis_url);
+        // One database for both, as a deployment with one database URL has: each service
+        // keeps to its own schema (PostgreSQL) or file (SQLite).
+        let db = TestDb::new(backend).await;
+        let mut profile_config = config(&db.url, sink, redis_url);
         profile_config.ingest_endpoint = format!("http://{grpc_addr}");
         let profile = TestProfile::start(profile_config).await;
 
-        let ingest_db = TestDb::new(backend).await;
-        let mut ingest_config = config(&ingest_db.url, sink, None);
+        let mut ingest_config = config(&db.url, sink, None);
         ingest_config.profile_endpoint = profile.url();
         let ingest = waymark_ingest::IngestService::new(ingest_config)
             .await
