@@ -13,9 +13,9 @@ use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -173,11 +173,15 @@ pub async fn serve(
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .tcp_nodelay(true)
         .layer(GrpcTelemetryLayer::new())
         .layer(auth)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
+        // The builder's tcp_nodelay applies only to sockets tonic binds itself; without
+        // it, Nagle holds back the last frames of a response for the peer's delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped,
+        )
         .await
         .context("grpc server")?;
     tracing::info!(addr = ?local, "grpc server stopped");
