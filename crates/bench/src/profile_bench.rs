@@ -55,6 +55,25 @@ fn event(i: usize) -> Event {
     e
 }
 
+/// Waits until health reports SERVING: the migrations are applied.
+async fn wait_serving(endpoint: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.connect_lazy();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for _ in 0..400 {
+        let check = tonic_health::pb::HealthCheckRequest::default();
+        if health
+            .check(check)
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the profile service never reported serving")
+}
+
 pub async fn run(
     postgres: &str,
     redis_url: &str,
@@ -76,6 +95,8 @@ pub async fn run(
         log_filter: "error".into(),
         ..Config::default()
     };
+    // Server-side errors would otherwise only show as an opaque status here.
+    let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-bench"))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let server = waymark_profile::ProfileServer::new(config).await?;
@@ -93,17 +114,7 @@ pub async fn run(
         .chunks(500)
         .map(|c| c.iter().map(|i| event(*i)).collect())
         .collect();
-    // Wait for readiness (migrations) with an empty delivery.
-    while sink
-        .deliver(authed(DeliverRequest {
-            producer: "bench".into(),
-            events: vec![],
-        })?)
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_serving(&endpoint).await?;
     let start = Instant::now();
     let mut latencies = Vec::new();
     for batch in batches {
