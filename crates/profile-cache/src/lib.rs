@@ -30,8 +30,10 @@ pub fn identity_key(id_type: &str, value: &str) -> String {
     format!("{KEY_SCHEMA}:ident:{id_type}:{value}")
 }
 
-/// Stores `payload` at `version` unless the cached version is the same or newer.
-/// An empty payload is a tombstone: reads miss, older writes stay out.
+/// Stores `payload` at `version` in the profile key `KEYS[1]` unless the cached version is
+/// the same or newer, and then points the identifier keys `KEYS[2..]` at the profile id
+/// `ARGV[4]`; all with the TTL `ARGV[3]`. An empty payload is a tombstone: reads miss,
+/// older writes stay out.
 const PUT_IF_NEWER: &str = r"
 local current = redis.call('HGET', KEYS[1], 'v')
 if current and tonumber(current) >= tonumber(ARGV[1]) then
@@ -39,6 +41,9 @@ if current and tonumber(current) >= tonumber(ARGV[1]) then
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'p', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[4], 'PX', ARGV[3])
+end
 return 1
 ";
 
@@ -175,51 +180,60 @@ impl ProfileCache {
 
     /// Caches `profile` (and its identifiers) unless a same or newer version is cached.
     pub async fn put(&self, profile: &Profile) {
-        let ttl_ms = self.ttl.as_millis() as u64;
+        self.put_many(&[profile]).await;
+    }
+
+    /// Caches several profiles in one round trip to Redis; each is written, with its
+    /// identifiers, only when newer than what is cached.
+    pub async fn put_many(&self, profiles: &[&Profile]) {
+        let ttl_ms = (self.ttl.as_millis() as u64).max(1);
         match &self.backend {
-            Backend::Memory(m) => lock(m).put(profile),
+            Backend::Memory(m) => {
+                let mut memory = lock(m);
+                for profile in profiles {
+                    memory.put(profile);
+                }
+            }
             Backend::Redis(r) => {
-                let payload = profile.encode_to_vec();
-                let key = format!("{}{}", self.prefix, profile_key(&profile.profile_id));
-                let identity_keys = || {
-                    profile
-                        .identities
-                        .iter()
-                        .map(|i| format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value)))
-                };
-                if !self.recovered(r).await {
-                    self.remember_missed(std::iter::once(key.clone()).chain(identity_keys()));
+                if profiles.is_empty() {
                     return;
                 }
-                match r
-                    .put_if_newer(&key, profile.version, &payload, ttl_ms)
-                    .await
-                {
-                    Ok(true) => {}
-                    // A newer version (or a tombstone) is cached; its identifiers stand.
-                    Ok(false) => return,
-                    Err(error) => {
-                        self.failed("put", &error);
-                        self.remember_missed(std::iter::once(key.clone()).chain(identity_keys()));
-                        return;
-                    }
-                }
-                let mut pipe = redis::pipe();
-                for identity in &profile.identities {
-                    pipe.cmd("SET")
-                        .arg(format!(
+                let keys_of =
+                    |profile: &Profile| -> Vec<String> {
+                        std::iter::once(format!(
                             "{}{}",
                             self.prefix,
-                            identity_key(&identity.r#type, &identity.value)
+                            profile_key(&profile.profile_id)
                         ))
-                        .arg(&profile.profile_id)
-                        .arg("PX")
+                        .chain(profile.identities.iter().map(|i| {
+                            format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value))
+                        }))
+                        .collect()
+                    };
+                let all_keys = || profiles.iter().flat_map(|p| keys_of(p));
+                if !self.recovered(r).await {
+                    self.remember_missed(all_keys());
+                    return;
+                }
+                // Loading the script first in the same pipeline keeps EVALSHA working after
+                // Redis restarted with an empty script cache.
+                let mut pipe = redis::pipe();
+                pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_IF_NEWER).ignore();
+                for profile in profiles {
+                    let keys = keys_of(profile);
+                    pipe.cmd("EVALSHA")
+                        .arg(r.script.get_hash())
+                        .arg(keys.len())
+                        .arg(&keys)
+                        .arg(profile.version)
+                        .arg(profile.encode_to_vec())
                         .arg(ttl_ms)
+                        .arg(&profile.profile_id)
                         .ignore();
                 }
                 if let Err(error) = r.pipe(&pipe).await {
-                    self.failed("put identities", &error);
-                    self.remember_missed(identity_keys());
+                    self.failed("put", &error);
+                    self.remember_missed(all_keys());
                 }
             }
         }
@@ -408,6 +422,7 @@ impl RedisBackend {
             .arg(version)
             .arg(payload)
             .arg(ttl_ms.max(1))
+            .arg("")
             .invoke_async(&mut c)
             .await?;
         Ok(stored == 1)

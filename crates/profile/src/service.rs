@@ -266,22 +266,22 @@ impl Profiles {
         })
     }
 
-    /// After a commit: newer versions into the cache, merged-away profiles out of it.
+    /// After a commit: newer versions into the cache (one round trip), merged-away
+    /// profiles out of it.
     async fn refresh_cache(&self, set: &WorkingSet) {
-        for id in &set.dirty {
-            let Some(record) = set.records.get(id) else {
-                continue;
-            };
+        let mut live = Vec::with_capacity(set.dirty.len());
+        for record in set.dirty.iter().filter_map(|id| set.records.get(id)) {
             match &record.merged_into {
-                None => self.inner.cache.put(&record.profile).await,
+                None => live.push(&record.profile),
                 Some(_) => {
                     self.inner
                         .cache
-                        .invalidate(id, record.profile.version, &[])
+                        .invalidate(&record.profile.profile_id, record.profile.version, &[])
                         .await
                 }
             }
         }
+        self.inner.cache.put_many(&live).await;
     }
 
     /// A profile by id (following merges), from the cache when it has it.

@@ -298,9 +298,8 @@ impl Profiles {
         self.inner.wakeup.notify();
         self.inner.metrics.emitted(&all_events);
         self.reload_segments().await?;
-        for record in &written {
-            self.inner.cache.put(&record.profile).await;
-        }
+        let profiles: Vec<&Profile> = written.iter().map(|r| &r.profile).collect();
+        self.inner.cache.put_many(&profiles).await;
         tracing::info!(segment_id, exited, "segment deleted");
         Ok(exited)
     }
@@ -379,9 +378,8 @@ impl Profiles {
                 self.inner.wakeup.notify();
                 self.inner.metrics.emitted(&events);
             }
-            for record in &records {
-                self.inner.cache.put(&record.profile).await;
-            }
+            let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
+            self.inner.cache.put_many(&profiles).await;
             changed += records.len();
         }
         for row in pending {
