@@ -12,9 +12,7 @@ use waymark_proto::profile::v1::{ComputedTraits, Profile};
 use crate::aggregate::{self, AggregateSpec, AggregateState};
 use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
-use crate::model::{
-    TraitChange, apply_event, from_micros, merge_into, micros, timeline_entry, trusted_source,
-};
+use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, trusted_source};
 
 /// Everything configurable about what events do to profiles.
 #[derive(Debug, Clone, Default)]
@@ -407,7 +405,11 @@ fn emotion_changed_event(cause: &Event, change: &EmotionChange) -> Event {
 
 /// The timeline entry of an applied event, for storage.
 pub fn entry_time_us(event: &Event) -> i64 {
-    timeline_entry(event).timestamp.as_ref().map_or(0, micros)
+    event
+        .timestamp
+        .or(event.received_at)
+        .as_ref()
+        .map_or(0, micros)
 }
 
 #[cfg(test)]

@@ -216,6 +216,99 @@ pub(crate) fn ident_pairs(idents: &[Ident]) -> (String, Vec<Value>) {
     (placeholders, values)
 }
 
+/// One column of a bulk insert.
+pub(crate) enum Column {
+    Text(Vec<String>),
+    /// Text that may be NULL.
+    NullableText(Vec<Option<String>>),
+    Int8(Vec<i64>),
+    Int2(Vec<i16>),
+    Bytea(Vec<Vec<u8>>),
+}
+
+impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::Text(v) => v.len(),
+            Column::NullableText(v) => v.len(),
+            Column::Int8(v) => v.len(),
+            Column::Int2(v) => v.len(),
+            Column::Bytea(v) => v.len(),
+        }
+    }
+
+    fn value_at(&self, row: usize) -> Value {
+        match self {
+            Column::Text(v) => v[row].as_str().into(),
+            Column::NullableText(v) => v[row].clone().into(),
+            Column::Int8(v) => v[row].into(),
+            Column::Int2(v) => v[row].into(),
+            Column::Bytea(v) => v[row].clone().into(),
+        }
+    }
+
+    /// The PostgreSQL array parameter and how to select one element of it.
+    fn into_array(self, name: &str) -> (Value, &'static str, String) {
+        match self {
+            Column::Text(v) => (v.into(), "text[]", name.to_owned()),
+            // PostgreSQL arrays of nullable text do not bind here; the empty string, never
+            // a real id, stands for NULL.
+            Column::NullableText(v) => (
+                v.into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect::<Vec<String>>()
+                    .into(),
+                "text[]",
+                format!("NULLIF({name}, '')"),
+            ),
+            Column::Int8(v) => (v.into(), "int8[]", name.to_owned()),
+            Column::Int2(v) => (v.into(), "int2[]", name.to_owned()),
+            Column::Bytea(v) => (v.into(), "bytea[]", name.to_owned()),
+        }
+    }
+}
+
+/// `{head} <rows> {suffix}` with the rows given column by column. PostgreSQL gets each
+/// column as one array parameter (`SELECT ... FROM UNNEST(...)`): one short statement
+/// however many rows, where a `VALUES` list costs a parse and plan per size. SQLite gets
+/// multi-row `VALUES`.
+pub(crate) async fn insert_columns(
+    txn: &DatabaseTransaction,
+    head: &str,
+    suffix: &str,
+    columns: Vec<Column>,
+) -> Result<(), DbErr> {
+    let rows = columns.first().map_or(0, Column::len);
+    if rows == 0 {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    if backend != DbBackend::Postgres {
+        let rows = (0..rows)
+            .map(|row| columns.iter().map(|c| c.value_at(row)).collect())
+            .collect();
+        return insert_rows(txn, head, suffix, rows).await;
+    }
+    let (mut values, mut arrays, mut selected) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, column) in columns.into_iter().enumerate() {
+        let name = format!("c{i}");
+        let (value, array_type, select) = column.into_array(&name);
+        values.push(value);
+        arrays.push(format!("${}::{array_type}", i + 1));
+        selected.push(select);
+    }
+    let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+    let text = format!(
+        "{head} SELECT {} FROM UNNEST({}) AS u({}) {suffix}",
+        selected.join(", "),
+        arrays.join(", "),
+        names.join(", ")
+    );
+    txn.execute_raw(Statement::from_sql_and_values(backend, text, values))
+        .await?;
+    Ok(())
+}
+
 /// Serialises appliers across replicas on PostgreSQL (SQLite has one writer anyway).
 pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
@@ -234,26 +327,37 @@ pub async fn already_applied<C: ConnectionTrait>(
     conn: &C,
     ids: &[String],
 ) -> Result<HashSet<String>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut found = HashSet::new();
+    if conn.get_database_backend() == DbBackend::Postgres {
+        let rows = query(
+            conn,
+            "SELECT event_id FROM applied_events WHERE event_id = ANY(?::text[])",
+            [ids.to_vec().into()],
+        )
+        .await?;
+        for row in rows {
+            found.insert(row.try_get_by_index(0)?);
+        }
+        return Ok(found);
+    }
     for chunk in ids.chunks(MAX_PARAMS) {
         let text = format!(
             "SELECT event_id FROM applied_events WHERE event_id IN ({})",
             in_list(chunk.len())
         );
-        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
-        for row in conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?
-        {
+        let values = chunk.iter().map(|s| Value::from(s.as_str()));
+        for row in query(conn, &text, values).await? {
             found.insert(row.try_get_by_index(0)?);
         }
     }
     Ok(found)
+}
+
+/// `idents` as two PostgreSQL array parameters (types, values), for joining with
+/// `UNNEST(?::text[], ?::text[]) AS k(t, v)`.
+pub(crate) fn ident_arrays(idents: &[Ident]) -> [Value; 2] {
+    let (types, values): (Vec<String>, Vec<String>) = idents.iter().cloned().unzip();
+    [types.into(), values.into()]
 }
 
 /// Columns [`record_from`] reads, in order.
@@ -279,25 +383,27 @@ pub async fn load_owners<C: ConnectionTrait>(
     conn: &C,
     idents: &[Ident],
 ) -> Result<Vec<Record>, DbErr> {
-    let backend = conn.get_database_backend();
+    if conn.get_database_backend() == DbBackend::Postgres {
+        let rows = query(
+            conn,
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id IN (
+                     SELECT i.profile_id FROM identities i
+                     JOIN UNNEST(?::text[], ?::text[]) AS k(t, v)
+                       ON i.id_type = k.t AND i.id_value = k.v)"
+            ),
+            ident_arrays(idents),
+        )
+        .await?;
+        return rows.iter().map(record_from).collect();
+    }
     let mut owners: HashSet<String> = HashSet::new();
     for chunk in idents.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
         let text = format!(
-            "SELECT DISTINCT profile_id FROM identities WHERE (id_type, id_value) IN ({})",
-            vec!["(?, ?)"; chunk.len()].join(", ")
+            "SELECT DISTINCT profile_id FROM identities WHERE (id_type, id_value) IN ({pairs})"
         );
-        let values: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(t, v)| [t.as_str().into(), v.as_str().into()])
-            .collect();
-        for row in conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?
-        {
+        for row in query(conn, &text, values).await? {
             owners.insert(row.try_get_by_index(0)?);
         }
     }
@@ -376,27 +482,21 @@ pub async fn save_records(
     records: &[&Record],
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let rows = records
-        .iter()
-        .map(|r| {
-            vec![
-                r.profile.profile_id.as_str().into(),
-                r.merged_into.clone().into(),
-                r.created_us.into(),
-                now_us.into(),
-                (r.profile.version as i64).into(),
-                r.profile.encode_to_vec().into(),
-                r.aggregates.encode_to_vec().into(),
-            ]
-        })
-        .collect();
-    insert_rows(
+    insert_columns(
         txn,
         "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates)",
         "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
          updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
          aggregates = excluded.aggregates",
-        rows,
+        vec![
+            Column::Text(records.iter().map(|r| r.profile.profile_id.clone()).collect()),
+            Column::NullableText(records.iter().map(|r| r.merged_into.clone()).collect()),
+            Column::Int8(records.iter().map(|r| r.created_us).collect()),
+            Column::Int8(vec![now_us; records.len()]),
+            Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
+            Column::Bytea(records.iter().map(|r| r.profile.encode_to_vec()).collect()),
+            Column::Bytea(records.iter().map(|r| r.aggregates.encode_to_vec()).collect()),
+        ],
     )
     .await
 }
@@ -416,16 +516,16 @@ pub async fn save_batch(
         .collect();
     save_records(txn, &dirty, now_us).await?;
 
-    let identities = set
-        .dirty_identities
-        .iter()
-        .map(|((t, v), owner)| vec![t.as_str().into(), v.as_str().into(), set.live(owner).into()])
-        .collect();
-    insert_rows(
+    let identities = &set.dirty_identities;
+    insert_columns(
         txn,
         "INSERT INTO identities (id_type, id_value, profile_id)",
         "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
-        identities,
+        vec![
+            Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
+            Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
+            Column::Text(identities.values().map(|owner| set.live(owner)).collect()),
+        ],
     )
     .await?;
 
@@ -480,16 +580,19 @@ pub async fn save_batch(
         })
         .collect();
     insert_timeline(txn, &timeline).await?;
-    let applied = set
-        .applied
-        .iter()
-        .map(|(e, _)| vec![e.event_id.as_str().into(), now_us.into()])
-        .collect();
-    insert_rows(
+    insert_columns(
         txn,
         "INSERT INTO applied_events (event_id, applied_at)",
         "ON CONFLICT (event_id) DO NOTHING",
-        applied,
+        vec![
+            Column::Text(
+                set.applied
+                    .iter()
+                    .map(|(e, _)| e.event_id.clone())
+                    .collect(),
+            ),
+            Column::Int8(vec![now_us; set.applied.len()]),
+        ],
     )
     .await?;
 
@@ -525,28 +628,22 @@ pub async fn insert_timeline(
     txn: &DatabaseTransaction,
     rows: &[TimelineRow<'_>],
 ) -> Result<(), DbErr> {
-    let rows = rows
-        .iter()
-        .map(|row| {
-            let event = row.event;
-            vec![
-                event.event_id.as_str().into(),
-                row.owner.as_str().into(),
-                row.origin.into(),
-                entry_time_us(event).into(),
-                (event.channel as i16).into(),
-                (event.r#type as i16).into(),
-                timeline_name(event).into(),
-                Vec::<u8>::new().into(),
-                event.encode_to_vec().into(),
-            ]
-        })
-        .collect();
-    insert_rows(
+    let events = || rows.iter().map(|row| row.event);
+    insert_columns(
         txn,
         "INSERT INTO timeline (event_id, profile_id, origin_profile_id, ts, channel, event_type, name, entry, event)",
         "ON CONFLICT (event_id) DO NOTHING",
-        rows,
+        vec![
+            Column::Text(events().map(|e| e.event_id.clone()).collect()),
+            Column::Text(rows.iter().map(|row| row.owner.clone()).collect()),
+            Column::Text(rows.iter().map(|row| row.origin.to_owned()).collect()),
+            Column::Int8(events().map(entry_time_us).collect()),
+            Column::Int2(events().map(|e| e.channel as i16).collect()),
+            Column::Int2(events().map(|e| e.r#type as i16).collect()),
+            Column::Text(events().map(|e| timeline_name(e).to_owned()).collect()),
+            Column::Bytea(vec![Vec::new(); rows.len()]),
+            Column::Bytea(events().map(prost::Message::encode_to_vec).collect()),
+        ],
     )
     .await
 }
