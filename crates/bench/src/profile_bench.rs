@@ -1,6 +1,7 @@
 //! Profile benchmarks: events applied per second (resolution, traits, timeline, outbox) on
-//! PostgreSQL, and `GetProfile` over gRPC from the Redis cache next to raw Redis reads of
-//! the same bytes by as many clients.
+//! PostgreSQL, delivered as ingestion's relay does, next to the rows every applied event
+//! must write inserted straight into PostgreSQL; and `GetProfile` over gRPC from the Redis
+//! cache next to raw Redis reads of the same bytes by as many clients.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,9 @@ use crate::{Run, fresh_database_url, report};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const USERS: usize = 5_000;
+/// Concurrent deliveries: ingestion's relay to the profile service runs two workers on
+/// PostgreSQL.
+const RELAY_WORKERS: usize = 2;
 
 fn authed<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
@@ -55,6 +59,73 @@ fn event(i: usize) -> Event {
     e
 }
 
+/// The least an applied event must write, with the same batches and concurrency: its
+/// timeline row (event bytes included) and one outbox row per downstream consumer, bound
+/// as arrays in one transaction per batch, into tables of the same shape.
+async fn insert_ceiling(url: &str, batches: usize, batch: usize) -> anyhow::Result<Run> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    let db = waymark_kit::db::connect(url, "ceiling", 16).await?;
+    db.execute_unprepared("CREATE SCHEMA IF NOT EXISTS ceiling")
+        .await?;
+    db.execute_unprepared(
+        "CREATE TABLE ceiling.timeline (event_id TEXT PRIMARY KEY, profile_id TEXT NOT NULL,
+             ts BIGINT NOT NULL, event BYTEA NOT NULL);
+         CREATE INDEX ON ceiling.timeline (profile_id, ts);
+         CREATE TABLE ceiling.outbox (id BIGSERIAL PRIMARY KEY, consumer TEXT NOT NULL,
+             payload BYTEA NOT NULL, created_at BIGINT NOT NULL);",
+    )
+    .await?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..RELAY_WORKERS {
+        let (db, next) = (db.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < batches {
+                let events: Vec<Event> = (0..batch).map(event).collect();
+                let t = Instant::now();
+                let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+                let owners: Vec<String> = events.iter().map(|e| e.user_id.clone()).collect();
+                let times: Vec<i64> = events
+                    .iter()
+                    .map(|e| e.timestamp.map_or(0, |t| t.seconds))
+                    .collect();
+                let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
+                let txn = db.begin().await?;
+                txn.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "INSERT INTO ceiling.timeline SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bytea[])",
+                    [ids.into(), owners.into(), times.into(), payloads.clone().into()],
+                ))
+                .await?;
+                txn.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "INSERT INTO ceiling.outbox (consumer, payload, created_at)
+                     SELECT c, p, 0 FROM UNNEST($1::text[]) AS k(c) CROSS JOIN UNNEST($2::bytea[]) AS t(p)",
+                    [
+                        vec!["orchestrator".to_owned(), "analytics".to_owned()].into(),
+                        payloads.into(),
+                    ],
+                ))
+                .await?;
+                txn.commit().await?;
+                latencies.push(t.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    Ok(Run {
+        events: batches * batch,
+        elapsed: start.elapsed(),
+        latencies,
+    })
+}
+
 /// Waits until health reports SERVING: the migrations are applied.
 async fn wait_serving(endpoint: &str) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -85,8 +156,9 @@ pub async fn run(
         "profile benchmark: {events} events applied, {reads} GetProfile calls by {clients} clients, PostgreSQL + Redis"
     );
     let prefix = format!("bench-{}:", uuid::Uuid::new_v4().simple());
+    let database_url = fresh_database_url(postgres).await?;
     let config = Config {
-        database_url: fresh_database_url(postgres).await?,
+        database_url: database_url.clone(),
         redis_url: Some(redis_url.to_owned()),
         profile_cache_key_prefix: prefix.clone(),
         admin_token: Some(Secret::new(TOKEN)),
@@ -103,7 +175,7 @@ pub async fn run(
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.serve(listener, shutdown.clone()));
 
-    let mut sink = loop {
+    let sink = loop {
         match EventSinkClient::connect(endpoint.clone()).await {
             Ok(c) => break c.max_encoding_message_size(waymark_kit::grpc::MAX_MESSAGE_BYTES),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -115,25 +187,47 @@ pub async fn run(
         .map(|c| c.iter().map(|i| event(*i)).collect())
         .collect();
     wait_serving(&endpoint).await?;
+    let batch_count = batches.len();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
     let start = Instant::now();
-    let mut latencies = Vec::new();
-    for batch in batches {
-        let t = Instant::now();
-        sink.deliver(authed(DeliverRequest {
-            producer: "bench".into(),
-            events: batch,
-        })?)
-        .await?;
-        latencies.push(t.elapsed());
+    let mut senders = Vec::new();
+    for _ in 0..RELAY_WORKERS {
+        let (queue, mut sink) = (queue.clone(), sink.clone());
+        senders.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let Some(batch) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+                    return anyhow::Ok(latencies);
+                };
+                let t = Instant::now();
+                sink.deliver(authed(DeliverRequest {
+                    producer: "bench".into(),
+                    events: batch,
+                })?)
+                .await?;
+                latencies.push(t.elapsed());
+            }
+        }));
     }
+    let mut latencies = Vec::new();
+    for sender in senders {
+        latencies.extend(sender.await??);
+    }
+    let applied = Run {
+        events,
+        elapsed: start.elapsed(),
+        latencies,
+    };
+    let ceiling = insert_ceiling(&database_url, batch_count, events / batch_count.max(1)).await?;
     report(
-        "events applied (one relay, batches of 500)",
-        &Run {
-            events,
-            elapsed: start.elapsed(),
-            latencies,
-        },
+        "ceiling: timeline + outbox rows inserted directly",
+        &ceiling,
         None,
+    );
+    report(
+        "events applied (relay with 2 workers, batches of 500)",
+        &applied,
+        Some(&ceiling),
     );
 
     // Collect profile ids and warm the cache.

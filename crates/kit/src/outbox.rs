@@ -66,21 +66,22 @@ pub async fn enqueue<C: ConnectionTrait>(
     let backend = conn.get_database_backend();
     let now = now_micros();
     if backend == DbBackend::Postgres {
-        // One array parameter however many rows.
+        // One statement and one copy of the payloads however many rows and consumers;
+        // ids follow commit order per consumer.
         let array: Value = payloads
             .iter()
             .map(|p| p.to_vec())
             .collect::<Vec<Vec<u8>>>()
             .into();
-        for consumer in consumers {
-            conn.execute_raw(Statement::from_sql_and_values(
-                backend,
-                "INSERT INTO outbox (consumer, payload, created_at, available_at)
-                 SELECT $1, p, $2, $2 FROM UNNEST($3::bytea[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
-                [consumer.as_str().into(), now.into(), array.clone()],
-            ))
-            .await?;
-        }
+        let consumers: Value = consumers.to_vec().into();
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO outbox (consumer, payload, created_at, available_at)
+             SELECT c, p, $2, $2 FROM UNNEST($1::text[]) WITH ORDINALITY AS k(c, i)
+             CROSS JOIN UNNEST($3::bytea[]) WITH ORDINALITY AS t(p, n) ORDER BY i, n",
+            [consumers, now.into(), array],
+        ))
+        .await?;
         return Ok(());
     }
     let rows: Vec<(&String, &[u8])> = consumers

@@ -173,7 +173,7 @@ impl Profiles {
     /// Applies a delivered batch: idempotent by event id, all or nothing.
     pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
         let total = events.len() as u32;
-        let _guard = self.inner.applier.lock().await;
+        let applier = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
         store::lock_applier(&txn).await?;
@@ -251,6 +251,9 @@ impl Profiles {
             store::drop_memberships(&txn, &merge.merged_id).await?;
         }
         txn.commit().await?;
+        // The next batch may resolve while this one writes the cache: cached versions only
+        // ever move forward, whichever write lands first.
+        drop(applier);
         self.inner.wakeup.notify();
         let metrics = &self.inner.metrics;
         metrics.delivered("applied", set.applied.len());
