@@ -249,6 +249,19 @@ impl Worker {
             tokio::pin!(notified);
             notified.as_mut().enable();
 
+            // After a failure, ask the consumer first: claiming and releasing rows for a
+            // consumer that is down only churns the database.
+            if failures > 0 && !self.consumer_ready().await {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures, self.config.max_backoff);
+                tracing::debug!(consumer = %self.config.consumer, retry_in_ms = delay.as_millis() as u64, "consumer still not ready");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+
             let pause = match self.claim().await {
                 Ok(batch) if batch.is_empty() => Some(self.config.idle_poll),
                 Ok(batch) => {
@@ -341,6 +354,27 @@ impl Worker {
         // RETURNING does not promise order; deliver in commit order.
         batch.sort_unstable_by_key(|(id, _)| *id);
         Ok(batch.into_iter().map(|(_, payload)| payload).collect())
+    }
+
+    /// Whether the consumer answers and reports Serving. A consumer without the health
+    /// service counts as ready: the delivery itself will tell.
+    async fn consumer_ready(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        if grpc.ready().await.is_err() {
+            return false;
+        }
+        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+        let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
+        let request = tonic::Request::new(HealthCheckRequest::default());
+        match grpc.unary(request, path, codec).await {
+            Ok(response) => response.into_inner().status == ServingStatus::Serving as i32,
+            Err(status) => !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ),
+        }
     }
 
     async fn deliver(&self, events: Vec<Vec<u8>>) -> Result<(), tonic::Status> {
