@@ -1,6 +1,7 @@
 //! The profile service's tables. A profile's state is its encoded `Profile` (one row read
 //! serves GetProfile); `identities` is the index resolution queries; `timeline` holds every
-//! applied event; `applied_events` makes delivery idempotent; `merges` is the audit log.
+//! applied event, and its primary key is what makes delivery idempotent; `merges` is the
+//! audit log.
 
 use std::collections::HashSet;
 
@@ -92,6 +93,14 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "aggregate state beside each profile",
         postgres: "ALTER TABLE profiles ADD COLUMN aggregates BYTEA",
         sqlite: "ALTER TABLE profiles ADD COLUMN aggregates BYTEA",
+    },
+    Migration {
+        version: 6,
+        name: "idempotency from the timeline's key",
+        // Every applied event has its timeline row; an erased profile's rows go, but its
+        // identifiers are suppressed, so its events are dropped before this check matters.
+        postgres: "DROP TABLE applied_events",
+        sqlite: "DROP TABLE applied_events",
     },
 ];
 
@@ -322,7 +331,7 @@ pub(crate) fn in_list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
-/// The event ids of `ids` applied before.
+/// The event ids of `ids` applied before: they are in the timeline.
 pub async fn already_applied<C: ConnectionTrait>(
     conn: &C,
     ids: &[String],
@@ -331,7 +340,7 @@ pub async fn already_applied<C: ConnectionTrait>(
     if conn.get_database_backend() == DbBackend::Postgres {
         let rows = query(
             conn,
-            "SELECT event_id FROM applied_events WHERE event_id = ANY(?::text[])",
+            "SELECT event_id FROM timeline WHERE event_id = ANY(?::text[])",
             [ids.to_vec().into()],
         )
         .await?;
@@ -342,7 +351,7 @@ pub async fn already_applied<C: ConnectionTrait>(
     }
     for chunk in ids.chunks(MAX_PARAMS) {
         let text = format!(
-            "SELECT event_id FROM applied_events WHERE event_id IN ({})",
+            "SELECT event_id FROM timeline WHERE event_id IN ({})",
             in_list(chunk.len())
         );
         let values = chunk.iter().map(|s| Value::from(s.as_str()));
@@ -580,21 +589,6 @@ pub async fn save_batch(
         })
         .collect();
     insert_timeline(txn, &timeline).await?;
-    insert_columns(
-        txn,
-        "INSERT INTO applied_events (event_id, applied_at)",
-        "ON CONFLICT (event_id) DO NOTHING",
-        vec![
-            Column::Text(
-                set.applied
-                    .iter()
-                    .map(|(e, _)| e.event_id.clone())
-                    .collect(),
-            ),
-            Column::Int8(vec![now_us; set.applied.len()]),
-        ],
-    )
-    .await?;
 
     let payloads: Vec<Vec<u8>> = set
         .applied
