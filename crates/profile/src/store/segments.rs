@@ -2,10 +2,9 @@
 //! segments (that is what the cache serves); `segment_members` mirrors it in the same
 //! transaction so members can be listed and counted without reading every profile.
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
-use waymark_kit::db::sql;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{RECORD_COLUMNS, insert_rows, record_from};
+use super::{RECORD_COLUMNS, execute, insert_rows, query, query_one, record_from};
 use crate::resolve::Record;
 
 /// A stored segment.
@@ -46,13 +45,12 @@ fn segment_from(row: &sea_orm::QueryResult) -> Result<SegmentRow, DbErr> {
 
 /// Every segment, by id.
 pub async fn segments<C: ConnectionTrait>(conn: &C) -> Result<Vec<SegmentRow>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_string(
-            backend,
-            format!("{SELECT_SEGMENTS} ORDER BY s.segment_id"),
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        &format!("{SELECT_SEGMENTS} ORDER BY s.segment_id"),
+        [],
+    )
+    .await?;
     rows.iter().map(segment_from).collect()
 }
 
@@ -61,17 +59,12 @@ pub async fn segment<C: ConnectionTrait>(
     conn: &C,
     segment_id: &str,
 ) -> Result<Option<SegmentRow>, DbErr> {
-    let backend = conn.get_database_backend();
-    let row = conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                &format!("{SELECT_SEGMENTS} WHERE s.segment_id = ?"),
-            ),
-            [segment_id.into()],
-        ))
-        .await?;
+    let row = query_one(
+        conn,
+        &format!("{SELECT_SEGMENTS} WHERE s.segment_id = ?"),
+        [segment_id.into()],
+    )
+    .await?;
     row.as_ref().map(segment_from).transpose()
 }
 
@@ -81,18 +74,14 @@ pub async fn put_segment(
     segment: &SegmentRow,
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "INSERT INTO segments (segment_id, name, description, condition, created_at, updated_at,
-                 generation, backfilled_generation)
-             VALUES (?, ?, ?, ?, ?, ?, 1, 0)
-             ON CONFLICT (segment_id) DO UPDATE SET name = excluded.name,
-                 description = excluded.description, condition = excluded.condition,
-                 updated_at = excluded.updated_at, generation = segments.generation + 1",
-        ),
+    execute(
+        txn,
+        "INSERT INTO segments (segment_id, name, description, condition, created_at, updated_at,
+             generation, backfilled_generation)
+         VALUES (?, ?, ?, ?, ?, ?, 1, 0)
+         ON CONFLICT (segment_id) DO UPDATE SET name = excluded.name,
+             description = excluded.description, condition = excluded.condition,
+             updated_at = excluded.updated_at, generation = segments.generation + 1",
         [
             segment.segment_id.as_str().into(),
             segment.name.as_str().into(),
@@ -101,28 +90,26 @@ pub async fn put_segment(
             now_us.into(),
             now_us.into(),
         ],
-    ))
+    )
     .await?;
     Ok(())
 }
 
 /// Removes a segment definition and its membership index.
 pub async fn delete_segment(txn: &DatabaseTransaction, segment_id: &str) -> Result<bool, DbErr> {
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(backend, "DELETE FROM segment_members WHERE segment_id = ?"),
+    execute(
+        txn,
+        "DELETE FROM segment_members WHERE segment_id = ?",
         [segment_id.into()],
-    ))
+    )
     .await?;
-    let deleted = txn
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, "DELETE FROM segments WHERE segment_id = ?"),
-            [segment_id.into()],
-        ))
-        .await?;
-    Ok(deleted.rows_affected() > 0)
+    let deleted = execute(
+        txn,
+        "DELETE FROM segments WHERE segment_id = ?",
+        [segment_id.into()],
+    )
+    .await?;
+    Ok(deleted > 0)
 }
 
 /// Records that `generation` of a segment has been computed for every profile, unless
@@ -132,15 +119,11 @@ pub async fn mark_backfilled<C: ConnectionTrait>(
     segment_id: &str,
     generation: i64,
 ) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "UPDATE segments SET backfilled_generation = ? WHERE segment_id = ? AND generation = ?",
-        ),
+    execute(
+        conn,
+        "UPDATE segments SET backfilled_generation = ? WHERE segment_id = ? AND generation = ?",
         [generation.into(), segment_id.into(), generation.into()],
-    ))
+    )
     .await?;
     Ok(())
 }
@@ -158,7 +141,6 @@ pub async fn save_memberships(
     changes: &[MembershipChange<'_>],
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
     let entered = changes
         .iter()
         .flat_map(|c| {
@@ -180,14 +162,11 @@ pub async fn save_memberships(
     .await?;
     for change in changes {
         for segment_id in change.exited {
-            txn.execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    "DELETE FROM segment_members WHERE segment_id = ? AND profile_id = ?",
-                ),
+            execute(
+                txn,
+                "DELETE FROM segment_members WHERE segment_id = ? AND profile_id = ?",
                 [segment_id.as_str().into(), change.profile_id.into()],
-            ))
+            )
             .await?;
         }
     }
@@ -197,12 +176,11 @@ pub async fn save_memberships(
 /// Drops every membership of a profile that was merged away: the survivor is evaluated
 /// afresh and holds the memberships from then on.
 pub async fn drop_memberships(txn: &DatabaseTransaction, profile_id: &str) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(backend, "DELETE FROM segment_members WHERE profile_id = ?"),
+    execute(
+        txn,
+        "DELETE FROM segment_members WHERE profile_id = ?",
         [profile_id.into()],
-    ))
+    )
     .await?;
     Ok(())
 }
@@ -214,18 +192,13 @@ pub async fn members<C: ConnectionTrait>(
     after: &str,
     limit: u32,
 ) -> Result<Vec<String>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT profile_id FROM segment_members WHERE segment_id = ? AND profile_id > ?
-                 ORDER BY profile_id LIMIT ?",
-            ),
-            [segment_id.into(), after.into(), i64::from(limit).into()],
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        "SELECT profile_id FROM segment_members WHERE segment_id = ? AND profile_id > ?
+         ORDER BY profile_id LIMIT ?",
+        [segment_id.into(), after.into(), i64::from(limit).into()],
+    )
+    .await?;
     rows.iter().map(|r| r.try_get_by_index(0)).collect()
 }
 
@@ -235,19 +208,14 @@ pub async fn live_profiles<C: ConnectionTrait>(
     after: &str,
     limit: u32,
 ) -> Result<Vec<Record>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                &format!(
-                    "SELECT {RECORD_COLUMNS} FROM profiles
-                     WHERE merged_into IS NULL AND profile_id > ? ORDER BY profile_id LIMIT ?"
-                ),
-            ),
-            [after.into(), i64::from(limit).into()],
-        ))
-        .await?;
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT {RECORD_COLUMNS} FROM profiles
+             WHERE merged_into IS NULL AND profile_id > ? ORDER BY profile_id LIMIT ?"
+        ),
+        [after.into(), i64::from(limit).into()],
+    )
+    .await?;
     rows.iter().map(record_from).collect()
 }
