@@ -73,7 +73,9 @@ pub async fn assign_identities(
     .await
 }
 
-/// Moves the timeline rows first applied to any of `origins` to `owner`.
+/// Moves the timeline rows first applied to any of `origins` to `owner`. While merged,
+/// every such row sits on another profile than its origin, so the partial origin index
+/// finds them all.
 pub async fn move_timeline(
     txn: &DatabaseTransaction,
     origins: &[String],
@@ -84,7 +86,8 @@ pub async fn move_timeline(
     execute(
         txn,
         &format!(
-            "UPDATE timeline SET profile_id = ? WHERE origin_profile_id IN ({})",
+            "UPDATE timeline SET profile_id = ?
+             WHERE origin_profile_id IN ({}) AND origin_profile_id <> profile_id",
             in_list(origins.len())
         ),
         values,
