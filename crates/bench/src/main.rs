@@ -3,6 +3,7 @@
 //! rows (event log + outbox) inserted straight into PostgreSQL by as many clients, one
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
 
+mod echo;
 mod profile_bench;
 
 use std::sync::Arc;
@@ -84,19 +85,23 @@ async fn main() -> anyhow::Result<()> {
     report(
         "ceiling: multi-row INSERT of events + outbox rows",
         &ceiling,
-        None,
+        &[],
     );
 
     let grpc_db = fresh_database_url(&args.postgres).await?;
     let grpc = through_service(&grpc_db, &args, Transport::Grpc).await?;
-    report("waymark gRPC Ingest (durable ack)", &grpc, Some(&ceiling));
+    report(
+        "waymark gRPC Ingest (durable ack)",
+        &grpc,
+        &[("ceiling", &ceiling)],
+    );
 
     let http_db = fresh_database_url(&args.postgres).await?;
     let http = through_service(&http_db, &args, Transport::Http).await?;
     report(
         "waymark HTTP /v1/batch (durable ack)",
         &http,
-        Some(&ceiling),
+        &[("ceiling", &ceiling)],
     );
     Ok(())
 }
@@ -107,7 +112,8 @@ pub(crate) struct Run {
     latencies: Vec<Duration>,
 }
 
-pub(crate) fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
+/// Prints `run`'s rate and latency, and its ratio to each named ceiling.
+pub(crate) fn report(name: &str, run: &Run, ceilings: &[(&str, &Run)]) {
     let rate = run.events as f64 / run.elapsed.as_secs_f64();
     let mut lat = run.latencies.clone();
     lat.sort_unstable();
@@ -121,9 +127,9 @@ pub(crate) fn report(name: &str, run: &Run, ceiling: Option<&Run>) {
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3
     );
-    if let Some(c) = ceiling {
+    for (ceiling, c) in ceilings {
         let c_rate = c.events as f64 / c.elapsed.as_secs_f64();
-        print!("   ratio {:.2} of ceiling ({c_rate:.0}/s)", rate / c_rate);
+        print!("   ratio {:.2} of {ceiling} ({c_rate:.0}/s)", rate / c_rate);
     }
     println!();
 }

@@ -222,12 +222,12 @@ pub async fn run(
     report(
         "ceiling: timeline + outbox rows inserted directly",
         &ceiling,
-        None,
+        &[],
     );
     report(
         "events applied (relay with 2 workers, batches of 500)",
         &applied,
-        Some(&ceiling),
+        &[("ceiling", &ceiling)],
     );
 
     // Collect profile ids and warm the cache.
@@ -251,36 +251,7 @@ pub async fn run(
     }
 
     let per_client = reads / clients;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (endpoint, ids) = (endpoint.clone(), ids.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut client = ProfileServiceClient::connect(endpoint).await?;
-            let mut lat = Vec::with_capacity(per_client);
-            for i in 0..per_client {
-                let id = ids[(c * 7919 + i) % ids.len()].clone();
-                let t = Instant::now();
-                client
-                    .get_profile(authed(GetProfileRequest {
-                        profile_id: id,
-                        identity: None,
-                    })?)
-                    .await?;
-                lat.push(t.elapsed());
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
-    let grpc = Run {
-        events: per_client * clients,
-        elapsed: start.elapsed(),
-        latencies,
-    };
+    let grpc = get_profiles(&endpoint, &ids, clients, per_client).await?;
 
     // The ceiling: the same cached bytes read straight from Redis, same concurrency.
     let redis = redis::Client::open(redis_url)?;
@@ -317,13 +288,75 @@ pub async fn run(
         elapsed: start.elapsed(),
         latencies,
     };
+    let redis = ceiling;
+
+    // The other ceiling: tonic alone answering the same call with the same bytes.
+    let cached = client
+        .get_profile(authed(GetProfileRequest {
+            profile_id: ids[0].clone(),
+            identity: None,
+        })?)
+        .await?
+        .into_inner()
+        .profile
+        .unwrap_or_default();
+    let echo_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let echo_endpoint = format!("http://{}", echo_listener.local_addr()?);
+    let echo_task = tokio::spawn(crate::echo::serve(echo_listener, cached, shutdown.clone()));
+    let echo = get_profiles(&echo_endpoint, &ids, clients, per_client).await?;
+
     report(
         "ceiling: raw Redis HGET + decode of the same bytes",
-        &ceiling,
-        None,
+        &redis,
+        &[],
     );
-    report("GetProfile over gRPC from the cache", &grpc, Some(&ceiling));
+    report("ceiling: bare tonic answering from memory", &echo, &[]);
+    report(
+        "GetProfile over gRPC from the cache",
+        &grpc,
+        &[("Redis", &redis), ("bare tonic", &echo)],
+    );
     shutdown.cancel();
     task.await??;
+    echo_task.await??;
     Ok(())
+}
+
+/// `per_client` GetProfile calls by each of `clients`, each on its own connection.
+async fn get_profiles(
+    endpoint: &str,
+    ids: &[String],
+    clients: usize,
+    per_client: usize,
+) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (endpoint, ids) = (endpoint.to_owned(), ids.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut client = ProfileServiceClient::connect(endpoint).await?;
+            let mut lat = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let id = ids[(c * 7919 + i) % ids.len()].clone();
+                let t = Instant::now();
+                client
+                    .get_profile(authed(GetProfileRequest {
+                        profile_id: id,
+                        identity: None,
+                    })?)
+                    .await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(Run {
+        events: per_client * clients,
+        elapsed: start.elapsed(),
+        latencies,
+    })
 }
