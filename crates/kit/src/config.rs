@@ -88,6 +88,9 @@ pub struct Config {
     pub profile_cache_key_prefix: String,
     /// Profiles held by the in-process cache (when no Redis URL is set).
     pub profile_cache_capacity: usize,
+    /// Profiles the profile service's applier remembers between batches, so events of
+    /// recently active customers resolve without reading them back; 0 turns it off.
+    pub applier_memory_profiles: usize,
     /// Trait keys that are identifiers too (e.g. `loyalty_id`), matched like e-mails.
     pub custom_identity_types: Vec<String>,
     /// Seconds within which a repeated messageId of a source is a duplicate.
@@ -134,6 +137,7 @@ impl Default for Config {
             profile_cache_ttl_secs: 24 * 3600,
             profile_cache_key_prefix: String::new(),
             profile_cache_capacity: 100_000,
+            applier_memory_profiles: 20_000,
             custom_identity_types: Vec::new(),
             dedupe_window_secs: 7 * 24 * 3600,
             retention_secs: 30 * 24 * 3600,

@@ -7,6 +7,7 @@
 //! here and, pushed in the background, at ingestion.
 
 pub mod aggregate;
+mod applier;
 pub mod background;
 pub mod emotion;
 pub mod error;
@@ -69,7 +70,14 @@ impl ProfileServer {
         };
         let wakeup = Wakeup::default();
         let consumers = CONSUMERS.iter().map(|c| (*c).to_owned()).collect();
-        let core = Profiles::new(db.clone(), cache, rules, consumers, wakeup.clone());
+        let core = Profiles::new(
+            db.clone(),
+            cache,
+            rules,
+            consumers,
+            wakeup.clone(),
+            config.applier_memory_profiles,
+        );
         Ok(Self {
             config,
             db,

@@ -122,9 +122,9 @@ impl WorkingSet {
         current
     }
 
-    /// Resolves `event` to a profile (creating or merging as needed) and applies it.
-    pub fn apply(&mut self, rules: &Rules, mut event: Event, now_us: i64) {
-        let mut ids = rules.identity.extract(&event);
+    /// Resolves `event`, carrying `ids` (its identifiers as [`IdentityRules::extract`]
+    /// gives them), to a profile (creating or merging as needed) and applies it.
+    pub fn apply(&mut self, rules: &Rules, mut event: Event, mut ids: Vec<Ident>, now_us: i64) {
         if ids.is_empty() {
             self.unattributed += 1;
             return;
@@ -440,15 +440,21 @@ mod tests {
         e
     }
 
+    fn apply(set: &mut WorkingSet, event: Event, now_us: i64) {
+        let rules = rules();
+        let ids = rules.identity.extract(&event);
+        set.apply(&rules, event, ids, now_us);
+    }
+
     #[test]
     fn no_match_creates_one_match_adds_several_merge_into_the_oldest() {
         let mut set = WorkingSet::default();
-        set.apply(&rules(), event("", "anon-1", None), 1);
-        set.apply(&rules(), event("", "anon-2", Some("a@x.io")), 2);
+        apply(&mut set, event("", "anon-1", None), 1);
+        apply(&mut set, event("", "anon-2", Some("a@x.io")), 2);
         assert_eq!(set.records.len(), 2);
         let first = set.index[&("anonymous_id".into(), "anon-1".into())].clone();
         // Links anon-1 and the e-mail: the two profiles merge into the older one.
-        set.apply(&rules(), event("", "anon-1", Some("a@x.io")), 3);
+        apply(&mut set, event("", "anon-1", Some("a@x.io")), 3);
         let live: HashSet<String> = set.records.keys().map(|id| set.live(id)).collect();
         assert_eq!(live.len(), 1);
         assert_eq!(
@@ -471,10 +477,10 @@ mod tests {
     #[test]
     fn a_merge_that_would_give_a_profile_two_user_ids_drops_the_weakest_identifier() {
         let mut set = WorkingSet::default();
-        set.apply(&rules(), event("u-1", "device-a", None), 1);
-        set.apply(&rules(), event("u-2", "device-b", None), 2);
+        apply(&mut set, event("u-1", "device-a", None), 1);
+        apply(&mut set, event("u-2", "device-b", None), 2);
         // u-2 on device-a: merging would join u-1 and u-2; the anonymous id is dropped.
-        set.apply(&rules(), event("u-2", "device-a", None), 3);
+        apply(&mut set, event("u-2", "device-a", None), 3);
         assert!(set.merges.is_empty());
         let u1 = set.index[&("user_id".into(), "u-1".into())].clone();
         let u2 = set.index[&("user_id".into(), "u-2".into())].clone();
@@ -485,8 +491,8 @@ mod tests {
     #[test]
     fn blocked_values_never_merge() {
         let mut set = WorkingSet::default();
-        set.apply(&rules(), event("u-1", "undefined", None), 1);
-        set.apply(&rules(), event("u-2", "undefined", None), 2);
+        apply(&mut set, event("u-1", "undefined", None), 1);
+        apply(&mut set, event("u-2", "undefined", None), 2);
         assert!(set.merges.is_empty());
         assert_eq!(set.records.len(), 2);
     }
@@ -504,8 +510,8 @@ mod tests {
         };
         let mut set = WorkingSet::default();
         let first = survey(1);
-        set.apply(&rules(), first.clone(), 1);
-        set.apply(&rules(), survey(1), 2);
+        apply(&mut set, first.clone(), 1);
+        apply(&mut set, survey(1), 2);
         assert_eq!(
             set.synthetic.len(),
             1,

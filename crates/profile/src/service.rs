@@ -12,7 +12,8 @@ use waymark_profile_cache::ProfileCache;
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
-use crate::identity::normalise;
+use crate::applier::ApplierMemory;
+use crate::identity::{Ident, normalise};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
@@ -129,8 +130,9 @@ struct Inner {
     rules: Rules,
     consumers: Vec<String>,
     wakeup: Wakeup,
-    /// One applier per process; replicas serialise on a database lock.
-    applier: tokio::sync::Mutex<()>,
+    /// One applier per process; replicas serialise on a database lock. It guards what
+    /// the applier remembers of the profiles it wrote.
+    applier: tokio::sync::Mutex<ApplierMemory>,
     /// Compiled segment definitions, replaced whole when one changes.
     segments: std::sync::RwLock<Arc<Vec<SegmentDefinition>>>,
     /// Signalled when a definition changed, to start its backfill.
@@ -148,6 +150,7 @@ impl Profiles {
         rules: Rules,
         consumers: Vec<String>,
         wakeup: Wakeup,
+        applier_memory_profiles: usize,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -156,7 +159,7 @@ impl Profiles {
                 rules,
                 consumers,
                 wakeup,
-                applier: tokio::sync::Mutex::new(()),
+                applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),
                 segments: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
@@ -173,42 +176,43 @@ impl Profiles {
     /// Applies a delivered batch: idempotent by event id, all or nothing.
     pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
         let total = events.len() as u32;
-        let applier = self.inner.applier.lock().await;
-        let now = now_micros();
-        let txn = self.inner.db.begin().await?;
-        store::lock_applier(&txn).await?;
-        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-        let done = store::already_applied(&txn, &ids).await?;
+        // Everything that needs no database runs before the applier is taken: the
+        // serialised section is the critical path of every replica's batches.
         let mut seen = HashSet::new();
-        let fresh: Vec<Event> = events
+        let candidates: Vec<(Event, Vec<Ident>)> = events
             .into_iter()
-            .filter(|e| {
-                !e.event_id.is_empty()
-                    && !done.contains(&e.event_id)
-                    && seen.insert(e.event_id.clone())
+            .filter(|e| !e.event_id.is_empty() && seen.insert(e.event_id.clone()))
+            .map(|e| {
+                let ids = self.inner.rules.identity.extract(&e);
+                (e, ids)
             })
             .collect();
-        let duplicates = total - fresh.len() as u32;
-        let extracted: Vec<_> = fresh
-            .iter()
-            .map(|e| self.inner.rules.identity.extract(e))
-            .collect();
-        let idents: Vec<_> = {
-            let all: HashSet<_> = extracted.iter().flatten().cloned().collect();
-            all.into_iter().collect()
+        let event_ids: Vec<String> = candidates.iter().map(|(e, _)| e.event_id.clone()).collect();
+        let idents: Vec<Ident> = {
+            let all: HashSet<&Ident> = candidates.iter().flat_map(|(_, ids)| ids).collect();
+            all.into_iter().cloned().collect()
         };
+        let mut applier = self.inner.applier.lock().await;
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        let epoch = store::lock_applier(&txn).await?;
+        applier.begin(epoch);
+        let done = store::already_applied(&txn, &event_ids).await?;
+        let fresh: Vec<(Event, Vec<Ident>)> = candidates
+            .into_iter()
+            .filter(|(e, _)| !done.contains(&e.event_id))
+            .collect();
+        let duplicates = total - fresh.len() as u32;
         // Ingestion drops these too, but events committed before the erasure reached it
         // may still be in flight.
         let suppressed = store::suppressed_among(&txn, &idents).await?;
         let before = fresh.len();
-        let fresh: Vec<Event> = if suppressed.is_empty() {
+        let fresh: Vec<(Event, Vec<Ident>)> = if suppressed.is_empty() {
             fresh
         } else {
             fresh
                 .into_iter()
-                .zip(&extracted)
                 .filter(|(_, ids)| !ids.iter().any(|id| suppressed.contains(id)))
-                .map(|(e, _)| e)
                 .collect()
         };
         let suppressed_count = (before - fresh.len()) as u32;
@@ -233,10 +237,11 @@ impl Profiles {
                 suppressed: suppressed_count,
             });
         }
-        let records = store::load_owners(&txn, &idents).await?;
+        let (mut records, unknown) = applier.take(&idents);
+        records.extend(store::load_owners(&txn, &unknown).await?);
         let mut set = WorkingSet::new(records);
-        for event in fresh {
-            set.apply(&self.inner.rules, event, now);
+        for (event, ids) in fresh {
+            set.apply(&self.inner.rules, event, ids, now);
         }
         if set.unattributed > 0 {
             tracing::warn!(
@@ -250,7 +255,12 @@ impl Profiles {
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
         }
-        txn.commit().await?;
+        if let Err(error) = txn.commit().await {
+            // The commit may have happened all the same; only the database knows now.
+            applier.clear();
+            return Err(error.into());
+        }
+        applier.committed(epoch, &set);
         // The next batch may resolve while this one writes the cache: cached versions only
         // ever move forward, whichever write lands first.
         drop(applier);
@@ -421,6 +431,7 @@ impl Profiles {
                 event: &change,
                 owner: live_id.clone(),
                 origin: &live_id,
+                encoded: &prost::Message::encode_to_vec(&change),
             }],
         )
         .await?;

@@ -3,6 +3,7 @@
 //! applied event, and its primary key is what makes delivery idempotent; `merges` is the
 //! audit log.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use prost::Message;
@@ -104,7 +105,18 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: "DROP TABLE applied_events; ALTER TABLE profiles SET (fillfactor = 70);",
         sqlite: "DROP TABLE applied_events",
     },
+    Migration {
+        version: 7,
+        name: "applier counter",
+        postgres: APPLIER_EPOCH,
+        sqlite: APPLIER_EPOCH,
+    },
 ];
+
+/// One row every applier transaction advances; its row lock serialises appliers.
+const APPLIER_EPOCH: &str = "
+    CREATE TABLE applier_epoch (id SMALLINT PRIMARY KEY, epoch BIGINT NOT NULL);
+    INSERT INTO applier_epoch (id, epoch) VALUES (1, 0);";
 
 const TIMELINE_EVENTS: &str = "
     ALTER TABLE timeline ADD COLUMN origin_profile_id TEXT;
@@ -321,13 +333,19 @@ pub(crate) async fn insert_columns(
     Ok(())
 }
 
-/// Serialises appliers across replicas on PostgreSQL (SQLite has one writer anyway).
-pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<(), DbErr> {
-    if txn.get_database_backend() == DbBackend::Postgres {
-        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7263542002)")
-            .await?;
-    }
-    Ok(())
+/// Serialises appliers across replicas (the counter's row stays locked until the
+/// transaction ends; SQLite has one writer anyway) and returns the counter this
+/// transaction advanced it to, which tells the applier whether anyone else wrote since
+/// its own last commit.
+pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<i64, DbErr> {
+    let row = query_one(
+        txn,
+        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch",
+        [],
+    )
+    .await?
+    .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?;
+    row.try_get_by_index(0)
 }
 
 pub(crate) fn in_list(n: usize) -> String {
@@ -395,14 +413,19 @@ pub async fn load_owners<C: ConnectionTrait>(
     conn: &C,
     idents: &[Ident],
 ) -> Result<Vec<Record>, DbErr> {
+    if idents.is_empty() {
+        return Ok(Vec::new());
+    }
     if conn.get_database_backend() == DbBackend::Postgres {
         let rows = query(
             conn,
             &format!(
-                "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id IN (
+                // An array rather than `IN (subquery)`: the planner then probes the
+                // primary key per owner instead of hashing the whole profiles table.
+                "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id = ANY(ARRAY(
                      SELECT i.profile_id FROM identities i
                      JOIN UNNEST(?::text[], ?::text[]) AS k(t, v)
-                       ON i.id_type = k.t AND i.id_value = k.v)"
+                       ON i.id_type = k.t AND i.id_value = k.v))"
             ),
             ident_arrays(idents),
         )
@@ -582,28 +605,40 @@ pub async fn save_batch(
     )
     .await?;
 
+    // Each applied event is encoded once: the timeline's copy is also what goes
+    // downstream, unless a later merge in the batch moved it to another profile.
+    let encoded: Vec<Vec<u8>> = set.applied.iter().map(|(e, _)| e.encode_to_vec()).collect();
     let timeline: Vec<TimelineRow<'_>> = set
         .applied
         .iter()
-        .map(|(event, owner)| TimelineRow {
+        .zip(&encoded)
+        .map(|((event, owner), bytes)| TimelineRow {
             event,
             owner: set.live(owner),
             origin: owner,
+            encoded: bytes,
         })
         .collect();
     insert_timeline(txn, &timeline).await?;
 
-    let payloads: Vec<Vec<u8>> = set
-        .applied
+    let on_live = |event: &Event, owner: &str| {
+        let mut event = event.clone();
+        event.profile_id = set.live(owner);
+        event.encode_to_vec()
+    };
+    let payloads: Vec<Cow<'_, [u8]>> = timeline
         .iter()
-        .chain(set.synthetic.iter())
-        .map(|(event, owner)| {
-            let mut event = event.clone();
-            event.profile_id = set.live(owner);
-            event.encode_to_vec()
+        .map(|row| match row.owner == row.origin {
+            true => Cow::Borrowed(row.encoded),
+            false => Cow::Owned(on_live(row.event, row.origin)),
         })
+        .chain(
+            set.synthetic
+                .iter()
+                .map(|(event, owner)| Cow::Owned(on_live(event, owner))),
+        )
         .collect();
-    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(AsRef::as_ref).collect();
     if !refs.is_empty() {
         waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
     }
@@ -617,6 +652,8 @@ pub struct TimelineRow<'a> {
     pub owner: String,
     /// The profile it was first applied to; merges never change it, Unmerge reads it.
     pub origin: &'a str,
+    /// `event` encoded, its `profile_id` being `origin`.
+    pub encoded: &'a [u8],
 }
 
 /// Adds events to the timeline (already present ones stay). The whole event is kept, so
@@ -639,7 +676,7 @@ pub async fn insert_timeline(
             Column::Int2(events().map(|e| e.r#type as i16).collect()),
             Column::Text(events().map(|e| timeline_name(e).to_owned()).collect()),
             Column::Bytea(vec![Vec::new(); rows.len()]),
-            Column::Bytea(events().map(prost::Message::encode_to_vec).collect()),
+            Column::Bytea(rows.iter().map(|row| row.encoded.to_vec()).collect()),
         ],
     )
     .await

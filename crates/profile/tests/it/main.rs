@@ -578,3 +578,111 @@ async fn redis_outage_falls_back_to_the_database_and_refills() {
     );
     server.stop().await;
 }
+
+/// The applier remembers the profiles it wrote; writes by another replica or by a trusted
+/// update in between must be seen, never overwritten from that memory.
+async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let sink_url = sink.start().await;
+    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
+    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
+    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
+    let b = TestProfile::start(b_config).await;
+
+    a.deliver(vec![event(
+        EventType::Identify,
+        "u-1",
+        "a-1",
+        "",
+        json!({}),
+        10,
+    )])
+    .await;
+    b.deliver(vec![event(
+        EventType::Identify,
+        "u-1",
+        "",
+        "",
+        json!({"email": "e@x.io", "plan": "pro"}),
+        20,
+    )])
+    .await;
+    // A remembers u-1's profile from before B's write.
+    a.deliver(vec![event(
+        EventType::Track,
+        "u-1",
+        "",
+        "Clicked",
+        json!({}),
+        25,
+    )])
+    .await;
+    let p = get(&a, by_identity("user_id", "u-1")).await.unwrap();
+    assert_eq!(
+        trait_str(&p, "plan").as_deref(),
+        Some("pro"),
+        "B's write kept"
+    );
+    let serde_json::Value::Object(stage) = json!({"journey_stage": "loyalty"}) else {
+        unreachable!()
+    };
+    a.client()
+        .await
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(stage)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap();
+    // Only replica B wrote the e-mail: A must not take it for a new customer.
+    let mut by_email = event(EventType::Track, "", "a-2", "Clicked", json!({}), 30);
+    by_email.context = Some(waymark_proto::json::struct_from_json(
+        json!({"traits": {"email": "e@x.io"}})
+            .as_object()
+            .unwrap()
+            .clone(),
+    ));
+    a.deliver(vec![by_email]).await;
+    a.deliver(vec![event(
+        EventType::Track,
+        "u-1",
+        "",
+        "Clicked",
+        json!({}),
+        40,
+    )])
+    .await;
+
+    let p = get(&b, by_identity("anonymous_id", "a-2")).await.unwrap();
+    assert_eq!(
+        get(&a, by_identity("email", "e@x.io"))
+            .await
+            .unwrap()
+            .profile_id,
+        p.profile_id,
+        "one customer"
+    );
+    assert_eq!(trait_str(&p, "plan").as_deref(), Some("pro"));
+    assert_eq!(trait_str(&p, "journey_stage").as_deref(), Some("loyalty"));
+    assert_eq!(p.computed.unwrap().total_events, 5);
+    let mut identities: Vec<String> = p
+        .identities
+        .iter()
+        .map(|i| format!("{}:{}", i.r#type, i.value))
+        .collect();
+    identities.sort();
+    assert_eq!(
+        identities,
+        [
+            "anonymous_id:a-1",
+            "anonymous_id:a-2",
+            "email:e@x.io",
+            "user_id:u-1"
+        ]
+    );
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(replicas_and_trusted_updates_see_each_others_writes);
