@@ -60,6 +60,7 @@ impl IngestService {
             default_rate_limit: config.default_rate_limit_per_second,
             consumers: vec![PROFILE_CONSUMER.to_owned()],
             committers: if concurrent { 3 } else { 1 },
+            identity: config.identity_rules()?,
         };
         let core = Ingestor::new(db.clone(), settings, wakeup.clone());
         Ok(Self {

@@ -12,11 +12,11 @@ use prost_types::Timestamp;
 use rand::RngCore;
 use sea_orm::{DatabaseConnection, DbErr, SqlErr, TransactionTrait};
 use sha2::{Digest, Sha256};
+use waymark_identity::{IdentityRules, normalise};
 use waymark_kit::db::now_micros;
 use waymark_kit::error::FieldViolation;
 use waymark_kit::outbox::{self, Backlog, Wakeup};
 use waymark_proto::common::v1::Event;
-use waymark_proto::json::string_at;
 
 use crate::committer::{CommitError, Committer};
 use crate::store::{self, Counters, EventFilter, EventRow, SourceRow};
@@ -90,6 +90,9 @@ pub struct IngestSettings {
     pub consumers: Vec<String>,
     /// Group-commit workers.
     pub committers: usize,
+    /// What identifies a customer, as the profile service sees it, so the events of an
+    /// erased customer are recognised here exactly as they would be there.
+    pub identity: IdentityRules,
 }
 
 /// An authenticated source.
@@ -230,7 +233,12 @@ impl Ingestor {
                 });
                 continue;
             }
-            if check_suppression && self.inner.suppressions.matches(&event) {
+            if check_suppression
+                && self
+                    .inner
+                    .suppressions
+                    .matches(&self.inner.settings.identity, &event)
+            {
                 outcome.suppressed += 1;
                 continue;
             }
@@ -452,11 +460,20 @@ impl Ingestor {
     /// Adds identifiers to the suppression list.
     pub async fn suppress(&self, identities: Vec<(String, String)>) -> Result<u32, IngestError> {
         let mut normalised = Vec::with_capacity(identities.len());
+        let rules = &self.inner.settings.identity;
         for (i, (id_type, value)) in identities.into_iter().enumerate() {
-            let Some(value) = normalise_identity(&id_type, &value) else {
+            if !rules.is_type(&id_type) {
                 return Err(IngestError::invalid(
-                    &format!("identities[{i}]"),
-                    "type must be user_id, anonymous_id, email, phone or device_id, with a non-empty value",
+                    &format!("identities[{i}].type"),
+                    format!(
+                        "{id_type:?} is not an identifier type (built in or custom_identity_types)"
+                    ),
+                ));
+            }
+            let Some(value) = normalise(&id_type, &value) else {
+                return Err(IngestError::invalid(
+                    &format!("identities[{i}].value"),
+                    "is empty, blocked or malformed for its type",
                 ));
             };
             normalised.push((id_type, value));
@@ -496,23 +513,6 @@ fn new_write_key() -> String {
         "wk_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
-}
-
-/// Normalises an identifier the way the profile service does, so suppressions match.
-pub fn normalise_identity(id_type: &str, value: &str) -> Option<String> {
-    let value = value.trim();
-    if value.is_empty() {
-        return None;
-    }
-    match id_type {
-        "user_id" | "anonymous_id" | "device_id" => Some(value.to_owned()),
-        "email" => Some(value.to_lowercase()),
-        "phone" => {
-            let digits: String = value.chars().filter(|c| c.is_ascii_digit()).collect();
-            (!digits.is_empty()).then(|| format!("+{digits}"))
-        }
-        _ => None,
-    }
 }
 
 /// Write keys resolved recently. Revocation clears it on this replica; other replicas see
@@ -606,35 +606,17 @@ impl Suppressions {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = identities.into_iter().collect();
     }
 
-    fn matches(&self, event: &Event) -> bool {
+    /// Whether any identifier of `event` is suppressed. An alias's previousId is checked
+    /// as a user id too: resolution reads it as an anonymous id, but an erased customer's
+    /// user id must not come back through an alias either.
+    fn matches(&self, rules: &IdentityRules, event: &Event) -> bool {
         let set = self.0.read().unwrap_or_else(|e| e.into_inner());
-        let hit = |id_type: &str, value: &str| {
-            normalise_identity(id_type, value)
-                .is_some_and(|v| set.contains(&(id_type.to_owned(), v)))
-        };
-        let traits = [
-            event.traits.as_ref(),
-            event
-                .context
-                .as_ref()
-                .and_then(|c| match c.fields.get("traits")?.kind.as_ref()? {
-                    prost_types::value::Kind::StructValue(s) => Some(s),
-                    _ => None,
-                }),
-        ];
-        hit("user_id", &event.user_id)
-            || hit("anonymous_id", &event.anonymous_id)
-            || hit("user_id", &event.previous_id)
-            || hit("anonymous_id", &event.previous_id)
-            || event
-                .context
-                .as_ref()
-                .and_then(|c| string_at(c, &["device", "id"]))
-                .is_some_and(|d| hit("device_id", d))
-            || traits.into_iter().flatten().any(|t| {
-                string_at(t, &["email"]).is_some_and(|e| hit("email", e))
-                    || string_at(t, &["phone"]).is_some_and(|p| hit("phone", p))
-            })
+        if set.is_empty() {
+            return false;
+        }
+        rules.extract(event).iter().any(|ident| set.contains(ident))
+            || normalise("user_id", &event.previous_id)
+                .is_some_and(|v| set.contains(&("user_id".to_owned(), v)))
     }
 }
 
@@ -659,20 +641,6 @@ mod tests {
     }
 
     #[test]
-    fn identities_are_normalised_for_matching() {
-        assert_eq!(
-            normalise_identity("email", " Ada@Example.COM "),
-            Some("ada@example.com".into())
-        );
-        assert_eq!(
-            normalise_identity("phone", "+49 (151) 234-567"),
-            Some("+49151234567".into())
-        );
-        assert_eq!(normalise_identity("shoe_size", "42"), None);
-        assert_eq!(normalise_identity("user_id", "  "), None);
-    }
-
-    #[test]
     fn suppression_matches_ids_and_traits() {
         let s = Suppressions::default();
         s.extend(vec![("email".into(), "ada@example.com".into())]);
@@ -680,13 +648,25 @@ mod tests {
             anonymous_id: "a".into(),
             ..Event::default()
         };
-        assert!(!s.matches(&e));
+        let rules = IdentityRules::default();
+        assert!(!s.matches(&rules, &e));
         let serde_json::Value::Object(traits) = serde_json::json!({"email": "ADA@example.com"})
         else {
             unreachable!()
         };
         e.traits = Some(waymark_proto::json::struct_from_json(traits));
-        assert!(s.matches(&e));
+        assert!(s.matches(&rules, &e));
+        // Normalised as the profile service does: an international prefix of 00 is +.
+        s.extend(vec![("phone".into(), "+4915123456789".into())]);
+        let serde_json::Value::Object(traits) = serde_json::json!({"phone": "0049 151 23456789"})
+        else {
+            unreachable!()
+        };
+        let e = Event {
+            traits: Some(waymark_proto::json::struct_from_json(traits)),
+            ..Event::default()
+        };
+        assert!(s.matches(&rules, &e));
     }
 
     #[test]

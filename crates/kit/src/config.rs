@@ -93,6 +93,13 @@ pub struct Config {
     pub applier_memory_profiles: usize,
     /// Trait keys that are identifiers too (e.g. `loyalty_id`), matched like e-mails.
     pub custom_identity_types: Vec<String>,
+    /// How many identifiers of a type one profile may hold, overriding the defaults
+    /// (`{ user_id = 1, email = 5, phone = 5 }`; 0 means unlimited).
+    pub identity_limits: std::collections::BTreeMap<String, u32>,
+    /// Identifier types, most trustworthy first: when a merge would break a limit, the
+    /// event's least trustworthy identifier is left out. Unlisted types follow in the
+    /// default order (user_id, email, phone, custom types, device_id, anonymous_id).
+    pub identity_priority: Vec<String>,
     /// Seconds within which a repeated messageId of a source is a duplicate.
     pub dedupe_window_secs: u64,
     /// Seconds the raw event log keeps payloads.
@@ -139,6 +146,8 @@ impl Default for Config {
             profile_cache_capacity: 100_000,
             applier_memory_profiles: 20_000,
             custom_identity_types: Vec::new(),
+            identity_limits: std::collections::BTreeMap::new(),
+            identity_priority: Vec::new(),
             dedupe_window_secs: 7 * 24 * 3600,
             retention_secs: 30 * 24 * 3600,
             default_rate_limit_per_second: 50_000,
@@ -219,17 +228,7 @@ impl Config {
         if self.profile_cache_ttl_secs == 0 {
             return Err(invalid("profile_cache_ttl_secs", "must be greater than 0"));
         }
-        const RESERVED: &[&str] = &["user_id", "anonymous_id", "email", "phone", "device_id"];
-        if let Some(t) = self
-            .custom_identity_types
-            .iter()
-            .find(|t| t.is_empty() || RESERVED.contains(&t.as_str()) || t.contains(':'))
-        {
-            return Err(invalid(
-                "custom_identity_types",
-                &format!("{t:?} is empty, built in, or contains ':'"),
-            ));
-        }
+        self.identity_rules()?;
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -294,6 +293,17 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The identifier types, limits and priorities both ingestion and the profile service
+    /// apply; the error names the setting at fault.
+    pub fn identity_rules(&self) -> Result<waymark_identity::IdentityRules, ConfigError> {
+        waymark_identity::IdentityRules::new(
+            self.custom_identity_types.clone(),
+            &self.identity_limits,
+            &self.identity_priority,
+        )
+        .map_err(|e| invalid(e.setting, &e.problem))
     }
 
     /// The ingestion service's database URL.

@@ -11,8 +11,9 @@ mod applier;
 pub mod background;
 pub mod emotion;
 pub mod error;
+/// Identifiers, shared with ingestion so both agree on what identifies a customer.
+pub use waymark_identity as identity;
 pub mod grpc;
-pub mod identity;
 mod metrics;
 pub mod model;
 pub mod resolve;
@@ -208,9 +209,7 @@ pub fn rules(config: &Config) -> anyhow::Result<resolve::Rules> {
     aggregate::validate(&aggregates)
         .map_err(|e| anyhow::anyhow!("invalid setting `profile_aggregates`: {e}"))?;
     Ok(resolve::Rules {
-        identity: identity::IdentityRules {
-            custom_types: config.custom_identity_types.clone(),
-        },
+        identity: config.identity_rules()?,
         emotion: emotion::EmotionRules {
             half_life: Duration::from_secs(config.emotion_half_life_secs),
         },

@@ -638,6 +638,8 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_details_bad_request(&bad).expect("field violations");
+    assert_eq!(details.field_violations[0].field, "identities[0].type");
 
     let body = json!({"batch": [
         {"type": "identify", "anonymousId": "a-1", "traits": {"email": "gone@example.com"}},

@@ -337,9 +337,101 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
         .await
         .unwrap();
     assert!(merges.into_inner().merges.is_empty());
+
+    // A family tablet: five people sign in with their e-mails and the tablet's anonymous
+    // id joins them (e-mail allows five per profile). The sixth would break the limit, so
+    // the least trustworthy identifier, the shared anonymous id, gives way: the sixth
+    // person gets a profile of their own.
+    for (i, name) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+        server
+            .deliver(vec![event(
+                EventType::Identify,
+                "",
+                "family-tablet",
+                "",
+                json!({"email": format!("{name}@family.io")}),
+                10 + i as i64,
+            )])
+            .await;
+    }
+    let shared = get(&server, by_identity("email", "a@family.io"))
+        .await
+        .unwrap();
+    let emails = |p: &Profile| p.identities.iter().filter(|i| i.r#type == "email").count();
+    assert_eq!(emails(&shared), 5);
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "family-tablet"))
+            .await
+            .unwrap()
+            .profile_id,
+        shared.profile_id
+    );
+    let sixth = get(&server, by_identity("email", "f@family.io"))
+        .await
+        .unwrap();
+    assert_ne!(sixth.profile_id, shared.profile_id);
+    assert_eq!(emails(&sixth), 1);
+    assert_eq!(sixth.identities.len(), 1, "the tablet's id was left out");
+    assert_eq!(sixth.computed.unwrap().total_events, 1);
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(blocked_values_and_limits_prevent_wrong_merges);
+
+/// Limits and priorities come from configuration, custom identifier types included.
+async fn configured_limits_and_priorities_hold(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let mut settings = config(&db.url, &sink.start().await, None);
+    settings.custom_identity_types = vec!["loyalty_id".into()];
+    settings.identity_limits = [("loyalty_id".to_owned(), 1), ("email".to_owned(), 0)].into();
+    // The loyalty card outranks everything: it wins over a user id when they conflict.
+    settings.identity_priority = vec!["loyalty_id".into()];
+    let server = TestProfile::start(settings).await;
+    let card = |user: &str, card: &str, t: i64| {
+        event(
+            EventType::Identify,
+            user,
+            "",
+            "",
+            json!({"loyalty_id": card}),
+            t,
+        )
+    };
+    server.deliver(vec![card("u-1", "L-1", 1)]).await;
+    server.deliver(vec![card("u-2", "L-2", 2)]).await;
+    // u-1 shows L-2: joining would give one profile two cards and two user ids, so the
+    // user id (now below the card) is left out and the event lands on L-2's profile.
+    server.deliver(vec![card("u-1", "L-2", 3)]).await;
+    let l2 = get(&server, by_identity("loyalty_id", "L-2"))
+        .await
+        .unwrap();
+    let l1 = get(&server, by_identity("loyalty_id", "L-1"))
+        .await
+        .unwrap();
+    assert_ne!(l1.profile_id, l2.profile_id);
+    assert_eq!(l2.computed.unwrap().total_events, 2);
+    assert_eq!(l1.computed.unwrap().total_events, 1);
+    // E-mail is unlimited here: seven addresses on one profile.
+    for i in 0..7 {
+        server
+            .deliver(vec![event(
+                EventType::Identify,
+                "u-1",
+                "",
+                "",
+                json!({"email": format!("n{i}@x.io")}),
+                10 + i,
+            )])
+            .await;
+    }
+    let u1 = get(&server, by_identity("user_id", "u-1")).await.unwrap();
+    assert_eq!(
+        u1.identities.iter().filter(|i| i.r#type == "email").count(),
+        7
+    );
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(configured_limits_and_priorities_hold);
 
 async fn late_events_and_redelivery_change_nothing_they_should_not(backend: Backend) {
     let sink = Sink::default();
