@@ -511,11 +511,9 @@ impl Profiles {
         self.apply_trusted(profile_id, change).await
     }
 
-    /// Merges into a profile.
+    /// The merge history of the live profile `profile_id` is or was merged into.
     pub async fn merges(&self, profile_id: &str) -> Result<Vec<Merge>, ProfileError> {
-        if profile_id.is_empty() {
-            return Err(invalid("profile_id", "is required"));
-        }
-        Ok(store::merges(&self.inner.db, profile_id).await?)
+        let live = self.get(profile_id).await?;
+        Ok(store::merges(&self.inner.db, &live.profile_id).await?)
     }
 }

@@ -791,16 +791,22 @@ pub async fn timeline<C: ConnectionTrait>(
         .collect()
 }
 
-/// Merges into `survivor_id`, oldest first.
-pub async fn merges<C: ConnectionTrait>(conn: &C, survivor_id: &str) -> Result<Vec<Merge>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, "SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at, unmerged_at FROM merges WHERE survivor_id = ? ORDER BY merged_at, merge_id"),
-            [survivor_id.into()],
-        ))
-        .await?;
+/// The merge history of `live_id`, oldest first: merges into it and, through merges not
+/// undone, into every profile it absorbed (A into B, then B into C: both show for C).
+pub async fn merges<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<Merge>, DbErr> {
+    let rows = query(
+        conn,
+        "WITH RECURSIVE tree(profile_id) AS (
+             SELECT ?
+             UNION SELECT m.merged_id FROM merges m JOIN tree t ON m.survivor_id = t.profile_id
+                   WHERE m.unmerged_at IS NULL
+         )
+         SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at, unmerged_at
+         FROM merges WHERE survivor_id IN (SELECT profile_id FROM tree)
+         ORDER BY merged_at, merge_id",
+        [live_id.into()],
+    )
+    .await?;
     rows.iter()
         .map(|r| {
             let evidence: String = r.try_get_by_index(4)?;

@@ -140,6 +140,17 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    // The oldest of all, joined in last: a store visit with a loyalty phone number.
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "pos-7",
+            "",
+            json!({"phone": "+44 20 7946 0000"}),
+            50,
+        )])
+        .await;
     let older = event(
         EventType::Identify,
         "",
@@ -257,6 +268,94 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
         e.event == "Profile Merged" && e.profile_id == a.profile_id
     })
     .await;
+
+    // The store's profile is the oldest: the survivor of the first merge merges into it,
+    // and the history of both merges shows for it, asked by any of the three ids.
+    let store = get(&server, by_identity("anonymous_id", "pos-7"))
+        .await
+        .unwrap();
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "pos-7",
+            "",
+            json!({"email": "kim@example.com"}),
+            400,
+        )])
+        .await;
+    for id in [&store.profile_id, &a.profile_id, &b.profile_id] {
+        let history = server
+            .client()
+            .await
+            .list_merges(admin(ListMergesRequest {
+                profile_id: id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .merges;
+        let pairs: Vec<(&str, &str)> = history
+            .iter()
+            .map(|m| (m.survivor_id.as_str(), m.merged_id.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (a.profile_id.as_str(), b.profile_id.as_str()),
+                (store.profile_id.as_str(), a.profile_id.as_str())
+            ],
+            "asked by {id}"
+        );
+    }
+
+    // The shared cache agrees: every identifier points at the survivor, and the merged
+    // profiles' entries are tombstones that no read returns.
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (t, v) in [
+        ("email", "kim@example.com"),
+        ("anonymous_id", "anon-a"),
+        ("anonymous_id", "anon-b"),
+        ("phone", "+442079460958"),
+    ] {
+        let owner: Option<String> = redis::AsyncCommands::get(
+            &mut redis,
+            format!(
+                "{}{}",
+                server.cache_prefix,
+                waymark_profile_cache::identity_key(t, v)
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(owner.as_deref(), Some(store.profile_id.as_str()), "{t} {v}");
+    }
+    for merged in [&a.profile_id, &b.profile_id] {
+        let payload: Option<Vec<u8>> = redis::AsyncCommands::hget(
+            &mut redis,
+            format!(
+                "{}{}",
+                server.cache_prefix,
+                waymark_profile_cache::profile_key(merged)
+            ),
+            "p",
+        )
+        .await
+        .unwrap();
+        assert!(
+            payload.is_none_or(|p| p.is_empty()),
+            "{merged} is a tombstone"
+        );
+    }
+    let live = get(&server, by_identity("email", "kim@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(live.profile_id, store.profile_id);
+    assert_eq!(live.computed.unwrap().total_events, 5);
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(shared_email_merges_into_the_oldest_with_an_audit);
