@@ -83,8 +83,12 @@ pub struct WorkingSet {
     pub merges: Vec<MergeRecord>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
-    /// Synthetic events (Profile Merged, Trait Changed, Emotion Changed).
+    /// Synthetic events (Profile Merged, Trait Changed, Emotion Changed, Segment Entered
+    /// and Exited), each with the profile it happened to; sent with its live profile.
     pub synthetic: Vec<(Event, String)>,
+    /// `Segment Exited` of profiles merged away in the batch: about the merged profile
+    /// itself, so they keep its id.
+    pub merged_away_exits: Vec<Event>,
     /// Events no identifier could attribute (every value blocked).
     pub unattributed: usize,
 }

@@ -270,7 +270,12 @@ impl Profiles {
         metrics.delivered("duplicate", duplicates as usize);
         metrics.delivered("suppressed", suppressed_count as usize);
         metrics.delivered("unattributed", set.unattributed);
-        metrics.emitted(set.synthetic.iter().map(|(event, _)| event));
+        metrics.emitted(
+            set.synthetic
+                .iter()
+                .map(|(event, _)| event)
+                .chain(&set.merged_away_exits),
+        );
         self.refresh_cache(&set).await;
         Ok(Applied {
             applied: applied_count,

@@ -637,6 +637,11 @@ pub async fn save_batch(
                 .iter()
                 .map(|(event, owner)| Cow::Owned(on_live(event, owner))),
         )
+        .chain(
+            set.merged_away_exits
+                .iter()
+                .map(|event| Cow::Owned(event.encode_to_vec())),
+        )
         .collect();
     let refs: Vec<&[u8]> = payloads.iter().map(AsRef::as_ref).collect();
     if !refs.is_empty() {

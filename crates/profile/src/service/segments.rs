@@ -126,15 +126,25 @@ impl Profiles {
     }
 
     /// Evaluates every segment for each live profile a batch changed: updates their
-    /// membership lists and queues `Segment Entered` / `Segment Exited`.
+    /// membership lists and queues `Segment Entered` / `Segment Exited`. A profile merged
+    /// away exits all its segments; the survivor is evaluated on its own, so every
+    /// profile id's stream of entries and exits stays whole downstream.
     pub(crate) fn evaluate_batch(&self, set: &mut WorkingSet, now_us: i64) -> Vec<Transition> {
         let definitions = self.definitions();
         let mut transitions = Vec::new();
+        let mut merged_away = Vec::new();
         for id in &set.dirty {
             let Some(record) = set.records.get_mut(id) else {
                 continue;
             };
             if record.merged_into.is_some() {
+                if !record.profile.segments.is_empty() {
+                    merged_away.push(Transition {
+                        profile_id: id.clone(),
+                        entered: Vec::new(),
+                        exited: std::mem::take(&mut record.profile.segments),
+                    });
+                }
                 continue;
             }
             if definitions.is_empty() && record.profile.segments.is_empty() {
@@ -154,6 +164,14 @@ impl Profiles {
             set.synthetic
                 .extend(transition_events(t, &definitions, now_us));
         }
+        for t in &merged_away {
+            set.merged_away_exits.extend(
+                transition_events(t, &definitions, now_us)
+                    .into_iter()
+                    .map(|(event, _)| event),
+            );
+        }
+        transitions.extend(merged_away);
         transitions
     }
 

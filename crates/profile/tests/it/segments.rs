@@ -258,6 +258,41 @@ async fn segments_follow_conditions(backend: Backend) {
     }
     assert_eq!(lapsed, 3, "the sweep re-evaluates conditions that use now");
 
+    // A profile merged away exits its segments under its own id; the survivor keeps its
+    // own membership.
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "",
+            "anon-z",
+            "Page Viewed",
+            json!({}),
+            now - 60,
+        )])
+        .await;
+    let z = get(&server, by_identity("anonymous_id", "anon-z"))
+        .await
+        .unwrap();
+    wait_segment_event(&sink, "Segment Entered", &z.profile_id, "quiet").await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "vip-c",
+            "anon-z",
+            "",
+            json!({}),
+            now - 60,
+        )])
+        .await;
+    wait_segment_event(&sink, "Segment Exited", &z.profile_id, "quiet").await;
+    let quiet = members(&server, "quiet").await;
+    assert!(!quiet.contains(&z.profile_id), "{quiet:?}");
+    assert!(quiet.contains(&c.profile_id), "{quiet:?}");
+    assert_eq!(
+        segment_events(&sink, "Segment Exited", &c.profile_id, "quiet").await,
+        0
+    );
+
     // Listing and deletion.
     let listed: Vec<String> = client
         .list_segments(admin(ListSegmentsRequest {}))
