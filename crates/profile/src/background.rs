@@ -86,8 +86,8 @@ async fn push_once(
     Ok(push.len() + custom.len())
 }
 
-/// Loads the segment definitions, then backfills changed ones as soon as they change and
-/// re-evaluates time-based ones every `every`.
+/// Loads the segment definitions, then backfills changed ones as soon as they change, and
+/// every `every` re-evaluates time-based ones and settles emotion labels decay has moved.
 pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: CancellationToken) {
     loop {
         match core.reload_segments().await {
@@ -102,17 +102,34 @@ pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: Cancellat
         }
     }
     loop {
-        let pause = match core.sweep_segments().await {
+        let swept = match core.sweep_segments().await {
             Ok(changed) => {
                 if changed > 0 {
                     tracing::info!(profiles = changed, "segment sweep changed memberships");
                 }
-                every
+                true
             }
             Err(error) => {
                 tracing::warn!(%error, "segment sweep failed; retrying");
-                Duration::from_secs(5).min(every)
+                false
             }
+        };
+        let settled = match core.settle_emotions().await {
+            Ok(moved) => {
+                if moved > 0 {
+                    tracing::info!(profiles = moved, "emotion decay moved labels");
+                }
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "settling decayed emotions failed; retrying");
+                false
+            }
+        };
+        let pause = if swept && settled {
+            every
+        } else {
+            Duration::from_secs(5).min(every)
         };
         tokio::select! {
             () = core.segments_changed() => {}

@@ -62,8 +62,9 @@ pub struct EmotionChange {
     pub label: EmotionLabel,
     /// The score after it, at the state's `updated_at`.
     pub score: f64,
-    /// The signal that caused it (not necessarily `last_signal`: it may have been late).
-    pub signal: EmotionSignal,
+    /// The signal that caused it (not necessarily `last_signal`: it may have been late);
+    /// none when time alone moved the label.
+    pub signal: Option<EmotionSignal>,
 }
 
 /// The label of a score (thresholds as in the proto).
@@ -97,6 +98,47 @@ pub fn current(emotion: &Emotion, now_us: i64, rules: &EmotionRules) -> (f64, Em
     let at = emotion.updated_at.as_ref().map_or(0, micros);
     let score = emotion.score * rules.decay(now_us - at);
     (score, label(score))
+}
+
+/// When decay next moves the label of `emotion` one step towards neutral: the moment the
+/// decayed score reaches the next threshold (0.6 from upset or delighted, 0.2 from unhappy
+/// or satisfied). None for a neutral label or none at all.
+pub fn next_change_at(emotion: &Emotion, rules: &EmotionRules) -> Option<i64> {
+    let threshold = match emotion.label() {
+        EmotionLabel::Upset | EmotionLabel::Delighted => 0.6,
+        EmotionLabel::Unhappy | EmotionLabel::Satisfied => 0.2,
+        EmotionLabel::Neutral | EmotionLabel::Unspecified => return None,
+    };
+    let anchored = emotion.updated_at.as_ref().map_or(0, micros);
+    let magnitude = emotion.score.abs();
+    if magnitude <= threshold {
+        return Some(anchored);
+    }
+    let half_lives = (magnitude / threshold).log2();
+    // Rounded up: at that microsecond the decayed score is at the threshold, not above it.
+    let after_us = (half_lives * rules.half_life.as_micros() as f64).ceil() as i64;
+    Some(anchored.saturating_add(after_us))
+}
+
+/// Brings the label to where decay has taken the score by `now_us`; the change, if the
+/// label moved. The score and `updated_at` stay the anchor decay is measured from, so late
+/// signals still blend as though they had come in order.
+pub fn settle(emotion: &mut Emotion, now_us: i64, rules: &EmotionRules) -> Option<EmotionChange> {
+    if emotion.label() == EmotionLabel::Unspecified {
+        return None;
+    }
+    let (score, now) = current(emotion, now_us, rules);
+    let previous = emotion.label();
+    if now == previous {
+        return None;
+    }
+    emotion.set_label(now);
+    Some(EmotionChange {
+        previous,
+        label: now,
+        score,
+        signal: None,
+    })
 }
 
 /// CSAT 1-5 in [-1, 1]; None out of range.
@@ -226,7 +268,7 @@ pub fn observe(
         previous,
         label: state.label(),
         score: state.score,
-        signal: signal.clone(),
+        signal: Some(signal.clone()),
     });
     if fresh || previous == EmotionLabel::Unspecified {
         state.updated_at = signal.timestamp;
@@ -742,6 +784,43 @@ mod tests {
         assert_eq!(e.last_signal, Some(furious));
         assert_eq!(e.updated_at, at(3_600_000_000));
         assert_eq!(change.score, e.score);
+    }
+
+    #[test]
+    fn decay_moves_the_label_step_by_step_at_the_predicted_times() {
+        let rules = EmotionRules::default();
+        let mut e = None;
+        observe(&mut e, sig(-1.0, 0), &rules);
+        let mut e = e.unwrap();
+        let anchor = (e.score, e.updated_at);
+        // -1 reaches -0.6 after log2(1/0.6) half-lives, about 0.737 of a week.
+        let first = next_change_at(&e, &rules).unwrap();
+        let week = 7 * DAY_US;
+        assert!(((first as f64 / week as f64) - (1.0f64 / 0.6).log2()).abs() < 1e-9);
+        assert_eq!(settle(&mut e, first - 1, &rules), None, "not yet");
+        let change = settle(&mut e, first, &rules).unwrap();
+        assert_eq!(
+            (change.previous, change.label, change.signal),
+            (EmotionLabel::Upset, EmotionLabel::Unhappy, None)
+        );
+        assert!((change.score + 0.6).abs() < 1e-9);
+        assert_eq!((e.score, e.updated_at), anchor, "the anchor stays");
+        assert_eq!(settle(&mut e, first, &rules), None, "reported once");
+        // Then -0.2, after log2(5) half-lives, and nothing further.
+        let second = next_change_at(&e, &rules).unwrap();
+        assert!(((second as f64 / week as f64) - 5f64.log2()).abs() < 1e-9);
+        let change = settle(&mut e, second, &rules).unwrap();
+        assert_eq!(change.label, EmotionLabel::Neutral);
+        assert_eq!(next_change_at(&e, &rules), None);
+        assert_eq!(next_change_at(&Emotion::default(), &rules), None);
+        // A label already past its threshold is due at once.
+        let mut stale = Emotion {
+            score: 0.5,
+            updated_at: at(9),
+            ..Emotion::default()
+        };
+        stale.set_label(EmotionLabel::Delighted);
+        assert_eq!(next_change_at(&stale, &rules), Some(9));
     }
 
     #[test]

@@ -404,7 +404,7 @@ mod tests {
             .emotion_change
             .unwrap();
         assert_eq!(change.label, EmotionLabel::Upset);
-        assert_eq!(change.signal.event_id, complaint.event_id);
+        assert_eq!(change.signal.unwrap().event_id, complaint.event_id);
         let emotion = p.emotion.as_ref().unwrap();
         assert_eq!(emotion.label(), EmotionLabel::Upset);
         assert_eq!(emotion.last_signal.as_ref().unwrap().kind, "sentiment");

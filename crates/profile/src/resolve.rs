@@ -384,27 +384,34 @@ pub fn trait_changed_event(cause: &Event, changes: &[TraitChange]) -> Event {
 /// An `Emotion Changed` event for a label change caused by `cause`.
 fn emotion_changed_event(cause: &Event, change: &EmotionChange) -> Event {
     let properties = Struct {
-        fields: [
-            (
-                "previous_label".to_owned(),
-                string(label_name(change.previous)),
-            ),
-            ("label".to_owned(), string(label_name(change.label))),
-            (
-                "score".to_owned(),
-                Value {
-                    kind: Some(Kind::NumberValue(change.score)),
-                },
-            ),
-            ("signal_kind".to_owned(), string(&change.signal.kind)),
-            (
-                "signal_event_id".to_owned(),
-                string(&change.signal.event_id),
-            ),
-        ]
-        .into(),
+        fields: emotion_change_fields(change)
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
     };
     synthetic(cause, "Emotion Changed", properties)
+}
+
+/// The properties of `Emotion Changed`; a change decay made has signal kind `decay`.
+pub(crate) fn emotion_change_fields(change: &EmotionChange) -> [(&'static str, Value); 5] {
+    [
+        ("previous_label", string(label_name(change.previous))),
+        ("label", string(label_name(change.label))),
+        (
+            "score",
+            Value {
+                kind: Some(Kind::NumberValue(change.score)),
+            },
+        ),
+        (
+            "signal_kind",
+            string(change.signal.as_ref().map_or("decay", |s| s.kind.as_str())),
+        ),
+        (
+            "signal_event_id",
+            string(change.signal.as_ref().map_or("", |s| s.event_id.as_str())),
+        ),
+    ]
 }
 
 /// The timeline entry of an applied event, for storage.

@@ -31,8 +31,8 @@ pub struct SegmentDefinition {
     pub name: String,
     pub description: String,
     pub condition: Condition,
-    /// The condition reads `now`, so membership changes with time alone and is
-    /// re-evaluated periodically as well as on every event.
+    /// The condition reads `now` or `emotion` (which decays), so membership changes with
+    /// time alone and is re-evaluated periodically as well as on every event.
     pub time_based: bool,
 }
 
@@ -62,7 +62,8 @@ pub fn validate_segment(segment: &Segment) -> Result<SegmentDefinition, (&'stati
         segment_id: segment.segment_id.clone(),
         name: segment.name.clone(),
         description: segment.description.clone(),
-        time_based: condition.uses("now"),
+        // Emotion decays between signals, so a condition on it moves with time as well.
+        time_based: condition.uses("now") || condition.uses("emotion"),
         condition,
     })
 }
@@ -459,8 +460,12 @@ mod tests {
             ),
             segment("enterprise", r#"traits.plan == "enterprise""#),
         ];
-        assert!(segments[4].time_based);
-        assert!(segments.iter().take(4).all(|s| !s.time_based));
+        let time_based: Vec<&str> = segments
+            .iter()
+            .filter(|s| s.time_based)
+            .map(|s| s.segment_id.as_str())
+            .collect();
+        assert_eq!(time_based, ["upset", "lapsed-30d"], "emotion decays");
         let m = evaluate_memberships(&ana(), &segments, NOW_US, &EmotionRules::default());
         assert_eq!(
             m.members,

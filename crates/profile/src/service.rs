@@ -250,7 +250,14 @@ impl Profiles {
             );
         }
         let transitions = self.evaluate_batch(&mut set, now);
-        store::save_batch(&txn, &set, &self.inner.consumers, now).await?;
+        store::save_batch(
+            &txn,
+            &set,
+            &self.inner.consumers,
+            &self.inner.rules.emotion,
+            now,
+        )
+        .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
@@ -429,7 +436,7 @@ impl Profiles {
         emitted.extend(segment_events);
         record.profile.version += 1;
         record.profile.updated_at = Some(at);
-        store::save_records(&txn, &[&record], now).await?;
+        store::save_records(&txn, &[&record], &self.inner.rules.emotion, now).await?;
         store::insert_timeline(
             &txn,
             &[store::TimelineRow {

@@ -15,6 +15,7 @@ use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::aggregate::AggregateState;
+use crate::emotion::EmotionRules;
 use crate::identity::Ident;
 use crate::model::{from_micros, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
@@ -111,7 +112,20 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: APPLIER_EPOCH,
         sqlite: APPLIER_EPOCH,
     },
+    Migration {
+        version: 8,
+        name: "when decay next moves each profile's emotion label",
+        postgres: EMOTION_DUE,
+        sqlite: EMOTION_DUE,
+    },
 ];
+
+/// Only profiles whose emotion is still fading have a due time, so the index stays small
+/// and rewrites of the others remain HOT updates.
+const EMOTION_DUE: &str = "
+    ALTER TABLE profiles ADD COLUMN emotion_due_at BIGINT;
+    CREATE INDEX profiles_emotion_due ON profiles (emotion_due_at)
+        WHERE emotion_due_at IS NOT NULL;";
 
 /// One row every applier transaction advances; its row lock serialises appliers.
 const APPLIER_EPOCH: &str = "
@@ -246,6 +260,8 @@ pub(crate) enum Column {
     /// Text that may be NULL.
     NullableText(Vec<Option<String>>),
     Int8(Vec<i64>),
+    /// BIGINT that may be NULL.
+    NullableInt8(Vec<Option<i64>>),
     Int2(Vec<i16>),
     Bytea(Vec<Vec<u8>>),
 }
@@ -256,6 +272,7 @@ impl Column {
             Column::Text(v) => v.len(),
             Column::NullableText(v) => v.len(),
             Column::Int8(v) => v.len(),
+            Column::NullableInt8(v) => v.len(),
             Column::Int2(v) => v.len(),
             Column::Bytea(v) => v.len(),
         }
@@ -266,6 +283,7 @@ impl Column {
             Column::Text(v) => v[row].as_str().into(),
             Column::NullableText(v) => v[row].clone().into(),
             Column::Int8(v) => v[row].into(),
+            Column::NullableInt8(v) => v[row].into(),
             Column::Int2(v) => v[row].into(),
             Column::Bytea(v) => v[row].clone().into(),
         }
@@ -286,6 +304,15 @@ impl Column {
                 format!("NULLIF({name}, '')"),
             ),
             Column::Int8(v) => (v.into(), "int8[]", name.to_owned()),
+            // As for text: i64::MIN, never a time here, stands for NULL.
+            Column::NullableInt8(v) => (
+                v.into_iter()
+                    .map(|x| x.unwrap_or(i64::MIN))
+                    .collect::<Vec<i64>>()
+                    .into(),
+                "int8[]",
+                format!("NULLIF({name}, {})", i64::MIN),
+            ),
             Column::Int2(v) => (v.into(), "int2[]", name.to_owned()),
             Column::Bytea(v) => (v.into(), "bytea[]", name.to_owned()),
         }
@@ -511,18 +538,27 @@ pub async fn owner_of<C: ConnectionTrait>(
     row.map(|r| r.try_get_by_index(0)).transpose()
 }
 
-/// Writes profiles (upsert) from records.
+/// Writes profiles (upsert) from records, with when decay next moves each one's emotion
+/// label under `emotion` (merged-away profiles have none).
 pub async fn save_records(
     txn: &DatabaseTransaction,
     records: &[&Record],
+    emotion: &EmotionRules,
     now_us: i64,
 ) -> Result<(), DbErr> {
+    let emotion_due = records
+        .iter()
+        .map(|r| match (&r.merged_into, &r.profile.emotion) {
+            (None, Some(e)) => crate::emotion::next_change_at(e, emotion),
+            _ => None,
+        })
+        .collect();
     insert_columns(
         txn,
-        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates)",
+        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates, emotion_due_at)",
         "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
          updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
-         aggregates = excluded.aggregates",
+         aggregates = excluded.aggregates, emotion_due_at = excluded.emotion_due_at",
         vec![
             Column::Text(records.iter().map(|r| r.profile.profile_id.clone()).collect()),
             Column::NullableText(records.iter().map(|r| r.merged_into.clone()).collect()),
@@ -531,6 +567,7 @@ pub async fn save_records(
             Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
             Column::Bytea(records.iter().map(|r| r.profile.encode_to_vec()).collect()),
             Column::Bytea(records.iter().map(|r| r.aggregates.encode_to_vec()).collect()),
+            Column::NullableInt8(emotion_due),
         ],
     )
     .await
@@ -541,6 +578,7 @@ pub async fn save_batch(
     txn: &DatabaseTransaction,
     set: &WorkingSet,
     consumers: &[String],
+    emotion: &EmotionRules,
     now_us: i64,
 ) -> Result<(), DbErr> {
     let backend = txn.get_database_backend();
@@ -549,7 +587,7 @@ pub async fn save_batch(
         .iter()
         .filter_map(|id| set.records.get(id))
         .collect();
-    save_records(txn, &dirty, now_us).await?;
+    save_records(txn, &dirty, emotion, now_us).await?;
 
     let identities = &set.dirty_identities;
     insert_columns(

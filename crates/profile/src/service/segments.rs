@@ -16,9 +16,9 @@ use waymark_proto::profile::v1::{Profile, Segment};
 
 use super::privacy::page_size;
 use super::{ProfileError, Profiles, invalid, notice, string_value};
-use crate::emotion::EmotionRules;
+use crate::emotion::{self, EmotionRules};
 use crate::model::from_micros;
-use crate::resolve::{Record, WorkingSet};
+use crate::resolve::{Record, WorkingSet, emotion_change_fields};
 use crate::segment::{SegmentDefinition, evaluate_memberships, validate_segment};
 use crate::store::{self, MembershipChange, SegmentRow};
 
@@ -90,6 +90,25 @@ fn reevaluate(
     })
 }
 
+/// Compiles stored definitions. A stored condition that no longer compiles is logged and
+/// left out rather than stopping the service.
+fn compile(rows: Vec<SegmentRow>) -> Vec<SegmentDefinition> {
+    let mut compiled = Vec::with_capacity(rows.len());
+    for row in rows {
+        let message = segment_message(row);
+        match validate_segment(&message) {
+            Ok(definition) => compiled.push(definition),
+            Err((field, problem)) => tracing::error!(
+                segment_id = %message.segment_id,
+                field,
+                problem,
+                "stored segment does not compile; skipped"
+            ),
+        }
+    }
+    compiled
+}
+
 impl Profiles {
     /// The compiled definitions in force.
     pub(crate) fn definitions(&self) -> Arc<Vec<SegmentDefinition>> {
@@ -103,20 +122,7 @@ impl Profiles {
     /// Loads and compiles every stored definition. A stored condition that no longer
     /// compiles is logged and left out rather than stopping the service.
     pub async fn reload_segments(&self) -> Result<(), ProfileError> {
-        let rows = store::segments(&self.inner.db).await?;
-        let mut compiled = Vec::with_capacity(rows.len());
-        for row in rows {
-            let message = segment_message(row);
-            match validate_segment(&message) {
-                Ok(definition) => compiled.push(definition),
-                Err((field, problem)) => tracing::error!(
-                    segment_id = %message.segment_id,
-                    field,
-                    problem,
-                    "stored segment does not compile; skipped"
-                ),
-            }
-        }
+        let compiled = compile(store::segments(&self.inner.db).await?);
         *self
             .inner
             .segments
@@ -305,7 +311,16 @@ impl Profiles {
                 ));
             }
             exited += records.len() as u64;
-            save_changed(&txn, &self.inner.consumers, &records, &[], &events, now).await?;
+            save_changed(
+                &txn,
+                &self.inner.consumers,
+                &self.inner.rules.emotion,
+                &records,
+                &[],
+                &events,
+                now,
+            )
+            .await?;
             written.extend(records);
             all_events.extend(events);
         }
@@ -322,13 +337,86 @@ impl Profiles {
         Ok(exited)
     }
 
+    /// Moves the emotion labels that decay has carried across a threshold since their last
+    /// signal, page by page: each emits `Emotion Changed` (signal kind `decay`) and has its
+    /// segments re-evaluated. Returns the number of profiles whose label moved.
+    pub async fn settle_emotions(&self) -> Result<usize, ProfileError> {
+        let rules = &self.inner.rules.emotion;
+        // One instant for the whole pass; pages follow ids, so each due profile is seen once.
+        let now = now_micros();
+        let mut settled = 0;
+        let mut after = String::new();
+        loop {
+            let _guard = self.inner.applier.lock().await;
+            let txn = self.inner.db.begin().await?;
+            store::lock_applier(&txn).await?;
+            let page = store::emotion_due(&txn, now, &after, SWEEP_PAGE).await?;
+            let Some(last) = page.last() else {
+                txn.rollback().await?;
+                break;
+            };
+            after = last.profile.profile_id.clone();
+            let definitions = self.definitions();
+            let mut records = Vec::with_capacity(page.len());
+            let mut transitions = Vec::new();
+            let mut events = Vec::new();
+            for mut record in page {
+                let profile = &mut record.profile;
+                if let Some(change) = profile
+                    .emotion
+                    .as_mut()
+                    .and_then(|e| emotion::settle(e, now, rules))
+                {
+                    settled += 1;
+                    events.push(notice(
+                        "Emotion Changed",
+                        &profile.profile_id,
+                        emotion_change_fields(&change),
+                        now,
+                    ));
+                    if let Some(t) = reevaluate(profile, &definitions, None, now, rules) {
+                        events.extend(
+                            transition_events(&t, &definitions, now)
+                                .into_iter()
+                                .map(|(event, _)| event),
+                        );
+                        transitions.push(t);
+                    }
+                }
+                // Rewritten even when floating point left the label a hair short of its
+                // threshold: the due time is recomputed, and the next pass settles it.
+                profile.version += 1;
+                profile.updated_at = Some(from_micros(now));
+                records.push(record);
+            }
+            save_changed(
+                &txn,
+                &self.inner.consumers,
+                rules,
+                &records,
+                &transitions,
+                &events,
+                now,
+            )
+            .await?;
+            txn.commit().await?;
+            self.inner.wakeup.notify();
+            self.inner.metrics.emitted(&events);
+            let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
+            self.inner.cache.put_many(&profiles).await;
+        }
+        Ok(settled)
+    }
+
     /// Computes membership of every segment that awaits its backfill or uses `now`, and
     /// slides windowed aggregates, for every live profile, page by page. A profile whose
     /// aggregates moved is evaluated for every segment. Returns the number of profiles
     /// that changed.
     pub async fn sweep_segments(&self) -> Result<usize, ProfileError> {
         let rows = store::segments(&self.inner.db).await?;
-        let definitions = self.definitions();
+        // Compiled from the very rows whose generations it marks backfilled: definitions
+        // installed a moment earlier or later could belong to another generation.
+        let definitions = compile(rows.clone());
         let pending: Vec<&SegmentRow> = rows
             .iter()
             .filter(|r| r.backfilled_generation < r.generation)
@@ -385,6 +473,7 @@ impl Profiles {
             save_changed(
                 &txn,
                 &self.inner.consumers,
+                &self.inner.rules.emotion,
                 &records,
                 &transitions,
                 &events,
@@ -442,13 +531,14 @@ fn transition_events(
 async fn save_changed(
     txn: &DatabaseTransaction,
     consumers: &[String],
+    emotion: &EmotionRules,
     records: &[Record],
     transitions: &[Transition],
     events: &[Event],
     now_us: i64,
 ) -> Result<(), ProfileError> {
     let refs: Vec<&Record> = records.iter().collect();
-    store::save_records(txn, &refs, now_us).await?;
+    store::save_records(txn, &refs, emotion, now_us).await?;
     save_transitions(txn, transitions, now_us).await?;
     let payloads: Vec<Vec<u8>> = events.iter().map(prost::Message::encode_to_vec).collect();
     let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();

@@ -151,7 +151,13 @@ impl Profiles {
             transitions.extend(t);
             emitted.extend(events);
         }
-        store::save_records(&txn, &[&survivor, &restored], now).await?;
+        store::save_records(
+            &txn,
+            &[&survivor, &restored],
+            &self.inner.rules.emotion,
+            now,
+        )
+        .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
         store::assign_identities(&txn, &moved_idents, &restored.profile.profile_id).await?;
         store::move_timeline(&txn, &moved, &restored.profile.profile_id).await?;

@@ -219,3 +219,24 @@ pub async fn live_profiles<C: ConnectionTrait>(
     .await?;
     rows.iter().map(record_from).collect()
 }
+
+/// A page of live profiles whose emotion label decay has moved by `now_us`, ascending by id
+/// after `after`.
+pub async fn emotion_due<C: ConnectionTrait>(
+    conn: &C,
+    now_us: i64,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<Record>, DbErr> {
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT {RECORD_COLUMNS} FROM profiles
+             WHERE emotion_due_at <= ? AND merged_into IS NULL AND profile_id > ?
+             ORDER BY profile_id LIMIT ?"
+        ),
+        [now_us.into(), after.into(), i64::from(limit).into()],
+    )
+    .await?;
+    rows.iter().map(record_from).collect()
+}

@@ -170,3 +170,80 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(upset_repeat_buyers_are_found);
+
+/// Anger fades: with no new signal, decay walks the label back to neutral one step at a
+/// time, each step reported, and the upset segment lets the customer go.
+async fn upset_customers_calm_down_with_time(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let mut config = config(&db.url, &sink.start().await, Some(&redis_url()));
+    config.emotion_half_life_secs = 1;
+    config.segment_sweep_secs = 1;
+    let server = TestProfile::start(config).await;
+    server
+        .put_segment("escalate", r#"emotion.label == "upset""#)
+        .await;
+    let mut csat = event(
+        EventType::Track,
+        "cx-2",
+        "",
+        "CSAT Submitted",
+        json!({"csat": 1}),
+        0,
+    );
+    // To the microsecond: decay is measured from the signal's time.
+    csat.timestamp = Some(waymark_profile::model::from_micros(
+        waymark_kit::db::now_micros(),
+    ));
+    server.deliver(vec![csat]).await;
+    let upset = get(&server, by_identity("user_id", "cx-2")).await.unwrap();
+    sink.wait_for_event("Segment Entered", |e| {
+        e.event == "Segment Entered" && e.profile_id == upset.profile_id
+    })
+    .await;
+
+    // -1 reaches -0.6 after 0.74 s and -0.2 after 2.3 s; the sweep runs every second, so
+    // it normally sees the unhappy step, but a stalled machine may skip straight on.
+    let mut changes = Vec::new();
+    for _ in 0..200 {
+        changes = emotion_changes(&sink, &upset.profile_id).await;
+        if changes.last().is_some_and(|l| l == "neutral") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        changes == ["upset", "unhappy", "neutral"] || changes == ["upset", "neutral"],
+        "{changes:?}"
+    );
+    // Both downstream relays deliver to the one sink: each event counts once.
+    let mut seen = std::collections::HashSet::new();
+    let decayed: Vec<String> = sink
+        .received
+        .lock()
+        .await
+        .iter()
+        .filter(|e| e.event == "Emotion Changed" && e.profile_id == upset.profile_id)
+        .filter(|e| seen.insert(e.event_id.clone()))
+        .filter_map(|e| {
+            waymark_proto::json::string_at(e.properties.as_ref()?, &["signal_kind"])
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(decayed.len(), changes.len());
+    assert!(decayed.iter().skip(1).all(|k| k == "decay"), "{decayed:?}");
+    sink.wait_for_event("Segment Exited", |e| {
+        e.event == "Segment Exited" && e.profile_id == upset.profile_id
+    })
+    .await;
+    let calm = get(&server, by_identity("user_id", "cx-2")).await.unwrap();
+    let emotion = calm.emotion.unwrap();
+    assert_eq!(emotion.label(), EmotionLabel::Neutral);
+    assert_eq!(
+        emotion.score, -1.0,
+        "the score stays the anchor decay starts from"
+    );
+    assert!(calm.segments.is_empty());
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(upset_customers_calm_down_with_time);
