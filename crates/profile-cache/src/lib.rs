@@ -8,7 +8,7 @@
 //! to misses (counted and logged), never to errors; the cache refills once it is back.
 //! Without a Redis URL an in-process backend with the same semantics serves `waymark dev`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -93,11 +93,7 @@ impl ProfileCache {
     /// An in-process cache holding at most `capacity` profiles.
     pub fn in_memory(capacity: usize, ttl: Duration) -> Self {
         Self::with_backend(
-            Backend::Memory(Mutex::new(MemoryBackend {
-                capacity: capacity.max(1),
-                profiles: HashMap::new(),
-                identities: HashMap::new(),
-            })),
+            Backend::Memory(Mutex::new(MemoryBackend::new(capacity, ttl))),
             "",
             ttl,
         )
@@ -152,10 +148,7 @@ impl ProfileCache {
     /// The id of the profile owning an identifier, if cached.
     pub async fn resolve(&self, id_type: &str, value: &str) -> Option<String> {
         match &self.backend {
-            Backend::Memory(m) => lock(m)
-                .identities
-                .get(&(id_type.to_owned(), value.to_owned()))
-                .cloned(),
+            Backend::Memory(m) => lock(m).resolve(id_type, value),
             Backend::Redis(r) => {
                 if !self.recovered(r).await {
                     return None;
@@ -248,19 +241,7 @@ impl ProfileCache {
         identities: &[(String, String)],
     ) {
         match &self.backend {
-            Backend::Memory(m) => {
-                let mut m = lock(m);
-                m.profiles
-                    .insert(profile_id.to_owned(), (version, None, Instant::now()));
-                for (t, v) in identities {
-                    if m.identities
-                        .get(&(t.clone(), v.clone()))
-                        .is_some_and(|id| id == profile_id)
-                    {
-                        m.identities.remove(&(t.clone(), v.clone()));
-                    }
-                }
-            }
+            Backend::Memory(m) => lock(m).invalidate(profile_id, version, identities),
             Backend::Redis(r) => {
                 let key = format!("{}{}", self.prefix, profile_key(profile_id));
                 let all_keys = || {
@@ -429,48 +410,141 @@ impl RedisBackend {
     }
 }
 
-/// Profiles by id as (version, profile or tombstone, stored at).
+/// A cached profile, or a tombstone (`None`) holding its last version.
+struct MemoryEntry {
+    version: u64,
+    profile: Option<Profile>,
+    expires: Instant,
+    /// Which write put it here; older slots in the write order are stale.
+    write: u64,
+}
+
+/// The in-process backend: Redis's semantics (versions never go back, TTL on every key)
+/// within a bounded number of entries, evicting the least recently written first.
 struct MemoryBackend {
     capacity: usize,
-    profiles: HashMap<String, (u64, Option<Profile>, Instant)>,
-    identities: HashMap<(String, String), String>,
+    ttl: Duration,
+    entries: HashMap<String, MemoryEntry>,
+    /// Identifier → (profile id, expiry).
+    identities: HashMap<(String, String), (String, Instant)>,
+    /// Profile ids in write order; a slot whose write number no longer matches its
+    /// entry's was superseded and is skipped, so each write costs O(1) amortised.
+    order: VecDeque<(u64, String)>,
+    writes: u64,
 }
 
 impl MemoryBackend {
-    fn get_profile(&self, id: &str) -> Option<Profile> {
-        self.profiles.get(id).and_then(|(_, p, _)| p.clone())
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ttl,
+            entries: HashMap::new(),
+            identities: HashMap::new(),
+            order: VecDeque::new(),
+            writes: 0,
+        }
+    }
+
+    fn get_profile(&mut self, id: &str) -> Option<Profile> {
+        let entry = self.entries.get(id)?;
+        if entry.expires <= Instant::now() {
+            self.remove(id);
+            return None;
+        }
+        entry.profile.clone()
+    }
+
+    fn resolve(&mut self, id_type: &str, value: &str) -> Option<String> {
+        let key = (id_type.to_owned(), value.to_owned());
+        let (id, expires) = self.identities.get(&key)?;
+        if *expires <= Instant::now() {
+            self.identities.remove(&key);
+            return None;
+        }
+        Some(id.clone())
     }
 
     fn put(&mut self, profile: &Profile) {
-        if self
-            .profiles
-            .get(&profile.profile_id)
-            .is_some_and(|(v, _, _)| *v >= profile.version)
-        {
+        if !self.newer(&profile.profile_id, profile.version) {
             return;
         }
-        if self.profiles.len() >= self.capacity && !self.profiles.contains_key(&profile.profile_id)
-        {
-            // Bounded memory: evict the oldest entry.
-            if let Some(oldest) = self
-                .profiles
-                .iter()
-                .min_by_key(|(_, (_, _, at))| *at)
-                .map(|(k, _)| k.clone())
-            {
-                self.profiles.remove(&oldest);
-                self.identities.retain(|_, id| *id != oldest);
-            }
-        }
+        let expires = Instant::now() + self.ttl;
         for identity in &profile.identities {
             self.identities.insert(
                 (identity.r#type.clone(), identity.value.clone()),
-                profile.profile_id.clone(),
+                (profile.profile_id.clone(), expires),
             );
         }
-        self.profiles.insert(
-            profile.profile_id.clone(),
-            (profile.version, Some(profile.clone()), Instant::now()),
-        );
+        self.store(&profile.profile_id, profile.version, Some(profile.clone()));
+    }
+
+    fn invalidate(&mut self, profile_id: &str, version: u64, identities: &[(String, String)]) {
+        if !self.newer(profile_id, version) {
+            return;
+        }
+        for (t, v) in identities {
+            let key = (t.clone(), v.clone());
+            if self
+                .identities
+                .get(&key)
+                .is_some_and(|(id, _)| id == profile_id)
+            {
+                self.identities.remove(&key);
+            }
+        }
+        self.store(profile_id, version, None);
+    }
+
+    /// Whether `version` is newer than the live entry of `id` (expired ones count as gone).
+    fn newer(&self, id: &str, version: u64) -> bool {
+        self.entries
+            .get(id)
+            .is_none_or(|e| e.expires <= Instant::now() || e.version < version)
+    }
+
+    fn store(&mut self, id: &str, version: u64, profile: Option<Profile>) {
+        self.writes += 1;
+        let entry = MemoryEntry {
+            version,
+            profile,
+            expires: Instant::now() + self.ttl,
+            write: self.writes,
+        };
+        self.entries.insert(id.to_owned(), entry);
+        self.order.push_back((self.writes, id.to_owned()));
+        while self.entries.len() > self.capacity {
+            let Some((write, oldest)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&oldest).is_some_and(|e| e.write == write) {
+                self.remove(&oldest);
+            }
+        }
+        // Superseded slots pile up when the same profiles are rewritten; compact them.
+        if self.order.len() > 2 * self.capacity {
+            let entries = &self.entries;
+            self.order
+                .retain(|(write, id)| entries.get(id).is_some_and(|e| e.write == *write));
+        }
+    }
+
+    /// Drops an entry and the identifiers pointing at it.
+    fn remove(&mut self, id: &str) {
+        if let Some(MemoryEntry {
+            profile: Some(profile),
+            ..
+        }) = self.entries.remove(id)
+        {
+            for identity in &profile.identities {
+                let key = (identity.r#type.clone(), identity.value.clone());
+                if self
+                    .identities
+                    .get(&key)
+                    .is_some_and(|(owner, _)| owner == id)
+                {
+                    self.identities.remove(&key);
+                }
+            }
+        }
     }
 }

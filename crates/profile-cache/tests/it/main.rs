@@ -71,16 +71,34 @@ async fn in_process_versions_never_go_back() {
 #[tokio::test]
 async fn in_process_cache_is_bounded() {
     let cache = ProfileCache::in_memory(2, Duration::from_secs(60));
-    for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        cache.put(&profile(id, 1, &format!("{id}@x.io"))).await;
-        tokio::time::sleep(Duration::from_millis(2 * i as u64 + 1)).await;
+    cache.put(&profile("a", 1, "a@x.io")).await;
+    cache.put(&profile("b", 1, "b@x.io")).await;
+    // Rewriting a profile makes it the most recently written, however often it happens.
+    for version in 2..50 {
+        cache.put(&profile("a", version, "a@x.io")).await;
     }
+    cache.put(&profile("c", 1, "c@x.io")).await;
     assert!(
-        cache.get("a").await.is_none(),
-        "the oldest entry was evicted"
+        cache.get("b").await.is_none(),
+        "the least recently written entry was evicted"
     );
-    assert!(cache.resolve("email", "a@x.io").await.is_none());
+    assert!(cache.resolve("email", "b@x.io").await.is_none());
+    assert_eq!(cache.get("a").await.map(|p| p.version), Some(49));
     assert!(cache.get("c").await.is_some());
+    assert_eq!(cache.resolve("email", "a@x.io").await.as_deref(), Some("a"));
+}
+
+#[tokio::test]
+async fn in_process_entries_expire_like_redis_keys() {
+    let cache = ProfileCache::in_memory(10, Duration::from_millis(20));
+    cache.put(&profile("a", 3, "a@x.io")).await;
+    assert!(cache.get("a").await.is_some());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(cache.get("a").await.is_none(), "past its TTL");
+    assert!(cache.resolve("email", "a@x.io").await.is_none());
+    // An expired entry no longer guards its version, as an expired Redis key would not.
+    cache.put(&profile("a", 1, "a@x.io")).await;
+    assert_eq!(cache.get("a").await.map(|p| p.version), Some(1));
 }
 
 #[tokio::test]
