@@ -35,6 +35,7 @@ impl EventSink for ProfileGrpc {
             applied: applied.applied,
             duplicates: applied.duplicates,
             suppressed: applied.suppressed,
+            unattributed: applied.unattributed,
         }))
     }
 }

@@ -10,7 +10,10 @@ use crate::emotion::{self, EmotionChange, EmotionRules};
 
 /// Orders timestamps.
 pub fn micros(t: &Timestamp) -> i64 {
-    t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos / 1000)
+    // Saturating: a timestamp from a request may be anything, and must not overflow.
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos / 1000))
 }
 
 /// A timestamp from microseconds.
@@ -65,13 +68,15 @@ pub fn set_traits(profile: &mut Profile, traits: &Struct, at: &Timestamp) -> Vec
     changes
 }
 
-/// A number property, also when sent as a numeric string.
+/// A finite number property, also when sent as a numeric string: `"NaN"` or `"inf"`
+/// would otherwise poison every sum they join (lifetime value, aggregates) for good.
 pub(crate) fn number(properties: Option<&Struct>, key: &str) -> Option<f64> {
-    match properties?.fields.get(key)?.kind.as_ref()? {
-        Kind::NumberValue(n) => Some(*n),
-        Kind::StringValue(s) => s.parse().ok(),
-        _ => None,
-    }
+    let n = match properties?.fields.get(key)?.kind.as_ref()? {
+        Kind::NumberValue(n) => *n,
+        Kind::StringValue(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    n.is_finite().then_some(n)
 }
 
 fn text(properties: Option<&Struct>, key: &str) -> Option<String> {
@@ -111,16 +116,23 @@ pub fn apply_event(profile: &mut Profile, event: &Event, emotion_rules: &Emotion
         changes = set_traits(profile, traits, &at);
     }
     if event.r#type() == EventType::Group && !event.group_id.is_empty() {
-        let group = Struct {
-            fields: [(
-                "group_id".to_owned(),
+        // The account the customer belongs to: its id, and its traits as one object (the
+        // latest group call's), so conditions can read e.g. `traits.group.plan`.
+        let mut fields = std::collections::BTreeMap::from([(
+            "group_id".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(event.group_id.clone())),
+            },
+        )]);
+        if let Some(traits) = event.traits.as_ref().filter(|t| !t.fields.is_empty()) {
+            fields.insert(
+                "group".to_owned(),
                 Value {
-                    kind: Some(Kind::StringValue(event.group_id.clone())),
+                    kind: Some(Kind::StructValue(traits.clone())),
                 },
-            )]
-            .into(),
-        };
-        changes = set_traits(profile, &group, &at);
+            );
+        }
+        changes = set_traits(profile, &Struct { fields }, &at);
     }
     if trusted_source(event).is_none() {
         count_activity(profile, event, &at);
@@ -329,9 +341,14 @@ mod tests {
         apply_event(&mut p, &order, &EmotionRules::default());
         apply_event(&mut p, &order, &EmotionRules::default());
         apply_event(&mut p, &call, &EmotionRules::default());
+        for junk in ["NaN", "inf", "-infinity"] {
+            let mut bogus = order.clone();
+            bogus.properties = Some(traits(serde_json::json!({"revenue": junk})));
+            apply_event(&mut p, &bogus, &EmotionRules::default());
+        }
         let c = p.computed.unwrap();
-        assert_eq!(c.lifetime_value, 61.0);
-        assert_eq!(c.event_counts["Order Completed"], 2);
+        assert_eq!(c.lifetime_value, 61.0, "non-finite amounts are ignored");
+        assert_eq!(c.event_counts["Order Completed"], 5);
         assert_eq!(c.first_seen, Some(ts(10)));
         assert_eq!(c.last_seen, Some(ts(50)));
         assert_eq!(
@@ -339,7 +356,32 @@ mod tests {
             Channel::Web as i32,
             "the late, older call does not become the last channel"
         );
-        assert_eq!(c.total_events, 3);
+        assert_eq!(c.total_events, 6);
+    }
+
+    #[test]
+    fn group_calls_set_the_account_and_its_traits() {
+        let mut p = Profile::default();
+        let mut group = Event {
+            group_id: "acme".into(),
+            timestamp: Some(ts(10)),
+            traits: Some(traits(
+                serde_json::json!({"name": "Acme", "plan": "enterprise"}),
+            )),
+            ..Event::default()
+        };
+        group.set_type(EventType::Group);
+        let effects = apply_event(&mut p, &group, &EmotionRules::default());
+        let t = &p.traits.as_ref().unwrap().fields;
+        assert_eq!(t["group_id"].kind, Some(Kind::StringValue("acme".into())));
+        let Some(Kind::StructValue(account)) = &t["group"].kind else {
+            panic!("group traits as an object: {t:?}")
+        };
+        assert_eq!(
+            account.fields["plan"].kind,
+            Some(Kind::StringValue("enterprise".into()))
+        );
+        assert_eq!(effects.trait_changes.len(), 2);
     }
 
     #[test]

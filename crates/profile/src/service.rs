@@ -32,7 +32,7 @@ pub use privacy::{Deleted, Export, INGEST_IDENTITY_TYPES, identity};
 pub enum ProfileError {
     #[error("invalid {field}: {problem}")]
     Invalid {
-        field: &'static str,
+        field: std::borrow::Cow<'static, str>,
         problem: String,
     },
     #[error("{0}")]
@@ -102,9 +102,12 @@ fn trusted_source_id(service: &str) -> String {
     )
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> ProfileError {
+fn invalid(
+    field: impl Into<std::borrow::Cow<'static, str>>,
+    problem: impl Into<String>,
+) -> ProfileError {
     ProfileError::Invalid {
-        field,
+        field: field.into(),
         problem: problem.into(),
     }
 }
@@ -116,6 +119,8 @@ pub struct Applied {
     pub duplicates: u32,
     /// Acknowledged but dropped: they carry an identifier of an erased profile.
     pub suppressed: u32,
+    /// Acknowledged but attributed to nobody: no identifier that is not blocked.
+    pub unattributed: u32,
 }
 
 /// The profile core.
@@ -175,13 +180,19 @@ impl Profiles {
 
     /// Applies a delivered batch: idempotent by event id, all or nothing.
     pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
+        if let Some(i) = events.iter().position(|e| e.event_id.is_empty()) {
+            return Err(invalid(
+                format!("events[{i}].event_id"),
+                "is required: it is what makes a redelivered event apply only once",
+            ));
+        }
         let total = events.len() as u32;
         // Everything that needs no database runs before the applier is taken: the
         // serialised section is the critical path of every replica's batches.
         let mut seen = HashSet::new();
         let candidates: Vec<(Event, Vec<Ident>)> = events
             .into_iter()
-            .filter(|e| !e.event_id.is_empty() && seen.insert(e.event_id.clone()))
+            .filter(|e| seen.insert(e.event_id.clone()))
             .map(|e| {
                 let ids = self.inner.rules.identity.extract(&e);
                 (e, ids)
@@ -222,7 +233,6 @@ impl Profiles {
                 "events of erased profiles dropped"
             );
         }
-        let applied_count = fresh.len() as u32;
         if fresh.is_empty() {
             txn.rollback().await?;
             self.inner
@@ -235,6 +245,7 @@ impl Profiles {
                 applied: 0,
                 duplicates,
                 suppressed: suppressed_count,
+                unattributed: 0,
             });
         }
         let (mut records, unknown) = applier.take(&idents);
@@ -285,9 +296,10 @@ impl Profiles {
         );
         self.refresh_cache(&set).await;
         Ok(Applied {
-            applied: applied_count,
+            applied: set.applied.len() as u32,
             duplicates,
             suppressed: suppressed_count,
+            unattributed: set.unattributed as u32,
         })
     }
 

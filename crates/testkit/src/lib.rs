@@ -125,8 +125,7 @@ impl EventSink for Sink {
         self.received.lock().await.extend(request.events);
         Ok(Response::new(DeliverResponse {
             applied: n,
-            duplicates: 0,
-            suppressed: 0,
+            ..DeliverResponse::default()
         }))
     }
 }

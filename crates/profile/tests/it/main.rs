@@ -12,7 +12,8 @@ use prost_types::value::Kind;
 use serde_json::json;
 use support::*;
 use tonic::Code;
-use waymark_proto::common::v1::{Channel, EventType, Identity};
+use waymark_proto::common::v1::event_sink_client::EventSinkClient;
+use waymark_proto::common::v1::{Channel, DeliverRequest, EventType, Identity};
 use waymark_proto::profile::v1::*;
 
 fn trait_str(profile: &Profile, key: &str) -> Option<String> {
@@ -390,6 +391,45 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
         one.profile_id, two.profile_id,
         "a blocked anonymous id links nobody"
     );
+    // Nothing but blocked values: acknowledged, attributed to nobody, and said so.
+    let nobody = server
+        .deliver(vec![event(
+            EventType::Track,
+            "null",
+            "00000000-0000-0000-0000-000000000000",
+            "Ghost",
+            json!({}),
+            2,
+        )])
+        .await;
+    assert_eq!((nobody.applied, nobody.unattributed), (0, 1));
+    // Without an event id a redelivery could not be recognised: refused, nothing written.
+    let mut anonymous = event(EventType::Track, "u-3", "", "X", json!({}), 2);
+    anonymous.event_id.clear();
+    let error = EventSinkClient::connect(server.url())
+        .await
+        .unwrap()
+        .deliver(admin(DeliverRequest {
+            producer: "test".into(),
+            events: vec![
+                event(EventType::Track, "u-3", "", "Y", json!({}), 2),
+                anonymous,
+            ],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    let details =
+        tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
+    assert_eq!(details.field_violations[0].field, "events[1].event_id");
+    assert_eq!(
+        get(&server, by_identity("user_id", "u-3"))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound,
+        "not even the valid event was applied"
+    );
 
     // A shared device would give one profile two user ids: the device id is left out.
     server
@@ -677,6 +717,19 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+    // Times at the ends of what a Timestamp can say are a range, not a crash.
+    let extreme = |seconds: i64, nanos: i32| Some(prost_types::Timestamp { seconds, nanos });
+    let page = client
+        .get_timeline(admin(GetTimelineRequest {
+            profile_id: p.profile_id.clone(),
+            start_time: extreme(i64::MIN, -999_999_999),
+            end_time: extreme(i64::MAX, 999_999_999),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!page.entries.is_empty());
     sink.wait_for_event("Trait Changed", |e| {
         e.event == "Trait Changed" && e.profile_id == p.profile_id
     })
