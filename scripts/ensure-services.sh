@@ -241,6 +241,11 @@ ensure_redis() {
   local did=()
   if redis_ready; then
     printf 'redis: already running on %s:%s (PING answered)\n' "$REDIS_HOST" "$REDIS_PORT"
+    # The suite also starts, stops and restarts Redis servers of its own.
+    if ! command -v redis-server >/dev/null 2>&1; then
+      apt_install redis-server
+      printf 'redis: installed redis-server for the suite'"'"'s own servers\n'
+    fi
     return
   fi
   if ! command -v redis-server >/dev/null 2>&1; then

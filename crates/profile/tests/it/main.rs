@@ -126,13 +126,29 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     assert_eq!(only_calls.len(), 1);
     assert_eq!(only_calls[0].name, "Call Started");
 
-    // Downstream: every applied event carries its profile id.
-    let received = sink.wait_for(8).await;
-    let applied: Vec<_> = received
-        .iter()
-        .filter(|e| e.source_id != "profile")
-        .collect();
-    assert!(applied.iter().all(|e| !e.profile_id.is_empty()));
+    // Downstream: each of the four applied events, with its profile id.
+    let mut applied = std::collections::HashMap::new();
+    for _ in 0..200 {
+        applied = sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .filter(|e| e.source_id != "profile")
+            .map(|e| (e.event_id.clone(), e.clone()))
+            .collect();
+        if applied.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(applied.len(), 4, "{applied:?}");
+    assert!(applied.values().all(|e| !e.profile_id.is_empty()));
+    let call = applied
+        .values()
+        .find(|e| e.event == "Call Started")
+        .unwrap();
+    assert_eq!(call.profile_id, customer.profile_id);
     platform.stop().await;
 }
 waymark_testkit::on_both_backends!(one_customer_across_web_app_and_contact_centre);
@@ -738,15 +754,55 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(trusted_updates_consent_and_errors);
 
-/// Redis goes away mid-test: the service keeps answering from the database, and the cache
-/// refills when Redis is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_falls_back_to_the_database_and_refills() {
+/// The cached version of a profile, straight from Redis.
+async fn cached_version(redis_url: &str, prefix: &str, profile_id: &str) -> Option<u64> {
+    let mut redis = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HGET")
+        .arg(format!(
+            "{prefix}{}",
+            waymark_profile_cache::profile_key(profile_id)
+        ))
+        .arg("v")
+        .query_async(&mut redis)
+        .await
+        .unwrap()
+}
+
+/// Polls until Redis holds `version` of the profile (the cache reconnects on its own).
+async fn wait_cached(redis_url: &str, prefix: &str, server: &TestProfile, id: &str, version: u64) {
+    for _ in 0..100 {
+        // Reads find Redis back (one attempt per reconnect pause) and refill it on a miss.
+        let read = get(
+            server,
+            GetProfileRequest {
+                profile_id: id.into(),
+                identity: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.version, version, "reads never go back");
+        if cached_version(redis_url, prefix, id).await == Some(version) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the cache never held version {version} of {id}");
+}
+
+/// A network partition from Redis (which keeps its now stale keys): the service keeps
+/// answering from the database, and once Redis is reachable the stale keys are dropped
+/// before the cache is trusted again.
+async fn redis_partition_falls_back_to_the_database_and_refills(backend: Backend) {
     let redis_addr: std::net::SocketAddr =
         redis_url().trim_start_matches("redis://").parse().unwrap();
     let proxy = Proxy::start(redis_addr).await;
     let sink = Sink::default();
-    let db = TestDb::new(Backend::Postgres).await;
+    let db = TestDb::new(backend).await;
     let proxied = format!("redis://{}", proxy.addr);
     let config = config(&db.url, &sink.start().await, Some(&proxied));
     let prefix = config.profile_cache_key_prefix.clone();
@@ -762,22 +818,11 @@ async fn redis_outage_falls_back_to_the_database_and_refills() {
         )])
         .await;
     let p = get(&server, by_identity("user_id", "r-1")).await.unwrap();
-    let mut redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let key = format!(
-        "{prefix}{}",
-        waymark_profile_cache::profile_key(&p.profile_id)
+    assert_eq!(
+        cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "written to Redis after the commit"
     );
-    let cached: Option<Vec<u8>> = redis::cmd("HGET")
-        .arg(&key)
-        .arg("p")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(cached.is_some(), "written to Redis after the commit");
 
     proxy.cut();
     server
@@ -796,32 +841,82 @@ async fn redis_outage_falls_back_to_the_database_and_refills() {
         Some("platinum"),
         "served from the database"
     );
+    assert_eq!(
+        cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "Redis still holds the old version"
+    );
 
     proxy.restore();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let after = get(
+    wait_cached(
+        &redis_url(),
+        &prefix,
         &server,
-        GetProfileRequest {
-            profile_id: p.profile_id.clone(),
-            identity: None,
-        },
+        &p.profile_id,
+        during.version,
     )
-    .await
-    .unwrap();
-    assert_eq!(after.version, during.version);
-    let version: Option<u64> = redis::cmd("HGET")
-        .arg(&key)
-        .arg("v")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    .await;
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(redis_partition_falls_back_to_the_database_and_refills);
+
+/// Redis stopped and started again mid-test (empty, its script cache too): the service
+/// answers from the database meanwhile and fills the new Redis once it is back.
+async fn redis_restart_is_survived_and_the_cache_refills(backend: Backend) {
+    let mut redis = waymark_testkit::RedisServer::start().await;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = config(&db.url, &sink.start().await, Some(&redis.url()));
+    let prefix = config.profile_cache_key_prefix.clone();
+    let server = TestProfile::start(config).await;
+    let identify = |tier: &str, at: i64| {
+        event(
+            EventType::Identify,
+            "r-2",
+            "",
+            "",
+            json!({"tier": tier}),
+            at,
+        )
+    };
+    server.deliver(vec![identify("gold", 1)]).await;
+    let before = get(&server, by_identity("user_id", "r-2")).await.unwrap();
     assert_eq!(
-        version,
-        Some(during.version),
-        "the cache refilled with the newest version"
+        cached_version(&redis.url(), &prefix, &before.profile_id).await,
+        Some(before.version)
+    );
+
+    redis.stop();
+    server.deliver(vec![identify("platinum", 2)]).await;
+    let during = get(&server, by_identity("user_id", "r-2")).await.unwrap();
+    assert_eq!(trait_str(&during, "tier").as_deref(), Some("platinum"));
+    assert!(during.version > before.version);
+
+    redis.restart().await;
+    assert_eq!(
+        cached_version(&redis.url(), &prefix, &before.profile_id).await,
+        None,
+        "the restarted Redis is empty"
+    );
+    wait_cached(
+        &redis.url(),
+        &prefix,
+        &server,
+        &before.profile_id,
+        during.version,
+    )
+    .await;
+    // Writes work again too: the script is loaded afresh in the same pipeline.
+    server.deliver(vec![identify("diamond", 3)]).await;
+    let after = get(&server, by_identity("user_id", "r-2")).await.unwrap();
+    assert_eq!(trait_str(&after, "tier").as_deref(), Some("diamond"));
+    assert_eq!(
+        cached_version(&redis.url(), &prefix, &before.profile_id).await,
+        Some(after.version)
     );
     server.stop().await;
 }
+waymark_testkit::on_both_backends!(redis_restart_is_survived_and_the_cache_refills);
 
 /// The applier remembers the profiles it wrote; writes by another replica or by a trusted
 /// update in between must be seen, never overwritten from that memory.
