@@ -221,7 +221,10 @@ impl IngestService for IngestGrpc {
             .into_iter()
             .map(|i| (i.r#type, i.value))
             .collect();
-        let added = self.core.suppress(identities).await?;
-        Ok(Response::new(SuppressIdentitiesResponse { added }))
+        let (added, erased_events) = self.core.suppress(identities).await?;
+        Ok(Response::new(SuppressIdentitiesResponse {
+            added,
+            erased_events,
+        }))
     }
 }

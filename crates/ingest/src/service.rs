@@ -457,8 +457,12 @@ impl Ingestor {
         Ok(queued)
     }
 
-    /// Adds identifiers to the suppression list.
-    pub async fn suppress(&self, identities: Vec<(String, String)>) -> Result<u32, IngestError> {
+    /// Adds identifiers to the suppression list and erases the log's copies of the events
+    /// that carry them; returns (identifiers newly added, log rows erased).
+    pub async fn suppress(
+        &self,
+        identities: Vec<(String, String)>,
+    ) -> Result<(u32, u64), IngestError> {
         let mut normalised = Vec::with_capacity(identities.len());
         let rules = &self.inner.settings.identity;
         for (i, (id_type, value)) in identities.into_iter().enumerate() {
@@ -478,9 +482,13 @@ impl Ingestor {
             };
             normalised.push((id_type, value));
         }
-        let added = store::add_suppressions(&self.inner.db, &normalised, now_micros()).await?;
+        let (added, erased) =
+            store::add_suppressions(&self.inner.db, &normalised, now_micros()).await?;
         self.inner.suppressions.extend(normalised);
-        Ok(added)
+        if erased > 0 {
+            tracing::info!(erased, "log entries of erased customers erased");
+        }
+        Ok((added, erased))
     }
 
     /// Reloads the suppression list from the database (other replicas may have added to it).

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
-    Statement, Value,
+    Statement, TransactionTrait, Value,
 };
 use waymark_kit::db::{Migration, sql};
 
@@ -538,16 +538,20 @@ pub async fn replay(
     Ok(result.rows_affected())
 }
 
-/// Adds identifiers to the suppression list; returns how many were new.
+/// Adds identifiers to the suppression list and, in the same transaction, erases what the
+/// log holds of the erased customer: rows carrying a suppressed user or anonymous id lose
+/// their payload and those ids. Their dedupe key stays, so a message an SDK sends again
+/// is still a duplicate. Returns (identifiers newly added, log rows erased).
 pub async fn add_suppressions(
     db: &DatabaseConnection,
     identities: &[(String, String)],
     now: i64,
-) -> Result<u32, DbErr> {
+) -> Result<(u32, u64), DbErr> {
     let backend = db.get_database_backend();
+    let txn = db.begin().await?;
     let mut added = 0;
     for (id_type, id_value) in identities {
-        let result = db
+        let result = txn
             .execute_raw(Statement::from_sql_and_values(
                 backend,
                 sql(
@@ -559,7 +563,33 @@ pub async fn add_suppressions(
             .await?;
         added += result.rows_affected() as u32;
     }
-    Ok(added)
+    let mut erased = 0;
+    for (id_type, column) in [("user_id", "user_id"), ("anonymous_id", "anonymous_id")] {
+        let values: Vec<&str> = identities
+            .iter()
+            .filter(|(t, _)| t == id_type)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        for chunk in values.chunks(500) {
+            let list = vec!["?"; chunk.len()].join(", ");
+            // `<> ''` matches the partial index on the column.
+            let text = format!(
+                "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
+                 WHERE {column} <> '' AND {column} IN ({list})"
+            );
+            let params: Vec<sea_orm::Value> = chunk.iter().map(|v| (*v).into()).collect();
+            erased += txn
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    sql(backend, &text),
+                    params,
+                ))
+                .await?
+                .rows_affected();
+        }
+    }
+    txn.commit().await?;
+    Ok((added, erased))
 }
 
 /// The whole suppression list.

@@ -610,7 +610,15 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
     let server = TestServer::start(config(&db.url, "http://127.0.0.1:9")).await;
     let (_, key) = server.create_source("privacy", 0).await;
     let mut client = server.client().await;
-    let added = client
+    // Logged before the erasure: its copy in the log must go with it.
+    client
+        .ingest(ingest_request(
+            vec![track("before-1", "forgotten", "Bought")],
+            &key,
+        ))
+        .await
+        .unwrap();
+    let erasure = client
         .suppress_identities(admin(SuppressIdentitiesRequest {
             identities: vec![
                 Identity {
@@ -625,9 +633,17 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
         }))
         .await
         .unwrap()
-        .into_inner()
-        .added;
-    assert_eq!(added, 2);
+        .into_inner();
+    assert_eq!((erasure.added, erasure.erased_events), (2, 1));
+    let kept = client
+        .list_events(admin(ListEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        kept.events.iter().all(|e| e.message_id != "before-1"),
+        "the log no longer holds it"
+    );
     let bad = client
         .suppress_identities(admin(SuppressIdentitiesRequest {
             identities: vec![Identity {
@@ -661,7 +677,8 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
         .into_inner()
         .total
         .unwrap();
-    assert_eq!((total.accepted, total.suppressed), (1, 2));
+    // The event logged before the erasure was accepted then; its copy is gone since.
+    assert_eq!((total.accepted, total.suppressed), (2, 2));
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(suppressed_identities_are_dropped_and_counted);
