@@ -18,7 +18,6 @@ use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules, WorkingSet};
-use crate::segment::SegmentDefinition;
 use crate::store::{self, TimelineFilter};
 
 mod privacy;
@@ -139,7 +138,7 @@ struct Inner {
     /// the applier remembers of the profiles it wrote.
     applier: tokio::sync::Mutex<ApplierMemory>,
     /// Compiled segment definitions, replaced whole when one changes.
-    segments: std::sync::RwLock<Arc<Vec<SegmentDefinition>>>,
+    segments: std::sync::RwLock<segments::Definitions>,
     /// Signalled when a definition changed, to start its backfill.
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
@@ -206,7 +205,7 @@ impl Profiles {
         let mut applier = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
-        let epoch = store::lock_applier(&txn).await?;
+        let epoch = self.lock_applier(&txn).await?;
         applier.begin(epoch);
         let done = store::already_applied(&txn, &event_ids).await?;
         let fresh: Vec<(Event, Vec<Ident>)> = candidates
@@ -431,7 +430,7 @@ impl Profiles {
         change.message_id.clone_from(&change.event_id);
         change.set_channel(Channel::Other);
         let txn = self.inner.db.begin().await?;
-        store::lock_applier(&txn).await?;
+        self.lock_applier(&txn).await?;
         let mut record: Record = store::load_live(&txn, profile_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;

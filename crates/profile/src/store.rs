@@ -118,7 +118,17 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: EMOTION_DUE,
         sqlite: EMOTION_DUE,
     },
+    Migration {
+        version: 9,
+        name: "generation of the segment definitions, read with the applier lock",
+        postgres: DEFINITIONS_GENERATION,
+        sqlite: DEFINITIONS_GENERATION,
+    },
 ];
+
+/// Every replica learns of a changed segment at its next applier lock, at no extra cost.
+const DEFINITIONS_GENERATION: &str =
+    "ALTER TABLE applier_epoch ADD COLUMN definitions BIGINT NOT NULL DEFAULT 0";
 
 /// Only profiles whose emotion is still fading have a due time, so the index stays small
 /// and rewrites of the others remain HOT updates.
@@ -360,19 +370,54 @@ pub(crate) async fn insert_columns(
     Ok(())
 }
 
+/// What taking the applier lock tells the taker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplierLock {
+    /// The counter this transaction advanced: whether anyone else wrote since the
+    /// applier's own last commit.
+    pub epoch: i64,
+    /// The generation of the segment definitions: whether any replica changed them since
+    /// this one loaded its own.
+    pub definitions: i64,
+}
+
 /// Serialises appliers across replicas (the counter's row stays locked until the
-/// transaction ends; SQLite has one writer anyway) and returns the counter this
-/// transaction advanced it to, which tells the applier whether anyone else wrote since
-/// its own last commit.
-pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<i64, DbErr> {
+/// transaction ends; SQLite has one writer anyway).
+pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<ApplierLock, DbErr> {
     let row = query_one(
         txn,
-        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch",
+        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch, definitions",
         [],
     )
     .await?
     .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?;
-    row.try_get_by_index(0)
+    Ok(ApplierLock {
+        epoch: row.try_get_by_index(0)?,
+        definitions: row.try_get_by_index(1)?,
+    })
+}
+
+/// Records that segment definitions changed, in the transaction that changes them.
+pub async fn bump_definitions(txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    execute(
+        txn,
+        "UPDATE applier_epoch SET definitions = definitions + 1 WHERE id = 1",
+        [],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The generation of the segment definitions.
+pub async fn definitions_generation<C: ConnectionTrait>(conn: &C) -> Result<i64, DbErr> {
+    query_one(
+        conn,
+        "SELECT definitions FROM applier_epoch WHERE id = 1",
+        [],
+    )
+    .await?
+    .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?
+    .try_get_by_index(0)
 }
 
 pub(crate) fn in_list(n: usize) -> String {

@@ -52,7 +52,7 @@ impl Profiles {
         let _guard = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
-        store::lock_applier(&txn).await?;
+        self.lock_applier(&txn).await?;
         let record = store::load_live(&txn, profile_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;

@@ -109,6 +109,22 @@ fn compile(rows: Vec<SegmentRow>) -> Vec<SegmentDefinition> {
     compiled
 }
 
+/// The compiled definitions a replica evaluates, with the generation they were loaded at.
+pub(crate) struct Definitions {
+    generation: i64,
+    compiled: Arc<Vec<SegmentDefinition>>,
+}
+
+impl Default for Definitions {
+    /// Nothing loaded yet: below every stored generation, so the first lock loads them.
+    fn default() -> Self {
+        Self {
+            generation: -1,
+            compiled: Arc::default(),
+        }
+    }
+}
+
 impl Profiles {
     /// The compiled definitions in force.
     pub(crate) fn definitions(&self) -> Arc<Vec<SegmentDefinition>> {
@@ -116,19 +132,55 @@ impl Profiles {
             .segments
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .compiled
             .clone()
+    }
+
+    /// Takes the applier lock in `txn` and, when any replica changed the segment
+    /// definitions since this one loaded them, reloads them there and then, so no batch
+    /// is evaluated against stale definitions. Returns the applier counter.
+    pub(crate) async fn lock_applier(
+        &self,
+        txn: &DatabaseTransaction,
+    ) -> Result<i64, ProfileError> {
+        let lock = store::lock_applier(txn).await?;
+        let loaded = self
+            .inner
+            .segments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .generation;
+        if lock.definitions != loaded {
+            // The lock is held: no definition can change until this transaction ends.
+            self.install_segments(lock.definitions, compile(store::segments(txn).await?));
+        }
+        Ok(lock.epoch)
     }
 
     /// Loads and compiles every stored definition. A stored condition that no longer
     /// compiles is logged and left out rather than stopping the service.
     pub async fn reload_segments(&self) -> Result<(), ProfileError> {
+        // The generation first: rows read after it are at least that new.
+        let generation = store::definitions_generation(&self.inner.db).await?;
         let compiled = compile(store::segments(&self.inner.db).await?);
-        *self
+        self.install_segments(generation, compiled);
+        Ok(())
+    }
+
+    /// Installs definitions unless newer ones are installed already (reloads may finish
+    /// out of order).
+    fn install_segments(&self, generation: i64, compiled: Vec<SegmentDefinition>) {
+        let mut installed = self
             .inner
             .segments
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(compiled);
-        Ok(())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if generation >= installed.generation {
+            *installed = Definitions {
+                generation,
+                compiled: Arc::new(compiled),
+            };
+        }
     }
 
     /// Evaluates every segment for each live profile a batch changed: updates their
@@ -229,6 +281,7 @@ impl Profiles {
             now,
         )
         .await?;
+        store::bump_definitions(&txn).await?;
         txn.commit().await?;
         self.reload_segments().await?;
         self.inner.segments_changed.notify_one();
@@ -281,7 +334,7 @@ impl Profiles {
         let _guard = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
-        store::lock_applier(&txn).await?;
+        self.lock_applier(&txn).await?;
         let name = self
             .definitions()
             .iter()
@@ -327,6 +380,7 @@ impl Profiles {
         if !store::delete_segment(&txn, segment_id).await? {
             return Err(ProfileError::NotFound(format!("no segment {segment_id:?}")));
         }
+        store::bump_definitions(&txn).await?;
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.metrics.emitted(&all_events);
@@ -349,7 +403,7 @@ impl Profiles {
         loop {
             let _guard = self.inner.applier.lock().await;
             let txn = self.inner.db.begin().await?;
-            store::lock_applier(&txn).await?;
+            self.lock_applier(&txn).await?;
             let page = store::emotion_due(&txn, now, &after, SWEEP_PAGE).await?;
             let Some(last) = page.last() else {
                 txn.rollback().await?;
@@ -439,7 +493,7 @@ impl Profiles {
             let _guard = self.inner.applier.lock().await;
             let now = now_micros();
             let txn = self.inner.db.begin().await?;
-            store::lock_applier(&txn).await?;
+            self.lock_applier(&txn).await?;
             let mut page = store::live_profiles(&txn, &after, SWEEP_PAGE).await?;
             let Some(last) = page.last() else {
                 txn.rollback().await?;

@@ -87,7 +87,7 @@ impl Profiles {
         let _guard = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
-        store::lock_applier(&txn).await?;
+        self.lock_applier(&txn).await?;
         let merge = store::merge_by_id(&txn, merge_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no merge {merge_id:?}")))?;

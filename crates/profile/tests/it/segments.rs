@@ -325,3 +325,53 @@ async fn segments_follow_conditions(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(segments_follow_conditions);
+
+/// Two replicas: a segment stored through one counts in the very next batch the other
+/// applies, with no sweep in between.
+async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let sink_url = sink.start().await;
+    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
+    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
+    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
+    let b = TestProfile::start(b_config).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let plan = |plan: &str| {
+        event(
+            EventType::Identify,
+            "rep-1",
+            "",
+            "",
+            json!({ "plan": plan }),
+            now,
+        )
+    };
+    b.deliver(vec![plan("free")]).await;
+    a.put_segment("enterprise", r#"traits.plan == "enterprise""#)
+        .await;
+    assert_eq!(wait_backfilled(&a, "enterprise").await.member_count, 0);
+
+    b.deliver(vec![plan("enterprise")]).await;
+    let p = get(&b, by_identity("user_id", "rep-1")).await.unwrap();
+    assert_eq!(p.segments, ["enterprise"], "replica B knew the new segment");
+    wait_segment_event(&sink, "Segment Entered", &p.profile_id, "enterprise").await;
+
+    let deleted = b
+        .client()
+        .await
+        .delete_segment(admin(DeleteSegmentRequest {
+            segment_id: "enterprise".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.exited, 1);
+    // A must not put the customer back into a segment that no longer exists.
+    a.deliver(vec![plan("enterprise")]).await;
+    let p = get(&a, by_identity("user_id", "rep-1")).await.unwrap();
+    assert!(p.segments.is_empty(), "{:?}", p.segments);
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(a_segment_stored_on_one_replica_counts_on_the_other_at_once);
