@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::metrics::Counter;
 use prost::Message;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
 
 /// Version of the key schema; bump when a value's encoding changes incompatibly.
@@ -30,22 +31,34 @@ pub fn identity_key(id_type: &str, value: &str) -> String {
     format!("{KEY_SCHEMA}:ident:{id_type}:{value}")
 }
 
-/// Stores `payload` at `version` in the profile key `KEYS[1]` unless the cached version is
-/// the same or newer, and then points the identifier keys `KEYS[2..]` at the profile id
-/// `ARGV[4]`; all with the TTL `ARGV[3]`. An empty payload is a tombstone: reads miss,
-/// older writes stay out.
+/// Writes several profiles, each only when newer than the cached one. `ARGV[1]` is the
+/// TTL; then per profile four arguments: version, encoded profile (empty: a tombstone
+/// that makes reads miss and keeps older writes out), profile id, and how many identifier
+/// keys follow its profile key in `KEYS`. Those keys are pointed at the profile id. All
+/// keys get the TTL. Returns how many profiles were written.
 const PUT_IF_NEWER: &str = r"
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+local ttl = ARGV[1]
+local k = 1
+local written = 0
+for i = 2, #ARGV, 4 do
+  local key, idents = KEYS[k], tonumber(ARGV[i + 3])
+  local current = redis.call('HGET', key, 'v')
+  if not current or tonumber(current) < tonumber(ARGV[i]) then
+    redis.call('HSET', key, 'v', ARGV[i], 'p', ARGV[i + 1])
+    redis.call('PEXPIRE', key, ttl)
+    for j = k + 1, k + idents do
+      redis.call('SET', KEYS[j], ARGV[i + 2], 'PX', ttl)
+    end
+    written = written + 1
+  end
+  k = k + 1 + idents
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'p', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[4], 'PX', ARGV[3])
-end
-return 1
+return written
 ";
+
+/// Profiles per script call: a script blocks Redis while it runs, so a batch's writes go
+/// as several short calls in one pipeline rather than one long one.
+const PROFILES_PER_CALL: usize = 64;
 
 /// Redis calls taking longer than this count as Redis being down: a cache must be faster
 /// than the database it shields.
@@ -176,34 +189,46 @@ impl ProfileCache {
         self.put_many(&[profile]).await;
     }
 
-    /// Caches several profiles in one round trip to Redis; each is written, with its
-    /// identifiers, only when newer than what is cached.
+    /// Caches several profiles in one round trip to Redis; each is written, with every
+    /// one of its identifiers, only when newer than what is cached.
     pub async fn put_many(&self, profiles: &[&Profile]) {
+        let writes: Vec<(&Profile, Vec<&Identity>)> = profiles
+            .iter()
+            .map(|p| (*p, p.identities.iter().collect()))
+            .collect();
+        self.put_changed(&writes).await;
+    }
+
+    /// Like [`put_many`](Self::put_many), but repoints only the listed identifiers of each
+    /// profile (those that are new or moved to it): the keys of the others already point
+    /// there, and one that expired is restored by the reader that misses it
+    /// ([`remember_identity`](Self::remember_identity)).
+    pub async fn put_changed(&self, writes: &[(&Profile, Vec<&Identity>)]) {
         let ttl_ms = (self.ttl.as_millis() as u64).max(1);
         match &self.backend {
             Backend::Memory(m) => {
                 let mut memory = lock(m);
-                for profile in profiles {
-                    memory.put(profile);
+                for (profile, identities) in writes {
+                    memory.put(profile, identities);
                 }
             }
             Backend::Redis(r) => {
-                if profiles.is_empty() {
+                if writes.is_empty() {
                     return;
                 }
                 let keys_of =
-                    |profile: &Profile| -> Vec<String> {
+                    |(profile, identities): &(&Profile, Vec<&Identity>)| {
                         std::iter::once(format!(
                             "{}{}",
                             self.prefix,
                             profile_key(&profile.profile_id)
                         ))
-                        .chain(profile.identities.iter().map(|i| {
+                        .chain(identities.iter().map(|i| {
                             format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value))
                         }))
-                        .collect()
+                        .collect::<Vec<String>>()
                     };
-                let all_keys = || profiles.iter().flat_map(|p| keys_of(p));
+                let all_keys = || writes.iter().flat_map(keys_of);
                 if !self.recovered(r).await {
                     self.remember_missed(all_keys());
                     return;
@@ -212,21 +237,52 @@ impl ProfileCache {
                 // Redis restarted with an empty script cache.
                 let mut pipe = redis::pipe();
                 pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_IF_NEWER).ignore();
-                for profile in profiles {
-                    let keys = keys_of(profile);
-                    pipe.cmd("EVALSHA")
+                for chunk in writes.chunks(PROFILES_PER_CALL) {
+                    let keys: Vec<String> = chunk.iter().flat_map(keys_of).collect();
+                    let call = pipe
+                        .cmd("EVALSHA")
                         .arg(r.script.get_hash())
                         .arg(keys.len())
                         .arg(&keys)
-                        .arg(profile.version)
-                        .arg(profile.encode_to_vec())
-                        .arg(ttl_ms)
-                        .arg(&profile.profile_id)
-                        .ignore();
+                        .arg(ttl_ms);
+                    for (profile, identities) in chunk {
+                        call.arg(profile.version)
+                            .arg(profile.encode_to_vec())
+                            .arg(&profile.profile_id)
+                            .arg(identities.len());
+                    }
+                    call.ignore();
                 }
                 if let Err(error) = r.pipe(&pipe).await {
                     self.failed("put", &error);
                     self.remember_missed(all_keys());
+                }
+            }
+        }
+    }
+
+    /// Points an identifier found in the database at its profile, unless its key holds a
+    /// pointer already (a concurrent write knows better than this reader).
+    pub async fn remember_identity(&self, id_type: &str, value: &str, profile_id: &str) {
+        match &self.backend {
+            Backend::Memory(m) => lock(m).remember_identity(id_type, value, profile_id),
+            Backend::Redis(r) => {
+                if !self.recovered(r).await {
+                    return;
+                }
+                let key = format!("{}{}", self.prefix, identity_key(id_type, value));
+                let ttl_ms = (self.ttl.as_millis() as u64).max(1);
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(&key)
+                    .arg(profile_id)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .ignore();
+                if let Err(error) = r.pipe(&pipe).await {
+                    self.failed("remember identity", &error);
+                    self.remember_missed(std::iter::once(key));
                 }
             }
         }
@@ -256,7 +312,7 @@ impl ProfileCache {
                     return;
                 }
                 if let Err(error) = r
-                    .put_if_newer(&key, version, &[], self.ttl.as_millis() as u64)
+                    .tombstone(&key, profile_id, version, self.ttl.as_millis() as u64)
                     .await
                 {
                     self.failed("invalidate", &error);
@@ -389,24 +445,24 @@ impl RedisBackend {
         pipe.query_async::<()>(&mut c).await
     }
 
-    async fn put_if_newer(
+    async fn tombstone(
         &self,
         key: &str,
+        profile_id: &str,
         version: u64,
-        payload: &[u8],
         ttl_ms: u64,
-    ) -> Result<bool, redis::RedisError> {
+    ) -> Result<(), redis::RedisError> {
         let mut c = self.connection().await?;
-        let stored: i64 = self
-            .script
+        self.script
             .key(key)
-            .arg(version)
-            .arg(payload)
             .arg(ttl_ms.max(1))
+            .arg(version)
             .arg("")
-            .invoke_async(&mut c)
+            .arg(profile_id)
+            .arg(0)
+            .invoke_async::<i64>(&mut c)
             .await?;
-        Ok(stored == 1)
+        Ok(())
     }
 }
 
@@ -464,18 +520,26 @@ impl MemoryBackend {
         Some(id.clone())
     }
 
-    fn put(&mut self, profile: &Profile) {
+    fn put(&mut self, profile: &Profile, identities: &[&Identity]) {
         if !self.newer(&profile.profile_id, profile.version) {
             return;
         }
         let expires = Instant::now() + self.ttl;
-        for identity in &profile.identities {
+        for identity in identities {
             self.identities.insert(
                 (identity.r#type.clone(), identity.value.clone()),
                 (profile.profile_id.clone(), expires),
             );
         }
         self.store(&profile.profile_id, profile.version, Some(profile.clone()));
+    }
+
+    fn remember_identity(&mut self, id_type: &str, value: &str, profile_id: &str) {
+        let key = (id_type.to_owned(), value.to_owned());
+        if self.resolve(id_type, value).is_none() {
+            self.identities
+                .insert(key, (profile_id.to_owned(), Instant::now() + self.ttl));
+        }
     }
 
     fn invalidate(&mut self, profile_id: &str, version: u64, identities: &[(String, String)]) {

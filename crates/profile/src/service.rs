@@ -1,7 +1,6 @@
 //! The profile core: applies delivered batches and serves reads through the cache. No
 //! tonic here; the adapter maps [`ProfileError`] in `error.rs`.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use prost_types::Struct;
@@ -13,13 +12,14 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
-use crate::identity::{Ident, normalise};
+use crate::identity::normalise;
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
-use crate::resolve::{Record, Rules, WorkingSet};
+use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
 
+mod apply;
 mod privacy;
 mod segments;
 mod unmerge;
@@ -177,149 +177,6 @@ impl Profiles {
         &self.inner.db
     }
 
-    /// Applies a delivered batch: idempotent by event id, all or nothing.
-    pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
-        if let Some(i) = events.iter().position(|e| e.event_id.is_empty()) {
-            return Err(invalid(
-                format!("events[{i}].event_id"),
-                "is required: it is what makes a redelivered event apply only once",
-            ));
-        }
-        let total = events.len() as u32;
-        // Everything that needs no database runs before the applier is taken: the
-        // serialised section is the critical path of every replica's batches.
-        let mut seen = HashSet::new();
-        let candidates: Vec<(Event, Vec<Ident>)> = events
-            .into_iter()
-            .filter(|e| seen.insert(e.event_id.clone()))
-            .map(|e| {
-                let ids = self.inner.rules.identity.extract(&e);
-                (e, ids)
-            })
-            .collect();
-        let event_ids: Vec<String> = candidates.iter().map(|(e, _)| e.event_id.clone()).collect();
-        let idents: Vec<Ident> = {
-            let all: HashSet<&Ident> = candidates.iter().flat_map(|(_, ids)| ids).collect();
-            all.into_iter().cloned().collect()
-        };
-        let mut applier = self.inner.applier.lock().await;
-        let now = now_micros();
-        let txn = self.inner.db.begin().await?;
-        let epoch = self.lock_applier(&txn).await?;
-        applier.begin(epoch);
-        let done = store::already_applied(&txn, &event_ids).await?;
-        let fresh: Vec<(Event, Vec<Ident>)> = candidates
-            .into_iter()
-            .filter(|(e, _)| !done.contains(&e.event_id))
-            .collect();
-        let duplicates = total - fresh.len() as u32;
-        // Ingestion drops these too, but events committed before the erasure reached it
-        // may still be in flight.
-        let suppressed = store::suppressed_among(&txn, &idents).await?;
-        let before = fresh.len();
-        let fresh: Vec<(Event, Vec<Ident>)> = if suppressed.is_empty() {
-            fresh
-        } else {
-            fresh
-                .into_iter()
-                .filter(|(_, ids)| !ids.iter().any(|id| suppressed.contains(id)))
-                .collect()
-        };
-        let suppressed_count = (before - fresh.len()) as u32;
-        if suppressed_count > 0 {
-            tracing::info!(
-                events = suppressed_count,
-                "events of erased profiles dropped"
-            );
-        }
-        if fresh.is_empty() {
-            txn.rollback().await?;
-            self.inner
-                .metrics
-                .delivered("duplicate", duplicates as usize);
-            self.inner
-                .metrics
-                .delivered("suppressed", suppressed_count as usize);
-            return Ok(Applied {
-                applied: 0,
-                duplicates,
-                suppressed: suppressed_count,
-                unattributed: 0,
-            });
-        }
-        let (mut records, unknown) = applier.take(&idents);
-        records.extend(store::load_owners(&txn, &unknown).await?);
-        let mut set = WorkingSet::new(records);
-        for (event, ids) in fresh {
-            set.apply(&self.inner.rules, event, ids, now);
-        }
-        if set.unattributed > 0 {
-            tracing::warn!(
-                events = set.unattributed,
-                "events without a usable identifier were not attributed"
-            );
-        }
-        let transitions = self.evaluate_batch(&mut set, now);
-        store::save_batch(
-            &txn,
-            &set,
-            &self.inner.consumers,
-            &self.inner.rules.emotion,
-            now,
-        )
-        .await?;
-        segments::save_transitions(&txn, &transitions, now).await?;
-        for merge in &set.merges {
-            store::drop_memberships(&txn, &merge.merged_id).await?;
-        }
-        if let Err(error) = txn.commit().await {
-            // The commit may have happened all the same; only the database knows now.
-            applier.clear();
-            return Err(error.into());
-        }
-        applier.committed(epoch, &set);
-        // The next batch may resolve while this one writes the cache: cached versions only
-        // ever move forward, whichever write lands first.
-        drop(applier);
-        self.inner.wakeup.notify();
-        let metrics = &self.inner.metrics;
-        metrics.delivered("applied", set.applied.len());
-        metrics.delivered("duplicate", duplicates as usize);
-        metrics.delivered("suppressed", suppressed_count as usize);
-        metrics.delivered("unattributed", set.unattributed);
-        metrics.emitted(
-            set.synthetic
-                .iter()
-                .map(|(event, _)| event)
-                .chain(&set.merged_away_exits),
-        );
-        self.refresh_cache(&set).await;
-        Ok(Applied {
-            applied: set.applied.len() as u32,
-            duplicates,
-            suppressed: suppressed_count,
-            unattributed: set.unattributed as u32,
-        })
-    }
-
-    /// After a commit: newer versions into the cache (one round trip), merged-away
-    /// profiles out of it.
-    async fn refresh_cache(&self, set: &WorkingSet) {
-        let mut live = Vec::with_capacity(set.dirty.len());
-        for record in set.dirty.iter().filter_map(|id| set.records.get(id)) {
-            match &record.merged_into {
-                None => live.push(&record.profile),
-                Some(_) => {
-                    self.inner
-                        .cache
-                        .invalidate(&record.profile.profile_id, record.profile.version, &[])
-                        .await
-                }
-            }
-        }
-        self.inner.cache.put_many(&live).await;
-    }
-
     /// A profile by id (following merges), from the cache when it has it.
     pub async fn get(&self, profile_id: &str) -> Result<Profile, ProfileError> {
         if profile_id.is_empty() {
@@ -352,11 +209,20 @@ impl Profiles {
         })?;
         let id = match self.inner.cache.resolve(id_type, &value).await {
             Some(id) => id,
-            None => store::owner_of(&self.inner.db, id_type, &value)
-                .await?
-                .ok_or_else(|| {
-                    ProfileError::NotFound(format!("no profile with {id_type} {value:?}"))
-                })?,
+            None => {
+                let id = store::owner_of(&self.inner.db, id_type, &value)
+                    .await?
+                    .ok_or_else(|| {
+                        ProfileError::NotFound(format!("no profile with {id_type} {value:?}"))
+                    })?;
+                // Batches only rewrite the keys of identifiers they add or move; one that
+                // expired meanwhile is restored by the first reader to miss it.
+                self.inner
+                    .cache
+                    .remember_identity(id_type, &value, &id)
+                    .await;
+                id
+            }
         };
         self.get(&id).await
     }

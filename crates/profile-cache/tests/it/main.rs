@@ -55,6 +55,76 @@ async fn versions_never_go_back(cache: ProfileCache) {
     );
 }
 
+/// Batches repoint only the identifiers they added or moved; readers restore a missing
+/// pointer without overwriting one a writer set.
+async fn only_changed_identifiers_are_repointed(cache: ProfileCache) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let other = uuid::Uuid::new_v4().to_string();
+    let mut p = profile(&id, 1, &format!("{id}@x.io"));
+    p.identities.push(Identity {
+        r#type: "user_id".into(),
+        value: format!("u-{id}"),
+    });
+    let many: Vec<Profile> = (0..150)
+        .map(|i| profile(&format!("{id}-{i}"), 1, &format!("{id}-{i}@x.io")))
+        .collect();
+    let mut writes: Vec<(&Profile, Vec<&Identity>)> = many
+        .iter()
+        .map(|m| (m, m.identities.iter().collect()))
+        .collect();
+    writes.push((&p, vec![&p.identities[1]]));
+    cache.put_changed(&writes).await;
+    assert_eq!(cache.get(&id).await.map(|p| p.version), Some(1));
+    assert_eq!(
+        cache
+            .resolve("user_id", &format!("u-{id}"))
+            .await
+            .as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(cache.resolve("email", &format!("{id}@x.io")).await, None);
+    assert_eq!(
+        cache.resolve("email", &format!("{id}-149@x.io")).await,
+        Some(format!("{id}-149")),
+        "every script call of the pipeline ran"
+    );
+
+    cache
+        .remember_identity("email", &format!("{id}@x.io"), &id)
+        .await;
+    assert_eq!(
+        cache
+            .resolve("email", &format!("{id}@x.io"))
+            .await
+            .as_deref(),
+        Some(id.as_str())
+    );
+    cache
+        .remember_identity("user_id", &format!("u-{id}"), &other)
+        .await;
+    assert_eq!(
+        cache
+            .resolve("user_id", &format!("u-{id}"))
+            .await
+            .as_deref(),
+        Some(id.as_str()),
+        "a reader never overwrites a pointer"
+    );
+}
+
+#[tokio::test]
+async fn redis_repoints_only_changed_identifiers() {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let cache = ProfileCache::redis(&redis_url(), &prefix, Duration::from_secs(60)).unwrap();
+    only_changed_identifiers_are_repointed(cache).await;
+}
+
+#[tokio::test]
+async fn in_process_repoints_only_changed_identifiers() {
+    only_changed_identifiers_are_repointed(ProfileCache::in_memory(1000, Duration::from_secs(60)))
+        .await;
+}
+
 #[tokio::test]
 async fn redis_versions_never_go_back() {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());

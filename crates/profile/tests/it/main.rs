@@ -1025,3 +1025,44 @@ async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(replicas_and_trusted_updates_see_each_others_writes);
+
+/// Deliveries arriving together are applied together; the same batch delivered twice at
+/// once (a relay retrying while its first attempt is still running) still applies once,
+/// and every delivery is told exactly what became of its events.
+async fn concurrent_deliveries_apply_each_event_once(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let batch = |b: usize| -> Vec<_> {
+        (0..50)
+            .map(|i| {
+                event(
+                    EventType::Track,
+                    &format!("c-{}", i % 10),
+                    "",
+                    &format!("Step {b}"),
+                    json!({}),
+                    i as i64,
+                )
+            })
+            .collect()
+    };
+    let mut batches: Vec<Vec<_>> = (0..7).map(batch).collect();
+    batches.push(batches[0].clone());
+    let deliveries = batches.into_iter().map(|events| server.deliver(events));
+    let outcomes = futures::future::join_all(deliveries).await;
+    let applied: u32 = outcomes.iter().map(|o| o.applied).sum();
+    let duplicates: u32 = outcomes.iter().map(|o| o.duplicates).sum();
+    assert_eq!((applied, duplicates), (350, 50), "{outcomes:?}");
+    for o in &outcomes {
+        assert_eq!(o.applied + o.duplicates, 50, "{o:?}");
+    }
+    for user in 0..10 {
+        let p = get(&server, by_identity("user_id", &format!("c-{user}")))
+            .await
+            .unwrap();
+        assert_eq!(p.computed.unwrap().total_events, 35, "c-{user}");
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(concurrent_deliveries_apply_each_event_once);
