@@ -1,6 +1,7 @@
 //! The profile core: applies delivered batches and serves reads through the cache. No
 //! tonic here; the adapter maps [`ProfileError`] in `error.rs`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use prost_types::Struct;
@@ -12,7 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
-use crate::identity::normalise;
+use crate::identity::{Ident, normalise};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
@@ -139,6 +140,9 @@ struct Inner {
     applier: tokio::sync::Mutex<ApplierMemory>,
     /// Compiled segment definitions, replaced whole when one changes.
     segments: std::sync::RwLock<segments::Definitions>,
+    /// The suppression list and its generation (-1 before it is loaded), so deliveries
+    /// check it without a query.
+    suppressed: std::sync::RwLock<(i64, Arc<HashSet<Ident>>)>,
     /// Signalled when a definition changed, to start its backfill.
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
@@ -165,6 +169,7 @@ impl Profiles {
                 wakeup,
                 applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),
                 segments: std::sync::RwLock::default(),
+                suppressed: std::sync::RwLock::new((-1, Arc::default())),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
                 metrics: Metrics::new(),
@@ -175,6 +180,40 @@ impl Profiles {
     /// The database.
     pub fn db(&self) -> &DatabaseConnection {
         &self.inner.db
+    }
+
+    /// Takes the applier lock in `txn` and, when any replica changed the segment
+    /// definitions or the suppression list since this one loaded them, reloads them there
+    /// and then (nothing can change them while the lock is held), so no batch is
+    /// evaluated against stale definitions or lets an erased customer back in. Returns
+    /// the applier counter.
+    pub(crate) async fn lock_applier(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+    ) -> Result<i64, ProfileError> {
+        let lock = store::lock_applier(txn).await?;
+        if lock.definitions != self.definitions_generation() {
+            self.reload_segments_at(txn, lock.definitions).await?;
+        }
+        if lock.suppressions != self.suppressed().0 {
+            let all = store::all_suppressed(txn).await?;
+            *self
+                .inner
+                .suppressed
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (lock.suppressions, Arc::new(all));
+        }
+        Ok(lock.epoch)
+    }
+
+    /// The suppression list as last loaded, with its generation.
+    fn suppressed(&self) -> (i64, Arc<HashSet<Ident>>) {
+        self.inner
+            .suppressed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A profile by id (following merges), from the cache when it has it.

@@ -120,15 +120,17 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 9,
-        name: "generation of the segment definitions, read with the applier lock",
-        postgres: DEFINITIONS_GENERATION,
-        sqlite: DEFINITIONS_GENERATION,
+        name: "generations of the segment definitions and the suppression list",
+        postgres: GENERATIONS,
+        sqlite: GENERATIONS,
     },
 ];
 
-/// Every replica learns of a changed segment at its next applier lock, at no extra cost.
-const DEFINITIONS_GENERATION: &str =
-    "ALTER TABLE applier_epoch ADD COLUMN definitions BIGINT NOT NULL DEFAULT 0";
+/// Every replica learns of a changed segment or a new erasure at its next applier lock,
+/// at no extra cost, and keeps both in memory in between.
+const GENERATIONS: &str = "
+    ALTER TABLE applier_epoch ADD COLUMN definitions BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE applier_epoch ADD COLUMN suppressions BIGINT NOT NULL DEFAULT 0;";
 
 /// Only profiles whose emotion is still fading have a due time, so the index stays small
 /// and rewrites of the others remain HOT updates.
@@ -379,6 +381,8 @@ pub struct ApplierLock {
     /// The generation of the segment definitions: whether any replica changed them since
     /// this one loaded its own.
     pub definitions: i64,
+    /// The generation of the suppression list, likewise.
+    pub suppressions: i64,
 }
 
 /// Serialises appliers across replicas (the counter's row stays locked until the
@@ -386,7 +390,8 @@ pub struct ApplierLock {
 pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<ApplierLock, DbErr> {
     let row = query_one(
         txn,
-        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch, definitions",
+        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1
+         RETURNING epoch, definitions, suppressions",
         [],
     )
     .await?
@@ -394,6 +399,7 @@ pub async fn lock_applier(txn: &DatabaseTransaction) -> Result<ApplierLock, DbEr
     Ok(ApplierLock {
         epoch: row.try_get_by_index(0)?,
         definitions: row.try_get_by_index(1)?,
+        suppressions: row.try_get_by_index(2)?,
     })
 }
 
@@ -402,6 +408,17 @@ pub async fn bump_definitions(txn: &DatabaseTransaction) -> Result<(), DbErr> {
     execute(
         txn,
         "UPDATE applier_epoch SET definitions = definitions + 1 WHERE id = 1",
+        [],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that the suppression list grew, in the transaction that adds to it.
+pub async fn bump_suppressions(txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    execute(
+        txn,
+        "UPDATE applier_epoch SET suppressions = suppressions + 1 WHERE id = 1",
         [],
     )
     .await?;

@@ -47,8 +47,8 @@ impl Profiles {
         applier.begin(epoch);
         let done = store::already_applied(&txn, &event_ids).await?;
         // Ingestion drops these too, but events committed before the erasure reached it
-        // may still be in flight.
-        let suppressed = store::suppressed_among(&txn, &idents).await?;
+        // may still be in flight. The list is current: the lock just checked.
+        let (_, suppressed) = self.suppressed();
         let mut outcome = Applied {
             duplicates: total - candidates.len() as u32,
             ..Applied::default()

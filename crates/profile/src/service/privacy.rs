@@ -67,6 +67,7 @@ impl Profiles {
         }
         let erased = store::erase(&txn, &tree, &identities).await?;
         store::suppress(&txn, &identities, now).await?;
+        store::bump_suppressions(&txn).await?;
         let notice = profile_deleted(&live_id, &tree, now);
         waymark_kit::outbox::enqueue(
             &txn,

@@ -136,25 +136,24 @@ impl Profiles {
             .clone()
     }
 
-    /// Takes the applier lock in `txn` and, when any replica changed the segment
-    /// definitions since this one loaded them, reloads them there and then, so no batch
-    /// is evaluated against stale definitions. Returns the applier counter.
-    pub(crate) async fn lock_applier(
-        &self,
-        txn: &DatabaseTransaction,
-    ) -> Result<i64, ProfileError> {
-        let lock = store::lock_applier(txn).await?;
-        let loaded = self
-            .inner
+    /// The generation of the definitions in force.
+    pub(crate) fn definitions_generation(&self) -> i64 {
+        self.inner
             .segments
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .generation;
-        if lock.definitions != loaded {
-            // The lock is held: no definition can change until this transaction ends.
-            self.install_segments(lock.definitions, compile(store::segments(txn).await?));
-        }
-        Ok(lock.epoch)
+            .generation
+    }
+
+    /// Reloads the definitions at `generation` through `txn`, which holds the applier
+    /// lock: no definition can change until it ends.
+    pub(crate) async fn reload_segments_at(
+        &self,
+        txn: &DatabaseTransaction,
+        generation: i64,
+    ) -> Result<(), ProfileError> {
+        self.install_segments(generation, compile(store::segments(txn).await?));
+        Ok(())
     }
 
     /// Loads and compiles every stored definition. A stored condition that no longer

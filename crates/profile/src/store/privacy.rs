@@ -2,9 +2,9 @@
 
 use std::collections::HashSet;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{MAX_PARAMS, execute, ident_arrays, ident_pairs, in_list, insert_rows, query};
+use super::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
 use crate::identity::Ident;
 
 /// The profile and every profile merged into it, directly or through earlier merges.
@@ -105,35 +105,12 @@ pub async fn suppress(
     .await
 }
 
-/// The identifiers among `idents` that are suppressed.
-pub async fn suppressed_among<C: ConnectionTrait>(
-    conn: &C,
-    idents: &[Ident],
-) -> Result<HashSet<Ident>, DbErr> {
-    let mut found = HashSet::new();
-    if conn.get_database_backend() == DbBackend::Postgres {
-        let rows = query(
-            conn,
-            "SELECT s.id_type, s.id_value FROM suppressions s
-             JOIN UNNEST(?::text[], ?::text[]) AS k(t, v) ON s.id_type = k.t AND s.id_value = k.v",
-            ident_arrays(idents),
-        )
-        .await?;
-        for row in rows {
-            found.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
-        }
-        return Ok(found);
-    }
-    for chunk in idents.chunks(MAX_PARAMS / 2) {
-        let (pairs, values) = ident_pairs(chunk);
-        let text = format!(
-            "SELECT id_type, id_value FROM suppressions WHERE (id_type, id_value) IN ({pairs})"
-        );
-        for row in query(conn, &text, values).await? {
-            found.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
-        }
-    }
-    Ok(found)
+/// Every suppressed identifier.
+pub async fn all_suppressed<C: ConnectionTrait>(conn: &C) -> Result<HashSet<Ident>, DbErr> {
+    let rows = query(conn, "SELECT id_type, id_value FROM suppressions", []).await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
 }
 
 /// One row of the suppression list.

@@ -254,3 +254,51 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     platform.stop().await;
 }
 waymark_testkit::on_both_backends!(erased_profiles_stay_erased);
+
+/// An erasure through one replica holds on the other at its very next delivery, though
+/// that one keeps the suppression list in memory.
+async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let sink_url = sink.start().await;
+    // Replicas share the Redis cache, as in any deployment with more than one.
+    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
+    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
+    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
+    let b = TestProfile::start(b_config).await;
+    let visit = |at: i64| {
+        event(
+            EventType::Track,
+            "gone-1",
+            "",
+            "Visited",
+            serde_json::json!({}),
+            at,
+        )
+    };
+    // B has loaded the (empty) list before the erasure.
+    b.deliver(vec![visit(1)]).await;
+    let p = crate::get(&a, crate::by_identity("user_id", "gone-1"))
+        .await
+        .unwrap();
+    a.client()
+        .await
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: p.profile_id,
+            reason: "customer request".into(),
+        }))
+        .await
+        .unwrap();
+    let after = b.deliver(vec![visit(2)]).await;
+    assert_eq!((after.applied, after.suppressed), (0, 1));
+    assert_eq!(
+        crate::get(&b, crate::by_identity("user_id", "gone-1"))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(an_erasure_on_one_replica_holds_on_the_other);
