@@ -56,6 +56,16 @@ end
 return written
 ";
 
+/// One profile to cache, already encoded.
+pub struct CacheWrite<'a> {
+    pub profile_id: &'a str,
+    pub version: u64,
+    /// The encoded `Profile`.
+    pub encoded: &'a [u8],
+    /// The identifiers whose keys must point at this profile.
+    pub identities: Vec<&'a Identity>,
+}
+
 /// Profiles per script call: a script blocks Redis while it runs, so a batch's writes go
 /// as several short calls in one pipeline rather than one long one.
 const PROFILES_PER_CALL: usize = 64;
@@ -192,42 +202,46 @@ impl ProfileCache {
     /// Caches several profiles in one round trip to Redis; each is written, with every
     /// one of its identifiers, only when newer than what is cached.
     pub async fn put_many(&self, profiles: &[&Profile]) {
-        let writes: Vec<(&Profile, Vec<&Identity>)> = profiles
+        let encoded: Vec<Vec<u8>> = profiles.iter().map(|p| p.encode_to_vec()).collect();
+        let writes: Vec<CacheWrite<'_>> = profiles
             .iter()
-            .map(|p| (*p, p.identities.iter().collect()))
+            .zip(&encoded)
+            .map(|(p, bytes)| CacheWrite {
+                profile_id: &p.profile_id,
+                version: p.version,
+                encoded: bytes,
+                identities: p.identities.iter().collect(),
+            })
             .collect();
-        self.put_changed(&writes).await;
+        self.put_encoded(&writes).await;
     }
 
-    /// Like [`put_many`](Self::put_many), but repoints only the listed identifiers of each
-    /// profile (those that are new or moved to it): the keys of the others already point
-    /// there, and one that expired is restored by the reader that misses it
-    /// ([`remember_identity`](Self::remember_identity)).
-    pub async fn put_changed(&self, writes: &[(&Profile, Vec<&Identity>)]) {
+    /// Caches profiles already encoded, each only when newer than what is cached,
+    /// repointing only the identifiers each write lists (those new or moved to it): the
+    /// keys of the others already point there, and one that expired is restored by the
+    /// reader that misses it ([`remember_identity`](Self::remember_identity)).
+    pub async fn put_encoded(&self, writes: &[CacheWrite<'_>]) {
         let ttl_ms = (self.ttl.as_millis() as u64).max(1);
         match &self.backend {
             Backend::Memory(m) => {
                 let mut memory = lock(m);
-                for (profile, identities) in writes {
-                    memory.put(profile, identities);
+                for write in writes {
+                    if let Some(profile) = decode(write.encoded) {
+                        memory.put(&profile, &write.identities);
+                    }
                 }
             }
             Backend::Redis(r) => {
                 if writes.is_empty() {
                     return;
                 }
-                let keys_of =
-                    |(profile, identities): &(&Profile, Vec<&Identity>)| {
-                        std::iter::once(format!(
-                            "{}{}",
-                            self.prefix,
-                            profile_key(&profile.profile_id)
-                        ))
-                        .chain(identities.iter().map(|i| {
+                let keys_of = |write: &CacheWrite<'_>| {
+                    std::iter::once(format!("{}{}", self.prefix, profile_key(write.profile_id)))
+                        .chain(write.identities.iter().map(|i| {
                             format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value))
                         }))
                         .collect::<Vec<String>>()
-                    };
+                };
                 let all_keys = || writes.iter().flat_map(keys_of);
                 if !self.recovered(r).await {
                     self.remember_missed(all_keys());
@@ -245,11 +259,11 @@ impl ProfileCache {
                         .arg(keys.len())
                         .arg(&keys)
                         .arg(ttl_ms);
-                    for (profile, identities) in chunk {
-                        call.arg(profile.version)
-                            .arg(profile.encode_to_vec())
-                            .arg(&profile.profile_id)
-                            .arg(identities.len());
+                    for write in chunk {
+                        call.arg(write.version)
+                            .arg(write.encoded)
+                            .arg(write.profile_id)
+                            .arg(write.identities.len());
                     }
                     call.ignore();
                 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use crate::identity::Ident;
-use crate::resolve::{Record, WorkingSet};
+use crate::resolve::Record;
 
 /// What the applier remembers between batches; lives inside the applier lock.
 #[derive(Debug)]
@@ -80,16 +80,16 @@ impl ApplierMemory {
         (records, unknown)
     }
 
-    /// After `set` committed at `epoch`: its live profiles are remembered as written,
-    /// merged-away ones forgotten.
-    pub fn committed(&mut self, epoch: i64, set: &WorkingSet) {
+    /// After a batch committed at `epoch`: its profiles (`records`, every one it loaded
+    /// or created) are remembered as written, merged-away ones forgotten.
+    pub fn committed(&mut self, epoch: i64, records: impl IntoIterator<Item = Record>) {
         self.epoch = Some(epoch);
         if self.capacity == 0 {
             return;
         }
-        for record in set.records.values() {
-            let id = &record.profile.profile_id;
-            if let Some((old, _)) = self.records.remove(id) {
+        for record in records {
+            let id = record.profile.profile_id.clone();
+            if let Some((old, _)) = self.records.remove(&id) {
                 self.forget_identities(&old);
             }
             if record.merged_into.is_some() {
@@ -101,8 +101,7 @@ impl ApplierMemory {
                     id.clone(),
                 );
             }
-            self.records
-                .insert(id.clone(), (record.clone(), self.batches));
+            self.records.insert(id, (record, self.batches));
         }
         self.evict();
     }
@@ -180,11 +179,13 @@ mod tests {
     fn remembered_profiles_come_back_and_other_identifiers_are_looked_up() {
         let mut memory = ApplierMemory::new(10);
         memory.begin(1);
-        let set = WorkingSet::new(vec![
-            record("p1", &[("user_id", "u1"), ("email", "a@x.io")]),
-            record("p2", &[("user_id", "u2")]),
-        ]);
-        memory.committed(1, &set);
+        memory.committed(
+            1,
+            [
+                record("p1", &[("user_id", "u1"), ("email", "a@x.io")]),
+                record("p2", &[("user_id", "u2")]),
+            ],
+        );
 
         memory.begin(2);
         let (records, unknown) = memory.take(&[
@@ -210,10 +211,7 @@ mod tests {
     fn a_write_by_anyone_else_in_between_forgets_everything() {
         let mut memory = ApplierMemory::new(10);
         memory.begin(5);
-        memory.committed(
-            5,
-            &WorkingSet::new(vec![record("p1", &[("user_id", "u1")])]),
-        );
+        memory.committed(5, [record("p1", &[("user_id", "u1")])]);
         // Another transaction advanced the counter to 6; this one got 7.
         memory.begin(7);
         let (records, unknown) = memory.take(&[ident("user_id", "u1")]);
@@ -227,22 +225,18 @@ mod tests {
         memory.begin(1);
         memory.committed(
             1,
-            &WorkingSet::new(vec![
+            [
                 record("old", &[("user_id", "u1")]),
                 record("new", &[("anonymous_id", "a1")]),
-            ]),
+            ],
         );
         memory.begin(2);
         let (records, _) = memory.take(&[ident("user_id", "u1"), ident("anonymous_id", "a1")]);
         assert_eq!(records.len(), 2);
         let mut merged = record("new", &[("anonymous_id", "a1")]);
         merged.merged_into = Some("old".into());
-        let mut set = WorkingSet::new(vec![record(
-            "old",
-            &[("user_id", "u1"), ("anonymous_id", "a1")],
-        )]);
-        set.records.insert("new".into(), merged);
-        memory.committed(2, &set);
+        let survivor = record("old", &[("user_id", "u1"), ("anonymous_id", "a1")]);
+        memory.committed(2, [survivor, merged]);
 
         memory.begin(3);
         let (records, unknown) = memory.take(&[ident("anonymous_id", "a1")]);
@@ -257,10 +251,7 @@ mod tests {
             memory.begin(batch + 1);
             let id = format!("p{batch}");
             let user = format!("u{batch}");
-            memory.committed(
-                batch + 1,
-                &WorkingSet::new(vec![record(&id, &[("user_id", &user)])]),
-            );
+            memory.committed(batch + 1, [record(&id, &[("user_id", &user)])]);
         }
         memory.begin(21);
         let all: Vec<Ident> = (0..20)
@@ -277,10 +268,7 @@ mod tests {
     fn capacity_zero_remembers_nothing() {
         let mut memory = ApplierMemory::new(0);
         memory.begin(1);
-        memory.committed(
-            1,
-            &WorkingSet::new(vec![record("p1", &[("user_id", "u1")])]),
-        );
+        memory.committed(1, [record("p1", &[("user_id", "u1")])]);
         memory.begin(2);
         let (records, unknown) = memory.take(&[ident("user_id", "u1")]);
         assert!(records.is_empty());

@@ -608,6 +608,19 @@ pub async fn save_records(
     emotion: &EmotionRules,
     now_us: i64,
 ) -> Result<(), DbErr> {
+    let states = records.iter().map(|r| r.profile.encode_to_vec()).collect();
+    save_encoded(txn, records, states, emotion, now_us).await
+}
+
+/// [`save_records`] with each profile already encoded (`states`, in the same order), for
+/// callers that need the encoding for the cache too.
+pub async fn save_encoded(
+    txn: &DatabaseTransaction,
+    records: &[&Record],
+    states: Vec<Vec<u8>>,
+    emotion: &EmotionRules,
+    now_us: i64,
+) -> Result<(), DbErr> {
     let emotion_due = records
         .iter()
         .map(|r| match (&r.merged_into, &r.profile.emotion) {
@@ -627,7 +640,7 @@ pub async fn save_records(
             Column::Int8(records.iter().map(|r| r.created_us).collect()),
             Column::Int8(vec![now_us; records.len()]),
             Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
-            Column::Bytea(records.iter().map(|r| r.profile.encode_to_vec()).collect()),
+            Column::Bytea(states),
             Column::Bytea(records.iter().map(|r| r.aggregates.encode_to_vec()).collect()),
             Column::NullableInt8(emotion_due),
         ],
@@ -636,20 +649,19 @@ pub async fn save_records(
 }
 
 /// Writes everything a batch changed, then queues the emitted events for `consumers`.
+/// `dirty` holds the batch's changed profiles, each with its encoded state.
 pub async fn save_batch(
     txn: &DatabaseTransaction,
     set: &WorkingSet,
+    dirty: &[(&Record, Vec<u8>)],
     consumers: &[String],
     emotion: &EmotionRules,
     now_us: i64,
 ) -> Result<(), DbErr> {
     let backend = txn.get_database_backend();
-    let dirty: Vec<&Record> = set
-        .dirty
-        .iter()
-        .filter_map(|id| set.records.get(id))
-        .collect();
-    save_records(txn, &dirty, emotion, now_us).await?;
+    let records: Vec<&Record> = dirty.iter().map(|(record, _)| *record).collect();
+    let states = dirty.iter().map(|(_, state)| state.clone()).collect();
+    save_encoded(txn, &records, states, emotion, now_us).await?;
 
     let identities = &set.dirty_identities;
     insert_columns(

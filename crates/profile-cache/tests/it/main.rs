@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use waymark_profile_cache::ProfileCache;
+use waymark_profile_cache::{CacheWrite, ProfileCache};
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
 
@@ -68,12 +68,28 @@ async fn only_changed_identifiers_are_repointed(cache: ProfileCache) {
     let many: Vec<Profile> = (0..150)
         .map(|i| profile(&format!("{id}-{i}"), 1, &format!("{id}-{i}@x.io")))
         .collect();
-    let mut writes: Vec<(&Profile, Vec<&Identity>)> = many
+    let encoded: Vec<Vec<u8>> = many
         .iter()
-        .map(|m| (m, m.identities.iter().collect()))
+        .chain([&p])
+        .map(prost::Message::encode_to_vec)
         .collect();
-    writes.push((&p, vec![&p.identities[1]]));
-    cache.put_changed(&writes).await;
+    let mut writes: Vec<CacheWrite<'_>> = many
+        .iter()
+        .zip(&encoded)
+        .map(|(m, bytes)| CacheWrite {
+            profile_id: &m.profile_id,
+            version: m.version,
+            encoded: bytes,
+            identities: m.identities.iter().collect(),
+        })
+        .collect();
+    writes.push(CacheWrite {
+        profile_id: &p.profile_id,
+        version: p.version,
+        encoded: &encoded[150],
+        identities: vec![&p.identities[1]],
+    });
+    cache.put_encoded(&writes).await;
     assert_eq!(cache.get(&id).await.map(|p| p.version), Some(1));
     assert_eq!(
         cache

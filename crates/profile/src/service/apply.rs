@@ -5,13 +5,15 @@
 
 use std::collections::HashSet;
 
+use prost::Message;
 use sea_orm::TransactionTrait;
 use waymark_kit::db::now_micros;
-use waymark_proto::common::v1::Event;
+use waymark_profile_cache::CacheWrite;
+use waymark_proto::common::v1::{Event, Identity};
 
 use super::{Applied, ProfileError, Profiles, invalid, segments};
 use crate::identity::Ident;
-use crate::resolve::WorkingSet;
+use crate::resolve::{Record, WorkingSet};
 use crate::store;
 
 impl Profiles {
@@ -89,9 +91,17 @@ impl Profiles {
             );
         }
         let transitions = self.evaluate_batch(&mut set, now);
+        // Each changed profile is encoded once, for its row and for the cache.
+        let dirty: Vec<(&Record, Vec<u8>)> = set
+            .dirty
+            .iter()
+            .filter_map(|id| set.records.get(id))
+            .map(|record| (record, record.profile.encode_to_vec()))
+            .collect();
         store::save_batch(
             &txn,
             &set,
+            &dirty,
             &self.inner.consumers,
             &self.inner.rules.emotion,
             now,
@@ -106,7 +116,8 @@ impl Profiles {
             applier.clear();
             return Err(error.into());
         }
-        applier.committed(epoch, &set);
+        let cache = CacheChanges::of(&set, dirty);
+        applier.committed(epoch, std::mem::take(&mut set.records).into_values());
         // The next batch may resolve while this one writes the cache: cached versions only
         // ever move forward, whichever write lands first.
         drop(applier);
@@ -124,38 +135,76 @@ impl Profiles {
                 .chain(&set.merged_away_exits),
         );
         // Answered after the cache write, so a caller reads its own writes.
-        self.refresh_cache(&set).await;
+        self.refresh_cache(cache).await;
         Ok(outcome)
     }
 
-    /// After a commit: newer versions into the cache (one round trip), with the keys of
-    /// the identifiers the batch added or moved; merged-away profiles out of it.
-    async fn refresh_cache(&self, set: &WorkingSet) {
-        let mut live = Vec::with_capacity(set.dirty.len());
-        for record in set.dirty.iter().filter_map(|id| set.records.get(id)) {
-            match &record.merged_into {
-                None => {
-                    let id = &record.profile.profile_id;
-                    let moved = record
-                        .profile
-                        .identities
-                        .iter()
-                        .filter(|i| {
-                            set.dirty_identities
-                                .get(&(i.r#type.clone(), i.value.clone()))
-                                .is_some_and(|owner| set.live(owner) == *id)
-                        })
-                        .collect();
-                    live.push((&record.profile, moved));
-                }
-                Some(_) => {
-                    self.inner
-                        .cache
-                        .invalidate(&record.profile.profile_id, record.profile.version, &[])
-                        .await
-                }
-            }
+    /// After a commit: newer versions into the cache (one round trip), merged-away
+    /// profiles out of it.
+    async fn refresh_cache(&self, changes: CacheChanges) {
+        for (id, version) in &changes.merged {
+            self.inner.cache.invalidate(id, *version, &[]).await;
         }
-        self.inner.cache.put_changed(&live).await;
+        let writes: Vec<CacheWrite<'_>> = changes
+            .live
+            .iter()
+            .map(|(profile, state, moved)| CacheWrite {
+                profile_id: &profile.profile_id,
+                version: profile.version,
+                encoded: state,
+                identities: moved.iter().collect(),
+            })
+            .collect();
+        self.inner.cache.put_encoded(&writes).await;
+    }
+}
+
+/// What a committed batch must change in the cache, detached from the batch so its
+/// profiles can move into the applier's memory.
+struct CacheChanges {
+    /// Live profiles: id and version, encoded state, and the identifiers the batch added
+    /// or moved to them.
+    live: Vec<(ProfileHead, Vec<u8>, Vec<Identity>)>,
+    /// Profiles merged away, with their last version.
+    merged: Vec<(String, u64)>,
+}
+
+/// The little of a profile the cache write needs besides its encoding.
+struct ProfileHead {
+    profile_id: String,
+    version: u64,
+}
+
+impl CacheChanges {
+    fn of(set: &WorkingSet, dirty: Vec<(&Record, Vec<u8>)>) -> Self {
+        let mut changes = CacheChanges {
+            live: Vec::with_capacity(dirty.len()),
+            merged: Vec::new(),
+        };
+        for (record, state) in dirty {
+            let profile = &record.profile;
+            if record.merged_into.is_some() {
+                changes
+                    .merged
+                    .push((profile.profile_id.clone(), profile.version));
+                continue;
+            }
+            let moved = profile
+                .identities
+                .iter()
+                .filter(|i| {
+                    set.dirty_identities
+                        .get(&(i.r#type.clone(), i.value.clone()))
+                        .is_some_and(|owner| set.live(owner) == profile.profile_id)
+                })
+                .cloned()
+                .collect();
+            let head = ProfileHead {
+                profile_id: profile.profile_id.clone(),
+                version: profile.version,
+            };
+            changes.live.push((head, state, moved));
+        }
+        changes
     }
 }
