@@ -191,7 +191,17 @@ impl Profiles {
         &self,
         txn: &sea_orm::DatabaseTransaction,
     ) -> Result<i64, ProfileError> {
-        let lock = store::lock_applier(txn).await?;
+        Ok(self.lock_applier_checking(txn, &[]).await?.0)
+    }
+
+    /// [`lock_applier`](Self::lock_applier), also returning which of `event_ids` were
+    /// applied before.
+    pub(crate) async fn lock_applier_checking(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        event_ids: &[String],
+    ) -> Result<(i64, HashSet<String>), ProfileError> {
+        let (lock, applied) = store::lock_applier(txn, event_ids).await?;
         if lock.definitions != self.definitions_generation() {
             self.reload_segments_at(txn, lock.definitions).await?;
         }
@@ -204,7 +214,7 @@ impl Profiles {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) =
                 (lock.suppressions, Arc::new(all));
         }
-        Ok(lock.epoch)
+        Ok((lock.epoch, applied))
     }
 
     /// The suppression list as last loaded, with its generation.
