@@ -80,24 +80,33 @@ async fn main() -> anyhow::Result<()> {
         args.events, args.batch, args.clients
     );
 
-    let ceiling_db = fresh_database(&args.postgres).await?;
-    let ceiling = raw_insert(&ceiling_db, &args).await?;
+    let ceiling_db = BenchDb::create(&args.postgres).await?;
+    let db = waymark_kit::db::connect(&ceiling_db.url, waymark_ingest::SERVICE, 16).await?;
+    waymark_ingest::migrate(&db).await?;
+    ceiling_db.checkpoint().await?;
+    let ceiling = raw_insert(&db, &args).await?;
+    db.close().await.ok();
+    ceiling_db.drop().await?;
     report(
         "ceiling: multi-row INSERT of events + outbox rows",
         &ceiling,
         &[],
     );
 
-    let grpc_db = fresh_database_url(&args.postgres).await?;
-    let grpc = through_service(&grpc_db, &args, Transport::Grpc).await?;
+    let grpc_db = BenchDb::create(&args.postgres).await?;
+    grpc_db.checkpoint().await?;
+    let grpc = through_service(&grpc_db.url, &args, Transport::Grpc).await?;
+    grpc_db.drop().await?;
     report(
         "waymark gRPC Ingest (durable ack)",
         &grpc,
         &[("ceiling", &ceiling)],
     );
 
-    let http_db = fresh_database_url(&args.postgres).await?;
-    let http = through_service(&http_db, &args, Transport::Http).await?;
+    let http_db = BenchDb::create(&args.postgres).await?;
+    http_db.checkpoint().await?;
+    let http = through_service(&http_db.url, &args, Transport::Http).await?;
+    http_db.drop().await?;
     report(
         "waymark HTTP /v1/batch (durable ack)",
         &http,
@@ -134,24 +143,50 @@ pub(crate) fn report(name: &str, run: &Run, ceilings: &[(&str, &Run)]) {
     println!();
 }
 
-pub(crate) async fn fresh_database_url(admin_url: &str) -> anyhow::Result<String> {
-    let name = format!("wm_bench_{}", uuid::Uuid::new_v4().simple());
-    let admin = Database::connect(admin_url)
-        .await
-        .context("connecting to PostgreSQL")?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    admin.close().await.ok();
-    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-    Ok(format!("{base}/{name}"))
+/// A database of the benchmark's own, dropped when the run is done.
+pub(crate) struct BenchDb {
+    admin_url: String,
+    name: String,
+    pub url: String,
 }
 
-async fn fresh_database(admin_url: &str) -> anyhow::Result<DatabaseConnection> {
-    let url = fresh_database_url(admin_url).await?;
-    let db = waymark_kit::db::connect(&url, waymark_ingest::SERVICE, 16).await?;
-    waymark_ingest::migrate(&db).await?;
-    Ok(db)
+impl BenchDb {
+    pub(crate) async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        let name = format!("wm_bench_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(admin_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        admin.close().await.ok();
+        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    /// Flushes what earlier runs wrote, so that a checkpoint they made due does not land
+    /// in the middle of the next measurement.
+    pub(crate) async fn checkpoint(&self) -> anyhow::Result<()> {
+        let admin = Database::connect(self.admin_url.as_str()).await?;
+        if let Err(error) = admin.execute_unprepared("CHECKPOINT").await {
+            println!("  (no CHECKPOINT before the run: {error})");
+        }
+        admin.close().await.ok();
+        Ok(())
+    }
+
+    pub(crate) async fn drop(self) -> anyhow::Result<()> {
+        let admin = Database::connect(self.admin_url.as_str()).await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await?;
+        admin.close().await.ok();
+        Ok(())
+    }
 }
 
 fn event(i: usize) -> Event {

@@ -14,7 +14,7 @@ use waymark_proto::common::v1::{Channel, DeliverRequest, Event, EventType};
 use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use waymark_proto::profile::v1::{GetProfileRequest, Profile};
 
-use crate::{Run, fresh_database_url, report};
+use crate::{BenchDb, Run, report};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const USERS: usize = 5_000;
@@ -156,7 +156,8 @@ pub async fn run(
         "profile benchmark: {events} events applied, {reads} GetProfile calls by {clients} clients, PostgreSQL + Redis"
     );
     let prefix = format!("bench-{}:", uuid::Uuid::new_v4().simple());
-    let database_url = fresh_database_url(postgres).await?;
+    let bench_db = BenchDb::create(postgres).await?;
+    let database_url = bench_db.url.clone();
     let config = Config {
         database_url: database_url.clone(),
         redis_url: Some(redis_url.to_owned()),
@@ -187,6 +188,7 @@ pub async fn run(
         .map(|c| c.iter().map(|i| event(*i)).collect())
         .collect();
     wait_serving(&endpoint).await?;
+    bench_db.checkpoint().await?;
     let batch_count = batches.len();
     let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
     let start = Instant::now();
@@ -218,6 +220,7 @@ pub async fn run(
         elapsed: start.elapsed(),
         latencies,
     };
+    bench_db.checkpoint().await?;
     let ceiling = insert_ceiling(&database_url, batch_count, events / batch_count.max(1)).await?;
     report(
         "ceiling: timeline + outbox rows inserted directly",
@@ -319,6 +322,7 @@ pub async fn run(
     shutdown.cancel();
     task.await??;
     echo_task.await??;
+    bench_db.drop().await?;
     Ok(())
 }
 

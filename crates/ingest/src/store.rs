@@ -100,6 +100,7 @@ pub const MIGRATIONS: &[Migration] = &[
             );",
     },
     waymark_kit::outbox::migration(2),
+    waymark_kit::outbox::keyed_by_consumer(3),
 ];
 
 /// One event row, ready to insert.

@@ -53,6 +53,20 @@ pub const fn migration(version: i64) -> Migration {
     }
 }
 
+/// On PostgreSQL, makes `(consumer, id)` the outbox's primary key in place of `id` and a
+/// second index on `(consumer, id)`: every query names the consumer, and each queued row
+/// then maintains one index fewer. (SQLite keeps its rowid table as it is.)
+pub const fn keyed_by_consumer(version: i64) -> Migration {
+    Migration {
+        version,
+        name: "outbox keyed by consumer",
+        postgres: "ALTER TABLE outbox DROP CONSTRAINT outbox_pkey;
+            ALTER TABLE outbox ADD PRIMARY KEY (consumer, id);
+            DROP INDEX outbox_consumer_id;",
+        sqlite: "SELECT 1",
+    }
+}
+
 /// Rows per SQLite INSERT statement: well under its bound-parameter limit.
 const ROWS_PER_INSERT: usize = 1000;
 
@@ -322,7 +336,7 @@ impl Worker {
             ""
         };
         let text = format!(
-            "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id IN (
+            "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE consumer = ? AND id IN (
                 SELECT id FROM outbox WHERE consumer = ? AND available_at <= ? AND lease_until <= ?
                 ORDER BY id LIMIT ?{skip_locked})
              RETURNING id, payload"
@@ -335,6 +349,7 @@ impl Worker {
                 [
                     self.owner.as_str().into(),
                     (now + LEASE.as_micros() as i64).into(),
+                    self.config.consumer.as_str().into(),
                     self.config.consumer.as_str().into(),
                     now.into(),
                     now.into(),

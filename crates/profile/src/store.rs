@@ -124,6 +124,7 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: GENERATIONS,
         sqlite: GENERATIONS,
     },
+    waymark_kit::outbox::keyed_by_consumer(10),
 ];
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,
