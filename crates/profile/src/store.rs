@@ -3,7 +3,6 @@
 //! applied event, and its primary key is what makes delivery idempotent; `merges` is the
 //! audit log.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 
 use prost::Message;
@@ -419,7 +418,9 @@ pub async fn lock_applier(
         suppressions: row.try_get_by_index(2)?,
     };
     let applied = if postgres {
-        row.try_get_by_index::<Vec<String>>(3)?.into_iter().collect()
+        row.try_get_by_index::<Vec<String>>(3)?
+            .into_iter()
+            .collect()
     } else {
         already_applied(txn, event_ids).await?
     };
@@ -624,8 +625,7 @@ pub async fn save_records(
     save_encoded(txn, records, states, emotion, now_us).await
 }
 
-/// [`save_records`] with each profile already encoded (`states`, in the same order), for
-/// callers that need the encoding for the cache too.
+/// [`save_records`] with each profile already encoded (`states`, in the same order).
 pub async fn save_encoded(
     txn: &DatabaseTransaction,
     records: &[&Record],
@@ -633,6 +633,23 @@ pub async fn save_encoded(
     emotion: &EmotionRules,
     now_us: i64,
 ) -> Result<(), DbErr> {
+    let columns = profile_columns(records, states, emotion, now_us);
+    insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, columns).await
+}
+
+const PROFILES_HEAD: &str = "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates, emotion_due_at)";
+const PROFILES_SUFFIX: &str = "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
+     updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
+     aggregates = excluded.aggregates, emotion_due_at = excluded.emotion_due_at";
+
+/// The rows of `records` (with their encoded `states`), with when decay next moves each
+/// one's emotion label under `emotion` (merged-away profiles have none).
+fn profile_columns(
+    records: &[&Record],
+    states: Vec<Vec<u8>>,
+    emotion: &EmotionRules,
+    now_us: i64,
+) -> Vec<Column> {
     let emotion_due = records
         .iter()
         .map(|r| match (&r.merged_into, &r.profile.emotion) {
@@ -640,138 +657,157 @@ pub async fn save_encoded(
             _ => None,
         })
         .collect();
-    insert_columns(
-        txn,
-        "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates, emotion_due_at)",
-        "ON CONFLICT (profile_id) DO UPDATE SET merged_into = excluded.merged_into, created_at = excluded.created_at,
-         updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
-         aggregates = excluded.aggregates, emotion_due_at = excluded.emotion_due_at",
-        vec![
-            Column::Text(records.iter().map(|r| r.profile.profile_id.clone()).collect()),
-            Column::NullableText(records.iter().map(|r| r.merged_into.clone()).collect()),
-            Column::Int8(records.iter().map(|r| r.created_us).collect()),
-            Column::Int8(vec![now_us; records.len()]),
-            Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
-            Column::Bytea(states),
-            Column::Bytea(records.iter().map(|r| r.aggregates.encode_to_vec()).collect()),
-            Column::NullableInt8(emotion_due),
-        ],
-    )
-    .await
+    vec![
+        Column::Text(
+            records
+                .iter()
+                .map(|r| r.profile.profile_id.clone())
+                .collect(),
+        ),
+        Column::NullableText(records.iter().map(|r| r.merged_into.clone()).collect()),
+        Column::Int8(records.iter().map(|r| r.created_us).collect()),
+        Column::Int8(vec![now_us; records.len()]),
+        Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
+        Column::Bytea(states),
+        Column::Bytea(
+            records
+                .iter()
+                .map(|r| r.aggregates.encode_to_vec())
+                .collect(),
+        ),
+        Column::NullableInt8(emotion_due),
+    ]
 }
 
-/// Writes everything a batch changed, then queues the emitted events for `consumers`.
-/// `dirty` holds the batch's changed profiles, each with its encoded state.
-pub async fn save_batch(
-    txn: &DatabaseTransaction,
-    set: &WorkingSet,
-    dirty: &[(&Record, Vec<u8>)],
-    consumers: &[String],
-    emotion: &EmotionRules,
-    now_us: i64,
-) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
-    let records: Vec<&Record> = dirty.iter().map(|(record, _)| *record).collect();
-    let states = dirty.iter().map(|(_, state)| state.clone()).collect();
-    save_encoded(txn, &records, states, emotion, now_us).await?;
+/// Everything a batch writes, computed ahead of its transaction: it can be built while
+/// the previous batch's transaction runs.
+pub struct BatchWrite {
+    profiles: Vec<Column>,
+    identities: Vec<Column>,
+    /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
+    moved: Vec<(String, String)>,
+    merges: Vec<Vec<Value>>,
+    timeline: Vec<Column>,
+    /// Every event the batch emits, encoded.
+    outbox: Vec<Vec<u8>>,
+}
 
-    let identities = &set.dirty_identities;
-    insert_columns(
-        txn,
-        "INSERT INTO identities (id_type, id_value, profile_id)",
-        "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
-        vec![
-            Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
-            Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
-            Column::Text(identities.values().map(|owner| set.live(owner)).collect()),
-        ],
-    )
-    .await?;
-
-    for merge in &set.merges {
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
-            ),
-            [
-                set.live(&merge.survivor_id).into(),
-                merge.merged_id.as_str().into(),
+impl BatchWrite {
+    /// What `set` changed; `dirty` holds its changed profiles, each with its encoded state.
+    pub fn new(
+        set: &WorkingSet,
+        dirty: &[(&Record, Vec<u8>)],
+        emotion: &EmotionRules,
+        now_us: i64,
+    ) -> Self {
+        let records: Vec<&Record> = dirty.iter().map(|(record, _)| *record).collect();
+        let states = dirty.iter().map(|(_, state)| state.clone()).collect();
+        let identities = &set.dirty_identities;
+        let merges = set
+            .merges
+            .iter()
+            .map(|m| {
+                let evidence: Vec<serde_json::Value> = m
+                    .evidence
+                    .iter()
+                    .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
+                    .collect();
+                vec![
+                    m.merge_id.as_str().into(),
+                    m.survivor_id.as_str().into(),
+                    m.merged_id.as_str().into(),
+                    m.event_id.as_str().into(),
+                    serde_json::Value::Array(evidence).to_string().into(),
+                    m.at_us.into(),
+                ]
+            })
+            .collect();
+        // Each applied event is encoded once: the timeline's copy is also what goes
+        // downstream, unless a later merge in the batch moved it to another profile.
+        let encoded: Vec<Vec<u8>> = set.applied.iter().map(|(e, _)| e.encode_to_vec()).collect();
+        let timeline: Vec<TimelineRow<'_>> = set
+            .applied
+            .iter()
+            .zip(&encoded)
+            .map(|((event, owner), bytes)| TimelineRow {
+                event,
+                owner: set.live(owner),
+                origin: owner,
+                encoded: bytes,
+            })
+            .collect();
+        let on_live = |event: &Event, owner: &str| {
+            let mut event = event.clone();
+            event.profile_id = set.live(owner);
+            event.encode_to_vec()
+        };
+        let outbox = timeline
+            .iter()
+            .map(|row| match row.owner == row.origin {
+                true => row.encoded.to_vec(),
+                false => on_live(row.event, row.origin),
+            })
+            .chain(
+                set.synthetic
+                    .iter()
+                    .map(|(event, owner)| on_live(event, owner)),
+            )
+            .chain(set.merged_away_exits.iter().map(Message::encode_to_vec))
+            .collect();
+        Self {
+            profiles: profile_columns(&records, states, emotion, now_us),
+            identities: vec![
+                Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
+                Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
+                Column::Text(identities.values().map(|owner| set.live(owner)).collect()),
             ],
-        ))
+            moved: set
+                .merges
+                .iter()
+                .map(|m| (set.live(&m.survivor_id), m.merged_id.clone()))
+                .collect(),
+            merges,
+            timeline: timeline_columns(&timeline),
+            outbox,
+        }
+    }
+
+    /// Writes it, then queues the emitted events for `consumers`.
+    pub async fn execute(
+        self,
+        txn: &DatabaseTransaction,
+        consumers: &[String],
+    ) -> Result<(), DbErr> {
+        insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, self.profiles).await?;
+        insert_columns(
+            txn,
+            "INSERT INTO identities (id_type, id_value, profile_id)",
+            "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
+            self.identities,
+        )
         .await?;
-    }
-    let merges = set
-        .merges
-        .iter()
-        .map(|m| {
-            let evidence: Vec<serde_json::Value> = m
-                .evidence
-                .iter()
-                .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
-                .collect();
-            vec![
-                m.merge_id.as_str().into(),
-                m.survivor_id.as_str().into(),
-                m.merged_id.as_str().into(),
-                m.event_id.as_str().into(),
-                serde_json::Value::Array(evidence).to_string().into(),
-                m.at_us.into(),
-            ]
-        })
-        .collect();
-    insert_rows(
-        txn,
-        "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
-        "",
-        merges,
-    )
-    .await?;
-
-    // Each applied event is encoded once: the timeline's copy is also what goes
-    // downstream, unless a later merge in the batch moved it to another profile.
-    let encoded: Vec<Vec<u8>> = set.applied.iter().map(|(e, _)| e.encode_to_vec()).collect();
-    let timeline: Vec<TimelineRow<'_>> = set
-        .applied
-        .iter()
-        .zip(&encoded)
-        .map(|((event, owner), bytes)| TimelineRow {
-            event,
-            owner: set.live(owner),
-            origin: owner,
-            encoded: bytes,
-        })
-        .collect();
-    insert_timeline(txn, &timeline).await?;
-
-    let on_live = |event: &Event, owner: &str| {
-        let mut event = event.clone();
-        event.profile_id = set.live(owner);
-        event.encode_to_vec()
-    };
-    let payloads: Vec<Cow<'_, [u8]>> = timeline
-        .iter()
-        .map(|row| match row.owner == row.origin {
-            true => Cow::Borrowed(row.encoded),
-            false => Cow::Owned(on_live(row.event, row.origin)),
-        })
-        .chain(
-            set.synthetic
-                .iter()
-                .map(|(event, owner)| Cow::Owned(on_live(event, owner))),
+        for (survivor, merged) in self.moved {
+            execute(
+                txn,
+                "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
+                [survivor.into(), merged.into()],
+            )
+            .await?;
+        }
+        insert_rows(
+            txn,
+            "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
+            "",
+            self.merges,
         )
-        .chain(
-            set.merged_away_exits
-                .iter()
-                .map(|event| Cow::Owned(event.encode_to_vec())),
-        )
-        .collect();
-    let refs: Vec<&[u8]> = payloads.iter().map(AsRef::as_ref).collect();
-    if !refs.is_empty() {
-        waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
+        .await?;
+        insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, self.timeline).await?;
+        let refs: Vec<&[u8]> = self.outbox.iter().map(Vec::as_slice).collect();
+        if !refs.is_empty() {
+            waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One event for the timeline.
@@ -791,24 +827,25 @@ pub async fn insert_timeline(
     txn: &DatabaseTransaction,
     rows: &[TimelineRow<'_>],
 ) -> Result<(), DbErr> {
+    insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, timeline_columns(rows)).await
+}
+
+const TIMELINE_HEAD: &str = "INSERT INTO timeline (event_id, profile_id, origin_profile_id, ts, channel, event_type, name, entry, event)";
+const TIMELINE_SUFFIX: &str = "ON CONFLICT (event_id) DO NOTHING";
+
+fn timeline_columns(rows: &[TimelineRow<'_>]) -> Vec<Column> {
     let events = || rows.iter().map(|row| row.event);
-    insert_columns(
-        txn,
-        "INSERT INTO timeline (event_id, profile_id, origin_profile_id, ts, channel, event_type, name, entry, event)",
-        "ON CONFLICT (event_id) DO NOTHING",
-        vec![
-            Column::Text(events().map(|e| e.event_id.clone()).collect()),
-            Column::Text(rows.iter().map(|row| row.owner.clone()).collect()),
-            Column::Text(rows.iter().map(|row| row.origin.to_owned()).collect()),
-            Column::Int8(events().map(entry_time_us).collect()),
-            Column::Int2(events().map(|e| e.channel as i16).collect()),
-            Column::Int2(events().map(|e| e.r#type as i16).collect()),
-            Column::Text(events().map(|e| timeline_name(e).to_owned()).collect()),
-            Column::Bytea(vec![Vec::new(); rows.len()]),
-            Column::Bytea(rows.iter().map(|row| row.encoded.to_vec()).collect()),
-        ],
-    )
-    .await
+    vec![
+        Column::Text(events().map(|e| e.event_id.clone()).collect()),
+        Column::Text(rows.iter().map(|row| row.owner.clone()).collect()),
+        Column::Text(rows.iter().map(|row| row.origin.to_owned()).collect()),
+        Column::Int8(events().map(entry_time_us).collect()),
+        Column::Int2(events().map(|e| e.channel as i16).collect()),
+        Column::Int2(events().map(|e| e.r#type as i16).collect()),
+        Column::Text(events().map(|e| timeline_name(e).to_owned()).collect()),
+        Column::Bytea(vec![Vec::new(); rows.len()]),
+        Column::Bytea(rows.iter().map(|row| row.encoded.to_vec()).collect()),
+    ]
 }
 
 /// The events first applied to any of `origins`, oldest first, with their origin. Rows

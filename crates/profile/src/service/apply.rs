@@ -97,15 +97,9 @@ impl Profiles {
             .filter_map(|id| set.records.get(id))
             .map(|record| (record, record.profile.encode_to_vec()))
             .collect();
-        store::save_batch(
-            &txn,
-            &set,
-            &dirty,
-            &self.inner.consumers,
-            &self.inner.rules.emotion,
-            now,
-        )
-        .await?;
+        store::BatchWrite::new(&set, &dirty, &self.inner.rules.emotion, now)
+            .execute(&txn, &self.inner.consumers)
+            .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
