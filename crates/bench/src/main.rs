@@ -4,6 +4,7 @@
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
 
 mod echo;
+mod lean;
 mod profile_bench;
 
 use std::sync::Arc;

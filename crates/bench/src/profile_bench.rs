@@ -14,7 +14,10 @@ use waymark_proto::common::v1::{Channel, DeliverRequest, Event, EventType};
 use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use waymark_proto::profile::v1::{GetProfileRequest, Profile};
 
+use crate::lean::LeanClient;
 use crate::{BenchDb, Run, report};
+
+const GET_PROFILE: &str = "/waymark.profile.v1.ProfileService/GetProfile";
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const USERS: usize = 5_000;
@@ -172,9 +175,18 @@ pub async fn run(
     let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-bench"))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
+    // A second replica with no near cache, reading every profile from Redis.
+    let far_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let far_endpoint = format!("http://{}", far_listener.local_addr()?);
+    let far_server = waymark_profile::ProfileServer::new(Config {
+        profile_near_cache_capacity: 0,
+        ..config.clone()
+    })
+    .await?;
     let server = waymark_profile::ProfileServer::new(config).await?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.serve(listener, shutdown.clone()));
+    let far_task = tokio::spawn(far_server.serve(far_listener, shutdown.clone()));
 
     let sink = loop {
         match EventSinkClient::connect(endpoint.clone()).await {
@@ -254,7 +266,11 @@ pub async fn run(
     }
 
     let per_client = reads / clients;
+    // Warm: every profile once through the near cache.
+    get_profiles(&endpoint, &ids, 1, ids.len()).await?;
     let grpc = get_profiles(&endpoint, &ids, clients, per_client).await?;
+    wait_serving(&far_endpoint).await?;
+    let far = get_profiles(&far_endpoint, &ids, clients, per_client).await?;
 
     // The ceiling: the same cached bytes read straight from Redis, same concurrency.
     let redis = redis::Client::open(redis_url)?;
@@ -315,40 +331,54 @@ pub async fn run(
     );
     report("ceiling: bare tonic answering from memory", &echo, &[]);
     report(
-        "GetProfile over gRPC from the cache",
+        "GetProfile over gRPC, near cache (default)",
         &grpc,
+        &[("Redis", &redis), ("bare tonic", &echo)],
+    );
+    report(
+        "GetProfile over gRPC, near cache off: Redis",
+        &far,
         &[("Redis", &redis), ("bare tonic", &echo)],
     );
     shutdown.cancel();
     task.await??;
+    far_task.await??;
     echo_task.await??;
     bench_db.drop().await?;
     Ok(())
 }
 
-/// `per_client` GetProfile calls by each of `clients`, each on its own connection.
+/// `per_client` GetProfile calls by each of `clients`, each on its own connection, through
+/// the lean client so the figure is the server's.
 async fn get_profiles(
     endpoint: &str,
     ids: &[String],
     clients: usize,
     per_client: usize,
 ) -> anyhow::Result<Run> {
+    let addr: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse()?;
+    let token = format!("Bearer {TOKEN}");
+    let frames: Vec<bytes::Bytes> = ids
+        .iter()
+        .map(|id| {
+            LeanClient::frame(&GetProfileRequest {
+                profile_id: id.clone(),
+                identity: None,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (endpoint, ids) = (endpoint.to_owned(), ids.to_vec());
+        let (frames, token) = (frames.clone(), token.clone());
         tasks.push(tokio::spawn(async move {
-            let mut client = ProfileServiceClient::connect(endpoint).await?;
+            let mut client = LeanClient::connect(addr).await?;
             let mut lat = Vec::with_capacity(per_client);
             for i in 0..per_client {
-                let id = ids[(c * 7919 + i) % ids.len()].clone();
+                let frame = frames[(c * 7919 + i) % frames.len()].clone();
                 let t = Instant::now();
-                client
-                    .get_profile(authed(GetProfileRequest {
-                        profile_id: id,
-                        identity: None,
-                    })?)
-                    .await?;
+                let response = client.call(GET_PROFILE, &token, frame).await?;
+                anyhow::ensure!(response.len() > 5, "an empty GetProfile response");
                 lat.push(t.elapsed());
             }
             anyhow::Ok(lat)

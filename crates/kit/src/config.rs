@@ -88,6 +88,11 @@ pub struct Config {
     pub profile_cache_key_prefix: String,
     /// Profiles held by the in-process cache (when no Redis URL is set).
     pub profile_cache_capacity: usize,
+    /// Profiles read recently that each process keeps in front of Redis, dropped as soon
+    /// as any process announces a newer version; 0 turns the near cache off.
+    pub profile_near_cache_capacity: usize,
+    /// Longest a profile stays in the near cache, whatever the announcements say.
+    pub profile_near_cache_ttl_ms: u64,
     /// Profiles the profile service's applier remembers between batches, so events of
     /// recently active customers resolve without reading them back; 0 turns it off.
     pub applier_memory_profiles: usize,
@@ -144,6 +149,8 @@ impl Default for Config {
             profile_cache_ttl_secs: 24 * 3600,
             profile_cache_key_prefix: String::new(),
             profile_cache_capacity: 100_000,
+            profile_near_cache_capacity: 10_000,
+            profile_near_cache_ttl_ms: 5_000,
             applier_memory_profiles: 20_000,
             custom_identity_types: Vec::new(),
             identity_limits: std::collections::BTreeMap::new(),
@@ -224,6 +231,12 @@ impl Config {
         }
         if self.segment_sweep_secs == 0 {
             return Err(invalid("segment_sweep_secs", "must be greater than 0"));
+        }
+        if self.profile_near_cache_ttl_ms == 0 {
+            return Err(invalid(
+                "profile_near_cache_ttl_ms",
+                "must be greater than 0 (set profile_near_cache_capacity to 0 to turn the near cache off)",
+            ));
         }
         if self.profile_cache_ttl_secs == 0 {
             return Err(invalid("profile_cache_ttl_secs", "must be greater than 0"));

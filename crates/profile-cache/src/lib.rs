@@ -9,14 +9,18 @@
 //! Without a Redis URL an in-process backend with the same semantics serves `waymark dev`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use prost::Message;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
+
+mod near;
+use near::Near;
 
 /// Version of the key schema; bump when a value's encoding changes incompatibly.
 pub const KEY_SCHEMA: &str = "wm:v1";
@@ -32,15 +36,17 @@ pub fn identity_key(id_type: &str, value: &str) -> String {
 }
 
 /// Writes several profiles, each only when newer than the cached one. `ARGV[1]` is the
-/// TTL; then per profile four arguments: version, encoded profile (empty: a tombstone
-/// that makes reads miss and keeps older writes out), profile id, and how many identifier
-/// keys follow its profile key in `KEYS`. Those keys are pointed at the profile id. All
-/// keys get the TTL. Returns how many profiles were written.
+/// TTL, `ARGV[2]` the channel where written versions are announced; then per profile four
+/// arguments: version, encoded profile (empty: a tombstone that makes reads miss and keeps
+/// older writes out), profile id, and how many identifier keys follow its profile key in
+/// `KEYS`. Those keys are pointed at the profile id. All keys get the TTL. The profiles
+/// written are announced in one message, a line each: `id version`, with ` dead` after a
+/// tombstone. Returns how many profiles were written.
 const PUT_IF_NEWER: &str = r"
 local ttl = ARGV[1]
 local k = 1
-local written = 0
-for i = 2, #ARGV, 4 do
+local written = {}
+for i = 3, #ARGV, 4 do
   local key, idents = KEYS[k], tonumber(ARGV[i + 3])
   local current = redis.call('HGET', key, 'v')
   if not current or tonumber(current) < tonumber(ARGV[i]) then
@@ -49,12 +55,23 @@ for i = 2, #ARGV, 4 do
     for j = k + 1, k + idents do
       redis.call('SET', KEYS[j], ARGV[i + 2], 'PX', ttl)
     end
-    written = written + 1
+    local line = ARGV[i + 2] .. ' ' .. ARGV[i]
+    if ARGV[i + 1] == '' then
+      line = line .. ' dead'
+    end
+    written[#written + 1] = line
   end
   k = k + 1 + idents
 end
-return written
+if #written > 0 then
+  redis.call('PUBLISH', ARGV[2], table.concat(written, '\n'))
+end
+return #written
 ";
+
+/// The channel where writes are announced (before the deployment's prefix): the near
+/// caches of every process drop what they hold of an older version.
+pub const CHANGES_CHANNEL: &str = "wm:v1:changes";
 
 /// One profile to cache, already encoded.
 pub struct CacheWrite<'a> {
@@ -85,6 +102,10 @@ pub struct ProfileCache {
     /// are deleted before the cache is trusted again.
     missed: Mutex<std::collections::HashSet<String>>,
     ttl: Duration,
+    /// `CHANGES_CHANNEL` with the prefix.
+    channel: String,
+    /// In front of Redis, when enabled: profiles read recently, in process.
+    near: Option<Arc<Near>>,
     hits: Counter<u64>,
     misses: Counter<u64>,
     errors: Counter<u64>,
@@ -129,9 +150,40 @@ impl ProfileCache {
             missed: Mutex::new(std::collections::HashSet::new()),
             prefix: prefix.to_owned(),
             ttl,
+            channel: format!("{prefix}{CHANGES_CHANNEL}"),
+            near: None,
             hits: meter.u64_counter("profile_cache.hits").build(),
             misses: meter.u64_counter("profile_cache.misses").build(),
             errors: meter.u64_counter("profile_cache.errors").build(),
+        }
+    }
+
+    /// Keeps up to `capacity` recently read profiles in process, in front of Redis, each
+    /// for at most `ttl`: a read of one of them costs no round trip. Every write through
+    /// any process is announced on the changes channel, and this process drops what it
+    /// holds of an older version as the announcement arrives; the near cache serves
+    /// nothing unless that subscription is live, and forgets everything whenever it
+    /// drops. Needs a Tokio runtime (the subscription runs as a task); no effect on the
+    /// in-process backend.
+    pub fn with_near_cache(mut self, capacity: usize, ttl: Duration) -> Self {
+        if let Backend::Redis(r) = &self.backend
+            && capacity > 0
+        {
+            let near = Arc::new(Near::new(capacity, ttl));
+            tokio::spawn(near::follow_changes(
+                r.client.clone(),
+                self.channel.clone(),
+                Arc::downgrade(&near),
+            ));
+            self.near = Some(near);
+        }
+        self
+    }
+
+    fn tier(&self) -> &'static str {
+        match self.backend {
+            Backend::Redis(_) => "redis",
+            Backend::Memory(_) => "memory",
         }
     }
 
@@ -145,26 +197,35 @@ impl ProfileCache {
         let found = match &self.backend {
             Backend::Memory(m) => lock(m).get_profile(profile_id),
             Backend::Redis(r) => {
+                if let Some(profile) = self.near.as_ref().and_then(|n| n.get(profile_id)) {
+                    self.hits.add(1, &[KeyValue::new("tier", "near")]);
+                    return Some(profile);
+                }
+                let generation = self.near.as_ref().map(|n| n.generation());
                 let key = format!("{}{}", self.prefix, profile_key(profile_id));
                 if !self.recovered(r).await {
                     return None;
                 }
-                match r.run(redis::cmd("HGET").arg(&key).arg("p")).await {
+                let found = match r.run(redis::cmd("HGET").arg(&key).arg("p")).await {
                     Ok(Some(bytes)) => decode(&bytes),
                     Ok(None) => None,
                     Err(error) => {
                         self.failed("get", &error);
                         None
                     }
+                };
+                if let (Some(near), Some(generation), Some(profile)) =
+                    (&self.near, generation, &found)
+                {
+                    near.keep(generation, profile);
                 }
+                found
             }
         };
-        if found.is_some() {
-            &self.hits
-        } else {
-            &self.misses
+        match found {
+            Some(_) => self.hits.add(1, &[KeyValue::new("tier", self.tier())]),
+            None => self.misses.add(1, &[]),
         }
-        .add(1, &[]);
         found
     }
 
@@ -222,6 +283,13 @@ impl ProfileCache {
     /// reader that misses it ([`remember_identity`](Self::remember_identity)).
     pub async fn put_encoded(&self, writes: &[CacheWrite<'_>]) {
         let ttl_ms = (self.ttl.as_millis() as u64).max(1);
+        // This process knows of these versions now: its own reads must not serve older
+        // ones until their announcement comes back.
+        if let Some(near) = &self.near {
+            for write in writes {
+                near.superseded(write.profile_id, write.version);
+            }
+        }
         match &self.backend {
             Backend::Memory(m) => {
                 let mut memory = lock(m);
@@ -258,7 +326,8 @@ impl ProfileCache {
                         .arg(r.script.get_hash())
                         .arg(keys.len())
                         .arg(&keys)
-                        .arg(ttl_ms);
+                        .arg(ttl_ms)
+                        .arg(&self.channel);
                     for write in chunk {
                         call.arg(write.version)
                             .arg(write.encoded)
@@ -325,8 +394,17 @@ impl ProfileCache {
                     self.remember_missed(all_keys());
                     return;
                 }
+                if let Some(near) = &self.near {
+                    near.tombstone(profile_id, version);
+                }
                 if let Err(error) = r
-                    .tombstone(&key, profile_id, version, self.ttl.as_millis() as u64)
+                    .tombstone(
+                        &key,
+                        &self.channel,
+                        profile_id,
+                        version,
+                        self.ttl.as_millis() as u64,
+                    )
                     .await
                 {
                     self.failed("invalidate", &error);
@@ -396,7 +474,7 @@ fn decode(bytes: &[u8]) -> Option<Profile> {
     Profile::decode(bytes).ok()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -462,6 +540,7 @@ impl RedisBackend {
     async fn tombstone(
         &self,
         key: &str,
+        channel: &str,
         profile_id: &str,
         version: u64,
         ttl_ms: u64,
@@ -470,6 +549,7 @@ impl RedisBackend {
         self.script
             .key(key)
             .arg(ttl_ms.max(1))
+            .arg(channel)
             .arg(version)
             .arg("")
             .arg(profile_id)
@@ -491,7 +571,7 @@ struct MemoryEntry {
 
 /// The in-process backend: Redis's semantics (versions never go back, TTL on every key)
 /// within a bounded number of entries, evicting the least recently written first.
-struct MemoryBackend {
+pub(crate) struct MemoryBackend {
     capacity: usize,
     ttl: Duration,
     entries: HashMap<String, MemoryEntry>,
@@ -504,7 +584,7 @@ struct MemoryBackend {
 }
 
 impl MemoryBackend {
-    fn new(capacity: usize, ttl: Duration) -> Self {
+    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         Self {
             capacity: capacity.max(1),
             ttl,
@@ -515,7 +595,13 @@ impl MemoryBackend {
         }
     }
 
-    fn get_profile(&mut self, id: &str) -> Option<Profile> {
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.identities.clear();
+        self.order.clear();
+    }
+
+    pub(crate) fn get_profile(&mut self, id: &str) -> Option<Profile> {
         let entry = self.entries.get(id)?;
         if entry.expires <= Instant::now() {
             self.remove(id);
@@ -534,7 +620,7 @@ impl MemoryBackend {
         Some(id.clone())
     }
 
-    fn put(&mut self, profile: &Profile, identities: &[&Identity]) {
+    pub(crate) fn put(&mut self, profile: &Profile, identities: &[&Identity]) {
         if !self.newer(&profile.profile_id, profile.version) {
             return;
         }
@@ -556,7 +642,12 @@ impl MemoryBackend {
         }
     }
 
-    fn invalidate(&mut self, profile_id: &str, version: u64, identities: &[(String, String)]) {
+    pub(crate) fn invalidate(
+        &mut self,
+        profile_id: &str,
+        version: u64,
+        identities: &[(String, String)],
+    ) {
         if !self.newer(profile_id, version) {
             return;
         }
@@ -570,6 +661,20 @@ impl MemoryBackend {
                 self.identities.remove(&key);
             }
         }
+        self.store(profile_id, version, None);
+    }
+
+    /// Makes `version` and every older one of `profile_id` stale: a profile held at such
+    /// a version becomes a tombstone, and later writes need a newer version.
+    pub(crate) fn forget_up_to(&mut self, profile_id: &str, version: u64) {
+        if self
+            .entries
+            .get(profile_id)
+            .is_some_and(|e| e.expires > Instant::now() && e.version > version)
+        {
+            return;
+        }
+        self.remove(profile_id);
         self.store(profile_id, version, None);
     }
 

@@ -66,7 +66,11 @@ impl ProfileServer {
         let ttl = Duration::from_secs(config.profile_cache_ttl_secs);
         let cache = match &config.redis_url {
             Some(url) => ProfileCache::redis(url, &config.profile_cache_key_prefix, ttl)
-                .context("opening the profile cache")?,
+                .context("opening the profile cache")?
+                .with_near_cache(
+                    config.profile_near_cache_capacity,
+                    Duration::from_millis(config.profile_near_cache_ttl_ms),
+                ),
             None => ProfileCache::in_memory(config.profile_cache_capacity, ttl),
         };
         let wakeup = Wakeup::default();

@@ -194,3 +194,90 @@ async fn unreachable_redis_means_misses_not_errors() {
     assert!(cache.get("p").await.is_none());
     assert!(cache.resolve("email", "p@x.io").await.is_none());
 }
+
+/// Polls `cache` until `id` reads as `version` (or as nothing); announcements between
+/// processes take a moment.
+async fn eventually(cache: &ProfileCache, id: &str, version: Option<u64>) {
+    for _ in 0..200 {
+        if cache.get(id).await.map(|p| p.version) == version {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id} never read as {version:?}");
+}
+
+/// Two processes with near caches over one Redis: a write through either reaches the
+/// other's reads as soon as its announcement arrives, and the writer reads its own
+/// write at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_caches_follow_every_write() {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let open = || {
+        ProfileCache::redis(&redis_url(), &prefix, Duration::from_secs(60))
+            .unwrap()
+            .with_near_cache(100, Duration::from_secs(60))
+    };
+    let (a, b) = (open(), open());
+    // Both follow the channel before anything is written.
+    let probe = uuid::Uuid::new_v4().to_string();
+    a.put(&profile(&probe, 1, "probe@x.io")).await;
+    eventually(&b, &probe, Some(1)).await;
+    eventually(&a, &probe, Some(1)).await;
+
+    let id = uuid::Uuid::new_v4().to_string();
+    a.put(&profile(&id, 1, "n@x.io")).await;
+    assert_eq!(b.get(&id).await.map(|p| p.version), Some(1));
+    assert_eq!(
+        b.get(&id).await.map(|p| p.version),
+        Some(1),
+        "now from B's near cache"
+    );
+    a.put(&profile(&id, 2, "n@x.io")).await;
+    assert_eq!(
+        a.get(&id).await.map(|p| p.version),
+        Some(2),
+        "the writer reads its write"
+    );
+    eventually(&b, &id, Some(2)).await;
+    // Merged away: a tombstone everywhere.
+    a.invalidate(&id, 3, &[]).await;
+    eventually(&b, &id, None).await;
+    assert!(a.get(&id).await.is_none());
+}
+
+/// The near cache serves nothing while its subscription is down: with Redis gone, reads
+/// miss instead of answering from memory that may be stale, and after Redis is back the
+/// near cache starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_goes_dark_without_its_subscription() {
+    let mut redis = waymark_testkit::RedisServer::start().await;
+    let cache = ProfileCache::redis(&redis.url(), "", Duration::from_secs(60))
+        .unwrap()
+        .with_near_cache(100, Duration::from_secs(60));
+    let id = uuid::Uuid::new_v4().to_string();
+    cache.put(&profile(&id, 1, "d@x.io")).await;
+    eventually(&cache, &id, Some(1)).await;
+    redis.stop();
+    for _ in 0..200 {
+        if cache.get(&id).await.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        cache.get(&id).await.is_none(),
+        "no answer from a near cache gone dark"
+    );
+    redis.restart().await;
+    // The restarted Redis is empty; once the cache reconnects, a write lands there and
+    // reads find it again.
+    for _ in 0..300 {
+        cache.put(&profile(&id, 2, "d@x.io")).await;
+        if cache.get(&id).await.map(|p| p.version) == Some(2) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the cache never came back");
+}
