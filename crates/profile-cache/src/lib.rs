@@ -664,18 +664,18 @@ impl MemoryBackend {
         self.store(profile_id, version, None);
     }
 
-    /// Makes `version` and every older one of `profile_id` stale: a profile held at such
-    /// a version becomes a tombstone, and later writes need a newer version.
+    /// Makes `version` and every older one of `profile_id` stale, if it holds the profile:
+    /// a profile held at such a version becomes a tombstone, so later writes need a newer
+    /// version.
     pub(crate) fn forget_up_to(&mut self, profile_id: &str, version: u64) {
         if self
             .entries
             .get(profile_id)
-            .is_some_and(|e| e.expires > Instant::now() && e.version > version)
+            .is_some_and(|e| e.expires > Instant::now() && e.version <= version)
         {
-            return;
+            self.remove(profile_id);
+            self.store(profile_id, version, None);
         }
-        self.remove(profile_id);
-        self.store(profile_id, version, None);
     }
 
     /// Whether `version` is newer than the live entry of `id` (expired ones count as gone).
