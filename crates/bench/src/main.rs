@@ -379,17 +379,7 @@ fn segment_body(events: &[Event]) -> Vec<u8> {
 async fn wait_for(
     endpoint: &str,
 ) -> anyhow::Result<IngestServiceClient<tonic::transport::Channel>> {
-    for _ in 0..100 {
-        if let Ok(mut client) = IngestServiceClient::connect(endpoint.to_owned()).await {
-            let mut request = tonic::Request::new(waymark_proto::ingest::v1::ListSourcesRequest {});
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
-            if client.list_sources(request).await.is_ok() {
-                return Ok(client);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("service did not start")
+    // Serving means migrated: asking before would only log the missing tables.
+    profile_bench::wait_serving(endpoint).await?;
+    Ok(IngestServiceClient::connect(endpoint.to_owned()).await?)
 }

@@ -130,7 +130,7 @@ async fn insert_ceiling(url: &str, batches: usize, batch: usize) -> anyhow::Resu
 }
 
 /// Waits until health reports SERVING: the migrations are applied.
-async fn wait_serving(endpoint: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_serving(endpoint: &str) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.connect_lazy();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -145,7 +145,7 @@ async fn wait_serving(endpoint: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("the profile service never reported serving")
+    anyhow::bail!("the service at {endpoint} never reported serving")
 }
 
 pub async fn run(
