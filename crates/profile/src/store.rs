@@ -387,40 +387,33 @@ pub struct ApplierLock {
 
 /// Serialises appliers across replicas (the counter's row stays locked until the
 /// transaction ends; SQLite has one writer anyway). Also returns which of `event_ids`
-/// were applied before, which on PostgreSQL costs no extra round trip.
+/// were applied before, asked only once the lock is held: a statement that waited for
+/// the lock still reads with the snapshot it started with, which would miss what the
+/// transaction it waited for committed.
 pub async fn lock_applier(
     txn: &DatabaseTransaction,
     event_ids: &[String],
 ) -> Result<(ApplierLock, HashSet<String>), DbErr> {
-    let postgres = txn.get_database_backend() == DbBackend::Postgres;
-    let row = if postgres {
-        query_one(
-            txn,
-            "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1
-             RETURNING epoch, definitions, suppressions,
-                 ARRAY(SELECT event_id FROM timeline WHERE event_id = ANY(?::text[]))",
-            [event_ids.to_vec().into()],
-        )
-        .await?
+    let text = if txn.get_database_backend() == DbBackend::Postgres {
+        // Releases before schema 7 serialised on this advisory lock alone; taking it too
+        // keeps them out while both run during a rolling upgrade.
+        "WITH legacy AS (SELECT pg_advisory_xact_lock(7263542002))
+         UPDATE applier_epoch SET epoch = epoch + 1 FROM legacy WHERE id = 1
+         RETURNING epoch, definitions, suppressions"
     } else {
-        query_one(
-            txn,
-            "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1
-             RETURNING epoch, definitions, suppressions",
-            [],
-        )
+        "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1
+         RETURNING epoch, definitions, suppressions"
+    };
+    let row = query_one(txn, text, [])
         .await?
-    }
-    .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?;
+        .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?;
     let lock = ApplierLock {
         epoch: row.try_get_by_index(0)?,
         definitions: row.try_get_by_index(1)?,
         suppressions: row.try_get_by_index(2)?,
     };
-    let applied = if postgres {
-        row.try_get_by_index::<Vec<String>>(3)?
-            .into_iter()
-            .collect()
+    let applied = if event_ids.is_empty() {
+        HashSet::new()
     } else {
         already_applied(txn, event_ids).await?
     };
@@ -465,12 +458,20 @@ pub(crate) fn in_list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
-/// The event ids of `ids` applied before: they are in the timeline. (PostgreSQL asks
-/// this within [`lock_applier`]'s statement.)
+/// The event ids of `ids` applied before: they are in the timeline.
 async fn already_applied<C: ConnectionTrait>(
     conn: &C,
     ids: &[String],
 ) -> Result<HashSet<String>, DbErr> {
+    if conn.get_database_backend() == DbBackend::Postgres {
+        let rows = query(
+            conn,
+            "SELECT event_id FROM timeline WHERE event_id = ANY(?::text[])",
+            [ids.to_vec().into()],
+        )
+        .await?;
+        return rows.iter().map(|row| row.try_get_by_index(0)).collect();
+    }
     let mut found = HashSet::new();
     for chunk in ids.chunks(MAX_PARAMS) {
         let text = format!(

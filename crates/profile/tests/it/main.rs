@@ -1066,3 +1066,41 @@ async fn concurrent_deliveries_apply_each_event_once(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(concurrent_deliveries_apply_each_event_once);
+
+/// A relay whose lease ran out sends a batch again while the first attempt is still being
+/// applied, and the two land on different replicas: the batch still applies once.
+async fn one_batch_on_two_replicas_at_once_applies_once(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let sink_url = sink.start().await;
+    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
+    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
+    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
+    let b = TestProfile::start(b_config).await;
+    for round in 0..20 {
+        let batch: Vec<_> = (0..50)
+            .map(|i| {
+                event(
+                    EventType::Track,
+                    &format!("r-{}", i % 5),
+                    "",
+                    "Tick",
+                    json!({}),
+                    round * 100 + i,
+                )
+            })
+            .collect();
+        let (first, second) = tokio::join!(a.deliver(batch.clone()), b.deliver(batch));
+        assert_eq!(first.applied + second.applied, 50, "round {round}");
+        assert_eq!(first.duplicates + second.duplicates, 50, "round {round}");
+    }
+    for user in 0..5 {
+        let p = get(&a, by_identity("user_id", &format!("r-{user}")))
+            .await
+            .unwrap();
+        assert_eq!(p.computed.unwrap().total_events, 200, "r-{user}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(one_batch_on_two_replicas_at_once_applies_once);
