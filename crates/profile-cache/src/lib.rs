@@ -70,7 +70,9 @@ return #written
 ";
 
 /// The channel where writes are announced (before the deployment's prefix): the near
-/// caches of every process drop what they hold of an older version.
+/// caches of every process drop what they hold of an older version. Besides the script's
+/// lines, a process back from a Redis outage announces `id purge` for every profile key
+/// it deletes because its write was lost.
 pub const CHANGES_CHANNEL: &str = "wm:v1:changes";
 
 /// One profile to cache, already encoded.
@@ -340,6 +342,13 @@ impl ProfileCache {
                     self.failed("put", &error);
                     self.remember_missed(all_keys());
                 }
+                // Again once written: a read of this process that fetched the older version
+                // meanwhile must not be kept, nor stay if it was.
+                if let Some(near) = &self.near {
+                    for write in writes {
+                        near.superseded(write.profile_id, write.version);
+                    }
+                }
             }
         }
     }
@@ -382,6 +391,10 @@ impl ProfileCache {
         match &self.backend {
             Backend::Memory(m) => lock(m).invalidate(profile_id, version, identities),
             Backend::Redis(r) => {
+                // Whatever becomes of the Redis write, this process serves it no more.
+                if let Some(near) = &self.near {
+                    near.tombstone(profile_id, version);
+                }
                 let key = format!("{}{}", self.prefix, profile_key(profile_id));
                 let all_keys = || {
                     std::iter::once(key.clone()).chain(
@@ -394,10 +407,7 @@ impl ProfileCache {
                     self.remember_missed(all_keys());
                     return;
                 }
-                if let Some(near) = &self.near {
-                    near.tombstone(profile_id, version);
-                }
-                if let Err(error) = r
+                let written = r
                     .tombstone(
                         &key,
                         &self.channel,
@@ -405,8 +415,11 @@ impl ProfileCache {
                         version,
                         self.ttl.as_millis() as u64,
                     )
-                    .await
-                {
+                    .await;
+                if let Some(near) = &self.near {
+                    near.tombstone(profile_id, version);
+                }
+                if let Err(error) = written {
                     self.failed("invalidate", &error);
                     self.remember_missed(all_keys());
                     return;
@@ -444,6 +457,19 @@ impl ProfileCache {
         let mut pipe = redis::pipe();
         for key in &keys {
             pipe.cmd("DEL").arg(key).ignore();
+        }
+        // Other processes' near caches may hold what these keys held: they drop it.
+        let profile_keys = format!("{}{}", self.prefix, profile_key(""));
+        let purged: Vec<String> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&profile_keys))
+            .map(|id| format!("{id} purge"))
+            .collect();
+        if !purged.is_empty() {
+            pipe.cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(purged.join("\n"))
+                .ignore();
         }
         match r.pipe(&pipe).await {
             Ok(()) => {
@@ -712,7 +738,7 @@ impl MemoryBackend {
     }
 
     /// Drops an entry and the identifiers pointing at it.
-    fn remove(&mut self, id: &str) {
+    pub(crate) fn remove(&mut self, id: &str) {
         if let Some(MemoryEntry {
             profile: Some(profile),
             ..

@@ -88,11 +88,26 @@ impl Near {
         state.profiles.clear();
     }
 
-    /// Applies one announcement: lines of `id version`, with ` dead` after a tombstone.
+    /// Forgets whatever it holds of `profile_id`.
+    fn purge(&self, profile_id: &str) {
+        let mut state = lock(&self.state);
+        state.generation += 1;
+        state.profiles.remove(profile_id);
+    }
+
+    /// Applies one announcement: lines of `id version`, with ` dead` after a tombstone, or
+    /// `id purge`.
     fn apply(&self, announcement: &str) {
         for line in announcement.lines() {
             let mut parts = line.split(' ');
-            let (Some(id), Some(Ok(version))) = (parts.next(), parts.next().map(str::parse)) else {
+            let (Some(id), Some(second)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if second == "purge" {
+                self.purge(id);
+                continue;
+            }
+            let Ok(version) = second.parse() else {
                 continue;
             };
             match parts.next() {
@@ -222,6 +237,9 @@ mod tests {
             near.get("a").is_none(),
             "a tombstone keeps its own version out"
         );
+        near.keep(near.generation(), &profile("c", 8));
+        near.apply("c purge");
+        assert!(near.get("c").is_none(), "purged");
     }
 
     #[test]

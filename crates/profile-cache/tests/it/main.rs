@@ -207,9 +207,35 @@ async fn eventually(cache: &ProfileCache, id: &str, version: Option<u64>) {
     panic!("{id} never read as {version:?}");
 }
 
-/// Two processes with near caches over one Redis: a write through either reaches the
-/// other's reads as soon as its announcement arrives, and the writer reads its own
-/// write at once.
+/// Writes straight into Redis, behind every cache's back: nothing is announced.
+async fn write_unannounced(prefix: &str, profile: &Profile) {
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!(
+        "{prefix}{}",
+        waymark_profile_cache::profile_key(&profile.profile_id)
+    );
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("v")
+        .arg(profile.version)
+        .arg("p")
+        .arg(prost::Message::encode_to_vec(profile))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+fn email(profile: Option<Profile>) -> Option<String> {
+    Some(profile?.identities.first()?.value.clone())
+}
+
+/// Two processes with near caches over one Redis: each answers repeated reads from
+/// memory, a write through either reaches the other's reads as soon as its announcement
+/// arrives, and the writer reads its own write at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_caches_follow_every_write() {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
@@ -219,24 +245,27 @@ async fn near_caches_follow_every_write() {
             .with_near_cache(100, Duration::from_secs(60))
     };
     let (a, b) = (open(), open());
-    // Both follow the channel before anything is written.
-    let probe = uuid::Uuid::new_v4().to_string();
-    a.put(&profile(&probe, 1, "probe@x.io")).await;
-    eventually(&b, &probe, Some(1)).await;
-    eventually(&a, &probe, Some(1)).await;
-
     let id = uuid::Uuid::new_v4().to_string();
-    a.put(&profile(&id, 1, "n@x.io")).await;
-    assert_eq!(b.get(&id).await.map(|p| p.version), Some(1));
+    a.put(&profile(&id, 1, "first@x.io")).await;
+    // B's near cache holds what it read once it follows the channel: a change made
+    // behind its back then goes unseen, which shows the reads come from memory.
+    let mut from_memory = false;
+    for _ in 0..200 {
+        assert_eq!(b.get(&id).await.map(|p| p.version), Some(1));
+        write_unannounced(&prefix, &profile(&id, 1, "behind@x.io")).await;
+        if email(b.get(&id).await).as_deref() == Some("first@x.io") {
+            from_memory = true;
+            break;
+        }
+        write_unannounced(&prefix, &profile(&id, 1, "first@x.io")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(from_memory, "B never served from its near cache");
+
+    a.put(&profile(&id, 2, "second@x.io")).await;
     assert_eq!(
-        b.get(&id).await.map(|p| p.version),
-        Some(1),
-        "now from B's near cache"
-    );
-    a.put(&profile(&id, 2, "n@x.io")).await;
-    assert_eq!(
-        a.get(&id).await.map(|p| p.version),
-        Some(2),
+        email(a.get(&id).await).as_deref(),
+        Some("second@x.io"),
         "the writer reads its write"
     );
     eventually(&b, &id, Some(2)).await;
