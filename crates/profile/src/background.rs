@@ -65,10 +65,7 @@ async fn push_once(
     client: &mut IngestServiceClient<Channel>,
     token: Option<&Secret>,
 ) -> anyhow::Result<usize> {
-    let (push, custom) = core.unsynced_suppressions(PUSH_BATCH).await?;
-    if !custom.is_empty() {
-        core.mark_suppressions_synced(&custom).await?;
-    }
+    let push = core.unsynced_suppressions(PUSH_BATCH).await?;
     if !push.is_empty() {
         let mut request = tonic::Request::new(SuppressIdentitiesRequest {
             identities: push.iter().map(identity).collect(),
@@ -83,7 +80,7 @@ async fn push_once(
         core.mark_suppressions_synced(&push).await?;
         tracing::info!(identities = push.len(), "suppressions pushed to ingestion");
     }
-    Ok(push.len() + custom.len())
+    Ok(push.len())
 }
 
 /// Loads the segment definitions, then backfills changed ones as soon as they change, and

@@ -25,7 +25,7 @@ mod privacy;
 mod segments;
 mod unmerge;
 
-pub use privacy::{Deleted, Export, INGEST_IDENTITY_TYPES, identity};
+pub use privacy::{Deleted, Export, identity};
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -191,16 +191,16 @@ impl Profiles {
         &self,
         txn: &sea_orm::DatabaseTransaction,
     ) -> Result<i64, ProfileError> {
-        Ok(self.lock_applier_checking(txn, &[]).await?.0)
+        Ok(self.lock_applier_checking(txn, &[]).await?.0.epoch)
     }
 
-    /// [`lock_applier`](Self::lock_applier), also returning which of `event_ids` were
-    /// applied before.
+    /// [`lock_applier`](Self::lock_applier), returning the whole lock and which of
+    /// `event_ids` were applied before.
     pub(crate) async fn lock_applier_checking(
         &self,
         txn: &sea_orm::DatabaseTransaction,
         event_ids: &[String],
-    ) -> Result<(i64, HashSet<String>), ProfileError> {
+    ) -> Result<(store::ApplierLock, HashSet<String>), ProfileError> {
         let (lock, applied) = store::lock_applier(txn, event_ids).await?;
         if lock.definitions != self.definitions_generation() {
             self.reload_segments_at(txn, lock.definitions).await?;
@@ -214,7 +214,7 @@ impl Profiles {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) =
                 (lock.suppressions, Arc::new(all));
         }
-        Ok((lock.epoch, applied))
+        Ok((lock, applied))
     }
 
     /// The suppression list as last loaded, with its generation.

@@ -134,10 +134,13 @@ const GENERATIONS: &str = "
 
 /// Only profiles whose emotion is still fading have a due time, so the index stays small
 /// and rewrites of the others remain HOT updates.
+/// Profiles from before are due at once: the first settling pass works out each one's
+/// time (and leaves none to those without an emotion).
 const EMOTION_DUE: &str = "
     ALTER TABLE profiles ADD COLUMN emotion_due_at BIGINT;
     CREATE INDEX profiles_emotion_due ON profiles (emotion_due_at)
-        WHERE emotion_due_at IS NOT NULL;";
+        WHERE emotion_due_at IS NOT NULL;
+    UPDATE profiles SET emotion_due_at = 0 WHERE merged_into IS NULL;";
 
 /// One row every applier transaction advances; its row lock serialises appliers.
 const APPLIER_EPOCH: &str = "

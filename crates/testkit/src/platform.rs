@@ -163,8 +163,9 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Boots both on `backend`; the profile service relays downstream to `sink` and caches
-    /// in Redis at `redis_url`, or in process without one.
+    /// Boots both on `backend`, with `loyalty_id` a custom identifier type; the profile
+    /// service relays downstream to `sink` and caches in Redis at `redis_url`, or in
+    /// process without one.
     pub async fn start(backend: Backend, sink: &str, redis_url: Option<&str>) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -172,12 +173,18 @@ impl Platform {
         // One database for both, as a deployment with one database URL has: each service
         // keeps to its own schema (PostgreSQL) or file (SQLite).
         let db = TestDb::new(backend).await;
+        // Both read one configuration in a deployment, custom identifier types included.
+        let custom_types = vec!["loyalty_id".to_owned()];
         let mut profile_config = config(&db.url, sink, redis_url);
         profile_config.ingest_endpoint = format!("http://{grpc_addr}");
+        profile_config
+            .custom_identity_types
+            .clone_from(&custom_types);
         let profile = TestProfile::start(profile_config).await;
 
         let mut ingest_config = config(&db.url, sink, None);
         ingest_config.profile_endpoint = profile.url();
+        ingest_config.custom_identity_types = custom_types;
         let ingest = waymark_ingest::IngestService::new(ingest_config)
             .await
             .unwrap();

@@ -45,7 +45,8 @@ impl Profiles {
         let mut applier = self.inner.applier.lock().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
-        let (epoch, done) = self.lock_applier_checking(&txn, &event_ids).await?;
+        let (lock, done) = self.lock_applier_checking(&txn, &event_ids).await?;
+        let epoch = lock.epoch;
         applier.begin(epoch);
         // Ingestion drops these too, but events committed before the erasure reached it
         // may still be in flight. The list is current: the lock just checked.

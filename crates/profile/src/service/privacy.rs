@@ -12,10 +12,6 @@ use super::{ProfileError, Profiles, invalid};
 use crate::identity::Ident;
 use crate::store::{self, SuppressionRow, TimelineFilter};
 
-/// The identifier types ingestion checks; custom types are enforced here alone.
-pub const INGEST_IDENTITY_TYPES: [&str; 5] =
-    ["user_id", "anonymous_id", "email", "phone", "device_id"];
-
 /// What an erasure removed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deleted {
@@ -161,19 +157,13 @@ impl Profiles {
         Ok((rows, next))
     }
 
-    /// Suppressions ingestion has not acknowledged yet, split into those to push and those
-    /// of custom types, which ingestion does not check.
-    pub async fn unsynced_suppressions(
-        &self,
-        limit: u32,
-    ) -> Result<(Vec<Ident>, Vec<Ident>), ProfileError> {
-        let rows = store::unsynced_suppressions(&self.inner.db, limit).await?;
-        Ok(rows
-            .into_iter()
-            .partition(|(t, _)| INGEST_IDENTITY_TYPES.contains(&t.as_str())))
+    /// Suppressions ingestion has not acknowledged yet. Ingestion knows the same
+    /// identifier types (custom ones included: both read `custom_identity_types`).
+    pub async fn unsynced_suppressions(&self, limit: u32) -> Result<Vec<Ident>, ProfileError> {
+        Ok(store::unsynced_suppressions(&self.inner.db, limit).await?)
     }
 
-    /// Records that ingestion has the suppressions (or needs none, for custom types).
+    /// Records that ingestion has the suppressions.
     pub async fn mark_suppressions_synced(&self, identities: &[Ident]) -> Result<(), ProfileError> {
         Ok(store::mark_synced(&self.inner.db, identities, now_micros()).await?)
     }

@@ -466,6 +466,8 @@ impl Profiles {
     /// aggregates moved is evaluated for every segment. Returns the number of profiles
     /// that changed.
     pub async fn sweep_segments(&self) -> Result<usize, ProfileError> {
+        // The generation first: rows read after it are at least that new.
+        let generation = store::definitions_generation(&self.inner.db).await?;
         let rows = store::segments(&self.inner.db).await?;
         // Compiled from the very rows whose generations it marks backfilled: definitions
         // installed a moment earlier or later could belong to another generation.
@@ -492,7 +494,14 @@ impl Profiles {
             let _guard = self.inner.applier.lock().await;
             let now = now_micros();
             let txn = self.inner.db.begin().await?;
-            self.lock_applier(&txn).await?;
+            let (lock, _) = self.lock_applier_checking(&txn, &[]).await?;
+            if lock.definitions != generation {
+                // A segment changed or went since these definitions were read: evaluating
+                // them now could put members back into a deleted segment. The change
+                // wakes the sweep again, with the definitions as they are.
+                txn.rollback().await?;
+                break;
+            }
             let mut page = store::live_profiles(&txn, &after, SWEEP_PAGE).await?;
             let Some(last) = page.last() else {
                 txn.rollback().await?;

@@ -62,7 +62,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     let status = platform
         .post_batch(json!({"batch": [
             {"type": "identify", "userId": "gdpr-1", "anonymousId": "gdpr-anon",
-             "traits": {"email": "Forget@Me.io", "name": "Robin"}}
+             "traits": {"email": "Forget@Me.io", "name": "Robin", "loyalty_id": "L-9"}}
         ]}))
         .await;
     assert_eq!(status, 200);
@@ -108,6 +108,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         [
             ("anonymous_id".to_owned(), "gdpr-anon".to_owned()),
             ("email".to_owned(), "forget@me.io".to_owned()),
+            ("loyalty_id".to_owned(), "L-9".to_owned()),
             ("user_id".to_owned(), "gdpr-1".to_owned()),
         ]
     );
@@ -172,7 +173,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(page.suppressions.len(), 3);
+        assert_eq!(page.suppressions.len(), 4);
         if page.suppressions.iter().all(|s| s.synced_to_ingest) {
             synced = true;
             break;
@@ -182,7 +183,8 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     assert!(synced, "every suppression reaches ingestion");
     let status = platform
         .post_batch(json!({"batch": [
-            {"type": "identify", "anonymousId": "fresh-device", "traits": {"email": "forget@me.io"}}
+            {"type": "identify", "anonymousId": "fresh-device", "traits": {"email": "forget@me.io"}},
+            {"type": "identify", "anonymousId": "other-device", "traits": {"loyalty_id": "L-9"}}
         ]}))
         .await;
     assert_eq!(status, 200);
@@ -194,8 +196,8 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         .into_inner();
     assert_eq!(
         stats.total.unwrap().suppressed,
-        1,
-        "dropped and counted at ingestion"
+        2,
+        "dropped and counted at ingestion, custom identifier types too"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let error = get(&platform.profile, by_identity("email", "forget@me.io"))
@@ -225,7 +227,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(rest.suppressions.len(), 1);
+    assert_eq!(rest.suppressions.len(), 2);
     assert!(rest.next_page_token.is_empty());
     let bad = client
         .list_suppressions(admin(ListSuppressionsRequest {
