@@ -491,10 +491,17 @@ impl Ingestor {
         Ok((added, erased))
     }
 
-    /// Reloads the suppression list from the database (other replicas may have added to it).
+    /// Reloads the suppression list from the database (other replicas may have added to
+    /// it), then erases what the log may still hold of the identifiers suppressed in the
+    /// last minute: this replica may have accepted their events before it knew.
     pub async fn refresh_suppressions(&self) -> Result<(), IngestError> {
         let all = store::load_suppressions(&self.inner.db).await?;
         self.inner.suppressions.replace(all);
+        let since = now_micros() - RECENT_SUPPRESSIONS.as_micros() as i64;
+        let erased = store::erase_recently_suppressed(&self.inner.db, since).await?;
+        if erased > 0 {
+            tracing::info!(erased, "log entries of erased customers erased");
+        }
         Ok(())
     }
 
@@ -522,6 +529,10 @@ fn new_write_key() -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
 }
+
+/// How long after a suppression every refresh erases its events from the log again: well
+/// beyond the refresh interval and the time an accepted batch takes to commit.
+const RECENT_SUPPRESSIONS: Duration = Duration::from_secs(60);
 
 /// Write keys resolved recently. Revocation clears it on this replica; other replicas see
 /// it within [`KEY_TTL`].

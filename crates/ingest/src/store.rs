@@ -593,6 +593,31 @@ pub async fn add_suppressions(
     Ok((added, erased))
 }
 
+/// Erases again what the log holds of identifiers suppressed since `since`: events that
+/// passed the check on a replica that had not learned of them yet, or were still on their
+/// way to the database when the suppression was added. Returns the rows erased.
+pub async fn erase_recently_suppressed(db: &DatabaseConnection, since: i64) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let mut erased = 0;
+    for column in ["user_id", "anonymous_id"] {
+        // `<> ''` matches the partial index on the column.
+        let text = format!(
+            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
+             WHERE {column} <> '' AND {column} IN (
+                 SELECT id_value FROM suppressions WHERE id_type = ? AND created_at >= ?)"
+        );
+        erased += db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                [column.into(), since.into()],
+            ))
+            .await?
+            .rows_affected();
+    }
+    Ok(erased)
+}
+
 /// The whole suppression list.
 pub async fn load_suppressions(db: &DatabaseConnection) -> Result<Vec<(String, String)>, DbErr> {
     let rows = db

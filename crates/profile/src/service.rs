@@ -123,6 +123,28 @@ pub struct Applied {
     pub unattributed: u32,
 }
 
+/// How far behind another replica's clock may run when it stamps a suppression.
+const SUPPRESSION_CLOCK_MARGIN: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The suppression list as this process holds it.
+struct Suppressed {
+    /// The generation it was loaded at; -1 before it is.
+    generation: i64,
+    identities: Arc<HashSet<Ident>>,
+    /// When the latest entry held was suppressed: the next load starts there.
+    latest: i64,
+}
+
+impl Default for Suppressed {
+    fn default() -> Self {
+        Self {
+            generation: -1,
+            identities: Arc::default(),
+            latest: i64::MIN,
+        }
+    }
+}
+
 /// The profile core.
 #[derive(Clone)]
 pub struct Profiles {
@@ -140,9 +162,8 @@ struct Inner {
     applier: tokio::sync::Mutex<ApplierMemory>,
     /// Compiled segment definitions, replaced whole when one changes.
     segments: std::sync::RwLock<segments::Definitions>,
-    /// The suppression list and its generation (-1 before it is loaded), so deliveries
-    /// check it without a query.
-    suppressed: std::sync::RwLock<(i64, Arc<HashSet<Ident>>)>,
+    /// The suppression list, so deliveries check it without a query.
+    suppressed: std::sync::RwLock<Suppressed>,
     /// Signalled when a definition changed, to start its backfill.
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
@@ -169,7 +190,7 @@ impl Profiles {
                 wakeup,
                 applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),
                 segments: std::sync::RwLock::default(),
-                suppressed: std::sync::RwLock::new((-1, Arc::default())),
+                suppressed: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
                 metrics: Metrics::new(),
@@ -205,25 +226,42 @@ impl Profiles {
         if lock.definitions != self.definitions_generation() {
             self.reload_segments_at(txn, lock.definitions).await?;
         }
-        if lock.suppressions != self.suppressed().0 {
-            let all = store::all_suppressed(txn).await?;
-            *self
+        let (generation, latest) = {
+            let held = self.read_suppressed();
+            (held.generation, held.latest)
+        };
+        if lock.suppressions != generation {
+            // The list only grows: what was added since the latest entry held is enough,
+            // with a margin for replicas whose clocks run behind.
+            let since = latest.saturating_sub(SUPPRESSION_CLOCK_MARGIN.as_micros() as i64);
+            let added = store::suppressed_since(txn, since).await?;
+            let mut guard = self
                 .inner
                 .suppressed
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                (lock.suppressions, Arc::new(all));
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let held = &mut *guard;
+            let identities = Arc::make_mut(&mut held.identities);
+            for (ident, at) in added {
+                held.latest = held.latest.max(at);
+                identities.insert(ident);
+            }
+            held.generation = lock.suppressions;
         }
         Ok((lock, applied))
     }
 
     /// The suppression list as last loaded, with its generation.
     fn suppressed(&self) -> (i64, Arc<HashSet<Ident>>) {
+        let held = self.read_suppressed();
+        (held.generation, held.identities.clone())
+    }
+
+    fn read_suppressed(&self) -> std::sync::RwLockReadGuard<'_, Suppressed> {
         self.inner
             .suppressed
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     /// A profile by id (following merges), from the cache when it has it.

@@ -786,3 +786,49 @@ async fn database_unreachable_means_not_serving_and_unavailable() {
     assert_eq!(ok.accepted, 1, "nothing was half-written during the outage");
     server.stop().await;
 }
+
+/// A replica that has not heard of an erasure yet accepts the customer's events; at its
+/// next refresh it drops them from the log all the same.
+async fn a_replica_late_to_an_erasure_erases_what_it_accepted(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let a = TestServer::start(config(&db.url, "http://127.0.0.1:9")).await;
+    let b = TestServer::start(config(&db.url, "http://127.0.0.1:9")).await;
+    let (_, key) = a.create_source("late", 0).await;
+    a.client()
+        .await
+        .suppress_identities(admin(SuppressIdentitiesRequest {
+            identities: vec![Identity {
+                r#type: "user_id".into(),
+                value: "gone-late".into(),
+            }],
+        }))
+        .await
+        .unwrap();
+    let accepted = IngestServiceClient::connect(b.grpc_url())
+        .await
+        .unwrap()
+        .ingest(ingest_request(
+            vec![track("late-1", "gone-late", "Bought")],
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted;
+    assert_eq!(accepted, 1, "B did not know yet");
+    b.core.refresh_suppressions().await.unwrap();
+    let listed = a
+        .client()
+        .await
+        .list_events(admin(ListEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.events.iter().all(|e| e.message_id != "late-1"),
+        "erased at B's refresh"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(a_replica_late_to_an_erasure_erases_what_it_accepted);

@@ -1,7 +1,5 @@
 //! Erasure, export and the suppression list.
 
-use std::collections::HashSet;
-
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
 use super::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
@@ -105,11 +103,24 @@ pub async fn suppress(
     .await
 }
 
-/// Every suppressed identifier.
-pub async fn all_suppressed<C: ConnectionTrait>(conn: &C) -> Result<HashSet<Ident>, DbErr> {
-    let rows = query(conn, "SELECT id_type, id_value FROM suppressions", []).await?;
+/// The identifiers suppressed at or after `since`, with when.
+pub async fn suppressed_since<C: ConnectionTrait>(
+    conn: &C,
+    since: i64,
+) -> Result<Vec<(Ident, i64)>, DbErr> {
+    let rows = query(
+        conn,
+        "SELECT id_type, id_value, suppressed_at FROM suppressions WHERE suppressed_at >= ?",
+        [since.into()],
+    )
+    .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .map(|r| {
+            Ok((
+                (r.try_get_by_index(0)?, r.try_get_by_index(1)?),
+                r.try_get_by_index(2)?,
+            ))
+        })
         .collect()
 }
 
