@@ -922,12 +922,7 @@ waymark_testkit::on_both_backends!(redis_restart_is_survived_and_the_cache_refil
 /// update in between must be seen, never overwritten from that memory.
 async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
     let sink = Sink::default();
-    let db = TestDb::new(backend).await;
-    let sink_url = sink.start().await;
-    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
-    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
-    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
-    let b = TestProfile::start(b_config).await;
+    let (a, b) = two_replicas(backend, &sink.start().await).await;
 
     a.deliver(vec![event(
         EventType::Identify,
@@ -1071,12 +1066,7 @@ waymark_testkit::on_both_backends!(concurrent_deliveries_apply_each_event_once);
 /// applied, and the two land on different replicas: the batch still applies once.
 async fn one_batch_on_two_replicas_at_once_applies_once(backend: Backend) {
     let sink = Sink::default();
-    let db = TestDb::new(backend).await;
-    let sink_url = sink.start().await;
-    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
-    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
-    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
-    let b = TestProfile::start(b_config).await;
+    let (a, b) = two_replicas(backend, &sink.start().await).await;
     for round in 0..20 {
         let batch: Vec<_> = (0..50)
             .map(|i| {

@@ -261,13 +261,7 @@ waymark_testkit::on_both_backends!(erased_profiles_stay_erased);
 /// that one keeps the suppression list in memory.
 async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     let sink = Sink::default();
-    let db = TestDb::new(backend).await;
-    let sink_url = sink.start().await;
-    // Replicas share the Redis cache, as in any deployment with more than one.
-    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
-    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
-    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
-    let b = TestProfile::start(b_config).await;
+    let (a, b) = two_replicas(backend, &sink.start().await).await;
     let visit = |at: i64| {
         event(
             EventType::Track,

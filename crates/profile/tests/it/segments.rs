@@ -330,12 +330,7 @@ waymark_testkit::on_both_backends!(segments_follow_conditions);
 /// applies, with no sweep in between.
 async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Backend) {
     let sink = Sink::default();
-    let db = TestDb::new(backend).await;
-    let sink_url = sink.start().await;
-    let a = TestProfile::start(config(&db.url, &sink_url, Some(&redis_url()))).await;
-    let mut b_config = config(&db.url, &sink_url, Some(&redis_url()));
-    b_config.profile_cache_key_prefix = a.cache_prefix.clone();
-    let b = TestProfile::start(b_config).await;
+    let (a, b) = two_replicas(backend, &sink.start().await).await;
     let now = waymark_kit::db::now_micros() / 1_000_000;
     let plan = |plan: &str| {
         event(
