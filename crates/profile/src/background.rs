@@ -9,7 +9,7 @@ use waymark_kit::config::Secret;
 use waymark_proto::ingest::v1::SuppressIdentitiesRequest;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 
-use crate::service::{Profiles, identity};
+use crate::service::{ProfileError, Profiles, identity};
 
 /// Suppressions per `SuppressIdentities` call.
 const PUSH_BATCH: u32 = 500;
@@ -83,6 +83,21 @@ async fn push_once(
     Ok(push.len())
 }
 
+/// Logs a periodic pass over profiles; true when it succeeded.
+fn logged(outcome: Result<usize, ProfileError>, pass: &str) -> bool {
+    match outcome {
+        Ok(0) => true,
+        Ok(changed) => {
+            tracing::info!(profiles = changed, pass, "periodic pass changed profiles");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, pass, "periodic pass failed; retrying");
+            false
+        }
+    }
+}
+
 /// Loads the segment definitions, then backfills changed ones as soon as they change, and
 /// every `every` re-evaluates time-based ones and settles emotion labels decay has moved.
 pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: CancellationToken) {
@@ -99,30 +114,8 @@ pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: Cancellat
         }
     }
     loop {
-        let swept = match core.sweep_segments().await {
-            Ok(changed) => {
-                if changed > 0 {
-                    tracing::info!(profiles = changed, "segment sweep changed memberships");
-                }
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "segment sweep failed; retrying");
-                false
-            }
-        };
-        let settled = match core.settle_emotions().await {
-            Ok(moved) => {
-                if moved > 0 {
-                    tracing::info!(profiles = moved, "emotion decay moved labels");
-                }
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "settling decayed emotions failed; retrying");
-                false
-            }
-        };
+        let swept = logged(core.sweep_segments().await, "segment sweep");
+        let settled = logged(core.settle_emotions().await, "emotion settling");
         let pause = if swept && settled {
             every
         } else {

@@ -442,21 +442,8 @@ impl Profiles {
                 profile.updated_at = Some(from_micros(now));
                 records.push(record);
             }
-            save_changed(
-                &txn,
-                &self.inner.consumers,
-                rules,
-                &records,
-                &transitions,
-                &events,
-                now,
-            )
-            .await?;
-            txn.commit().await?;
-            self.inner.wakeup.notify();
-            self.inner.metrics.emitted(&events);
-            let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
-            self.inner.cache.put_many(&profiles).await;
+            self.commit_page(txn, &records, &transitions, &events, now)
+                .await?;
         }
         Ok(settled)
     }
@@ -532,23 +519,8 @@ impl Profiles {
                 .flat_map(|t| transition_events(t, &definitions, now))
                 .map(|(event, _)| event)
                 .collect();
-            save_changed(
-                &txn,
-                &self.inner.consumers,
-                &self.inner.rules.emotion,
-                &records,
-                &transitions,
-                &events,
-                now,
-            )
-            .await?;
-            txn.commit().await?;
-            if !events.is_empty() {
-                self.inner.wakeup.notify();
-                self.inner.metrics.emitted(&events);
-            }
-            let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
-            self.inner.cache.put_many(&profiles).await;
+            self.commit_page(txn, &records, &transitions, &events, now)
+                .await?;
             changed += records.len();
         }
         for row in pending {
@@ -587,6 +559,40 @@ fn transition_events(
             )
         })
         .collect()
+}
+
+impl Profiles {
+    /// Commits a sweep's page of changed profiles (their rows, membership index and
+    /// events), then wakes the relays, counts the events and writes the cache.
+    async fn commit_page(
+        &self,
+        txn: DatabaseTransaction,
+        records: &[Record],
+        transitions: &[Transition],
+        events: &[Event],
+        now_us: i64,
+    ) -> Result<(), ProfileError> {
+        let inner = &self.inner;
+        let (consumers, emotion) = (&inner.consumers, &inner.rules.emotion);
+        save_changed(
+            &txn,
+            consumers,
+            emotion,
+            records,
+            transitions,
+            events,
+            now_us,
+        )
+        .await?;
+        txn.commit().await?;
+        if !events.is_empty() {
+            inner.wakeup.notify();
+            inner.metrics.emitted(events);
+        }
+        let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
+        inner.cache.put_many(&profiles).await;
+        Ok(())
+    }
 }
 
 /// Writes profiles changed outside event delivery, their index rows and their events.
