@@ -1021,9 +1021,9 @@ async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(replicas_and_trusted_updates_see_each_others_writes);
 
-/// Deliveries arriving together are applied together; the same batch delivered twice at
-/// once (a relay retrying while its first attempt is still running) still applies once,
-/// and every delivery is told exactly what became of its events.
+/// Deliveries arriving at once: the same batch delivered twice at once (a relay retrying
+/// while its first attempt is still running) still applies once, and every delivery is
+/// told exactly what became of its events.
 async fn concurrent_deliveries_apply_each_event_once(backend: Backend) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
