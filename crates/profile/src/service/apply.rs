@@ -3,7 +3,7 @@
 //! `applier_epoch` row lock). Grouping concurrent deliveries into one transaction was
 //! measured and gained nothing: the cost is per row, not per transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 use sea_orm::TransactionTrait;
@@ -171,6 +171,15 @@ struct ProfileHead {
 
 impl CacheChanges {
     fn of(set: &WorkingSet, dirty: Vec<(&Record, Vec<u8>)>) -> Self {
+        // The identifiers the batch added or moved, by the live profile now owning them:
+        // few, so this costs nothing per identifier a profile already had.
+        let mut moved: HashMap<String, Vec<Identity>> = HashMap::new();
+        for ((id_type, value), owner) in &set.dirty_identities {
+            moved.entry(set.live(owner)).or_default().push(Identity {
+                r#type: id_type.clone(),
+                value: value.clone(),
+            });
+        }
         let mut changes = CacheChanges {
             live: Vec::with_capacity(dirty.len()),
             merged: Vec::new(),
@@ -183,20 +192,11 @@ impl CacheChanges {
                     .push((profile.profile_id.clone(), profile.version));
                 continue;
             }
-            let moved = profile
-                .identities
-                .iter()
-                .filter(|i| {
-                    set.dirty_identities
-                        .get(&(i.r#type.clone(), i.value.clone()))
-                        .is_some_and(|owner| set.live(owner) == profile.profile_id)
-                })
-                .cloned()
-                .collect();
             let head = ProfileHead {
                 profile_id: profile.profile_id.clone(),
                 version: profile.version,
             };
+            let moved = moved.remove(&profile.profile_id).unwrap_or_default();
             changes.live.push((head, state, moved));
         }
         changes
