@@ -97,17 +97,47 @@ impl WorkingSet {
     /// Starts from loaded profiles (their identities form the index).
     pub fn new(records: Vec<Record>) -> Self {
         let mut set = WorkingSet::default();
+        set.add(records);
+        set
+    }
+
+    /// Adds loaded profiles; their identities join the index.
+    pub fn add(&mut self, records: impl IntoIterator<Item = Record>) {
         for record in records {
             for identity in &record.profile.identities {
-                set.index.insert(
+                self.index.insert(
                     (identity.r#type.clone(), identity.value.clone()),
                     record.profile.profile_id.clone(),
                 );
             }
-            set.records
+            self.records
                 .insert(record.profile.profile_id.clone(), record);
         }
-        set
+    }
+
+    /// Those of `idents` no profile in the set holds.
+    pub fn unknown(&self, idents: &[Ident]) -> Vec<Ident> {
+        idents
+            .iter()
+            .filter(|ident| !self.index.contains_key(*ident))
+            .cloned()
+            .collect()
+    }
+
+    /// Moves out what the batch changed (everything but the profiles and their index),
+    /// leaving the set ready for the next batch.
+    pub fn take_batch(&mut self) -> WorkingSet {
+        WorkingSet {
+            records: HashMap::new(),
+            index: HashMap::new(),
+            dirty: std::mem::take(&mut self.dirty),
+            dirty_identities: std::mem::take(&mut self.dirty_identities),
+            merges: std::mem::take(&mut self.merges),
+            applied: std::mem::take(&mut self.applied),
+            synthetic: std::mem::take(&mut self.synthetic),
+            merged_away_exits: std::mem::take(&mut self.merged_away_exits),
+            unattributed: std::mem::take(&mut self.unattributed),
+        }
     }
 
     /// Follows merges to the live profile.

@@ -47,7 +47,6 @@ impl Profiles {
         let txn = self.inner.db.begin().await?;
         let (lock, done) = self.lock_applier_checking(&txn, &event_ids).await?;
         let epoch = lock.epoch;
-        applier.begin(epoch);
         // Ingestion drops these too, but events committed before the erasure reached it
         // may still be in flight. The list is current: the lock just checked.
         let (_, suppressed) = self.suppressed();
@@ -78,9 +77,11 @@ impl Profiles {
             metrics.delivered("suppressed", outcome.suppressed as usize);
             return Ok(outcome);
         }
-        let (mut records, unknown) = applier.take(&idents);
-        records.extend(store::load_owners(&txn, &unknown).await?);
-        let mut set = WorkingSet::new(records);
+        // The batch resolves in the applier's memory itself; should it not commit, the
+        // memory knows to forget everything at the next batch.
+        let set = applier.begin(epoch);
+        let unknown = set.unknown(&idents);
+        set.add(store::load_owners(&txn, &unknown).await?);
         for (event, ids) in fresh {
             set.apply(&self.inner.rules, event, ids, now);
         }
@@ -90,7 +91,7 @@ impl Profiles {
                 "events without a usable identifier were not attributed"
             );
         }
-        let transitions = self.evaluate_batch(&mut set, now);
+        let transitions = self.evaluate_batch(set, now);
         // Each changed profile is encoded once, for its row and for the cache.
         let dirty: Vec<(&Record, Vec<u8>)> = set
             .dirty
@@ -98,35 +99,34 @@ impl Profiles {
             .filter_map(|id| set.records.get(id))
             .map(|record| (record, record.profile.encode_to_vec()))
             .collect();
-        store::BatchWrite::new(&set, &dirty, &self.inner.rules.emotion, now)
+        store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now)
             .execute(&txn, &self.inner.consumers)
             .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
         }
-        if let Err(error) = txn.commit().await {
-            // The commit may have happened all the same; only the database knows now.
-            applier.clear();
-            return Err(error.into());
-        }
-        let cache = CacheChanges::of(&set, dirty);
-        applier.committed(epoch, std::mem::take(&mut set.records).into_values());
+        // Should the commit fail, it may have happened all the same; only the database
+        // knows now, and the memory, never told it committed, forgets everything.
+        txn.commit().await?;
+        let cache = CacheChanges::of(set, dirty);
+        let batch = applier.committed(epoch);
         // The next batch may resolve while this one writes the cache: cached versions only
         // ever move forward, whichever write lands first.
         drop(applier);
         self.inner.wakeup.notify();
-        outcome.applied = set.applied.len() as u32;
-        outcome.unattributed = set.unattributed as u32;
-        metrics.delivered("applied", set.applied.len());
+        outcome.applied = batch.applied.len() as u32;
+        outcome.unattributed = batch.unattributed as u32;
+        metrics.delivered("applied", batch.applied.len());
         metrics.delivered("duplicate", outcome.duplicates as usize);
         metrics.delivered("suppressed", outcome.suppressed as usize);
-        metrics.delivered("unattributed", set.unattributed);
+        metrics.delivered("unattributed", batch.unattributed);
         metrics.emitted(
-            set.synthetic
+            batch
+                .synthetic
                 .iter()
                 .map(|(event, _)| event)
-                .chain(&set.merged_away_exits),
+                .chain(&batch.merged_away_exits),
         );
         // Answered after the cache write, so a caller reads its own writes.
         self.refresh_cache(cache).await;
