@@ -141,13 +141,13 @@ impl WorkingSet {
     }
 
     /// Follows merges to the live profile.
-    pub fn live(&self, id: &str) -> String {
-        let mut current = id.to_owned();
+    pub fn live<'a>(&'a self, id: &'a str) -> &'a str {
+        let mut current = id;
         for _ in 0..64 {
             match self
                 .records
-                .get(&current)
-                .and_then(|r| r.merged_into.clone())
+                .get(current)
+                .and_then(|r| r.merged_into.as_deref())
             {
                 Some(next) => current = next,
                 None => break,
@@ -205,9 +205,9 @@ impl WorkingSet {
         for ident in ids {
             if let Some(owner) = self.index.get(ident) {
                 let owner = self.live(owner);
-                match found.iter_mut().find(|(id, _)| *id == owner) {
+                match found.iter_mut().find(|(id, _)| id == owner) {
                     Some((_, evidence)) => evidence.push(ident.clone()),
-                    None => found.push((owner, vec![ident.clone()])),
+                    None => found.push((owner.to_owned(), vec![ident.clone()])),
                 }
             }
         }
@@ -222,20 +222,21 @@ impl WorkingSet {
 
     /// Whether the profiles and the event's identifiers together stay within every limit.
     fn fits(&self, rules: &IdentityRules, ids: &[Ident], matched: &[(String, Vec<Ident>)]) -> bool {
-        let mut all: HashSet<Ident> = ids.iter().cloned().collect();
+        let mut all: HashSet<(&str, &str)> =
+            ids.iter().map(|(t, v)| (t.as_str(), v.as_str())).collect();
         for (id, _) in matched {
             if let Some(r) = self.records.get(id) {
                 all.extend(
                     r.profile
                         .identities
                         .iter()
-                        .map(|i| (i.r#type.clone(), i.value.clone())),
+                        .map(|i| (i.r#type.as_str(), i.value.as_str())),
                 );
             }
         }
         let mut per_type: HashMap<&str, usize> = HashMap::new();
-        for (t, _) in &all {
-            *per_type.entry(t.as_str()).or_default() += 1;
+        for (t, _) in all {
+            *per_type.entry(t).or_default() += 1;
         }
         per_type.into_iter().all(|(t, n)| n <= rules.limit(t))
     }
@@ -496,7 +497,7 @@ mod tests {
         let first = set.index[&("anonymous_id".into(), "anon-1".into())].clone();
         // Links anon-1 and the e-mail: the two profiles merge into the older one.
         apply(&mut set, event("", "anon-1", Some("a@x.io")), 3);
-        let live: HashSet<String> = set.records.keys().map(|id| set.live(id)).collect();
+        let live: HashSet<&str> = set.records.keys().map(|id| set.live(id)).collect();
         assert_eq!(live.len(), 1);
         assert_eq!(
             set.live(&set.index[&("email".into(), "a@x.io".into())]),

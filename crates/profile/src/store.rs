@@ -735,14 +735,14 @@ impl BatchWrite {
             .zip(&encoded)
             .map(|((event, owner), bytes)| TimelineRow {
                 event,
-                owner: set.live(owner),
+                owner: set.live(owner).to_owned(),
                 origin: owner,
                 encoded: bytes,
             })
             .collect();
         let on_live = |event: &Event, owner: &str| {
             let mut event = event.clone();
-            event.profile_id = set.live(owner);
+            event.profile_id = set.live(owner).to_owned();
             event.encode_to_vec()
         };
         let outbox = timeline
@@ -763,12 +763,17 @@ impl BatchWrite {
             identities: vec![
                 Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
                 Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
-                Column::Text(identities.values().map(|owner| set.live(owner)).collect()),
+                Column::Text(
+                    identities
+                        .values()
+                        .map(|owner| set.live(owner).to_owned())
+                        .collect(),
+                ),
             ],
             moved: set
                 .merges
                 .iter()
-                .map(|m| (set.live(&m.survivor_id), m.merged_id.clone()))
+                .map(|m| (set.live(&m.survivor_id).to_owned(), m.merged_id.clone()))
                 .collect(),
             merges,
             timeline: timeline_columns(&timeline),

@@ -175,10 +175,13 @@ impl CacheChanges {
         // few, so this costs nothing per identifier a profile already had.
         let mut moved: HashMap<String, Vec<Identity>> = HashMap::new();
         for ((id_type, value), owner) in &set.dirty_identities {
-            moved.entry(set.live(owner)).or_default().push(Identity {
-                r#type: id_type.clone(),
-                value: value.clone(),
-            });
+            moved
+                .entry(set.live(owner).to_owned())
+                .or_default()
+                .push(Identity {
+                    r#type: id_type.clone(),
+                    value: value.clone(),
+                });
         }
         let mut changes = CacheChanges {
             live: Vec::with_capacity(dirty.len()),
