@@ -63,8 +63,9 @@ fn event(i: usize) -> Event {
 }
 
 /// The least an applied event must write, with the same batches and concurrency: its
-/// timeline row (event bytes included) and one outbox row per downstream consumer, bound
-/// as arrays in one transaction per batch, into tables of the same shape.
+/// timeline row (event bytes included) and its share of the batch's outbox rows (one per
+/// downstream consumer holding every event), in one transaction per batch, into tables of
+/// the same shape.
 async fn insert_ceiling(url: &str, batches: usize, batch: usize) -> anyhow::Result<Run> {
     use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
     let db = waymark_kit::db::connect(url, "ceiling", 16).await?;
@@ -75,7 +76,8 @@ async fn insert_ceiling(url: &str, batches: usize, batch: usize) -> anyhow::Resu
              ts BIGINT NOT NULL, event BYTEA NOT NULL);
          CREATE INDEX ON ceiling.timeline (profile_id, ts);
          CREATE TABLE ceiling.outbox (id BIGSERIAL PRIMARY KEY, consumer TEXT NOT NULL,
-             payload BYTEA NOT NULL, created_at BIGINT NOT NULL);",
+             payload BYTEA NOT NULL, created_at BIGINT NOT NULL);
+         ALTER TABLE ceiling.outbox ALTER COLUMN payload SET STORAGE EXTERNAL;",
     )
     .await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -95,20 +97,21 @@ async fn insert_ceiling(url: &str, batches: usize, batch: usize) -> anyhow::Resu
                     .map(|e| e.timestamp.map_or(0, |t| t.seconds))
                     .collect();
                 let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
+                let packed = payloads.concat();
                 let txn = db.begin().await?;
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
                     "INSERT INTO ceiling.timeline SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bytea[])",
-                    [ids.into(), owners.into(), times.into(), payloads.clone().into()],
+                    [ids.into(), owners.into(), times.into(), payloads.into()],
                 ))
                 .await?;
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
                     "INSERT INTO ceiling.outbox (consumer, payload, created_at)
-                     SELECT c, p, 0 FROM UNNEST($1::text[]) AS k(c) CROSS JOIN UNNEST($2::bytea[]) AS t(p)",
+                     SELECT c, $2, 0 FROM UNNEST($1::text[]) AS k(c)",
                     [
                         vec!["orchestrator".to_owned(), "analytics".to_owned()].into(),
-                        payloads.into(),
+                        packed.into(),
                     ],
                 ))
                 .await?;

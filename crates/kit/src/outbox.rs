@@ -1,7 +1,8 @@
 //! The transactional outbox and its relay.
 //!
 //! A producer inserts outbox rows in the same transaction as its own writes, so an event
-//! is queued if and only if it is committed. Relay workers claim rows with a lease
+//! is queued if and only if it is committed. One row per consumer carries every event of
+//! the transaction (a pack), so queueing costs a row per transaction, not per event. Relay workers claim rows with a lease
 //! (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never claim the same rows), push
 //! them to the consumer's `EventSink.Deliver`, and delete them once acknowledged. A failed
 //! delivery releases the rows with an exponential backoff; each consumer has its own
@@ -67,59 +68,91 @@ pub const fn keyed_by_consumer(version: i64) -> Migration {
     }
 }
 
-/// Rows per SQLite INSERT statement: well under its bound-parameter limit.
-const ROWS_PER_INSERT: usize = 1000;
+/// Adds `pack_size`: how many events a row's payload packs. Rows from before (and
+/// replays, which copy stored events one by one) leave it NULL: their payload is one event.
+/// On PostgreSQL a pack is stored out of line uncompressed: compressing one costs the
+/// producer's transaction more than the bytes it saves, and it is read once.
+pub const fn packs(version: i64) -> Migration {
+    Migration {
+        version,
+        name: "outbox rows carry packs of events",
+        postgres: "ALTER TABLE outbox ADD COLUMN pack_size INTEGER;
+            ALTER TABLE outbox ALTER COLUMN payload SET STORAGE EXTERNAL;",
+        sqlite: "ALTER TABLE outbox ADD COLUMN pack_size INTEGER",
+    }
+}
+
+/// Several encoded events in one outbox payload: a repeated bytes field, so unpacking
+/// copies the events without decoding them.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EventPack {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    events: Vec<Vec<u8>>,
+}
+
+/// `payloads` encoded as an [`EventPack`], without copying them into owned buffers first.
+fn pack(payloads: &[&[u8]]) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let len = payloads
+        .iter()
+        .map(|p| key_len(1) + encoded_len_varint(p.len() as u64) + p.len())
+        .sum();
+    let mut buf = Vec::with_capacity(len);
+    for payload in payloads {
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(payload.len() as u64, &mut buf);
+        buf.extend_from_slice(payload);
+    }
+    buf
+}
+
+/// The events of a claimed row: its pack, or its one event.
+fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbErr> {
+    use prost::Message;
+    match pack_size {
+        None => Ok(vec![payload]),
+        Some(_) => EventPack::decode(payload.as_slice())
+            .map(|pack| pack.events)
+            .map_err(|e| DbErr::Custom(format!("outbox pack does not decode: {e}"))),
+    }
+}
 
 /// Queues encoded `waymark.common.v1.Event`s for each consumer, inside the caller's
-/// transaction. Call [`Wakeup::notify`] after the commit.
+/// transaction: one row per consumer packing them all, in order. Call [`Wakeup::notify`]
+/// after the commit.
 pub async fn enqueue<C: ConnectionTrait>(
     conn: &C,
     consumers: &[String],
     payloads: &[&[u8]],
 ) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    let now = now_micros();
-    if backend == DbBackend::Postgres {
-        // One statement and one copy of the payloads however many rows and consumers;
-        // ids follow commit order per consumer.
-        let array: Value = payloads
-            .iter()
-            .map(|p| p.to_vec())
-            .collect::<Vec<Vec<u8>>>()
-            .into();
-        let consumers: Value = consumers.to_vec().into();
-        conn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            "INSERT INTO outbox (consumer, payload, created_at, available_at)
-             SELECT c, p, $2, $2 FROM UNNEST($1::text[]) WITH ORDINALITY AS k(c, i)
-             CROSS JOIN UNNEST($3::bytea[]) WITH ORDINALITY AS t(p, n) ORDER BY i, n",
-            [consumers, now.into(), array],
-        ))
-        .await?;
+    if payloads.is_empty() || consumers.is_empty() {
         return Ok(());
     }
-    let rows: Vec<(&String, &[u8])> = consumers
-        .iter()
-        .flat_map(|c| payloads.iter().map(move |p| (c, *p)))
-        .collect();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut text = String::from(
-            "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
-        for (i, (consumer, payload)) in chunk.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str("(?, ?, ?, ?)");
-            values.push((*consumer).as_str().into());
-            values.push(payload.to_vec().into());
-            values.push(now.into());
-            values.push(now.into());
+    let backend = conn.get_database_backend();
+    let now = now_micros();
+    let packed = pack(payloads);
+    let size = payloads.len() as i32;
+    let mut text = String::from(
+        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at) VALUES ",
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(consumers.len() * 5);
+    for (i, consumer) in consumers.iter().enumerate() {
+        if i > 0 {
+            text.push_str(", ");
         }
-        conn.execute_raw(Statement::from_sql_and_values(backend, text, values))
-            .await?;
+        text.push_str("(?, ?, ?, ?, ?)");
+        values.push(consumer.as_str().into());
+        values.push(packed.clone().into());
+        values.push(size.into());
+        values.push(now.into());
+        values.push(now.into());
     }
+    conn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql(backend, &text),
+        values,
+    ))
+    .await?;
     Ok(())
 }
 
@@ -140,7 +173,7 @@ impl Wakeup {
 pub struct Backlog {
     /// Consumer name.
     pub consumer: String,
-    /// Rows not yet acknowledged.
+    /// Events not yet acknowledged.
     pub pending: u64,
     /// Enqueue time of the oldest, in Unix microseconds.
     pub oldest_micros: Option<i64>,
@@ -151,7 +184,7 @@ pub async fn backlog<C: ConnectionTrait>(conn: &C) -> Result<Vec<Backlog>, DbErr
     let rows = conn
         .query_all_raw(Statement::from_string(
             conn.get_database_backend(),
-            "SELECT consumer, COUNT(*), MIN(created_at) FROM outbox GROUP BY consumer ORDER BY consumer",
+            "SELECT consumer, SUM(COALESCE(pack_size, 1)), MIN(created_at) FROM outbox GROUP BY consumer ORDER BY consumer",
         ))
         .await?;
     rows.iter()
@@ -176,7 +209,7 @@ pub struct RelayConfig {
     pub endpoint: String,
     /// Bearer token for the consumer, when it requires one.
     pub token: Option<Secret>,
-    /// Rows per delivery.
+    /// Events per delivery; a single row packing more still goes out whole.
     pub batch_size: u32,
     /// Longest pause after repeated failures.
     pub max_backoff: Duration,
@@ -335,12 +368,20 @@ impl Worker {
         } else {
             ""
         };
+        // The oldest free rows up to `batch_size` events, and always the first one however
+        // many it packs. The window runs over the rows already locked.
         let text = format!(
             "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE consumer = ? AND id IN (
-                SELECT id FROM outbox WHERE consumer = ? AND available_at <= ? AND lease_until <= ?
-                ORDER BY id LIMIT ?{skip_locked})
-             RETURNING id, payload"
+                SELECT id FROM (
+                    SELECT id, SUM(COALESCE(pack_size, 1)) OVER (ORDER BY id) AS upto,
+                           ROW_NUMBER() OVER (ORDER BY id) AS n
+                    FROM (SELECT id, pack_size FROM outbox
+                          WHERE consumer = ? AND available_at <= ? AND lease_until <= ?
+                          ORDER BY id LIMIT ?{skip_locked}) AS free
+                ) AS running WHERE upto <= ? OR n = 1)
+             RETURNING id, payload, pack_size"
         );
+        let batch_size = i64::from(self.config.batch_size);
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(
@@ -353,7 +394,8 @@ impl Worker {
                     self.config.consumer.as_str().into(),
                     now.into(),
                     now.into(),
-                    i64::from(self.config.batch_size).into(),
+                    batch_size.into(),
+                    batch_size.into(),
                 ],
             ))
             .await?;
@@ -363,12 +405,17 @@ impl Worker {
                 Ok((
                     r.try_get_by_index::<i64>(0)?,
                     r.try_get_by_index::<Vec<u8>>(1)?,
+                    r.try_get_by_index::<Option<i32>>(2)?,
                 ))
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
         // RETURNING does not promise order; deliver in commit order.
-        batch.sort_unstable_by_key(|(id, _)| *id);
-        Ok(batch.into_iter().map(|(_, payload)| payload).collect())
+        batch.sort_unstable_by_key(|(id, _, _)| *id);
+        let mut events = Vec::new();
+        for (_, payload, pack_size) in batch {
+            events.extend(unpack(payload, pack_size)?);
+        }
+        Ok(events)
     }
 
     /// Whether the consumer answers and reports Serving. A consumer without the health

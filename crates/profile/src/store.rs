@@ -124,6 +124,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: GENERATIONS,
     },
     waymark_kit::outbox::keyed_by_consumer(10),
+    waymark_kit::outbox::packs(11),
 ];
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,

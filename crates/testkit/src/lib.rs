@@ -96,6 +96,8 @@ pub struct Sink {
     pub failing: Arc<AtomicBool>,
     pub attempts: Arc<AtomicUsize>,
     pub producers: Arc<Mutex<HashMap<String, usize>>>,
+    /// How many events each accepted delivery carried, in order.
+    pub deliveries: Arc<Mutex<Vec<usize>>>,
 }
 
 #[tonic::async_trait]
@@ -123,6 +125,7 @@ impl EventSink for Sink {
             .entry(request.producer)
             .or_default() += 1;
         let n = request.events.len() as u32;
+        self.deliveries.lock().await.push(request.events.len());
         self.received.lock().await.extend(request.events);
         Ok(Response::new(DeliverResponse {
             applied: n,

@@ -832,3 +832,91 @@ async fn a_replica_late_to_an_erasure_erases_what_it_accepted(backend: Backend) 
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(a_replica_late_to_an_erasure_erases_what_it_accepted);
+
+/// The outbox under the ingestion schema: packed rows (one per transaction) and rows of
+/// one event (as replays and releases before packs write them) go out in commit order,
+/// each delivery holding at most the batch size of events unless one pack alone is more.
+async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
+    use prost::Message;
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    use waymark_kit::outbox::{self, RelayConfig, Wakeup};
+
+    let db = TestDb::new(backend).await;
+    let conn = waymark_kit::db::connect(&db.url, "ingest", 4)
+        .await
+        .unwrap();
+    waymark_kit::db::migrate(&conn, "ingest", waymark_ingest::store::MIGRATIONS)
+        .await
+        .unwrap();
+    let encoded = |i: usize| track(&format!("o-{i}"), "u", "Tick").encode_to_vec();
+    let consumers = ["profile".to_owned()];
+    let mut next = 0;
+    let mut commit_pack = async |n: usize| {
+        let payloads: Vec<Vec<u8>> = (next..next + n).map(encoded).collect();
+        next += n;
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let txn = conn.begin().await.unwrap();
+        outbox::enqueue(&txn, &consumers, &refs).await.unwrap();
+        txn.commit().await.unwrap();
+    };
+    commit_pack(3).await;
+    commit_pack(6).await;
+    let backend_kind = conn.get_database_backend();
+    for i in 9..12 {
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend_kind,
+            waymark_kit::db::sql(
+                backend_kind,
+                "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES (?, ?, 0, 0)",
+            ),
+            ["profile".into(), encoded(i).into()],
+        ))
+        .await
+        .unwrap();
+    }
+    let backlog = outbox::backlog(&conn).await.unwrap();
+    assert_eq!(
+        backlog[0].pending, 12,
+        "the backlog counts events, not rows"
+    );
+
+    let sink = Sink::default();
+    let endpoint = sink.start().await;
+    let shutdown = waymark_kit::CancellationToken::new();
+    let relay = tokio::spawn(outbox::run_relay(
+        conn.clone(),
+        RelayConfig {
+            producer: "ingest".into(),
+            consumer: "profile".into(),
+            endpoint,
+            token: Some(waymark_kit::config::Secret::new(ADMIN_TOKEN)),
+            batch_size: 4,
+            max_backoff: Duration::from_millis(200),
+            workers: 1,
+            idle_poll: Duration::from_millis(20),
+        },
+        Wakeup::default(),
+        shutdown.clone(),
+    ));
+    let received = sink.wait_for(12).await;
+    let ids: Vec<_> = received.iter().map(|e| e.message_id.clone()).collect();
+    let expected: Vec<_> = (0..12).map(|i| format!("o-{i}")).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        *sink.deliveries.lock().await,
+        [3, 6, 3],
+        "a pack of 3, a pack of 6 over the batch size on its own, then single rows up to 4"
+    );
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    let mut drained = false;
+    for _ in 0..100 {
+        if outbox::backlog(&conn).await.unwrap().is_empty() {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(drained, "acknowledged rows leave the outbox");
+}
+waymark_testkit::on_both_backends!(outbox_packs_go_out_in_order_within_the_batch_size);
