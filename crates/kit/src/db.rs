@@ -42,6 +42,9 @@ pub async fn connect(
         // Fail fast so callers get UNAVAILABLE instead of hanging while the database is down.
         .acquire_timeout(Duration::from_secs(3))
         .sqlx_logging(false)
+        // A connection in steady use is not pinged each time it is handed out (a round
+        // trip on every transaction); one idle long enough to have gone stale still is.
+        .test_before_acquire_if_idle_for(Duration::from_secs(5))
         .connect_lazy(true);
     if url.starts_with("sqlite:") {
         // SQLite has one writer; a single connection avoids "database is locked" errors,
