@@ -89,8 +89,9 @@ pub struct WorkingSet {
     /// `Segment Exited` of profiles merged away in the batch: about the merged profile
     /// itself, so they keep its id.
     pub merged_away_exits: Vec<Event>,
-    /// Events no identifier could attribute (every value blocked).
-    pub unattributed: usize,
+    /// Events no identifier could attribute (every value blocked), kept so the batch can
+    /// be resolved again.
+    pub unattributed: Vec<Event>,
 }
 
 impl WorkingSet {
@@ -160,7 +161,7 @@ impl WorkingSet {
     /// gives them), to a profile (creating or merging as needed) and applies it.
     pub fn apply(&mut self, rules: &Rules, mut event: Event, mut ids: Vec<Ident>, now_us: i64) {
         if ids.is_empty() {
-            self.unattributed += 1;
+            self.unattributed.push(event);
             return;
         }
         let profile_id = loop {
@@ -171,7 +172,7 @@ impl WorkingSet {
             // Leave out the event's lowest-priority identifier and try again.
             ids.pop();
             if ids.is_empty() {
-                self.unattributed += 1;
+                self.unattributed.push(event);
                 return;
             }
         };

@@ -160,6 +160,9 @@ struct Inner {
     /// One applier per process; replicas serialise on a database lock. It guards what
     /// the applier remembers of the profiles it wrote.
     applier: tokio::sync::Mutex<ApplierMemory>,
+    /// Until when (Unix microseconds) deliveries look their events up before applying
+    /// them: set when one held events applied before.
+    look_up_applied_until: std::sync::atomic::AtomicI64,
     /// Compiled segment definitions, replaced whole when one changes.
     segments: std::sync::RwLock<segments::Definitions>,
     /// The suppression list, so deliveries check it without a query.
@@ -189,6 +192,7 @@ impl Profiles {
                 consumers,
                 wakeup,
                 applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),
+                look_up_applied_until: std::sync::atomic::AtomicI64::new(0),
                 segments: std::sync::RwLock::default(),
                 suppressed: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),

@@ -185,32 +185,36 @@ const PRIVACY_AND_SEGMENTS: &str = "
 /// Bound parameters per statement stay well under both backends' limits.
 pub(crate) const MAX_PARAMS: usize = 30_000;
 
-/// Runs `INSERT ... VALUES (...), (...) <suffix>` for `rows` in chunks.
+/// Runs `INSERT ... VALUES (...), (...) <suffix>` for `rows` in chunks; returns the rows
+/// written.
 pub(crate) async fn insert_rows(
     txn: &DatabaseTransaction,
     head: &str,
     suffix: &str,
     rows: Vec<Vec<Value>>,
-) -> Result<(), DbErr> {
+) -> Result<u64, DbErr> {
     let Some(width) = rows.first().map(Vec::len) else {
-        return Ok(());
+        return Ok(0);
     };
     let backend = txn.get_database_backend();
     let placeholders = format!("({})", vec!["?"; width].join(", "));
+    let mut written = 0;
     for chunk in rows.chunks((MAX_PARAMS / width).max(1)) {
         let text = format!(
             "{head} VALUES {} {suffix}",
             vec![placeholders.as_str(); chunk.len()].join(", ")
         );
         let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+        written += txn
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
+            ))
+            .await?
+            .rows_affected();
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Runs a query written with `?` placeholders on either backend.
@@ -338,16 +342,16 @@ impl Column {
 /// `{head} <rows> {suffix}` with the rows given column by column. PostgreSQL gets each
 /// column as one array parameter (`SELECT ... FROM UNNEST(...)`): one short statement
 /// however many rows, where a `VALUES` list costs a parse and plan per size. SQLite gets
-/// multi-row `VALUES`.
+/// multi-row `VALUES`. Returns the rows written.
 pub(crate) async fn insert_columns(
     txn: &DatabaseTransaction,
     head: &str,
     suffix: &str,
     columns: Vec<Column>,
-) -> Result<(), DbErr> {
+) -> Result<u64, DbErr> {
     let rows = columns.first().map_or(0, Column::len);
     if rows == 0 {
-        return Ok(());
+        return Ok(0);
     }
     let backend = txn.get_database_backend();
     if backend != DbBackend::Postgres {
@@ -371,9 +375,10 @@ pub(crate) async fn insert_columns(
         arrays.join(", "),
         names.join(", ")
     );
-    txn.execute_raw(Statement::from_sql_and_values(backend, text, values))
-        .await?;
-    Ok(())
+    Ok(txn
+        .execute_raw(Statement::from_sql_and_values(backend, text, values))
+        .await?
+        .rows_affected())
 }
 
 /// What taking the applier lock tells the taker.
@@ -639,7 +644,8 @@ pub async fn save_encoded(
     now_us: i64,
 ) -> Result<(), DbErr> {
     let columns = profile_columns(records, states, emotion, now_us);
-    insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, columns).await
+    insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, columns).await?;
+    Ok(())
 }
 
 const PROFILES_HEAD: &str = "INSERT INTO profiles (profile_id, merged_into, created_at, updated_at, version, state, aggregates, emotion_due_at)";
@@ -782,12 +788,13 @@ impl BatchWrite {
         }
     }
 
-    /// Writes it, then queues the emitted events for `consumers`.
+    /// Writes it, then queues the emitted events for `consumers`. Returns how many of
+    /// its events the timeline took: fewer than it applied when some were there before.
     pub async fn execute(
         self,
         txn: &DatabaseTransaction,
         consumers: &[String],
-    ) -> Result<(), DbErr> {
+    ) -> Result<u64, DbErr> {
         insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, self.profiles).await?;
         insert_columns(
             txn,
@@ -811,12 +818,10 @@ impl BatchWrite {
             self.merges,
         )
         .await?;
-        insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, self.timeline).await?;
+        let timeline = insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, self.timeline).await?;
         let refs: Vec<&[u8]> = self.outbox.iter().map(Vec::as_slice).collect();
-        if !refs.is_empty() {
-            waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
-        }
-        Ok(())
+        waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
+        Ok(timeline)
     }
 }
 
@@ -837,7 +842,8 @@ pub async fn insert_timeline(
     txn: &DatabaseTransaction,
     rows: &[TimelineRow<'_>],
 ) -> Result<(), DbErr> {
-    insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, timeline_columns(rows)).await
+    insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, timeline_columns(rows)).await?;
+    Ok(())
 }
 
 const TIMELINE_HEAD: &str = "INSERT INTO timeline (event_id, profile_id, origin_profile_id, ts, channel, event_type, name, entry, event)";

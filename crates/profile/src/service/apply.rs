@@ -4,9 +4,11 @@
 //! measured and gained nothing: the cost is per row, not per transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use prost::Message;
-use sea_orm::TransactionTrait;
+use sea_orm::{DbErr, TransactionTrait};
 use waymark_kit::db::now_micros;
 use waymark_profile_cache::CacheWrite;
 use waymark_proto::common::v1::{Event, Identity};
@@ -29,7 +31,7 @@ impl Profiles {
         // Everything that needs no database runs before the applier is taken: the
         // serialised section is the critical path of every replica's batches.
         let mut seen = HashSet::new();
-        let candidates: Vec<(Event, Vec<Ident>)> = events
+        let mut candidates: Vec<(Event, Vec<Ident>)> = events
             .into_iter()
             .filter(|e| seen.insert(e.event_id.clone()))
             .map(|e| {
@@ -37,7 +39,41 @@ impl Profiles {
                 (e, ids)
             })
             .collect();
-        let event_ids: Vec<String> = candidates.iter().map(|(e, _)| e.event_id.clone()).collect();
+        let mut outcome = Applied {
+            duplicates: total - candidates.len() as u32,
+            ..Applied::default()
+        };
+        // Most batches hold no event applied before, so they skip looking their events up
+        // and let the timeline's key tell; one that does is resolved again, looking first,
+        // as is every batch for a while after it: redeliveries come in runs.
+        let mut check = self.inner.look_up_applied_until.load(Ordering::Relaxed) > now_micros();
+        loop {
+            match self.apply_candidates(candidates, outcome, check).await? {
+                Attempt::Applied(outcome) => return Ok(outcome),
+                Attempt::SeenBefore(again, so_far) => {
+                    let until = now_micros() + LOOK_UP_AFTER_REDELIVERY.as_micros() as i64;
+                    self.inner
+                        .look_up_applied_until
+                        .store(until, Ordering::Relaxed);
+                    (candidates, outcome, check) = (again, so_far, true);
+                }
+            }
+        }
+    }
+
+    /// One attempt at applying `candidates` (distinct events with their identifiers);
+    /// `outcome` holds what was counted before. Unless `check`, events applied before are
+    /// only found when the timeline refuses them, and the attempt is rolled back.
+    async fn apply_candidates(
+        &self,
+        candidates: Vec<(Event, Vec<Ident>)>,
+        mut outcome: Applied,
+        check: bool,
+    ) -> Result<Attempt, ProfileError> {
+        let event_ids: Vec<String> = match check {
+            true => candidates.iter().map(|(e, _)| e.event_id.clone()).collect(),
+            false => Vec::new(),
+        };
         let idents: Vec<Ident> = {
             let all: HashSet<&Ident> = candidates.iter().flat_map(|(_, ids)| ids).collect();
             all.into_iter().cloned().collect()
@@ -50,10 +86,6 @@ impl Profiles {
         // Ingestion drops these too, but events committed before the erasure reached it
         // may still be in flight. The list is current: the lock just checked.
         let (_, suppressed) = self.suppressed();
-        let mut outcome = Applied {
-            duplicates: total - candidates.len() as u32,
-            ..Applied::default()
-        };
         let mut fresh = Vec::with_capacity(candidates.len());
         for (event, ids) in candidates {
             if done.contains(&event.event_id) {
@@ -75,8 +107,12 @@ impl Profiles {
             txn.rollback().await?;
             metrics.delivered("duplicate", outcome.duplicates as usize);
             metrics.delivered("suppressed", outcome.suppressed as usize);
-            return Ok(outcome);
+            return Ok(Attempt::Applied(outcome));
         }
+        let order: Vec<String> = match check {
+            true => Vec::new(),
+            false => fresh.iter().map(|(e, _)| e.event_id.clone()).collect(),
+        };
         // The batch resolves in the applier's memory itself; should it not commit, the
         // memory knows to forget everything at the next batch.
         let set = applier.begin(epoch);
@@ -85,9 +121,9 @@ impl Profiles {
         for (event, ids) in fresh {
             set.apply(&self.inner.rules, event, ids, now);
         }
-        if set.unattributed > 0 {
+        if !set.unattributed.is_empty() {
             tracing::warn!(
-                events = set.unattributed,
+                events = set.unattributed.len(),
                 "events without a usable identifier were not attributed"
             );
         }
@@ -99,9 +135,25 @@ impl Profiles {
             .filter_map(|id| set.records.get(id))
             .map(|record| (record, record.profile.encode_to_vec()))
             .collect();
-        store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now)
+        let taken = store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now)
             .execute(&txn, &self.inner.consumers)
             .await?;
+        if taken < set.applied.len() as u64 {
+            if check {
+                return Err(DbErr::Custom(
+                    "the timeline refused events the applier found new under its lock".into(),
+                )
+                .into());
+            }
+            tracing::info!(
+                events = set.applied.len() as u64 - taken,
+                "batch holds events applied before; resolving it again"
+            );
+            txn.rollback().await?;
+            // The memory, never told the batch committed, forgets it at the next batch.
+            let again = self.resolve_again(order, set.take_batch());
+            return Ok(Attempt::SeenBefore(again, outcome));
+        }
         segments::save_transitions(&txn, &transitions, now).await?;
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
@@ -116,11 +168,11 @@ impl Profiles {
         drop(applier);
         self.inner.wakeup.notify();
         outcome.applied = batch.applied.len() as u32;
-        outcome.unattributed = batch.unattributed as u32;
+        outcome.unattributed = batch.unattributed.len() as u32;
         metrics.delivered("applied", batch.applied.len());
         metrics.delivered("duplicate", outcome.duplicates as usize);
         metrics.delivered("suppressed", outcome.suppressed as usize);
-        metrics.delivered("unattributed", batch.unattributed);
+        metrics.delivered("unattributed", batch.unattributed.len());
         metrics.emitted(
             batch
                 .synthetic
@@ -130,7 +182,27 @@ impl Profiles {
         );
         // Answered after the cache write, so a caller reads its own writes.
         self.refresh_cache(cache).await;
-        Ok(outcome)
+        Ok(Attempt::Applied(outcome))
+    }
+
+    /// The events of a rolled-back attempt (`batch`), in their delivered `order`, with
+    /// their identifiers, for the next attempt.
+    fn resolve_again(&self, order: Vec<String>, batch: WorkingSet) -> Vec<(Event, Vec<Ident>)> {
+        let mut by_id: HashMap<String, Event> = batch
+            .applied
+            .into_iter()
+            .map(|(event, _)| event)
+            .chain(batch.unattributed)
+            .map(|event| (event.event_id.clone(), event))
+            .collect();
+        order
+            .into_iter()
+            .filter_map(|id| by_id.remove(&id))
+            .map(|event| {
+                let ids = self.inner.rules.identity.extract(&event);
+                (event, ids)
+            })
+            .collect()
     }
 
     /// After a commit: newer versions into the cache (one round trip), merged-away
@@ -151,6 +223,17 @@ impl Profiles {
             .collect();
         self.inner.cache.put_encoded(&writes).await;
     }
+}
+
+/// How long deliveries look their events up first after one held events applied before.
+const LOOK_UP_AFTER_REDELIVERY: Duration = Duration::from_secs(60);
+
+/// The end of one attempt at a batch.
+enum Attempt {
+    Applied(Applied),
+    /// It held events applied before and was rolled back: its events to resolve again,
+    /// and the outcome counted so far.
+    SeenBefore(Vec<(Event, Vec<Ident>)>, Applied),
 }
 
 /// What a committed batch must change in the cache, detached from the batch so its

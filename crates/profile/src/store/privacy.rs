@@ -100,7 +100,8 @@ pub async fn suppress(
         "ON CONFLICT (id_type, id_value) DO NOTHING",
         rows,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// The identifiers suppressed at or after `since`, with when.

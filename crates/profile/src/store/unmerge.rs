@@ -70,7 +70,8 @@ pub async fn assign_identities(
         "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
         rows,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Moves the timeline rows first applied to any of `origins` to `owner`. While merged,

@@ -640,6 +640,58 @@ async fn late_events_and_redelivery_change_nothing_they_should_not(backend: Back
 }
 waymark_testkit::on_both_backends!(late_events_and_redelivery_change_nothing_they_should_not);
 
+async fn a_batch_partly_applied_before_applies_only_its_new_events(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let viewed = event(EventType::Track, "u-5", "", "Viewed", json!({}), 100);
+    assert_eq!(server.deliver(vec![viewed.clone()]).await.applied, 1);
+
+    // A fresh replica does not look events up first; the timeline tells, and the batch is
+    // resolved again without the one it already holds.
+    let blocked = event(EventType::Track, "anonymous", "", "Viewed", json!({}), 150);
+    let order = event(
+        EventType::Track,
+        "u-5",
+        "",
+        "Order Completed",
+        json!({"revenue": 10.0}),
+        200,
+    );
+    let identify = event(
+        EventType::Identify,
+        "u-5",
+        "",
+        "",
+        json!({"plan": "pro"}),
+        300,
+    );
+    let ids = [&viewed, &order, &identify].map(|e| e.event_id.clone());
+    let outcome = server
+        .deliver(vec![viewed.clone(), blocked, order, identify])
+        .await;
+    assert_eq!(
+        (outcome.applied, outcome.duplicates, outcome.unattributed),
+        (2, 1, 1),
+        "{outcome:?}"
+    );
+    let p = get(&server, by_identity("user_id", "u-5")).await.unwrap();
+    assert_eq!(trait_str(&p, "plan").as_deref(), Some("pro"));
+    let c = p.computed.unwrap();
+    assert_eq!((c.total_events, c.lifetime_value), (3, 10.0));
+    assert_eq!(c.last_seen.unwrap().seconds, 300);
+
+    // Downstream gets each applied event once per consumer (both relay to this sink): the
+    // first delivery's event, then the batch's two new ones and its Trait Changed.
+    let received = sink.wait_for(8).await;
+    for id in &ids {
+        let copies = received.iter().filter(|e| &e.event_id == id).count();
+        assert_eq!(copies, 2, "{id} emitted {copies} times");
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(a_batch_partly_applied_before_applies_only_its_new_events);
+
 async fn trusted_updates_consent_and_errors(backend: Backend) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
