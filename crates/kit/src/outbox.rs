@@ -117,9 +117,16 @@ fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbEr
     }
 }
 
+/// Events per pack at most: the relay's default batch, so a delivery stays the size it
+/// was before packs whatever the producer's transaction holds.
+pub const MAX_PACK_EVENTS: usize = 500;
+/// Bytes per pack at most (an event larger than this travels alone), well under the gRPC
+/// message limit.
+pub const MAX_PACK_BYTES: usize = 4 * 1024 * 1024;
+
 /// Queues encoded `waymark.common.v1.Event`s for each consumer, inside the caller's
-/// transaction: one row per consumer packing them all, in order. Call [`Wakeup::notify`]
-/// after the commit.
+/// transaction: per consumer, packs of them in order (one row each, see
+/// [`MAX_PACK_EVENTS`] and [`MAX_PACK_BYTES`]). Call [`Wakeup::notify`] after the commit.
 pub async fn enqueue<C: ConnectionTrait>(
     conn: &C,
     consumers: &[String],
@@ -130,20 +137,24 @@ pub async fn enqueue<C: ConnectionTrait>(
     }
     let backend = conn.get_database_backend();
     let now = now_micros();
-    let packed = pack(payloads);
-    let size = payloads.len() as i32;
+    let packs = split_into_packs(payloads);
     let mut text = String::from(
         "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at) VALUES ",
     );
-    let mut values: Vec<Value> = Vec::with_capacity(consumers.len() * 5);
-    for (i, consumer) in consumers.iter().enumerate() {
+    let mut values: Vec<Value> = Vec::with_capacity(packs.len() * consumers.len() * 5);
+    // Pack by pack, so each consumer's rows get ids in the events' order.
+    for (i, (consumer, chunk)) in packs
+        .iter()
+        .flat_map(|chunk| consumers.iter().map(move |c| (c, chunk)))
+        .enumerate()
+    {
         if i > 0 {
             text.push_str(", ");
         }
         text.push_str("(?, ?, ?, ?, ?)");
         values.push(consumer.as_str().into());
-        values.push(packed.clone().into());
-        values.push(size.into());
+        values.push(pack(chunk).into());
+        values.push((chunk.len() as i32).into());
         values.push(now.into());
         values.push(now.into());
     }
@@ -154,6 +165,22 @@ pub async fn enqueue<C: ConnectionTrait>(
     ))
     .await?;
     Ok(())
+}
+
+/// `payloads` in order, cut into packs within both limits.
+fn split_into_packs<'a, 'b>(payloads: &'a [&'b [u8]]) -> Vec<&'a [&'b [u8]]> {
+    let mut packs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, payload) in payloads.iter().enumerate() {
+        let full = i - start == MAX_PACK_EVENTS || bytes + payload.len() > MAX_PACK_BYTES;
+        if i > start && full {
+            packs.push(&payloads[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += payload.len();
+    }
+    packs.push(&payloads[start..]);
+    packs
 }
 
 /// Wakes this process's relay workers when new rows are committed, so delivery starts at
@@ -522,6 +549,36 @@ mod tests {
         let fourth = backoff(4, max);
         assert!(fourth >= Duration::from_millis(640) && fourth <= Duration::from_millis(960));
         assert!(backoff(40, max) <= max);
+    }
+
+    #[test]
+    fn packs_keep_order_within_both_limits_and_unpack_whole() {
+        let small = vec![7u8; 10];
+        let payloads: Vec<&[u8]> = vec![small.as_slice(); MAX_PACK_EVENTS * 2 + 1];
+        let packs = split_into_packs(&payloads);
+        let sizes: Vec<usize> = packs.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [MAX_PACK_EVENTS, MAX_PACK_EVENTS, 1]);
+        let unpacked = unpack(pack(packs[2]), Some(1)).unwrap();
+        assert_eq!(unpacked, std::slice::from_ref(&small));
+
+        let big = vec![1u8; MAX_PACK_BYTES / 2 + 1];
+        let huge = vec![2u8; MAX_PACK_BYTES + 1];
+        let payloads: Vec<&[u8]> = vec![&big, &big, &huge, &small];
+        let sizes: Vec<usize> = split_into_packs(&payloads)
+            .iter()
+            .map(|p| p.len())
+            .collect();
+        assert_eq!(
+            sizes,
+            [1, 1, 1, 1],
+            "over the byte limit a pack closes; a huge event goes alone"
+        );
+        let mixed: Vec<&[u8]> = vec![&small, &big, &small];
+        let packs = split_into_packs(&mixed);
+        assert_eq!(packs.len(), 1);
+        let unpacked = unpack(pack(packs[0]), Some(3)).unwrap();
+        assert_eq!(unpacked, [small.clone(), big.clone(), small.clone()]);
+        assert_eq!(unpack(small.clone(), None).unwrap(), [small]);
     }
 
     #[test]
