@@ -1,12 +1,12 @@
 //! The transactional outbox and its relay.
 //!
 //! A producer inserts outbox rows in the same transaction as its own writes, so an event
-//! is queued if and only if it is committed. One row per consumer carries every event of
-//! the transaction (a pack), so queueing costs a row per transaction, not per event. Relay workers claim rows with a lease
-//! (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never claim the same rows), push
-//! them to the consumer's `EventSink.Deliver`, and delete them once acknowledged. A failed
-//! delivery releases the rows with an exponential backoff; each consumer has its own
-//! workers, so one that is down delays only its own deliveries.
+//! is queued if and only if it is committed. A row packs many of the transaction's events
+//! for one consumer, so queueing costs a row per pack, not per event. Relay workers claim
+//! rows with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never claim the
+//! same rows), push them to the consumer's `EventSink.Deliver`, and delete them once
+//! acknowledged. A failed delivery releases the rows with an exponential backoff; each
+//! consumer has its own workers, so one that is down delays only its own deliveries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,15 +137,18 @@ pub async fn enqueue<C: ConnectionTrait>(
     }
     let backend = conn.get_database_backend();
     let now = now_micros();
-    let packs = split_into_packs(payloads);
+    let packs: Vec<(Vec<u8>, i32)> = split_into_packs(payloads)
+        .into_iter()
+        .map(|chunk| (pack(chunk), chunk.len() as i32))
+        .collect();
     let mut text = String::from(
         "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at) VALUES ",
     );
     let mut values: Vec<Value> = Vec::with_capacity(packs.len() * consumers.len() * 5);
     // Pack by pack, so each consumer's rows get ids in the events' order.
-    for (i, (consumer, chunk)) in packs
+    for (i, (consumer, (packed, size))) in packs
         .iter()
-        .flat_map(|chunk| consumers.iter().map(move |c| (c, chunk)))
+        .flat_map(|pack| consumers.iter().map(move |c| (c, pack)))
         .enumerate()
     {
         if i > 0 {
@@ -153,8 +156,8 @@ pub async fn enqueue<C: ConnectionTrait>(
         }
         text.push_str("(?, ?, ?, ?, ?)");
         values.push(consumer.as_str().into());
-        values.push(pack(chunk).into());
-        values.push((chunk.len() as i32).into());
+        values.push(packed.clone().into());
+        values.push((*size).into());
         values.push(now.into());
         values.push(now.into());
     }
