@@ -159,7 +159,7 @@ impl Default for Config {
             retention_secs: 30 * 24 * 3600,
             default_rate_limit_per_second: 50_000,
             dev_write_key: None,
-            relay_batch_size: 500,
+            relay_batch_size: crate::outbox::MAX_PACK_EVENTS as u32,
             relay_max_backoff_ms: 30_000,
             drain_secs: 5,
             auto_migrate: false,

@@ -117,8 +117,8 @@ fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbEr
     }
 }
 
-/// Events per pack at most: the relay's default batch, so a delivery stays the size it
-/// was before packs whatever the producer's transaction holds.
+/// Events per pack at most, and the relay's default batch (`relay_batch_size`): a
+/// delivery stays that size whatever the producer's transaction holds.
 pub const MAX_PACK_EVENTS: usize = 500;
 /// Bytes per pack at most (an event larger than this travels alone), well under the gRPC
 /// message limit.

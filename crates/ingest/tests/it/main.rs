@@ -834,7 +834,7 @@ async fn a_replica_late_to_an_erasure_erases_what_it_accepted(backend: Backend) 
 waymark_testkit::on_both_backends!(a_replica_late_to_an_erasure_erases_what_it_accepted);
 
 /// The outbox under the ingestion schema: packed rows (one per transaction) and rows of
-/// one event (as replays and releases before packs write them) go out in commit order,
+/// one event (as replays, and releases from before packs, write them) go out in commit order,
 /// each delivery holding at most the batch size of events unless one pack alone is more.
 async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     use prost::Message;

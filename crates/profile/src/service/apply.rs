@@ -70,9 +70,10 @@ impl Profiles {
         mut outcome: Applied,
         check: bool,
     ) -> Result<Attempt, ProfileError> {
-        let event_ids: Vec<String> = match check {
-            true => candidates.iter().map(|(e, _)| e.event_id.clone()).collect(),
-            false => Vec::new(),
+        let event_ids: Vec<String> = if check {
+            candidates.iter().map(|(e, _)| e.event_id.clone()).collect()
+        } else {
+            Vec::new()
         };
         let idents: Vec<Ident> = {
             let all: HashSet<&Ident> = candidates.iter().flat_map(|(_, ids)| ids).collect();
@@ -109,9 +110,11 @@ impl Profiles {
             metrics.delivered("suppressed", outcome.suppressed as usize);
             return Ok(Attempt::Applied(outcome));
         }
-        let order: Vec<String> = match check {
-            true => Vec::new(),
-            false => fresh.iter().map(|(e, _)| e.event_id.clone()).collect(),
+        // Only an attempt that may be rolled back needs the order to resolve again in.
+        let order: Vec<String> = if check {
+            Vec::new()
+        } else {
+            fresh.iter().map(|(e, _)| e.event_id.clone()).collect()
         };
         // The batch resolves in the applier's memory itself; should it not commit, the
         // memory knows to forget everything at the next batch.
@@ -236,8 +239,8 @@ enum Attempt {
     SeenBefore(Vec<(Event, Vec<Ident>)>, Applied),
 }
 
-/// What a committed batch must change in the cache, detached from the batch so its
-/// profiles can move into the applier's memory.
+/// What a committed batch must change in the cache, detached from the applier's memory so
+/// the applier is released before the cache write.
 struct CacheChanges {
     /// Live profiles: id and version, encoded state, and the identifiers the batch added
     /// or moved to them.
