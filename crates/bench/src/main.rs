@@ -22,6 +22,10 @@ use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
 
+/// The allocator `waymark` serves with, so the figures are the served binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 
 #[derive(Parser)]
