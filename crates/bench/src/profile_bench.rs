@@ -348,7 +348,36 @@ pub async fn run(
     far_task.await??;
     echo_task.await??;
     bench_db.drop().await?;
-    Ok(())
+    drop_keys(redis_url, &prefix).await
+}
+
+/// Removes the run's cache keys, as its database is dropped: keys left by earlier runs
+/// would make each run's Redis larger and slower than the last.
+async fn drop_keys(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let mut con = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut con)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// `per_client` GetProfile calls by each of `clients`, each on its own connection, through
