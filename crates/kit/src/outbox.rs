@@ -132,42 +132,100 @@ pub async fn enqueue<C: ConnectionTrait>(
     consumers: &[String],
     payloads: &[&[u8]],
 ) -> Result<(), DbErr> {
-    if payloads.is_empty() || consumers.is_empty() {
-        return Ok(());
-    }
     let backend = conn.get_database_backend();
+    let statement = if backend == DbBackend::Postgres {
+        postgres_insert(consumers, payloads, 1)
+    } else {
+        values_insert(consumers, payloads)
+    };
+    let Some((text, values)) = statement else {
+        return Ok(());
+    };
+    // Each text is written for its backend already: `$n` on PostgreSQL, `?` on SQLite.
+    conn.execute_raw(Statement::from_sql_and_values(backend, text, values))
+        .await?;
+    Ok(())
+}
+
+/// The rows [`enqueue`] writes, in id order: pack by pack, each for every consumer, so
+/// each consumer's rows get ids in the events' order.
+struct Rows {
+    consumers: Vec<String>,
+    packs: Vec<Vec<u8>>,
+    sizes: Vec<i32>,
+}
+
+fn rows(consumers: &[String], payloads: &[&[u8]]) -> Option<Rows> {
+    if payloads.is_empty() || consumers.is_empty() {
+        return None;
+    }
+    let packs = split_into_packs(payloads);
+    let n = packs.len() * consumers.len();
+    let mut rows = Rows {
+        consumers: Vec::with_capacity(n),
+        packs: Vec::with_capacity(n),
+        sizes: Vec::with_capacity(n),
+    };
+    for chunk in packs {
+        let packed = pack(chunk);
+        for consumer in consumers {
+            rows.consumers.push(consumer.clone());
+            rows.packs.push(packed.clone());
+            rows.sizes.push(chunk.len() as i32);
+        }
+    }
+    Some(rows)
+}
+
+/// [`enqueue`] on PostgreSQL as one `INSERT` with its parameters numbered from `$first`,
+/// so a producer can make it one part of a larger statement (a data-modifying `WITH`) and
+/// write a whole transaction in one round trip. None when there is nothing to queue.
+pub fn postgres_insert(
+    consumers: &[String],
+    payloads: &[&[u8]],
+    first: usize,
+) -> Option<(String, Vec<Value>)> {
+    let rows = rows(consumers, payloads)?;
+    let (c, p, s, t) = (first, first + 1, first + 2, first + 3);
+    // Ordered by position, so ids follow the events' order whatever the plan.
+    let text = format!(
+        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at)
+         SELECT c, p, s, ${t}, ${t}
+         FROM UNNEST(${c}::text[], ${p}::bytea[], ${s}::int4[]) WITH ORDINALITY AS q(c, p, s, n)
+         ORDER BY n"
+    );
+    let values = vec![
+        rows.consumers.into(),
+        rows.packs.into(),
+        rows.sizes.into(),
+        now_micros().into(),
+    ];
+    Some((text, values))
+}
+
+/// [`enqueue`] as a multi-row `VALUES` insert with `?` placeholders (SQLite).
+fn values_insert(consumers: &[String], payloads: &[&[u8]]) -> Option<(String, Vec<Value>)> {
+    let rows = rows(consumers, payloads)?;
     let now = now_micros();
-    let packs: Vec<(Vec<u8>, i32)> = split_into_packs(payloads)
-        .into_iter()
-        .map(|chunk| (pack(chunk), chunk.len() as i32))
-        .collect();
     let mut text = String::from(
         "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at) VALUES ",
     );
-    let mut values: Vec<Value> = Vec::with_capacity(packs.len() * consumers.len() * 5);
-    // Pack by pack, so each consumer's rows get ids in the events' order.
-    for (i, (consumer, (packed, size))) in packs
-        .iter()
-        .flat_map(|pack| consumers.iter().map(move |c| (c, pack)))
-        .enumerate()
-    {
+    let mut values: Vec<Value> = Vec::with_capacity(rows.sizes.len() * 5);
+    let all = rows.consumers.into_iter().zip(rows.packs).zip(rows.sizes);
+    for (i, ((consumer, packed), size)) in all.enumerate() {
         if i > 0 {
             text.push_str(", ");
         }
         text.push_str("(?, ?, ?, ?, ?)");
-        values.push(consumer.as_str().into());
-        values.push(packed.clone().into());
-        values.push((*size).into());
-        values.push(now.into());
-        values.push(now.into());
+        values.extend([
+            consumer.into(),
+            packed.into(),
+            size.into(),
+            now.into(),
+            now.into(),
+        ]);
     }
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(backend, &text),
-        values,
-    ))
-    .await?;
-    Ok(())
+    Some((text, values))
 }
 
 /// `payloads` in order, cut into packs within both limits.

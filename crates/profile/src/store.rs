@@ -360,12 +360,27 @@ pub(crate) async fn insert_columns(
             .collect();
         return insert_rows(txn, head, suffix, rows).await;
     }
+    let (text, values) = unnest_insert(head, suffix, columns, 1);
+    Ok(txn
+        .execute_raw(Statement::from_sql_and_values(backend, text, values))
+        .await?
+        .rows_affected())
+}
+
+/// The PostgreSQL statement of [`insert_columns`], its parameters numbered from `$first`,
+/// so it can also be one part of a larger statement.
+fn unnest_insert(
+    head: &str,
+    suffix: &str,
+    columns: Vec<Column>,
+    first: usize,
+) -> (String, Vec<Value>) {
     let (mut values, mut arrays, mut selected) = (Vec::new(), Vec::new(), Vec::new());
     for (i, column) in columns.into_iter().enumerate() {
         let name = format!("c{i}");
         let (value, array_type, select) = column.into_array(&name);
         values.push(value);
-        arrays.push(format!("${}::{array_type}", i + 1));
+        arrays.push(format!("${}::{array_type}", first + i));
         selected.push(select);
     }
     let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
@@ -375,10 +390,7 @@ pub(crate) async fn insert_columns(
         arrays.join(", "),
         names.join(", ")
     );
-    Ok(txn
-        .execute_raw(Statement::from_sql_and_values(backend, text, values))
-        .await?
-        .rows_affected())
+    (text, values)
 }
 
 /// What taking the applier lock tells the taker.
@@ -795,14 +807,6 @@ impl BatchWrite {
         txn: &DatabaseTransaction,
         consumers: &[String],
     ) -> Result<u64, DbErr> {
-        insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, self.profiles).await?;
-        insert_columns(
-            txn,
-            "INSERT INTO identities (id_type, id_value, profile_id)",
-            "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
-            self.identities,
-        )
-        .await?;
         for (survivor, merged) in self.moved {
             execute(
                 txn,
@@ -818,11 +822,79 @@ impl BatchWrite {
             self.merges,
         )
         .await?;
-        let timeline = insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, self.timeline).await?;
         let refs: Vec<&[u8]> = self.outbox.iter().map(Vec::as_slice).collect();
+        if txn.get_database_backend() == DbBackend::Postgres {
+            return write_in_one_statement(
+                txn,
+                [
+                    (PROFILES_HEAD, PROFILES_SUFFIX, self.profiles),
+                    (IDENTITIES_HEAD, IDENTITIES_SUFFIX, self.identities),
+                ],
+                self.timeline,
+                waymark_kit::outbox::postgres_insert(consumers, &refs, 1),
+            )
+            .await;
+        }
+        insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, self.profiles).await?;
+        insert_columns(txn, IDENTITIES_HEAD, IDENTITIES_SUFFIX, self.identities).await?;
+        let timeline = insert_columns(txn, TIMELINE_HEAD, TIMELINE_SUFFIX, self.timeline).await?;
         waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
         Ok(timeline)
     }
+}
+
+const IDENTITIES_HEAD: &str = "INSERT INTO identities (id_type, id_value, profile_id)";
+const IDENTITIES_SUFFIX: &str =
+    "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id";
+/// The timeline insert as a part of [`write_in_one_statement`], which counts the rows it
+/// took.
+const TIMELINE_TAKEN_SUFFIX: &str = "ON CONFLICT (event_id) DO NOTHING RETURNING 1";
+
+/// The profiles and identities inserts, the timeline insert and the outbox insert
+/// (parameters numbered from 1), as the parts of one data-modifying `WITH`: a batch's bulk
+/// writes cost one round trip while it holds the applier, not one per table. The parts
+/// touch different tables, so running on one snapshot changes nothing. Returns how many
+/// rows the timeline took.
+async fn write_in_one_statement(
+    txn: &DatabaseTransaction,
+    upserts: [(&str, &str, Vec<Column>); 2],
+    timeline: Vec<Column>,
+    outbox: Option<(String, Vec<Value>)>,
+) -> Result<u64, DbErr> {
+    let empty = |columns: &[Column]| columns.first().is_none_or(|c| c.len() == 0);
+    if outbox.is_none() && empty(&timeline) && upserts.iter().all(|(_, _, c)| empty(c)) {
+        return Ok(0);
+    }
+    let (mut parts, mut values) = (Vec::new(), Vec::new());
+    if let Some((text, outbox_values)) = outbox {
+        parts.push(format!("queued AS ({text})"));
+        values = outbox_values;
+    }
+    for (i, (head, suffix, columns)) in upserts.into_iter().enumerate() {
+        if !empty(&columns) {
+            let (text, part_values) = unnest_insert(head, suffix, columns, values.len() + 1);
+            parts.push(format!("upsert{i} AS ({text})"));
+            values.extend(part_values);
+        }
+    }
+    let (text, part_values) = unnest_insert(
+        TIMELINE_HEAD,
+        TIMELINE_TAKEN_SUFFIX,
+        timeline,
+        values.len() + 1,
+    );
+    parts.push(format!("taken AS ({text})"));
+    values.extend(part_values);
+    let text = format!("WITH {} SELECT count(*) FROM taken", parts.join(", "));
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            text,
+            values,
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("the batch's write returned no row".into()))?;
+    Ok(row.try_get_by_index::<i64>(0)?.max(0) as u64)
 }
 
 /// One event for the timeline.
