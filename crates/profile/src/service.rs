@@ -379,7 +379,7 @@ impl Profiles {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
-        let _guard = self.inner.applier.lock().await;
+        let _guard = self.exclusive_applier().await;
         let now = now_micros();
         let at = from_micros(now);
         (change.timestamp, change.received_at) = (Some(at), Some(at));

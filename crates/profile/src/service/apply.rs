@@ -2,6 +2,12 @@
 //! serialises every writer of profiles (in process by its mutex, across replicas by the
 //! `applier_epoch` row lock). Grouping concurrent deliveries into one transaction was
 //! measured and gained nothing: the cost is per row, not per transaction.
+//!
+//! A batch normally resolves *ahead* (see [`crate::applier`]): under the mutex but before
+//! the database lock, on top of batches still writing, so one batch's resolution overlaps
+//! the previous one's statements and commit. It then takes the database lock behind them
+//! and commits only if they did and nobody else wrote in between; otherwise it is
+//! resolved again under the lock, as every batch was before.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -9,11 +15,13 @@ use std::time::Duration;
 
 use prost::Message;
 use sea_orm::{DbErr, TransactionTrait};
+use tokio::sync::MutexGuard;
 use waymark_kit::db::now_micros;
 use waymark_profile_cache::CacheWrite;
 use waymark_proto::common::v1::{Event, Identity};
 
 use super::{Applied, ProfileError, Profiles, invalid, segments};
+use crate::applier::{ApplierMemory, Reserved};
 use crate::identity::Ident;
 use crate::resolve::{Record, WorkingSet};
 use crate::store;
@@ -47,8 +55,12 @@ impl Profiles {
         // and let the timeline's key tell; one that does is resolved again, looking first,
         // as is every batch for a while after it: redeliveries come in runs.
         let mut check = self.inner.look_up_applied_until.load(Ordering::Relaxed) > now_micros();
+        let mut ahead = true;
         loop {
-            match self.apply_candidates(candidates, outcome, check).await? {
+            let attempt = self
+                .apply_candidates(candidates, outcome, check, ahead)
+                .await?;
+            match attempt {
                 Attempt::Applied(outcome) => return Ok(outcome),
                 Attempt::SeenBefore(again, so_far) => {
                     let until = now_micros() + LOOK_UP_AFTER_REDELIVERY.as_micros() as i64;
@@ -57,70 +69,196 @@ impl Profiles {
                         .store(until, Ordering::Relaxed);
                     (candidates, outcome, check) = (again, so_far, true);
                 }
+                Attempt::Stale(again, so_far) => (candidates, outcome) = (again, so_far),
             }
+            ahead = false;
         }
     }
 
     /// One attempt at applying `candidates` (distinct events with their identifiers);
     /// `outcome` holds what was counted before. Unless `check`, events applied before are
-    /// only found when the timeline refuses them, and the attempt is rolled back.
+    /// only found when the timeline refuses them, and the attempt is rolled back. With
+    /// `ahead`, the attempt resolves ahead when the applier's memory allows it.
     async fn apply_candidates(
         &self,
         candidates: Vec<(Event, Vec<Ident>)>,
-        mut outcome: Applied,
+        outcome: Applied,
         check: bool,
+        ahead: bool,
     ) -> Result<Attempt, ProfileError> {
-        let event_ids: Vec<String> = if check {
-            candidates.iter().map(|(e, _)| e.event_id.clone()).collect()
-        } else {
-            Vec::new()
-        };
         let idents: Vec<Ident> = {
             let all: HashSet<&Ident> = candidates.iter().flat_map(|(_, ids)| ids).collect();
             all.into_iter().cloned().collect()
         };
         let mut applier = self.inner.applier.lock().await;
-        let now = now_micros();
-        let txn = self.inner.db.begin().await?;
-        let (lock, done) = self.lock_applier_checking(&txn, &event_ids).await?;
-        let epoch = lock.epoch;
-        // Ingestion drops these too, but events committed before the erasure reached it
-        // may still be in flight. The list is current: the lock just checked.
-        let (_, suppressed) = self.suppressed();
-        let mut fresh = Vec::with_capacity(candidates.len());
-        for (event, ids) in candidates {
-            if done.contains(&event.event_id) {
-                outcome.duplicates += 1;
-            } else if ids.iter().any(|id| suppressed.contains(id)) {
-                outcome.suppressed += 1;
-            } else {
-                fresh.push((event, ids));
+        let epoch = if ahead && !check {
+            applier.begin_ahead()
+        } else {
+            None
+        };
+        match epoch {
+            Some(epoch) => {
+                self.apply_ahead(applier, epoch, candidates, &idents, outcome)
+                    .await
+            }
+            None => {
+                self.settle_ahead(&mut applier).await;
+                self.apply_under_lock(applier, candidates, &idents, outcome, check)
+                    .await
             }
         }
-        if outcome.suppressed > 0 {
-            tracing::info!(
-                events = outcome.suppressed,
-                "events of erased profiles dropped"
-            );
+    }
+
+    /// Waits, holding the applier, until every batch resolved ahead has settled, and
+    /// tells the memory how they ended, so it forgets the changes of any that failed.
+    /// Whoever takes the database lock holding the applier does this first: the counter
+    /// alone cannot tell that a batch in flight rolled back if another replica's write
+    /// advanced it after.
+    pub(crate) async fn settle_ahead(&self, applier: &mut ApplierMemory) {
+        let mut all_committed = true;
+        for mut stage in applier.unsettled() {
+            all_committed &= stage.committed().await;
         }
+        applier.settled(all_committed);
+    }
+
+    /// The applier, once no batch resolved ahead is still writing: for every writer of
+    /// profiles that holds it through its own transaction.
+    pub(crate) async fn exclusive_applier(&self) -> MutexGuard<'_, ApplierMemory> {
+        let mut applier = self.inner.applier.lock().await;
+        self.settle_ahead(&mut applier).await;
+        applier
+    }
+
+    /// Resolves the batch ahead, in the applier's memory at `epoch` (the counter value it
+    /// must find), then writes it behind the batches still writing.
+    async fn apply_ahead(
+        &self,
+        mut applier: MutexGuard<'_, ApplierMemory>,
+        epoch: i64,
+        candidates: Vec<(Event, Vec<Ident>)>,
+        idents: &[Ident],
+        mut outcome: Applied,
+    ) -> Result<Attempt, ProfileError> {
+        let now = now_micros();
+        // What the batch is evaluated against; the lock tells whether they are current.
+        let definitions = self.definitions_generation();
+        let (suppressions, suppressed) = self.suppressed();
+        let (fresh, order) = self.drop_suppressed(candidates, &suppressed, &mut outcome, false);
         let metrics = &self.inner.metrics;
         if fresh.is_empty() {
-            txn.rollback().await?;
+            applier.abandon();
             metrics.delivered("duplicate", outcome.duplicates as usize);
             metrics.delivered("suppressed", outcome.suppressed as usize);
             return Ok(Attempt::Applied(outcome));
         }
-        // Only an attempt that may be rolled back needs the order to resolve again in.
-        let order: Vec<String> = if check {
+        // Identifiers the memory does not hold were not touched by the batches still
+        // writing (theirs are all in memory), so the committed rows are current for them.
+        let unknown = applier.set().unknown(idents);
+        let owners = store::load_owners(&self.inner.db, &unknown).await?;
+        let set = applier.set();
+        set.add(owners);
+        let prepared = self.resolve_batch(set, fresh, now);
+        let Reserved {
+            batch,
+            mut ahead,
+            settle,
+        } = applier.reserve(epoch);
+        drop(applier);
+
+        // Queue behind the batch ahead at the database, never before it.
+        if let Some(stage) = ahead.as_mut()
+            && !stage.locked().await
+        {
+            return Ok(self.stale(order, batch, outcome));
+        }
+        let txn = self.inner.db.begin().await?;
+        let (lock, _) = store::lock_applier(&txn, &[]).await?;
+        settle.locked();
+        let built_on_committed = match ahead.as_mut() {
+            Some(stage) => stage.committed().await,
+            None => true,
+        };
+        let current = built_on_committed
+            && lock.epoch == epoch
+            && lock.definitions == definitions
+            && lock.suppressions == suppressions;
+        if !current {
+            txn.rollback().await?;
+            tracing::debug!(
+                epoch,
+                found = lock.epoch,
+                built_on_committed,
+                "batch resolved ahead is stale; resolving it again under the lock"
+            );
+            return Ok(self.stale(order, batch, outcome));
+        }
+        let taken = prepared.write.execute(&txn, &self.inner.consumers).await?;
+        if taken < batch.applied.len() as u64 {
+            tracing::info!(
+                events = batch.applied.len() as u64 - taken,
+                "batch holds events applied before; resolving it again"
+            );
+            txn.rollback().await?;
+            // The batches resolved on top of it see it failed and are resolved again too.
+            let again = self.resolve_again(order, batch);
+            return Ok(Attempt::SeenBefore(again, outcome));
+        }
+        segments::save_transitions(&txn, &prepared.transitions, now).await?;
+        for merge in &batch.merges {
+            store::drop_memberships(&txn, &merge.merged_id).await?;
+        }
+        // Should the commit fail, the batches on top of it take it as failed and start
+        // from the database.
+        txn.commit().await?;
+        settle.committed();
+        Ok(self.applied(batch, prepared.cache, outcome).await)
+    }
+
+    /// The events of `batch`, resolved ahead on a state that did not hold, to resolve
+    /// again under the lock.
+    fn stale(&self, order: Vec<String>, batch: WorkingSet, outcome: Applied) -> Attempt {
+        Attempt::Stale(self.resolve_again(order, batch), outcome)
+    }
+
+    /// Leaves out the events of erased customers (counted in `outcome`); returns the
+    /// others, with their ids in order when `check` is false (an attempt that may be
+    /// rolled back needs them to resolve again).
+    fn drop_suppressed(
+        &self,
+        candidates: Vec<(Event, Vec<Ident>)>,
+        suppressed: &HashSet<Ident>,
+        outcome: &mut Applied,
+        check: bool,
+    ) -> (Vec<(Event, Vec<Ident>)>, Vec<String>) {
+        let mut fresh = Vec::with_capacity(candidates.len());
+        let mut dropped = 0;
+        for (event, ids) in candidates {
+            if ids.iter().any(|id| suppressed.contains(id)) {
+                dropped += 1;
+            } else {
+                fresh.push((event, ids));
+            }
+        }
+        if dropped > 0 {
+            outcome.suppressed += dropped;
+            tracing::info!(events = dropped, "events of erased profiles dropped");
+        }
+        let order = if check {
             Vec::new()
         } else {
             fresh.iter().map(|(e, _)| e.event_id.clone()).collect()
         };
-        // The batch resolves in the applier's memory itself; should it not commit, the
-        // memory knows to forget everything at the next batch.
-        let set = applier.begin(epoch);
-        let unknown = set.unknown(&idents);
-        set.add(store::load_owners(&txn, &unknown).await?);
+        (fresh, order)
+    }
+
+    /// Resolves `fresh` in `set` and computes everything the batch writes.
+    fn resolve_batch(
+        &self,
+        set: &mut WorkingSet,
+        fresh: Vec<(Event, Vec<Ident>)>,
+        now: i64,
+    ) -> Prepared {
         for (event, ids) in fresh {
             set.apply(&self.inner.rules, event, ids, now);
         }
@@ -138,9 +276,83 @@ impl Profiles {
             .filter_map(|id| set.records.get(id))
             .map(|record| (record, record.profile.encode_to_vec()))
             .collect();
-        let taken = store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now)
-            .execute(&txn, &self.inner.consumers)
-            .await?;
+        let write = store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now);
+        let cache = CacheChanges::of(set, dirty);
+        Prepared {
+            transitions,
+            write,
+            cache,
+        }
+    }
+
+    /// After a batch committed: counts it, wakes the relays, writes the cache.
+    async fn applied(
+        &self,
+        batch: WorkingSet,
+        cache: CacheChanges,
+        mut outcome: Applied,
+    ) -> Attempt {
+        self.inner.wakeup.notify();
+        let metrics = &self.inner.metrics;
+        outcome.applied = batch.applied.len() as u32;
+        outcome.unattributed = batch.unattributed.len() as u32;
+        metrics.delivered("applied", batch.applied.len());
+        metrics.delivered("duplicate", outcome.duplicates as usize);
+        metrics.delivered("suppressed", outcome.suppressed as usize);
+        metrics.delivered("unattributed", batch.unattributed.len());
+        metrics.emitted(
+            batch
+                .synthetic
+                .iter()
+                .map(|(event, _)| event)
+                .chain(&batch.merged_away_exits),
+        );
+        // Answered after the cache write, so a caller reads its own writes.
+        self.refresh_cache(cache).await;
+        Attempt::Applied(outcome)
+    }
+
+    /// Resolves and writes the batch holding the database lock throughout.
+    async fn apply_under_lock(
+        &self,
+        mut applier: MutexGuard<'_, ApplierMemory>,
+        candidates: Vec<(Event, Vec<Ident>)>,
+        idents: &[Ident],
+        mut outcome: Applied,
+        check: bool,
+    ) -> Result<Attempt, ProfileError> {
+        let event_ids: Vec<String> = if check {
+            candidates.iter().map(|(e, _)| e.event_id.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let now = now_micros();
+        let txn = self.inner.db.begin().await?;
+        let (lock, done) = self.lock_applier_checking(&txn, &event_ids).await?;
+        let epoch = lock.epoch;
+        let mut candidates = candidates;
+        if !done.is_empty() {
+            candidates.retain(|(event, _)| !done.contains(&event.event_id));
+            outcome.duplicates += done.len() as u32;
+        }
+        // Ingestion drops these too, but events committed before the erasure reached it
+        // may still be in flight. The list is current: the lock just checked.
+        let (_, suppressed) = self.suppressed();
+        let (fresh, order) = self.drop_suppressed(candidates, &suppressed, &mut outcome, check);
+        if fresh.is_empty() {
+            txn.rollback().await?;
+            let metrics = &self.inner.metrics;
+            metrics.delivered("duplicate", outcome.duplicates as usize);
+            metrics.delivered("suppressed", outcome.suppressed as usize);
+            return Ok(Attempt::Applied(outcome));
+        }
+        // The batch resolves in the applier's memory itself; should it not commit, the
+        // memory knows to forget everything at the next batch.
+        let set = applier.begin(epoch);
+        let unknown = set.unknown(idents);
+        set.add(store::load_owners(&txn, &unknown).await?);
+        let prepared = self.resolve_batch(set, fresh, now);
+        let taken = prepared.write.execute(&txn, &self.inner.consumers).await?;
         if taken < set.applied.len() as u64 {
             if check {
                 return Err(DbErr::Custom(
@@ -157,35 +369,18 @@ impl Profiles {
             let again = self.resolve_again(order, set.take_batch());
             return Ok(Attempt::SeenBefore(again, outcome));
         }
-        segments::save_transitions(&txn, &transitions, now).await?;
+        segments::save_transitions(&txn, &prepared.transitions, now).await?;
         for merge in &set.merges {
             store::drop_memberships(&txn, &merge.merged_id).await?;
         }
         // Should the commit fail, it may have happened all the same; only the database
         // knows now, and the memory, never told it committed, forgets everything.
         txn.commit().await?;
-        let cache = CacheChanges::of(set, dirty);
         let batch = applier.committed(epoch);
         // The next batch may resolve while this one writes the cache: cached versions only
         // ever move forward, whichever write lands first.
         drop(applier);
-        self.inner.wakeup.notify();
-        outcome.applied = batch.applied.len() as u32;
-        outcome.unattributed = batch.unattributed.len() as u32;
-        metrics.delivered("applied", batch.applied.len());
-        metrics.delivered("duplicate", outcome.duplicates as usize);
-        metrics.delivered("suppressed", outcome.suppressed as usize);
-        metrics.delivered("unattributed", batch.unattributed.len());
-        metrics.emitted(
-            batch
-                .synthetic
-                .iter()
-                .map(|(event, _)| event)
-                .chain(&batch.merged_away_exits),
-        );
-        // Answered after the cache write, so a caller reads its own writes.
-        self.refresh_cache(cache).await;
-        Ok(Attempt::Applied(outcome))
+        Ok(self.applied(batch, prepared.cache, outcome).await)
     }
 
     /// The events of a rolled-back attempt (`batch`), in their delivered `order`, with
@@ -237,6 +432,17 @@ enum Attempt {
     /// It held events applied before and was rolled back: its events to resolve again,
     /// and the outcome counted so far.
     SeenBefore(Vec<(Event, Vec<Ident>)>, Applied),
+    /// It was resolved ahead on a state that did not hold (a batch it built on failed,
+    /// or another writer came first): its events to resolve again under the lock, and
+    /// the outcome counted so far.
+    Stale(Vec<(Event, Vec<Ident>)>, Applied),
+}
+
+/// What a resolved batch writes, to the database and then to the cache.
+struct Prepared {
+    transitions: Vec<segments::Transition>,
+    write: store::BatchWrite,
+    cache: CacheChanges,
 }
 
 /// What a committed batch must change in the cache, detached from the applier's memory so

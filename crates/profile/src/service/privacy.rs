@@ -45,7 +45,7 @@ impl Profiles {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
-        let _guard = self.inner.applier.lock().await;
+        let _guard = self.exclusive_applier().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
         self.lock_applier(&txn).await?;

@@ -330,7 +330,7 @@ impl Profiles {
     /// Deletes a segment; every member exits it.
     pub async fn delete_segment(&self, segment_id: &str) -> Result<u64, ProfileError> {
         self.get_segment(segment_id).await?;
-        let _guard = self.inner.applier.lock().await;
+        let _guard = self.exclusive_applier().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
         self.lock_applier(&txn).await?;
@@ -400,7 +400,7 @@ impl Profiles {
         let mut settled = 0;
         let mut after = String::new();
         loop {
-            let _guard = self.inner.applier.lock().await;
+            let _guard = self.exclusive_applier().await;
             let txn = self.inner.db.begin().await?;
             self.lock_applier(&txn).await?;
             let page = store::emotion_due(&txn, now, &after, SWEEP_PAGE).await?;
@@ -478,7 +478,7 @@ impl Profiles {
         let mut changed = 0;
         let mut after = String::new();
         loop {
-            let _guard = self.inner.applier.lock().await;
+            let _guard = self.exclusive_applier().await;
             let now = now_micros();
             let txn = self.inner.db.begin().await?;
             let (lock, _) = self.lock_applier_checking(&txn, &[]).await?;

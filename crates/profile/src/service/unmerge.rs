@@ -84,7 +84,7 @@ impl Profiles {
         if merge_id.is_empty() {
             return Err(invalid("merge_id", "is required"));
         }
-        let _guard = self.inner.applier.lock().await;
+        let _guard = self.exclusive_applier().await;
         let now = now_micros();
         let txn = self.inner.db.begin().await?;
         self.lock_applier(&txn).await?;

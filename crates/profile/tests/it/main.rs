@@ -23,6 +23,17 @@ fn trait_str(profile: &Profile, key: &str) -> Option<String> {
     }
 }
 
+/// The profile's identifiers as `type:value`, sorted.
+fn identities(profile: &Profile) -> Vec<String> {
+    let mut all: Vec<String> = profile
+        .identities
+        .iter()
+        .map(|i| format!("{}:{}", i.r#type, i.value))
+        .collect();
+    all.sort();
+    all
+}
+
 fn by_identity(t: &str, v: &str) -> GetProfileRequest {
     GetProfileRequest {
         profile_id: String::new(),
@@ -1052,15 +1063,9 @@ async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
     );
     assert_eq!(trait_str(&p, "plan").as_deref(), Some("pro"));
     assert_eq!(trait_str(&p, "journey_stage").as_deref(), Some("loyalty"));
-    assert_eq!(p.computed.unwrap().total_events, 5);
-    let mut identities: Vec<String> = p
-        .identities
-        .iter()
-        .map(|i| format!("{}:{}", i.r#type, i.value))
-        .collect();
-    identities.sort();
+    assert_eq!(p.computed.as_ref().unwrap().total_events, 5);
     assert_eq!(
-        identities,
+        identities(&p),
         [
             "anonymous_id:a-1",
             "anonymous_id:a-2",
@@ -1146,3 +1151,82 @@ async fn one_batch_on_two_replicas_at_once_applies_once(backend: Backend) {
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(one_batch_on_two_replicas_at_once_applies_once);
+
+/// Batches resolved ahead build on batches still writing, on two replicas at once: four
+/// batches per customer, delivered together, that only join into one profile through one
+/// another. Whatever order they land in, and however often a batch built on a stale state
+/// is resolved again, each customer ends as one profile holding every identifier and
+/// event, and every event goes downstream once per consumer.
+async fn merges_across_batches_in_flight_leave_one_exact_profile(backend: Backend) {
+    let sink = Sink::default();
+    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    const EVENTS: usize = 10;
+    let batch = |user: &str, anon: &str, email: &str, at: i64| -> Vec<_> {
+        (0..EVENTS)
+            .map(|i| {
+                let traits = match email {
+                    "" => json!({}),
+                    _ => json!({"email": email}),
+                };
+                event(EventType::Identify, user, anon, "", traits, at + i as i64)
+            })
+            .collect()
+    };
+    let mut sent = Vec::new();
+    for round in 0..8i64 {
+        let (anon_0, anon_1) = (format!("w-{round}-0"), format!("w-{round}-1"));
+        let (email, user) = (format!("c{round}@x.io"), format!("m-{round}"));
+        let batches = [
+            batch("", &anon_0, "", round * 100),
+            batch("", &anon_1, &email, round * 100 + 20),
+            batch("", &anon_0, &email, round * 100 + 40),
+            batch(&user, &anon_1, "", round * 100 + 60),
+        ];
+        sent.extend(batches.iter().flatten().map(|e| e.event_id.clone()));
+        let [first, second, third, fourth] = batches;
+        let outcomes = tokio::join!(
+            a.deliver(first),
+            b.deliver(second),
+            a.deliver(third),
+            b.deliver(fourth)
+        );
+        let applied = [outcomes.0, outcomes.1, outcomes.2, outcomes.3].map(|o| o.applied);
+        assert_eq!(applied, [EVENTS as u32; 4], "round {round}");
+    }
+    for round in 0..8 {
+        let p = get(&a, by_identity("anonymous_id", &format!("w-{round}-0")))
+            .await
+            .unwrap();
+        assert_eq!(
+            identities(&p),
+            [
+                format!("anonymous_id:w-{round}-0"),
+                format!("anonymous_id:w-{round}-1"),
+                format!("email:c{round}@x.io"),
+                format!("user_id:m-{round}"),
+            ],
+            "round {round}"
+        );
+        assert_eq!(
+            p.computed.unwrap().total_events,
+            4 * EVENTS as u64,
+            "round {round}"
+        );
+        for (t, v) in [
+            ("user_id", format!("m-{round}")),
+            ("email", format!("c{round}@x.io")),
+        ] {
+            let other = get(&b, by_identity(t, &v)).await.unwrap();
+            assert_eq!(other.profile_id, p.profile_id, "{t} {v}");
+        }
+    }
+    // Both consumers relay to this sink: two copies of each event, never more.
+    let received = sink.wait_for(2 * sent.len()).await;
+    for id in &sent {
+        let copies = received.iter().filter(|e| &e.event_id == id).count();
+        assert_eq!(copies, 2, "{id} emitted {copies} times");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+waymark_testkit::on_both_backends!(merges_across_batches_in_flight_leave_one_exact_profile);
