@@ -155,10 +155,19 @@ struct Rows {
     sizes: Vec<i32>,
 }
 
+impl Rows {
+    fn push(&mut self, consumer: &str, pack: Vec<u8>, size: i32) {
+        self.consumers.push(consumer.to_owned());
+        self.packs.push(pack);
+        self.sizes.push(size);
+    }
+}
+
 fn rows(consumers: &[String], payloads: &[&[u8]]) -> Option<Rows> {
-    if payloads.is_empty() || consumers.is_empty() {
+    if payloads.is_empty() {
         return None;
     }
+    let (last, others) = consumers.split_last()?;
     let packs = split_into_packs(payloads);
     let n = packs.len() * consumers.len();
     let mut rows = Rows {
@@ -167,12 +176,13 @@ fn rows(consumers: &[String], payloads: &[&[u8]]) -> Option<Rows> {
         sizes: Vec::with_capacity(n),
     };
     for chunk in packs {
+        // Encoded once; the last consumer's row takes it, the others a copy.
         let packed = pack(chunk);
-        for consumer in consumers {
-            rows.consumers.push(consumer.clone());
-            rows.packs.push(packed.clone());
-            rows.sizes.push(chunk.len() as i32);
+        let size = chunk.len() as i32;
+        for consumer in others {
+            rows.push(consumer, packed.clone(), size);
         }
+        rows.push(last, packed, size);
     }
     Some(rows)
 }

@@ -145,12 +145,9 @@ impl Profiles {
         let definitions = self.definitions_generation();
         let (suppressions, suppressed) = self.suppressed();
         let (fresh, order) = self.drop_suppressed(candidates, &suppressed, &mut outcome, false);
-        let metrics = &self.inner.metrics;
         if fresh.is_empty() {
             applier.abandon();
-            metrics.delivered("duplicate", outcome.duplicates as usize);
-            metrics.delivered("suppressed", outcome.suppressed as usize);
-            return Ok(Attempt::Applied(outcome));
+            return Ok(self.nothing_to_apply(outcome));
         }
         // Identifiers the memory does not hold were not touched by the batches still
         // writing (theirs are all in memory), so the committed rows are current for them.
@@ -285,6 +282,14 @@ impl Profiles {
         }
     }
 
+    /// A batch whose every event was a duplicate or an erased customer's: counts it.
+    fn nothing_to_apply(&self, outcome: Applied) -> Attempt {
+        let metrics = &self.inner.metrics;
+        metrics.delivered("duplicate", outcome.duplicates as usize);
+        metrics.delivered("suppressed", outcome.suppressed as usize);
+        Attempt::Applied(outcome)
+    }
+
     /// After a batch committed: counts it, wakes the relays, writes the cache.
     async fn applied(
         &self,
@@ -316,7 +321,7 @@ impl Profiles {
     async fn apply_under_lock(
         &self,
         mut applier: MutexGuard<'_, ApplierMemory>,
-        candidates: Vec<(Event, Vec<Ident>)>,
+        mut candidates: Vec<(Event, Vec<Ident>)>,
         idents: &[Ident],
         mut outcome: Applied,
         check: bool,
@@ -330,7 +335,6 @@ impl Profiles {
         let txn = self.inner.db.begin().await?;
         let (lock, done) = self.lock_applier_checking(&txn, &event_ids).await?;
         let epoch = lock.epoch;
-        let mut candidates = candidates;
         if !done.is_empty() {
             candidates.retain(|(event, _)| !done.contains(&event.event_id));
             outcome.duplicates += done.len() as u32;
@@ -341,10 +345,7 @@ impl Profiles {
         let (fresh, order) = self.drop_suppressed(candidates, &suppressed, &mut outcome, check);
         if fresh.is_empty() {
             txn.rollback().await?;
-            let metrics = &self.inner.metrics;
-            metrics.delivered("duplicate", outcome.duplicates as usize);
-            metrics.delivered("suppressed", outcome.suppressed as usize);
-            return Ok(Attempt::Applied(outcome));
+            return Ok(self.nothing_to_apply(outcome));
         }
         // The batch resolves in the applier's memory itself; should it not commit, the
         // memory knows to forget everything at the next batch.
