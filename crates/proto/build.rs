@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "waymark/common/v1/event.proto",
         "waymark/common/v1/identity.proto",
         "waymark/common/v1/event_sink.proto",
+        "waymark/common/v1/outbox.proto",
         "waymark/ingest/v1/ingest.proto",
         "waymark/profile/v1/profile.proto",
     ]

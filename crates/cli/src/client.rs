@@ -139,7 +139,7 @@ fn code_words(code: Code) -> String {
     words
 }
 
-fn time(t: Option<&prost_types::Timestamp>) -> String {
+pub fn time(t: Option<&prost_types::Timestamp>) -> String {
     t.map(format_timestamp).unwrap_or_else(|| "-".into())
 }
 

@@ -2,6 +2,7 @@
 
 mod client;
 mod dev;
+mod outbox;
 mod profiles;
 mod render;
 
@@ -75,6 +76,14 @@ enum Command {
         #[command(flatten)]
         target: profiles::ProfileTarget,
     },
+    /// A service's outbox: the backlog per consumer and the dead letters, listed,
+    /// retried or dropped (needs WAYMARK_ADMIN_TOKEN).
+    Outbox {
+        #[command(subcommand)]
+        command: outbox::OutboxCommand,
+        #[command(flatten)]
+        target: outbox::OutboxTarget,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Segments { command, target } => {
             profiles::segments(&config, &target, command).await
         }
+        Command::Outbox { command, target } => outbox::run(&config, &target, command).await,
     }
 }
 

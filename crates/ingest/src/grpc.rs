@@ -147,6 +147,7 @@ impl IngestService for IngestGrpc {
                     consumer: b.consumer,
                     pending: b.pending,
                     oldest: b.oldest_micros.map(from_micros),
+                    dead_letters: b.dead_letters,
                 })
                 .collect(),
         }))

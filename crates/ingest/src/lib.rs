@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use waymark_kit::CancellationToken;
 use waymark_kit::config::Config;
 use waymark_kit::grpc::{Readiness, ServeOptions};
+use waymark_kit::outbox::admin::OutboxAdmin;
 use waymark_kit::outbox::{RelayConfig, Wakeup};
 use waymark_proto::ingest::v1::ingest_service_server::IngestServiceServer;
 
@@ -39,6 +40,7 @@ pub struct IngestService {
     db: DatabaseConnection,
     core: Ingestor,
     wakeup: Wakeup,
+    relay: RelayConfig,
 }
 
 impl IngestService {
@@ -52,8 +54,10 @@ impl IngestService {
         )
         .await
         .context("opening the ingest database")?;
+        let mut relay = config.relay(SERVICE, PROFILE_CONSUMER, &config.profile_endpoint)?;
         let wakeup = Wakeup::default();
         let concurrent = store::concurrent_writers(&db);
+        relay.workers = if concurrent { 2 } else { 1 };
         let settings = IngestSettings {
             dedupe_window: Duration::from_secs(config.dedupe_window_secs),
             retention: Duration::from_secs(config.retention_secs),
@@ -68,6 +72,7 @@ impl IngestService {
             db,
             core,
             wakeup,
+            relay,
         })
     }
 
@@ -119,20 +124,7 @@ impl IngestService {
             },
         ));
 
-        let relay = RelayConfig {
-            producer: SERVICE.to_owned(),
-            consumer: PROFILE_CONSUMER.to_owned(),
-            endpoint: self.config.profile_endpoint.clone(),
-            token: self.config.admin_token.clone(),
-            batch_size: self.config.relay_batch_size,
-            max_backoff: Duration::from_millis(self.config.relay_max_backoff_ms),
-            workers: if store::concurrent_writers(&self.db) {
-                2
-            } else {
-                1
-            },
-            idle_poll: Duration::from_secs(1),
-        };
+        let relay = self.relay;
         tasks.spawn({
             let (db, wakeup, shutdown) = (self.db.clone(), self.wakeup.clone(), shutdown.clone());
             let readiness = readiness.clone();
@@ -186,7 +178,8 @@ impl IngestService {
         };
         let grpc_server = waymark_kit::grpc::serve(
             grpc,
-            tonic::service::Routes::new(grpc_service),
+            tonic::service::Routes::new(grpc_service)
+                .add_service(OutboxAdmin::server(self.db.clone())),
             health,
             readiness,
             options,

@@ -117,6 +117,17 @@ pub struct Config {
     pub relay_batch_size: u32,
     /// Longest pause between delivery retries to a failing consumer, in milliseconds.
     pub relay_max_backoff_ms: u64,
+    /// Failed deliveries of a batch (other than transient errors such as a consumer that
+    /// is down) after which the relay splits it to set the events at fault aside as dead
+    /// letters.
+    pub relay_max_attempts: u32,
+    /// Seconds a relay's claim on outbox rows lasts; one delivery may take a third of it.
+    pub relay_lease_secs: u64,
+    /// Seconds an event may wait in an outbox undelivered before it is moved to the dead
+    /// letters (e.g. a consumer that was never deployed).
+    pub outbox_retention_secs: u64,
+    /// Seconds dead letters are kept for an operator to retry or drop them.
+    pub dead_letter_retention_secs: u64,
     /// Seconds to keep serving in-flight requests after SIGTERM while reporting NotServing.
     pub drain_secs: u64,
     /// Apply pending migrations at start-up (`waymark dev` does); otherwise a service
@@ -161,6 +172,10 @@ impl Default for Config {
             dev_write_key: None,
             relay_batch_size: crate::outbox::MAX_PACK_EVENTS as u32,
             relay_max_backoff_ms: 30_000,
+            relay_max_attempts: 8,
+            relay_lease_secs: 60,
+            outbox_retention_secs: 7 * 24 * 3600,
+            dead_letter_retention_secs: 30 * 24 * 3600,
             drain_secs: 5,
             auto_migrate: false,
         }
@@ -282,6 +297,21 @@ impl Config {
         if !(1..=5000).contains(&self.relay_batch_size) {
             return Err(invalid("relay_batch_size", "must be between 1 and 5000"));
         }
+        if self.relay_max_attempts == 0 {
+            return Err(invalid("relay_max_attempts", "must be at least 1"));
+        }
+        if self.relay_lease_secs < 3 {
+            return Err(invalid("relay_lease_secs", "must be at least 3"));
+        }
+        if self.outbox_retention_secs == 0 {
+            return Err(invalid("outbox_retention_secs", "must be greater than 0"));
+        }
+        if self.dead_letter_retention_secs == 0 {
+            return Err(invalid(
+                "dead_letter_retention_secs",
+                "must be greater than 0",
+            ));
+        }
         if let Some(token) = &self.admin_token
             && token.expose().len() < 16
         {
@@ -317,6 +347,36 @@ impl Config {
             &self.identity_priority,
         )
         .map_err(|e| invalid(e.setting, &e.problem))
+    }
+
+    /// How `producer` relays to `consumer` at `endpoint`. Every consumer checks the admin
+    /// token, so a service whose relay has none stops at start-up instead of accepting
+    /// events it could never deliver.
+    pub fn relay(
+        &self,
+        producer: &str,
+        consumer: &str,
+        endpoint: &str,
+    ) -> Result<crate::outbox::RelayConfig, ConfigError> {
+        let Some(token) = self.admin_token.clone() else {
+            return Err(invalid(
+                "admin_token",
+                &format!(
+                    "is required: the {producer} service relays events to {consumer} ({endpoint}), which accepts them only with this token"
+                ),
+            ));
+        };
+        let mut relay =
+            crate::outbox::RelayConfig::new(producer, consumer, endpoint.to_owned(), token);
+        relay.batch_size = self.relay_batch_size;
+        relay.max_backoff = std::time::Duration::from_millis(self.relay_max_backoff_ms);
+        relay.max_attempts = self.relay_max_attempts;
+        relay.lease = std::time::Duration::from_secs(self.relay_lease_secs);
+        relay.delivery_timeout = relay.lease / 3;
+        relay.retention = std::time::Duration::from_secs(self.outbox_retention_secs);
+        relay.dead_letter_retention =
+            std::time::Duration::from_secs(self.dead_letter_retention_secs);
+        Ok(relay)
     }
 
     /// The ingestion service's database URL.

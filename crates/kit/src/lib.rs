@@ -5,6 +5,7 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod outbox;
+pub mod sink;
 pub mod telemetry;
 
 pub use tokio_util::sync::CancellationToken;

@@ -1,26 +1,23 @@
-//! The transactional outbox and its relay.
+//! The transactional outbox, its relay and its dead letters.
 //!
 //! A producer inserts outbox rows in the same transaction as its own writes, so an event
 //! is queued if and only if it is committed. A row packs many of the transaction's events
-//! for one consumer, so queueing costs a row per pack, not per event. Relay workers claim
-//! rows with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never claim the
-//! same rows), push them to the consumer's `EventSink.Deliver`, and delete them once
-//! acknowledged. A failed delivery releases the rows with an exponential backoff; each
-//! consumer has its own workers, so one that is down delays only its own deliveries.
+//! for one consumer, so queueing costs a row per pack, not per event. The relay
+//! ([`run_relay`]) delivers them; events a consumer can never take end in the dead-letter
+//! table ([`dead_letters`]), where an operator lists, retries or drops them.
+
+pub mod admin;
+pub mod dead_letters;
+mod relay;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use opentelemetry::KeyValue;
-use rand::Rng;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
-use waymark_proto::common::v1::DeliverResponse;
 
-use crate::config::Secret;
-use crate::db::{Migration, now_micros, sql};
+pub use relay::{RawDeliverRequest, RelayConfig, run_relay};
+
+use crate::db::{Migration, now_micros};
 
 /// The outbox table; each service lists it among its own migrations.
 pub const fn migration(version: i64) -> Migration {
@@ -91,7 +88,7 @@ struct EventPack {
 }
 
 /// `payloads` encoded as an [`EventPack`], without copying them into owned buffers first.
-fn pack(payloads: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn pack(payloads: &[&[u8]]) -> Vec<u8> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let len = payloads
         .iter()
@@ -107,7 +104,7 @@ fn pack(payloads: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The events of a claimed row: its pack, or its one event.
-fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbErr> {
+pub(crate) fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbErr> {
     use prost::Message;
     match pack_size {
         None => Ok(vec![payload]),
@@ -266,7 +263,7 @@ impl Wakeup {
     }
 }
 
-/// Events waiting for one consumer.
+/// What one consumer's queue holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backlog {
     /// Consumer name.
@@ -275,352 +272,49 @@ pub struct Backlog {
     pub pending: u64,
     /// Enqueue time of the oldest, in Unix microseconds.
     pub oldest_micros: Option<i64>,
+    /// Events set aside as dead letters.
+    pub dead_letters: u64,
 }
 
-/// The backlog of every consumer with pending rows.
+/// The backlog of every consumer with pending rows or dead letters, by consumer name.
 pub async fn backlog<C: ConnectionTrait>(conn: &C) -> Result<Vec<Backlog>, DbErr> {
+    let backend = conn.get_database_backend();
     let rows = conn
         .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT consumer, SUM(COALESCE(pack_size, 1)), MIN(created_at) FROM outbox GROUP BY consumer ORDER BY consumer",
+            backend,
+            "SELECT consumer, SUM(COALESCE(pack_size, 1)), MIN(created_at) FROM outbox GROUP BY consumer",
         ))
         .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Backlog {
-                consumer: row.try_get_by_index(0)?,
+    let mut by_consumer = std::collections::BTreeMap::new();
+    for row in rows {
+        let consumer: String = row.try_get_by_index(0)?;
+        by_consumer.insert(
+            consumer.clone(),
+            Backlog {
+                consumer,
                 pending: row.try_get_by_index::<i64>(1)?.max(0) as u64,
                 oldest_micros: row.try_get_by_index(2)?,
-            })
-        })
-        .collect()
-}
-
-/// Where and how one consumer is delivered to.
-#[derive(Debug, Clone)]
-pub struct RelayConfig {
-    /// The producing service, sent in `DeliverRequest.producer`.
-    pub producer: String,
-    /// The consumer name used in outbox rows.
-    pub consumer: String,
-    /// The consumer's gRPC endpoint.
-    pub endpoint: String,
-    /// Bearer token for the consumer, when it requires one.
-    pub token: Option<Secret>,
-    /// Events per delivery; a single row packing more still goes out whole.
-    pub batch_size: u32,
-    /// Longest pause after repeated failures.
-    pub max_backoff: Duration,
-    /// Concurrent workers for this consumer in this process.
-    pub workers: usize,
-    /// Poll interval when idle, to pick up rows committed by other replicas and expired
-    /// leases.
-    pub idle_poll: Duration,
-}
-
-/// The request as the relay sends it: wire-identical to `waymark.common.v1.DeliverRequest`
-/// (a repeated message field and a repeated bytes field encode the same way), so stored
-/// payloads go out without being decoded and re-encoded.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RawDeliverRequest {
-    #[prost(string, tag = "1")]
-    producer: String,
-    #[prost(bytes = "vec", repeated, tag = "2")]
-    events: Vec<Vec<u8>>,
-}
-
-/// How long a claimed batch stays invisible to other workers; longer than the delivery
-/// timeout, so a live worker never loses its lease mid-delivery.
-const LEASE: Duration = Duration::from_secs(60);
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Runs the relay workers for one consumer until `shutdown`.
-pub async fn run_relay(
-    db: DatabaseConnection,
-    config: RelayConfig,
-    wakeup: Wakeup,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let channel = crate::grpc::channel(&config.endpoint)?;
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..config.workers.max(1) {
-        let worker = Worker {
-            db: db.clone(),
-            config: config.clone(),
-            channel: channel.clone(),
-            owner: uuid::Uuid::now_v7().to_string(),
-            metrics: RelayMetrics::new(),
-        };
-        workers.spawn(worker.run(wakeup.clone(), shutdown.clone()));
-    }
-    while workers.join_next().await.is_some() {}
-    Ok(())
-}
-
-struct RelayMetrics {
-    delivered: opentelemetry::metrics::Counter<u64>,
-    failures: opentelemetry::metrics::Counter<u64>,
-}
-
-impl RelayMetrics {
-    fn new() -> Self {
-        let meter = opentelemetry::global::meter("waymark");
-        Self {
-            delivered: meter.u64_counter("outbox.delivered").build(),
-            failures: meter.u64_counter("outbox.delivery_failures").build(),
-        }
-    }
-}
-
-struct Worker {
-    db: DatabaseConnection,
-    config: RelayConfig,
-    channel: tonic::transport::Channel,
-    owner: String,
-    metrics: RelayMetrics,
-}
-
-impl Worker {
-    async fn run(self, wakeup: Wakeup, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
-        let attrs = [KeyValue::new("consumer", self.config.consumer.clone())];
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            // Register for wake-ups before looking, so a commit between the claim and the
-            // wait is not missed.
-            let notified = wakeup.0.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-
-            // After a failure, ask the consumer first: claiming and releasing rows for a
-            // consumer that is down only churns the database.
-            if failures > 0 && !self.consumer_ready().await {
-                failures = failures.saturating_add(1);
-                let delay = backoff(failures, self.config.max_backoff);
-                tracing::debug!(consumer = %self.config.consumer, retry_in_ms = delay.as_millis() as u64, "consumer still not ready");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                continue;
-            }
-
-            let pause = match self.claim().await {
-                Ok(batch) if batch.is_empty() => Some(self.config.idle_poll),
-                Ok(batch) => {
-                    let count = batch.len();
-                    match self.deliver(batch).await {
-                        Ok(()) => {
-                            failures = 0;
-                            self.metrics.delivered.add(count as u64, &attrs);
-                            if let Err(error) = self.ack().await {
-                                tracing::warn!(consumer = %self.config.consumer, %error, "outbox ack failed; batch will be redelivered");
-                            }
-                            None
-                        }
-                        Err(status) => {
-                            failures = failures.saturating_add(1);
-                            self.metrics.failures.add(1, &attrs);
-                            let delay = backoff(failures, self.config.max_backoff);
-                            tracing::warn!(
-                                consumer = %self.config.consumer,
-                                code = ?status.code(),
-                                message = status.message(),
-                                events = count,
-                                retry_in_ms = delay.as_millis() as u64,
-                                "delivery failed"
-                            );
-                            if let Err(error) = self.release(delay).await {
-                                tracing::warn!(consumer = %self.config.consumer, %error, "outbox release failed; lease will expire");
-                            }
-                            tokio::select! {
-                                () = shutdown.cancelled() => return,
-                                () = tokio::time::sleep(delay) => {}
-                            }
-                            None
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(consumer = %self.config.consumer, %error, "outbox claim failed");
-                    Some(self.config.idle_poll)
-                }
-            };
-            if let Some(pause) = pause {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = &mut notified => {}
-                    () = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
-    }
-
-    async fn claim(&self) -> Result<Vec<Vec<u8>>, DbErr> {
-        let backend = self.db.get_database_backend();
-        let now = now_micros();
-        let skip_locked = if backend == DbBackend::Postgres {
-            " FOR UPDATE SKIP LOCKED"
-        } else {
-            ""
-        };
-        // The oldest free rows up to `batch_size` events, and always the first one however
-        // many it packs. The window runs over the rows already locked.
-        let text = format!(
-            "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE consumer = ? AND id IN (
-                SELECT id FROM (
-                    SELECT id, SUM(COALESCE(pack_size, 1)) OVER (ORDER BY id) AS upto,
-                           ROW_NUMBER() OVER (ORDER BY id) AS n
-                    FROM (SELECT id, pack_size FROM outbox
-                          WHERE consumer = ? AND available_at <= ? AND lease_until <= ?
-                          ORDER BY id LIMIT ?{skip_locked}) AS free
-                ) AS running WHERE upto <= ? OR n = 1)
-             RETURNING id, payload, pack_size"
+                dead_letters: 0,
+            },
         );
-        let batch_size = i64::from(self.config.batch_size);
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                [
-                    self.owner.as_str().into(),
-                    (now + LEASE.as_micros() as i64).into(),
-                    self.config.consumer.as_str().into(),
-                    self.config.consumer.as_str().into(),
-                    now.into(),
-                    now.into(),
-                    batch_size.into(),
-                    batch_size.into(),
-                ],
-            ))
-            .await?;
-        let mut batch = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get_by_index::<i64>(0)?,
-                    r.try_get_by_index::<Vec<u8>>(1)?,
-                    r.try_get_by_index::<Option<i32>>(2)?,
-                ))
+    }
+    for (consumer, events) in dead_letters::counts(conn).await? {
+        by_consumer
+            .entry(consumer.clone())
+            .or_insert_with(|| Backlog {
+                consumer,
+                pending: 0,
+                oldest_micros: None,
+                dead_letters: 0,
             })
-            .collect::<Result<Vec<_>, DbErr>>()?;
-        // RETURNING does not promise order; deliver in commit order.
-        batch.sort_unstable_by_key(|(id, _, _)| *id);
-        let mut events = Vec::new();
-        for (_, payload, pack_size) in batch {
-            events.extend(unpack(payload, pack_size)?);
-        }
-        Ok(events)
+            .dead_letters = events;
     }
-
-    /// Whether the consumer answers and reports Serving. A consumer without the health
-    /// service counts as ready: the delivery itself will tell.
-    async fn consumer_ready(&self) -> bool {
-        use tonic_health::pb::health_check_response::ServingStatus;
-        use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        if grpc.ready().await.is_err() {
-            return false;
-        }
-        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
-        let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
-        let request = tonic::Request::new(HealthCheckRequest::default());
-        match grpc.unary(request, path, codec).await {
-            Ok(response) => response.into_inner().status == ServingStatus::Serving as i32,
-            Err(status) => !matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ),
-        }
-    }
-
-    async fn deliver(&self, events: Vec<Vec<u8>>) -> Result<(), tonic::Status> {
-        let span = tracing::info_span!(
-            "outbox.deliver",
-            consumer = %self.config.consumer,
-            events = events.len(),
-            otel.kind = "client"
-        );
-        async {
-            let mut grpc = tonic::client::Grpc::new(self.channel.clone())
-                .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
-            grpc.ready()
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("consumer not ready: {e}")))?;
-            let mut request = tonic::Request::new(RawDeliverRequest {
-                producer: self.config.producer.clone(),
-                events,
-            });
-            crate::telemetry::inject_trace_context(request.metadata_mut());
-            if let Some(token) = &self.config.token {
-                request
-                    .metadata_mut()
-                    .insert("authorization", crate::grpc::bearer(token));
-            }
-            let path = http::uri::PathAndQuery::from_static("/waymark.common.v1.EventSink/Deliver");
-            let codec = tonic_prost::ProstCodec::<RawDeliverRequest, DeliverResponse>::default();
-            grpc.unary(request, path, codec).await.map(|_| ())
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn ack(&self) -> Result<(), DbErr> {
-        let backend = self.db.get_database_backend();
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, "DELETE FROM outbox WHERE lease_owner = ?"),
-                [self.owner.as_str().into()],
-            ))
-            .await
-            .map(|_| ())
-    }
-
-    async fn release(&self, delay: Duration) -> Result<(), DbErr> {
-        let backend = self.db.get_database_backend();
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    "UPDATE outbox SET lease_owner = NULL, lease_until = 0, attempts = attempts + 1, available_at = ?
-                     WHERE lease_owner = ?",
-                ),
-                [
-                    (now_micros() + delay.as_micros() as i64).into(),
-                    self.owner.as_str().into(),
-                ],
-            ))
-            .await
-            .map(|_| ())
-    }
-}
-
-/// Exponential backoff with ±20 % jitter, so failing replicas do not retry in lockstep.
-fn backoff(failures: u32, max: Duration) -> Duration {
-    let exp = FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let base = exp.min(max);
-    let jitter = rand::rng().random_range(0.8..1.2);
-    base.mul_f64(jitter).min(max)
+    Ok(by_consumer.into_values().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let max = Duration::from_secs(5);
-        let first = backoff(1, max);
-        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
-        let fourth = backoff(4, max);
-        assert!(fourth >= Duration::from_millis(640) && fourth <= Duration::from_millis(960));
-        assert!(backoff(40, max) <= max);
-    }
 
     #[test]
     fn packs_keep_order_within_both_limits_and_unpack_whole() {
@@ -650,23 +344,5 @@ mod tests {
         let unpacked = unpack(pack(packs[0]), Some(3)).unwrap();
         assert_eq!(unpacked, [small.clone(), big.clone(), small.clone()]);
         assert_eq!(unpack(small.clone(), None).unwrap(), [small]);
-    }
-
-    #[test]
-    fn raw_request_is_wire_compatible_with_deliver_request() {
-        use prost::Message;
-        use waymark_proto::common::v1::{DeliverRequest, Event};
-        let event = Event {
-            message_id: "m1".into(),
-            event: "Signed Up".into(),
-            ..Event::default()
-        };
-        let raw = RawDeliverRequest {
-            producer: "ingest".into(),
-            events: vec![event.encode_to_vec()],
-        };
-        let decoded = DeliverRequest::decode(raw.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(decoded.producer, "ingest");
-        assert_eq!(decoded.events, vec![event]);
     }
 }

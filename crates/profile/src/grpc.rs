@@ -1,8 +1,8 @@
 //! The gRPC adapters: `waymark.profile.v1.ProfileService` and `waymark.common.v1.EventSink`.
 
 use tonic::{Request, Response, Status};
-use waymark_proto::common::v1::event_sink_server::EventSink;
-use waymark_proto::common::v1::{DeliverRequest, DeliverResponse};
+use waymark_kit::sink::EventConsumer;
+use waymark_proto::common::v1::{DeliverResponse, RejectedEvent};
 use waymark_proto::profile::v1::profile_service_server::ProfileService;
 use waymark_proto::profile::v1::*;
 
@@ -24,19 +24,30 @@ impl ProfileGrpc {
 }
 
 #[tonic::async_trait]
-impl EventSink for ProfileGrpc {
-    #[tracing::instrument(skip_all, fields(producer = %request.get_ref().producer, events = request.get_ref().events.len()))]
+impl EventConsumer for ProfileGrpc {
+    #[tracing::instrument(skip_all, fields(producer = %producer, events = events.len()))]
     async fn deliver(
         &self,
-        request: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        let applied = self.core.apply(request.into_inner().events).await?;
-        Ok(Response::new(DeliverResponse {
+        producer: &str,
+        events: Vec<waymark_proto::common::v1::Event>,
+    ) -> Result<DeliverResponse, Status> {
+        let applied = self.core.apply(events).await?;
+        Ok(DeliverResponse {
             applied: applied.applied,
             duplicates: applied.duplicates,
             suppressed: applied.suppressed,
             unattributed: applied.unattributed,
-        }))
+            rejected: applied
+                .rejected
+                .into_iter()
+                .map(|r| RejectedEvent {
+                    index: r.index as u32,
+                    event_id: r.event_id,
+                    field: r.field,
+                    reason: r.reason,
+                })
+                .collect(),
+        })
     }
 }
 

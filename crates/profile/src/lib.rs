@@ -29,9 +29,10 @@ use tokio::net::TcpListener;
 use waymark_kit::CancellationToken;
 use waymark_kit::config::Config;
 use waymark_kit::grpc::{Readiness, ServeOptions};
+use waymark_kit::outbox::admin::OutboxAdmin;
 use waymark_kit::outbox::{RelayConfig, Wakeup};
+use waymark_kit::sink::EventSinkServer;
 use waymark_profile_cache::ProfileCache;
-use waymark_proto::common::v1::event_sink_server::EventSinkServer;
 use waymark_proto::profile::v1::profile_service_server::ProfileServiceServer;
 
 pub use service::Profiles;
@@ -49,6 +50,7 @@ pub struct ProfileServer {
     db: DatabaseConnection,
     core: Profiles,
     wakeup: Wakeup,
+    relays: Vec<RelayConfig>,
 }
 
 impl ProfileServer {
@@ -56,6 +58,13 @@ impl ProfileServer {
     /// aggregate specs that cannot work, naming the setting.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let rules = rules(&config)?;
+        let relays = [
+            (CONSUMERS[0], &config.orchestrator_endpoint),
+            (CONSUMERS[1], &config.analytics_endpoint),
+        ]
+        .into_iter()
+        .map(|(consumer, endpoint)| config.relay(SERVICE, consumer, endpoint))
+        .collect::<Result<Vec<_>, _>>()?;
         let db = waymark_kit::db::connect(
             &config.profile_database(),
             SERVICE,
@@ -88,6 +97,7 @@ impl ProfileServer {
             db,
             core,
             wakeup,
+            relays,
         })
     }
 
@@ -131,20 +141,7 @@ impl ProfileServer {
                 }
             },
         ));
-        for (consumer, endpoint) in [
-            (CONSUMERS[0], self.config.orchestrator_endpoint.clone()),
-            (CONSUMERS[1], self.config.analytics_endpoint.clone()),
-        ] {
-            let relay = RelayConfig {
-                producer: SERVICE.to_owned(),
-                consumer: consumer.to_owned(),
-                endpoint,
-                token: self.config.admin_token.clone(),
-                batch_size: self.config.relay_batch_size,
-                max_backoff: Duration::from_millis(self.config.relay_max_backoff_ms),
-                workers: 1,
-                idle_poll: Duration::from_secs(1),
-            };
+        for relay in self.relays {
             let (db, wakeup, shutdown, readiness) = (
                 self.db.clone(),
                 self.wakeup.clone(),
@@ -188,11 +185,8 @@ impl ProfileServer {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
-        .add_service(
-            EventSinkServer::new(adapter)
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit),
-        );
+        .add_service(EventSinkServer::new(std::sync::Arc::new(adapter)))
+        .add_service(OutboxAdmin::server(self.db.clone()));
         let options = ServeOptions {
             public_methods: Vec::new(),
             admin_token: self.config.admin_token.clone(),

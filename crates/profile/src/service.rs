@@ -113,7 +113,7 @@ fn invalid(
 }
 
 /// The outcome of a delivery.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     pub applied: u32,
     pub duplicates: u32,
@@ -121,6 +121,22 @@ pub struct Applied {
     pub suppressed: u32,
     /// Acknowledged but attributed to nobody: no identifier that is not blocked.
     pub unattributed: u32,
+    /// Refused for good, by position in the delivered batch: the producer sets them
+    /// aside as dead letters.
+    pub rejected: Vec<RejectedEvent>,
+}
+
+/// One delivered event the service can never apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedEvent {
+    /// Position in the delivered batch.
+    pub index: usize,
+    /// Its `event_id`, when it has one.
+    pub event_id: String,
+    /// The field at fault.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
 }
 
 /// How far behind another replica's clock may run when it stamps a suppression.

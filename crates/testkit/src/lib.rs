@@ -5,10 +5,10 @@
 
 pub mod platform;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Database};
@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 use waymark_proto::common::v1::event_sink_server::{EventSink, EventSinkServer};
-use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event};
+use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event, RejectedEvent};
 
 /// The admin and service-to-service token of test servers.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -89,6 +89,9 @@ pub fn with_key<T>(message: T, key: &str) -> Request<T> {
     request
 }
 
+/// What a [`Sink`] runs when a delivery arrives.
+pub type DeliveryHook = Box<dyn Fn() + Send + Sync>;
+
 /// A real `EventSink` server that records what it receives and can be told to fail.
 #[derive(Clone, Default)]
 pub struct Sink {
@@ -98,6 +101,17 @@ pub struct Sink {
     pub producers: Arc<Mutex<HashMap<String, usize>>>,
     /// How many events each accepted delivery carried, in order.
     pub deliveries: Arc<Mutex<Vec<usize>>>,
+    /// Message ids the sink rejects one by one (`DeliverResponse.rejected`).
+    pub rejecting: Arc<Mutex<HashSet<String>>>,
+    /// Message ids that make the sink fail a whole batch: with `Internal`, as a consumer
+    /// that cannot take an event would; after they are cleared it takes them.
+    pub choking: Arc<Mutex<HashSet<String>>>,
+    /// Message ids that make the sink fail a whole batch with `Unavailable` (transient).
+    pub refusing: Arc<Mutex<HashSet<String>>>,
+    /// Milliseconds the sink holds each delivery before answering.
+    pub delay_ms: Arc<AtomicU64>,
+    /// Runs when a delivery arrives, before it is answered (e.g. cut the database).
+    pub on_delivery: Arc<std::sync::Mutex<Option<DeliveryHook>>>,
 }
 
 #[tonic::async_trait]
@@ -114,21 +128,55 @@ impl EventSink for Sink {
         if !has_token {
             return Err(Status::unauthenticated("relay must send the service token"));
         }
+        if let Some(hook) = self.on_delivery.lock().unwrap().as_ref() {
+            hook();
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         if self.failing.load(Ordering::SeqCst) {
             return Err(Status::unavailable("sink is down"));
         }
         let request = request.into_inner();
+        let has =
+            |set: &HashSet<String>| request.events.iter().any(|e| set.contains(&e.message_id));
+        if has(&*self.choking.lock().await) {
+            return Err(Status::internal("sink cannot take this batch"));
+        }
+        if has(&*self.refusing.lock().await) {
+            return Err(Status::unavailable("sink refuses this batch for now"));
+        }
+        let rejecting = self.rejecting.lock().await.clone();
+        let rejected: Vec<RejectedEvent> = request
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| rejecting.contains(&e.message_id))
+            .map(|(i, e)| RejectedEvent {
+                index: i as u32,
+                event_id: e.event_id.clone(),
+                field: format!("events[{i}].message_id"),
+                reason: "the sink rejects this message id".into(),
+            })
+            .collect();
         *self
             .producers
             .lock()
             .await
             .entry(request.producer)
             .or_default() += 1;
-        let n = request.events.len() as u32;
+        let n = (request.events.len() - rejected.len()) as u32;
         self.deliveries.lock().await.push(request.events.len());
-        self.received.lock().await.extend(request.events);
+        self.received.lock().await.extend(
+            request
+                .events
+                .into_iter()
+                .filter(|e| !rejecting.contains(&e.message_id)),
+        );
         Ok(Response::new(DeliverResponse {
             applied: n,
+            rejected,
             ..DeliverResponse::default()
         }))
     }
@@ -177,11 +225,12 @@ impl Sink {
 }
 
 /// A TCP proxy in front of PostgreSQL that can cut every connection, to make the database
-/// unreachable without touching the real server.
+/// unreachable without touching the real server, or lose one reply on its way back.
 pub struct Proxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    lose: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 impl Proxy {
@@ -190,16 +239,18 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (open2, connections2) = (open.clone(), connections.clone());
+        let lose: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (open2, connections2, lose2) = (open.clone(), connections.clone(), lose.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if !open2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                let lose = lose2.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        relay_connection(client, server, lose).await;
                     }
                 });
                 connections2.lock().unwrap().push(task.abort_handle());
@@ -209,6 +260,7 @@ impl Proxy {
             addr,
             open,
             connections,
+            lose,
         }
     }
 
@@ -222,6 +274,54 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Once: the first reply from the server that contains `pattern` (e.g. the
+    /// `UPDATE 3` that completes a statement) never reaches the client, and that
+    /// connection is cut. The server has done the work; the client cannot know.
+    pub fn lose_reply_containing(&self, pattern: &[u8]) {
+        *self.lose.lock().unwrap() = Some(pattern.to_vec());
+    }
+}
+
+async fn relay_connection(
+    client: TcpStream,
+    server: TcpStream,
+    lose: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    };
+    let downstream = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = match server_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buffer[..n];
+            {
+                let mut lose = lose.lock().unwrap();
+                let hit = lose
+                    .as_ref()
+                    .is_some_and(|p| chunk.windows(p.len()).any(|w| w == p.as_slice()));
+                if hit {
+                    *lose = None;
+                    return;
+                }
+            }
+            if client_write.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever side ends first ends the connection, as a cut would.
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
     }
 }
 

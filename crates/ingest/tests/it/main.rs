@@ -1,5 +1,6 @@
 //! Integration tests of the ingestion service against real PostgreSQL and SQLite.
 
+mod relay;
 mod support;
 
 use std::time::Duration;
@@ -867,9 +868,13 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
             backend_kind,
             waymark_kit::db::sql(
                 backend_kind,
-                "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES (?, ?, 0, 0)",
+                "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES (?, ?, ?, 0)",
             ),
-            ["profile".into(), encoded(i).into()],
+            [
+                "profile".into(),
+                encoded(i).into(),
+                waymark_kit::db::now_micros().into(),
+            ],
         ))
         .await
         .unwrap();
@@ -886,14 +891,15 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     let relay = tokio::spawn(outbox::run_relay(
         conn.clone(),
         RelayConfig {
-            producer: "ingest".into(),
-            consumer: "profile".into(),
-            endpoint,
-            token: Some(waymark_kit::config::Secret::new(ADMIN_TOKEN)),
             batch_size: 4,
             max_backoff: Duration::from_millis(200),
-            workers: 1,
             idle_poll: Duration::from_millis(20),
+            ..RelayConfig::new(
+                "ingest",
+                "profile",
+                endpoint,
+                waymark_kit::config::Secret::new(ADMIN_TOKEN),
+            )
         },
         Wakeup::default(),
         shutdown.clone(),

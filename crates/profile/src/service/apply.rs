@@ -20,21 +20,28 @@ use waymark_kit::db::now_micros;
 use waymark_profile_cache::CacheWrite;
 use waymark_proto::common::v1::{Event, Identity};
 
-use super::{Applied, ProfileError, Profiles, invalid, segments};
+use super::{Applied, ProfileError, Profiles, RejectedEvent, segments};
 use crate::applier::{ApplierMemory, Reserved};
 use crate::identity::Ident;
 use crate::resolve::{Record, WorkingSet};
 use crate::store;
 
 impl Profiles {
-    /// Applies a delivered batch: idempotent by event id, all or nothing.
+    /// Applies a delivered batch: idempotent by event id, all or nothing but for the events
+    /// it can never apply, which it lists as rejected instead of failing the batch.
     pub async fn apply(&self, events: Vec<Event>) -> Result<Applied, ProfileError> {
-        if let Some(i) = events.iter().position(|e| e.event_id.is_empty()) {
-            return Err(invalid(
-                format!("events[{i}].event_id"),
-                "is required: it is what makes a redelivered event apply only once",
-            ));
-        }
+        let mut rejected = Vec::new();
+        let events: Vec<Event> = events
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, event)| match refusal(index, &event) {
+                Some(refusal) => {
+                    rejected.push(refusal);
+                    None
+                }
+                None => Some(event),
+            })
+            .collect();
         let total = events.len() as u32;
         // Everything that needs no database runs before the applier is taken: the
         // serialised section is the critical path of every replica's batches.
@@ -61,7 +68,12 @@ impl Profiles {
                 .apply_candidates(candidates, outcome, check, ahead)
                 .await?;
             match attempt {
-                Attempt::Applied(outcome) => return Ok(outcome),
+                Attempt::Applied(outcome) => {
+                    return Ok(Applied {
+                        rejected,
+                        ..outcome
+                    });
+                }
                 Attempt::SeenBefore(again, so_far) => {
                     let until = now_micros() + LOOK_UP_AFTER_REDELIVERY.as_micros() as i64;
                     self.inner
@@ -422,6 +434,16 @@ impl Profiles {
             .collect();
         self.inner.cache.put_encoded(&writes).await;
     }
+}
+
+/// Why the event at `index` can never be applied, if it cannot.
+fn refusal(index: usize, event: &Event) -> Option<RejectedEvent> {
+    event.event_id.is_empty().then(|| RejectedEvent {
+        index,
+        event_id: String::new(),
+        field: format!("events[{index}].event_id"),
+        reason: "is required: it is what makes a redelivered event apply only once".into(),
+    })
 }
 
 /// How long deliveries look their events up first after one held events applied before.

@@ -430,10 +430,24 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
         )])
         .await;
     assert_eq!((nobody.applied, nobody.unattributed), (0, 1));
-    // Without an event id a redelivery could not be recognised: refused, nothing written.
+    // Without an event id a redelivery could not be recognised, and an event nested past
+    // prost's recursion limit cannot be decoded: each is rejected on its own, by position,
+    // and the rest of the batch is applied.
     let mut anonymous = event(EventType::Track, "u-3", "", "X", json!({}), 2);
     anonymous.event_id.clear();
-    let error = EventSinkClient::connect(server.url())
+    let mut nested = json!("leaf");
+    for _ in 0..60 {
+        nested = json!({ "deeper": nested });
+    }
+    let too_deep = event(
+        EventType::Track,
+        "u-4",
+        "",
+        "Deep",
+        json!({ "p": nested }),
+        2,
+    );
+    let response = EventSinkClient::connect(server.url())
         .await
         .unwrap()
         .deliver(admin(DeliverRequest {
@@ -441,21 +455,34 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
             events: vec![
                 event(EventType::Track, "u-3", "", "Y", json!({}), 2),
                 anonymous,
+                too_deep,
             ],
         }))
         .await
-        .unwrap_err();
-    assert_eq!(error.code(), tonic::Code::InvalidArgument);
-    let details =
-        tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
-    assert_eq!(details.field_violations[0].field, "events[1].event_id");
+        .expect("a batch with bad events is still acknowledged")
+        .into_inner();
+    assert_eq!(response.applied, 1);
+    let rejected: Vec<(u32, &str)> = response
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.field.as_str()))
+        .collect();
+    assert_eq!(rejected, [(1, "events[1].event_id"), (2, "events[2]")]);
+    assert!(
+        response.rejected[1].reason.contains("does not decode"),
+        "{}",
+        response.rejected[1].reason
+    );
+    get(&server, by_identity("user_id", "u-3"))
+        .await
+        .expect("the valid event was applied");
     assert_eq!(
-        get(&server, by_identity("user_id", "u-3"))
+        get(&server, by_identity("user_id", "u-4"))
             .await
             .unwrap_err()
             .code(),
         tonic::Code::NotFound,
-        "not even the valid event was applied"
+        "the undecodable event was not"
     );
 
     // A shared device would give one profile two user ids: the device id is left out.
