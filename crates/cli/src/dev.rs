@@ -35,10 +35,10 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
     config.ingest_endpoint = format!("http://127.0.0.1:{}", grpc_addr.port());
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
-    profile.migrate().await?;
+    let profile_migrations = profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
     let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
-    ingest.migrate().await?;
+    let ingest_migrations = ingest.migrate().await?;
     let (source_id, write_key) = ingest
         .core()
         .ensure_source_with_key("dev", dev_key.as_ref().map(Secret::expose))
@@ -65,6 +65,10 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     println!(
         "  profile database {}",
         redact_password(&config.profile_database())
+    );
+    println!(
+        "  migrations       {} applied now (ingest {ingest_migrations}, profile {profile_migrations}); the list is in the debug log",
+        ingest_migrations + profile_migrations
     );
     println!("  dev source       {source_id}");
     println!("  dev write key    {write_key}");

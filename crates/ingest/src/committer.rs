@@ -37,6 +37,8 @@ struct CommitRequest {
     source_id: String,
     rows: Vec<EventRow>,
     counters: Counters,
+    /// The request's `traceparent`, so the consumer's span links to it.
+    trace: Option<String>,
     reply: oneshot::Sender<Result<CommitOutcome, CommitError>>,
 }
 
@@ -65,6 +67,10 @@ impl Committer {
                 consumers: consumers.clone(),
                 wakeup: wakeup.clone(),
                 shard: shard as i32,
+                events: opentelemetry::global::meter("waymark")
+                    .u64_counter("ingest.events")
+                    .with_description("events received, by outcome")
+                    .build(),
             };
             tokio::spawn(worker.run(rx.clone()));
         }
@@ -89,6 +95,7 @@ impl Committer {
                 source_id: source_id.to_owned(),
                 rows,
                 counters,
+                trace: waymark_kit::telemetry::current_traceparent(),
                 reply,
             })
             .await
@@ -102,6 +109,24 @@ struct Worker {
     consumers: Arc<Vec<String>>,
     wakeup: Wakeup,
     shard: i32,
+    events: opentelemetry::metrics::Counter<u64>,
+}
+
+impl Worker {
+    /// Counts a committed request's events in `ingest.events{outcome}`.
+    fn count(&self, request: &CommitRequest, outcome: CommitOutcome) {
+        use opentelemetry::KeyValue;
+        for (name, n) in [
+            ("accepted", u64::from(outcome.accepted)),
+            ("duplicate", u64::from(outcome.duplicates)),
+            ("rejected", request.counters.rejected),
+            ("suppressed", request.counters.suppressed),
+        ] {
+            if n > 0 {
+                self.events.add(n, &[KeyValue::new("outcome", name)]);
+            }
+        }
+    }
 }
 
 impl Worker {
@@ -132,6 +157,7 @@ impl Worker {
                 Ok(outcomes) => {
                     self.wakeup.notify();
                     for (request, outcome) in group.into_iter().zip(outcomes) {
+                        self.count(&request, outcome);
                         let _ = request.reply.send(Ok(outcome));
                     }
                 }
@@ -183,7 +209,8 @@ impl Worker {
             outcomes.push(outcome);
         }
         if !payloads.is_empty() {
-            outbox::enqueue(&txn, &self.consumers, &payloads).await?;
+            let links: Vec<String> = group.iter().filter_map(|r| r.trace.clone()).collect();
+            outbox::enqueue_linked(&txn, &self.consumers, &payloads, &links).await?;
         }
         store::add_counters(&txn, self.shard, &counters).await?;
         txn.commit().await?;

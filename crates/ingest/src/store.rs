@@ -103,6 +103,7 @@ pub const MIGRATIONS: &[Migration] = &[
     waymark_kit::outbox::keyed_by_consumer(3),
     waymark_kit::outbox::packs(4),
     waymark_kit::outbox::dead_letters::migration(5),
+    waymark_kit::outbox::trace_links(6),
 ];
 
 /// One event row, ready to insert.

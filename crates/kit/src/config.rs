@@ -55,6 +55,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter directives (RUST_LOG syntax); RUST_LOG wins when set.
     pub log_filter: String,
+    /// Which spans are exported over OTLP (RUST_LOG syntax), independent of the log
+    /// filter.
+    pub trace_filter: String,
+    /// Fraction of new traces exported, 0 to 1; a call inside a sampled trace is always
+    /// exported.
+    pub trace_sample_ratio: f64,
     /// Ingestion gRPC listen address.
     pub ingest_grpc_addr: SocketAddr,
     /// Ingestion Segment-compatible HTTP listen address.
@@ -146,6 +152,8 @@ impl Default for Config {
             otlp_endpoint: None,
             log_format: LogFormat::Pretty,
             log_filter: "info".into(),
+            trace_filter: "info".into(),
+            trace_sample_ratio: 1.0,
             ingest_grpc_addr: ([0, 0, 0, 0], 50051).into(),
             ingest_http_addr: ([0, 0, 0, 0], 8080).into(),
             profile_endpoint: "http://127.0.0.1:50052".into(),
@@ -297,6 +305,12 @@ impl Config {
         if !(1..=5000).contains(&self.relay_batch_size) {
             return Err(invalid("relay_batch_size", "must be between 1 and 5000"));
         }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(invalid("trace_sample_ratio", "must be between 0 and 1"));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.trace_filter) {
+            return Err(invalid("trace_filter", &error.to_string()));
+        }
         if self.relay_max_attempts == 0 {
             return Err(invalid("relay_max_attempts", "must be at least 1"));
         }
@@ -416,6 +430,8 @@ impl Config {
             service_name: service_name.to_owned(),
             log_format: self.log_format,
             log_filter: self.log_filter.clone(),
+            trace_filter: self.trace_filter.clone(),
+            trace_sample_ratio: self.trace_sample_ratio,
             otlp_endpoint: self.otlp_endpoint.clone(),
         }
     }

@@ -70,6 +70,51 @@ pub async fn ping(db: &DatabaseConnection) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
 }
 
+/// `db.client.connection.count{state=idle|used}`, the OpenTelemetry semantic convention
+/// for a connection pool's use.
+pub struct PoolGauge(opentelemetry::metrics::Gauge<u64>);
+
+impl PoolGauge {
+    /// The gauge on the global meter.
+    pub fn new() -> Self {
+        let meter = opentelemetry::global::meter("waymark");
+        Self(
+            meter
+                .u64_gauge("db.client.connection.count")
+                .with_description("connections of the pool by state")
+                .build(),
+        )
+    }
+
+    /// Records the pool's connections now.
+    pub fn record(&self, db: &DatabaseConnection) {
+        let (size, idle) = match db.get_database_backend() {
+            DbBackend::Postgres => {
+                let pool = db.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle() as u32)
+            }
+            DbBackend::Sqlite => {
+                let pool = db.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle() as u32)
+            }
+            _ => return,
+        };
+        use opentelemetry::KeyValue;
+        self.0
+            .record(u64::from(idle), &[KeyValue::new("state", "idle")]);
+        self.0.record(
+            u64::from(size.saturating_sub(idle)),
+            &[KeyValue::new("state", "used")],
+        );
+    }
+}
+
+impl Default for PoolGauge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Whether an error means the database could not be reached (retryable) rather than a
 /// bad statement.
 pub fn is_unavailable(error: &DbErr) -> bool {
@@ -162,7 +207,7 @@ pub async fn migrate(
         ))
         .await?;
         txn.commit().await?;
-        tracing::info!(
+        tracing::debug!(
             service,
             version = migration.version,
             name = migration.name,

@@ -95,7 +95,8 @@ impl Readiness {
     }
 }
 
-/// Pings the database every `interval` and publishes the result, until `shutdown`.
+/// Pings the database every `interval` and publishes the result (and the pool's use, as a
+/// gauge), until `shutdown`.
 /// `on_reachable` runs each time the database becomes reachable (e.g. pending migrations);
 /// the service reports Serving only after it succeeds.
 pub async fn watch_database<F, Fut>(
@@ -109,7 +110,9 @@ pub async fn watch_database<F, Fut>(
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let mut prepared = false;
+    let pool = crate::db::PoolGauge::new();
     loop {
+        pool.record(&db);
         let mut ok = crate::db::ping(&db).await;
         if ok && !prepared {
             match on_reachable().await {

@@ -79,6 +79,32 @@ pub const fn packs(version: i64) -> Migration {
     }
 }
 
+/// Adds `trace_links`: the W3C `traceparent`s (comma-separated) of the requests whose
+/// events a row packs, so the consumer's span links to them.
+pub const fn trace_links(version: i64) -> Migration {
+    Migration {
+        version,
+        name: "outbox rows carry the trace contexts that committed them",
+        postgres: "ALTER TABLE outbox ADD COLUMN trace_links TEXT",
+        sqlite: "ALTER TABLE outbox ADD COLUMN trace_links TEXT",
+    }
+}
+
+/// The `trace_links` of a row: at most [`crate::telemetry::MAX_TRACE_LINKS`] distinct
+/// contexts, None when there are none.
+fn joined_links(links: &[String]) -> Option<String> {
+    let mut distinct: Vec<&str> = Vec::new();
+    for link in links {
+        if distinct.len() == crate::telemetry::MAX_TRACE_LINKS {
+            break;
+        }
+        if !distinct.contains(&link.as_str()) {
+            distinct.push(link);
+        }
+    }
+    (!distinct.is_empty()).then(|| distinct.join(","))
+}
+
 /// Several encoded events in one outbox payload: a repeated bytes field, so unpacking
 /// copies the events without decoding them.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -123,17 +149,29 @@ pub const MAX_PACK_BYTES: usize = 4 * 1024 * 1024;
 
 /// Queues encoded `waymark.common.v1.Event`s for each consumer, inside the caller's
 /// transaction: per consumer, packs of them in order (one row each, see
-/// [`MAX_PACK_EVENTS`] and [`MAX_PACK_BYTES`]). Call [`Wakeup::notify`] after the commit.
+/// [`MAX_PACK_EVENTS`] and [`MAX_PACK_BYTES`]), linked to the current span's trace. Call
+/// [`Wakeup::notify`] after the commit.
 pub async fn enqueue<C: ConnectionTrait>(
     conn: &C,
     consumers: &[String],
     payloads: &[&[u8]],
 ) -> Result<(), DbErr> {
+    enqueue_linked(conn, consumers, payloads, &current_trace()).await
+}
+
+/// [`enqueue`] for events that several requests brought in (a group commit): each row
+/// keeps `trace_links`, the `traceparent`s of those requests.
+pub async fn enqueue_linked<C: ConnectionTrait>(
+    conn: &C,
+    consumers: &[String],
+    payloads: &[&[u8]],
+    trace_links: &[String],
+) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
     let statement = if backend == DbBackend::Postgres {
-        postgres_insert(consumers, payloads, 1)
+        postgres_insert_linked(consumers, payloads, trace_links, 1)
     } else {
-        values_insert(consumers, payloads)
+        values_insert(consumers, payloads, trace_links)
     };
     let Some((text, values)) = statement else {
         return Ok(());
@@ -192,12 +230,28 @@ pub fn postgres_insert(
     payloads: &[&[u8]],
     first: usize,
 ) -> Option<(String, Vec<Value>)> {
+    postgres_insert_linked(consumers, payloads, &current_trace(), first)
+}
+
+/// The current span's `traceparent`, as the one trace link of what it queues.
+fn current_trace() -> Vec<String> {
+    crate::telemetry::current_traceparent()
+        .into_iter()
+        .collect()
+}
+
+fn postgres_insert_linked(
+    consumers: &[String],
+    payloads: &[&[u8]],
+    trace_links: &[String],
+    first: usize,
+) -> Option<(String, Vec<Value>)> {
     let rows = rows(consumers, payloads)?;
-    let (c, p, s, t) = (first, first + 1, first + 2, first + 3);
+    let (c, p, s, t, l) = (first, first + 1, first + 2, first + 3, first + 4);
     // Ordered by position, so ids follow the events' order whatever the plan.
     let text = format!(
-        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at)
-         SELECT c, p, s, ${t}, ${t}
+        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at, trace_links)
+         SELECT c, p, s, ${t}, ${t}, ${l}::text
          FROM UNNEST(${c}::text[], ${p}::bytea[], ${s}::int4[]) WITH ORDINALITY AS q(c, p, s, n)
          ORDER BY n"
     );
@@ -206,30 +260,37 @@ pub fn postgres_insert(
         rows.packs.into(),
         rows.sizes.into(),
         now_micros().into(),
+        joined_links(trace_links).into(),
     ];
     Some((text, values))
 }
 
 /// [`enqueue`] as a multi-row `VALUES` insert with `?` placeholders (SQLite).
-fn values_insert(consumers: &[String], payloads: &[&[u8]]) -> Option<(String, Vec<Value>)> {
+fn values_insert(
+    consumers: &[String],
+    payloads: &[&[u8]],
+    trace_links: &[String],
+) -> Option<(String, Vec<Value>)> {
     let rows = rows(consumers, payloads)?;
     let now = now_micros();
+    let links = joined_links(trace_links);
     let mut text = String::from(
-        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at) VALUES ",
+        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at, trace_links) VALUES ",
     );
-    let mut values: Vec<Value> = Vec::with_capacity(rows.sizes.len() * 5);
+    let mut values: Vec<Value> = Vec::with_capacity(rows.sizes.len() * 6);
     let all = rows.consumers.into_iter().zip(rows.packs).zip(rows.sizes);
     for (i, ((consumer, packed), size)) in all.enumerate() {
         if i > 0 {
             text.push_str(", ");
         }
-        text.push_str("(?, ?, ?, ?, ?)");
+        text.push_str("(?, ?, ?, ?, ?, ?)");
         values.extend([
             consumer.into(),
             packed.into(),
             size.into(),
             now.into(),
             now.into(),
+            links.clone().into(),
         ]);
     }
     Some((text, values))

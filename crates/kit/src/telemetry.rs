@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 use tracing::instrument::Instrumented;
@@ -43,8 +43,15 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Log rendering.
     pub log_format: LogFormat,
-    /// `EnvFilter` directives, e.g. `info,waymark=debug`; `RUST_LOG` wins when set.
+    /// `EnvFilter` directives for log lines, e.g. `info,waymark=debug`; `RUST_LOG` wins
+    /// when set.
     pub log_filter: String,
+    /// `EnvFilter` directives for exported spans, independent of the log filter: a service
+    /// that logs only warnings still exports its traces.
+    pub trace_filter: String,
+    /// Fraction of new traces exported (parent-based: a span whose caller's trace was
+    /// sampled is always exported, one whose caller's was not never is).
+    pub trace_sample_ratio: f64,
     /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`; no export at all when unset.
     pub otlp_endpoint: Option<String>,
 }
@@ -77,13 +84,16 @@ impl Drop for TelemetryGuard {
 /// when an endpoint is set. A later call in the same process (tests) keeps the first
 /// installation and returns a guard that does nothing.
 pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
+    use tracing_subscriber::Layer as _;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = match std::env::var("RUST_LOG") {
+    let log_filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
             .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
         _ => EnvFilter::try_new(&cfg.log_filter)
             .with_context(|| format!("invalid log filter {:?}", cfg.log_filter))?,
     };
+    let trace_filter = EnvFilter::try_new(&cfg.trace_filter)
+        .with_context(|| format!("invalid trace filter {:?}", cfg.trace_filter))?;
 
     let mut providers = TelemetryGuard::default();
     let otel_layer = match &cfg.otlp_endpoint {
@@ -97,8 +107,11 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
                 .with_endpoint(endpoint.clone())
                 .build()
                 .context("building the otlp span exporter")?;
+            let sampler =
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.trace_sample_ratio)));
             let tracer_provider = SdkTracerProvider::builder()
                 .with_batch_exporter(spans)
+                .with_sampler(sampler)
                 .with_resource(resource.clone())
                 .build();
             let metrics = opentelemetry_otlp::MetricExporter::builder()
@@ -113,25 +126,25 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             let tracer = tracer_provider.tracer("waymark");
             providers.tracer = Some(tracer_provider);
             providers.meter = Some(meter_provider);
-            Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(trace_filter),
+            )
         }
     };
-    let (pretty, json) = match cfg.log_format {
-        LogFormat::Pretty => (Some(tracing_subscriber::fmt::layer()), None),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            ),
-        ),
+    // Each layer has its own filter: the log filter on the registry would silence the
+    // span export too.
+    let log_layer = match cfg.log_format {
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
     };
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(pretty)
-        .with(json)
+        .with(log_layer.with_filter(log_filter))
         .with(otel_layer)
         .try_init();
     if installed.is_err() {
@@ -190,6 +203,50 @@ pub fn propagate_trace(
 ) -> Result<tonic::Request<()>, tonic::Status> {
     inject_trace_context(request.metadata_mut());
     Ok(request)
+}
+
+/// The gRPC metadata key that carries the trace contexts a delivery's events were committed
+/// under (comma-separated W3C `traceparent`s): the consumer's span links to each.
+pub const TRACE_LINKS_HEADER: &str = "waymark-trace-links";
+
+/// Links at most this many contexts to one span (the OpenTelemetry default limit is 128).
+pub const MAX_TRACE_LINKS: usize = 32;
+
+/// The W3C `traceparent` of the current span, when it belongs to an exported trace.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        )
+    })
+}
+
+/// The span context a W3C `traceparent` names; None when it is malformed.
+pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let carrier: std::collections::HashMap<String, String> =
+        [("traceparent".to_owned(), traceparent.trim().to_owned())].into();
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// Links `span` to each of `traceparents` (at most [`MAX_TRACE_LINKS`]).
+pub fn link_span<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    for link in traceparents
+        .into_iter()
+        .filter_map(parse_traceparent)
+        .take(MAX_TRACE_LINKS)
+    {
+        span.add_link(link);
+    }
 }
 
 /// `("pkg.Service", "Method")` from a gRPC path `/pkg.Service/Method`.
@@ -297,6 +354,13 @@ where
         );
         // Fails only when no OTel layer is installed; then there is no trace to continue.
         let _ = span.set_parent(parent);
+        if let Some(links) = request
+            .headers()
+            .get(TRACE_LINKS_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            link_span(&span, links.split(','));
+        }
         let future = {
             // Entered so that anything the inner service does synchronously in `call` is
             // attributed to this RPC too.

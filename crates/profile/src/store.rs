@@ -126,6 +126,7 @@ pub const MIGRATIONS: &[Migration] = &[
     waymark_kit::outbox::keyed_by_consumer(10),
     waymark_kit::outbox::packs(11),
     waymark_kit::outbox::dead_letters::migration(12),
+    waymark_kit::outbox::trace_links(13),
 ];
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,

@@ -122,9 +122,49 @@ pub async fn run_relay(
         };
         workers.spawn(worker.run(wakeup.clone(), shutdown.clone()));
     }
+    workers.spawn(report_backlog(
+        db.clone(),
+        config.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     workers.spawn(sweep_expired(db, config, metrics, shutdown));
     while workers.join_next().await.is_some() {}
     Ok(())
+}
+
+/// How often each relay measures its consumer's backlog for the gauges.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Records the consumer's backlog, the age of its oldest event (the lag) and its dead
+/// letters as gauges, every few seconds.
+async fn report_backlog(
+    db: DatabaseConnection,
+    config: RelayConfig,
+    metrics: RelayMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match super::backlog(&db).await {
+            Ok(all) => {
+                let mine = all.into_iter().find(|b| b.consumer == config.consumer);
+                let (pending, oldest, dead) = mine
+                    .map(|b| (b.pending, b.oldest_micros, b.dead_letters))
+                    .unwrap_or_default();
+                let lag = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+                metrics.backlog.record(pending, &metrics.attrs);
+                metrics.lag.record(lag, &metrics.attrs);
+                metrics.dead_letters.record(dead, &metrics.attrs);
+            }
+            Err(error) => {
+                tracing::debug!(consumer = %config.consumer, %error, "measuring the outbox backlog failed");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(BACKLOG_INTERVAL) => {}
+        }
+    }
 }
 
 /// Moves rows older than the retention to the dead letters, and deletes dead letters past
@@ -171,6 +211,9 @@ struct RelayMetrics {
     delivered: opentelemetry::metrics::Counter<u64>,
     failures: opentelemetry::metrics::Counter<u64>,
     dead_lettered: opentelemetry::metrics::Counter<u64>,
+    backlog: opentelemetry::metrics::Gauge<u64>,
+    lag: opentelemetry::metrics::Gauge<f64>,
+    dead_letters: opentelemetry::metrics::Gauge<u64>,
 }
 
 impl RelayMetrics {
@@ -181,6 +224,16 @@ impl RelayMetrics {
             delivered: meter.u64_counter("outbox.delivered").build(),
             failures: meter.u64_counter("outbox.delivery_failures").build(),
             dead_lettered: meter.u64_counter("outbox.dead_lettered").build(),
+            backlog: meter
+                .u64_gauge("outbox.backlog")
+                .with_description("events waiting for delivery")
+                .build(),
+            lag: meter
+                .f64_gauge("outbox.lag")
+                .with_unit("s")
+                .with_description("age of the oldest event waiting for delivery")
+                .build(),
+            dead_letters: meter.u64_gauge("outbox.dead_letters").build(),
         }
     }
 }
@@ -196,6 +249,8 @@ struct Claim {
     queued_at: Vec<i64>,
     /// The most failed deliveries of any of its rows.
     attempts: i32,
+    /// The `traceparent`s its events were committed under.
+    trace_links: Vec<String>,
 }
 
 /// How a claim's delivery ended.
@@ -310,7 +365,7 @@ impl Worker {
                                               9223372036854775807)
                           ORDER BY id LIMIT ?{skip_locked}) AS free
                 ) AS running WHERE upto <= ? OR n = 1)
-             RETURNING id, payload, pack_size, attempts, created_at"
+             RETURNING id, payload, pack_size, attempts, created_at, trace_links"
         );
         let batch_size = i64::from(self.config.batch_size);
         let consumer = self.config.consumer.as_str();
@@ -346,6 +401,7 @@ impl Worker {
                     r.try_get_by_index::<Option<i32>>(2)?,
                     r.try_get_by_index::<i32>(3)?,
                     r.try_get_by_index::<i64>(4)?,
+                    r.try_get_by_index::<Option<String>>(5)?,
                 ))
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
@@ -358,8 +414,15 @@ impl Worker {
             events: Vec::new(),
             queued_at: Vec::new(),
             attempts: 0,
+            trace_links: Vec::new(),
         };
-        for (_, payload, pack_size, attempts, created_at) in batch {
+        for (_, payload, pack_size, attempts, created_at, links) in batch {
+            for link in links.iter().flat_map(|l| l.split(',')) {
+                let room = claim.trace_links.len() < crate::telemetry::MAX_TRACE_LINKS;
+                if room && !claim.trace_links.iter().any(|l| l == link) {
+                    claim.trace_links.push(link.to_owned());
+                }
+            }
             let events = unpack(payload, pack_size)?;
             claim
                 .queued_at
@@ -373,7 +436,7 @@ impl Worker {
     /// Delivers the claim whole; once it has failed `max_attempts` times with errors that
     /// are not transient, splits it to find the events at fault.
     async fn deliver_claim(&self, claim: &Claim) -> Delivery {
-        let status = match self.deliver(&claim.events).await {
+        let status = match self.deliver(claim, &claim.events).await {
             Ok(rejected) => return Delivery::Taken(rejected),
             Err(status) => status,
         };
@@ -399,7 +462,7 @@ impl Worker {
                     "the claim's lease would expire before the batch is split to the end",
                 ));
             }
-            match self.deliver(&claim.events[start..end]).await {
+            match self.deliver(claim, &claim.events[start..end]).await {
                 Ok(part) => rejected.extend(part.into_iter().map(|(i, why)| (start + i, why))),
                 Err(status) if is_transient(&status) => return Delivery::Failed(status),
                 Err(status) if end - start == 1 => {
@@ -437,13 +500,20 @@ impl Worker {
     }
 
     /// One `Deliver` call; the consumer's rejections by position in `events`.
-    async fn deliver(&self, events: &[Vec<u8>]) -> Result<Vec<(usize, String)>, tonic::Status> {
+    async fn deliver(
+        &self,
+        claim: &Claim,
+        events: &[Vec<u8>],
+    ) -> Result<Vec<(usize, String)>, tonic::Status> {
         let span = tracing::info_span!(
             "outbox.deliver",
             consumer = %self.config.consumer,
             events = events.len(),
             otel.kind = "client"
         );
+        // One delivery carries the events of many requests: it links to each of their
+        // traces rather than continuing one of them.
+        crate::telemetry::link_span(&span, claim.trace_links.iter().map(String::as_str));
         let response = async {
             let mut grpc = tonic::client::Grpc::new(self.channel.clone())
                 .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
@@ -456,6 +526,13 @@ impl Worker {
             });
             request.set_timeout(self.config.delivery_timeout);
             crate::telemetry::inject_trace_context(request.metadata_mut());
+            if !claim.trace_links.is_empty()
+                && let Ok(links) = claim.trace_links.join(",").parse()
+            {
+                request
+                    .metadata_mut()
+                    .insert(crate::telemetry::TRACE_LINKS_HEADER, links);
+            }
             request
                 .metadata_mut()
                 .insert("authorization", crate::grpc::bearer(&self.config.token));

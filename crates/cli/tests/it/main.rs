@@ -1,0 +1,4 @@
+//! The `waymark` binary as operators run it: separate processes, configured by
+//! environment variables.
+
+mod telemetry;
