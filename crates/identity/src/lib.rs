@@ -62,6 +62,19 @@ pub fn normalise_phone(value: &str) -> Option<String> {
     (international && (8..=15).contains(&digits.len())).then(|| format!("+{digits}"))
 }
 
+/// Longest identifier value accepted anywhere (user, anonymous, previous and group ids,
+/// e-mail, phone, device id, custom identifier traits), in bytes of UTF-8. Identifiers
+/// are keys of btree indexes in both services, and PostgreSQL refuses an index entry over
+/// about 2,700 bytes; 256 leaves room for the type and the ids stored beside the value,
+/// and no real e-mail address (254 at most) or id is longer.
+pub const MAX_IDENTIFIER_BYTES: usize = 256;
+/// Longest trait or property key, in bytes: keys become profile trait names and segment
+/// variables, and a key is never prose.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest consent channel or purpose name, in bytes: each pair is a key of the profile's
+/// consent map (`email/marketing`).
+pub const MAX_CONSENT_NAME_BYTES: usize = 64;
+
 /// Identifier types every deployment has.
 pub const BUILT_IN_TYPES: [&str; 5] = ["user_id", "email", "phone", "device_id", "anonymous_id"];
 
@@ -191,6 +204,50 @@ impl IdentityRules {
             .unwrap_or(self.priority.len())
     }
 
+    /// The first identifier value of the event longer than [`MAX_IDENTIFIER_BYTES`], as its
+    /// field path in Segment's JSON (`traits.email`, `context.device.id`) and its length.
+    /// Raw values are measured, wherever [`Self::extract`] reads one, and the group id too.
+    pub fn oversized_identifier(&self, event: &Event) -> Option<(String, usize)> {
+        let too_long = |value: &str| value.len() > MAX_IDENTIFIER_BYTES;
+        for (field, value) in [
+            ("userId", &event.user_id),
+            ("anonymousId", &event.anonymous_id),
+            ("previousId", &event.previous_id),
+            ("groupId", &event.group_id),
+        ] {
+            if too_long(value) {
+                return Some((field.to_owned(), value.len()));
+            }
+        }
+        let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
+        for (prefix, traits) in [
+            ("traits", event.traits.as_ref()),
+            ("context.traits", context_traits),
+        ] {
+            let Some(traits) = traits else { continue };
+            let types = ["email", "phone"]
+                .into_iter()
+                .chain(self.custom_types.iter().map(String::as_str));
+            for id_type in types {
+                if let Some(value) = string_at(traits, &[id_type])
+                    && too_long(value)
+                {
+                    return Some((format!("{prefix}.{id_type}"), value.len()));
+                }
+            }
+        }
+        match event
+            .context
+            .as_ref()
+            .and_then(|c| string_at(c, &["device", "id"]))
+        {
+            Some(device) if too_long(device) => {
+                Some(("context.device.id".to_owned(), device.len()))
+            }
+            _ => None,
+        }
+    }
+
     /// The identifiers an event carries, highest priority first, without duplicates.
     pub fn extract(&self, event: &Event) -> Vec<Ident> {
         let mut out: Vec<Ident> = Vec::new();
@@ -208,14 +265,7 @@ impl IdentityRules {
             // The earlier id of an alias is usually an anonymous id.
             push("anonymous_id", &event.previous_id);
         }
-        let context_traits =
-            event
-                .context
-                .as_ref()
-                .and_then(|c| match c.fields.get("traits")?.kind.as_ref()? {
-                    prost_types::value::Kind::StructValue(s) => Some(s),
-                    _ => None,
-                });
+        let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
         for traits in [event.traits.as_ref(), context_traits]
             .into_iter()
             .flatten()
@@ -241,6 +291,14 @@ impl IdentityRules {
         }
         out.sort_by_key(|(t, _)| self.rank(t));
         out
+    }
+}
+
+/// The object under `key`, if it is one.
+fn struct_at<'a>(s: &'a prost_types::Struct, key: &str) -> Option<&'a prost_types::Struct> {
+    match s.fields.get(key)?.kind.as_ref()? {
+        prost_types::value::Kind::StructValue(s) => Some(s),
+        _ => None,
     }
 }
 
@@ -353,5 +411,54 @@ mod tests {
         assert_eq!(error.setting, "identity_priority");
         let error = IdentityRules::new(vec!["email".into()], &BTreeMap::new(), &[]).unwrap_err();
         assert_eq!(error.setting, "custom_identity_types");
+    }
+
+    #[test]
+    fn oversized_identifiers_are_named_by_field() {
+        let rules = rules();
+        let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
+        let mut event = Event {
+            user_id: "x".repeat(MAX_IDENTIFIER_BYTES),
+            ..Event::default()
+        };
+        assert_eq!(
+            rules.oversized_identifier(&event),
+            None,
+            "the limit itself is fine"
+        );
+        event.group_id = long.clone();
+        assert_eq!(
+            rules.oversized_identifier(&event),
+            Some(("groupId".to_owned(), MAX_IDENTIFIER_BYTES + 1))
+        );
+        event.group_id.clear();
+        event.context = Some(struct_from_json(
+            serde_json::json!({"traits": {"loyalty_id": long}})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(field, "context.traits.loyalty_id");
+        event.context = Some(struct_from_json(
+            serde_json::json!({"device": {"id": long}, "traits": {"note": long}})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(
+            field, "context.device.id",
+            "traits that are not identifiers are not checked"
+        );
+        event.context = None;
+        event.traits = Some(struct_from_json(
+            serde_json::json!({"email": format!("{long}@example.com")})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(field, "traits.email");
     }
 }

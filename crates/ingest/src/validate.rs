@@ -2,21 +2,51 @@
 //! assigns (event id, receivedAt, source, channel).
 
 use prost::Message;
-use prost_types::Timestamp;
+use prost_types::value::Kind;
+use prost_types::{Struct, Timestamp, Value};
+use waymark_identity::{
+    IdentityRules, MAX_CONSENT_NAME_BYTES, MAX_IDENTIFIER_BYTES, MAX_KEY_BYTES,
+};
 use waymark_kit::error::FieldViolation;
 use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::json::string_at;
 
 use crate::channel::derive_channel;
 
 /// Largest accepted event, as Segment allows.
 pub const MAX_EVENT_BYTES: usize = 32 * 1024;
-/// Largest accepted HTTP batch body, as Segment allows.
+/// Largest accepted HTTP batch body, as Segment allows, measured after gzip inflation.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
-/// Longest accepted id (messageId, userId, ...).
-const MAX_ID_CHARS: usize = 255;
+/// Most messages in one request (HTTP batch or gRPC `Ingest`): a 500 KB body of tiny
+/// messages would otherwise be a hundred thousand events to parse, check and commit at once.
+/// Segment SDKs flush at 100 or so; a bulk import fits many full batches.
+pub const MAX_BATCH_MESSAGES: usize = 2_500;
+/// Largest a batch may grow to once its batch-level `context` and `integrations` are
+/// copied into every message lacking its own: what a request may make the server hold,
+/// whatever it saved by sharing. The size of the outbox packs that relay it.
+pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Deepest nesting of objects and arrays in properties, traits, context and integrations,
+/// the object itself being level 1. Consumers decode events with prost, which refuses
+/// messages nested more than 100 deep, and every JSON level costs about three of its
+/// levels (Struct, Value, the next Struct or ListValue) below the envelope (request, event,
+/// profile): 16 levels stay far inside, which no real payload comes near.
+pub const MAX_DEPTH: usize = 16;
+/// Longest event name (track) or page / screen name, in bytes: names are counted per
+/// profile and matched by segment conditions, they are never prose.
+pub const MAX_NAME_BYTES: usize = 200;
+/// Track events whose `properties.channel` and `properties.purpose` name a consent, as the
+/// profile service reads them.
+const CONSENT_EVENTS: [&str; 5] = [
+    "Subscribed",
+    "Unsubscribed",
+    "Consent Granted",
+    "Consent Denied",
+    "Consent Revoked",
+];
 
-/// Checks the size and the rules of the event's type. Field names follow Segment's JSON.
-pub fn validate(event: &Event) -> Result<(), FieldViolation> {
+/// Checks the size, the limits and the rules of the event's type. Field names follow
+/// Segment's JSON.
+pub fn validate(event: &Event, rules: &IdentityRules) -> Result<(), FieldViolation> {
     if event.encoded_len() > MAX_EVENT_BYTES {
         return Err(FieldViolation::new(
             "",
@@ -27,18 +57,49 @@ pub fn validate(event: &Event) -> Result<(), FieldViolation> {
     if kind == EventType::Unspecified {
         return Err(FieldViolation::new("type", "is required"));
     }
-    for (name, value) in [
-        ("messageId", &event.message_id),
-        ("userId", &event.user_id),
-        ("anonymousId", &event.anonymous_id),
-        ("previousId", &event.previous_id),
-        ("groupId", &event.group_id),
-    ] {
-        if value.chars().count() > MAX_ID_CHARS {
+    if event.message_id.len() > MAX_IDENTIFIER_BYTES {
+        return Err(FieldViolation::new(
+            "messageId",
+            format!("is longer than {MAX_IDENTIFIER_BYTES} bytes"),
+        ));
+    }
+    if let Some((field, len)) = rules.oversized_identifier(event) {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "is {len} bytes, longer than the {MAX_IDENTIFIER_BYTES} bytes an identifier may have"
+            ),
+        ));
+    }
+    for (name, value) in [("event", &event.event), ("name", &event.name)] {
+        if value.len() > MAX_NAME_BYTES {
             return Err(FieldViolation::new(
                 name,
-                format!("is longer than {MAX_ID_CHARS} characters"),
+                format!("is longer than {MAX_NAME_BYTES} bytes"),
             ));
+        }
+    }
+    for (name, object) in [
+        ("properties", &event.properties),
+        ("traits", &event.traits),
+        ("context", &event.context),
+        ("integrations", &event.integrations),
+    ] {
+        if let Some(object) = object {
+            check_object(object, 1).map_err(|(path, problem)| problem.violation(name, path))?;
+        }
+    }
+    if kind == EventType::Track
+        && CONSENT_EVENTS.contains(&event.event.as_str())
+        && let Some(properties) = &event.properties
+    {
+        for key in ["channel", "purpose"] {
+            if string_at(properties, &[key]).is_some_and(|v| v.len() > MAX_CONSENT_NAME_BYTES) {
+                return Err(FieldViolation::new(
+                    format!("properties.{key}"),
+                    format!("is longer than {MAX_CONSENT_NAME_BYTES} bytes"),
+                ));
+            }
         }
     }
     if event.user_id.trim().is_empty() && event.anonymous_id.trim().is_empty() {
@@ -59,6 +120,75 @@ pub fn validate(event: &Event) -> Result<(), FieldViolation> {
         }
         EventType::Group if event.group_id.trim().is_empty() => {
             Err(FieldViolation::new("groupId", "is required for group"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What is wrong inside an object, found by [`check_object`].
+enum Problem {
+    TooDeep,
+    LongKey(String),
+}
+
+impl Problem {
+    /// The violation at `path` (innermost step first) below the top-level field `name`.
+    fn violation(self, name: &str, mut path: Vec<String>) -> FieldViolation {
+        path.reverse();
+        let mut field = name.to_owned();
+        for step in path {
+            if !step.starts_with('[') {
+                field.push('.');
+            }
+            field.push_str(&step);
+        }
+        match self {
+            Problem::TooDeep => FieldViolation::new(
+                field,
+                format!("nests objects and arrays more than {MAX_DEPTH} levels deep"),
+            ),
+            Problem::LongKey(key) => FieldViolation::new(
+                field,
+                format!("has a key longer than {MAX_KEY_BYTES} bytes: {key:?}..."),
+            ),
+        }
+    }
+}
+
+/// Checks nesting and key lengths of an object at `depth`. The recursion stops at
+/// [`MAX_DEPTH`], so it is shallow whatever it is given; the path comes back innermost first.
+fn check_object(object: &Struct, depth: usize) -> Result<(), (Vec<String>, Problem)> {
+    if depth > MAX_DEPTH {
+        return Err((Vec::new(), Problem::TooDeep));
+    }
+    for (key, value) in &object.fields {
+        if key.len() > MAX_KEY_BYTES {
+            let start: String = key.chars().take(32).collect();
+            return Err((Vec::new(), Problem::LongKey(start)));
+        }
+        check_value(value, depth).map_err(|(mut path, problem)| {
+            path.push(key.clone());
+            (path, problem)
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks a value found at `depth`.
+fn check_value(value: &Value, depth: usize) -> Result<(), (Vec<String>, Problem)> {
+    match &value.kind {
+        Some(Kind::StructValue(object)) => check_object(object, depth + 1),
+        Some(Kind::ListValue(list)) => {
+            if depth + 1 > MAX_DEPTH {
+                return Err((Vec::new(), Problem::TooDeep));
+            }
+            for (i, item) in list.values.iter().enumerate() {
+                check_value(item, depth + 1).map_err(|(mut path, problem)| {
+                    path.push(format!("[{i}]"));
+                    (path, problem)
+                })?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -176,30 +306,119 @@ mod tests {
     fn rules_per_type() {
         let mut e = track();
         e.event.clear();
-        assert_eq!(validate(&e).unwrap_err().field, "event");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "event");
 
         let mut e = track();
         e.anonymous_id.clear();
-        assert_eq!(validate(&e).unwrap_err().field, "userId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "userId");
 
         let mut e = track();
         e.set_type(EventType::Alias);
         e.user_id = "u1".into();
-        assert_eq!(validate(&e).unwrap_err().field, "previousId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "previousId");
         e.previous_id = "a1".into();
-        assert!(validate(&e).is_ok());
+        assert!(validate(&e, &rules()).is_ok());
 
         let mut e = track();
         e.set_type(EventType::Group);
-        assert_eq!(validate(&e).unwrap_err().field, "groupId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "groupId");
 
         let mut e = track();
         e.set_type(EventType::Unspecified);
-        assert_eq!(validate(&e).unwrap_err().field, "type");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "type");
 
         let mut e = track();
         e.message_id = "x".repeat(300);
-        assert_eq!(validate(&e).unwrap_err().field, "messageId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "messageId");
+    }
+
+    fn rules() -> IdentityRules {
+        IdentityRules::new(vec!["loyalty_id".into()], &Default::default(), &[]).unwrap()
+    }
+
+    fn object(v: serde_json::Value) -> Struct {
+        waymark_proto::json::struct_from_json(v.as_object().unwrap().clone())
+    }
+
+    /// `levels` objects and arrays, alternating, the outermost an object.
+    fn nested(levels: usize) -> serde_json::Value {
+        let mut v = serde_json::json!(1);
+        for level in (1..levels).rev() {
+            v = if level % 2 == 0 {
+                serde_json::json!([v])
+            } else {
+                serde_json::json!({ "k": v })
+            };
+        }
+        serde_json::json!({ "k": v })
+    }
+
+    #[test]
+    fn nesting_is_limited_and_the_deep_field_named() {
+        let mut e = track();
+        e.properties = Some(object(nested(MAX_DEPTH)));
+        assert!(validate(&e, &rules()).is_ok());
+        e.properties = Some(object(nested(MAX_DEPTH + 1)));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert!(
+            err.field.starts_with("properties.k.k[0].k"),
+            "{}",
+            err.field
+        );
+        assert!(err.description.contains("16 levels"), "{}", err.description);
+        let mut e = track();
+        e.context = Some(object(serde_json::json!({"a": {"b": nested(MAX_DEPTH)}})));
+        assert!(
+            validate(&e, &rules())
+                .unwrap_err()
+                .field
+                .starts_with("context.a.b.k")
+        );
+    }
+
+    #[test]
+    fn names_keys_and_identifiers_have_limits() {
+        let mut e = track();
+        e.event = "e".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "event");
+        let mut e = track();
+        e.set_type(EventType::Page);
+        e.name = "é".repeat(MAX_NAME_BYTES / 2 + 1);
+        assert_eq!(
+            validate(&e, &rules()).unwrap_err().field,
+            "name",
+            "bytes, not characters"
+        );
+        let mut e = track();
+        e.traits = Some(object(
+            serde_json::json!({"a": {"k".repeat(MAX_KEY_BYTES + 1): 1}}),
+        ));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert_eq!(err.field, "traits.a");
+        assert!(err.description.contains("key longer than 256 bytes"));
+        let mut e = track();
+        e.context = Some(object(
+            serde_json::json!({"traits": {"loyalty_id": "l".repeat(2000)}}),
+        ));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert_eq!(err.field, "context.traits.loyalty_id");
+        assert!(
+            err.description.contains("2000 bytes"),
+            "{}",
+            err.description
+        );
+        let mut e = track();
+        e.event = "Unsubscribed".into();
+        e.properties = Some(object(serde_json::json!({"channel": "c".repeat(65)})));
+        assert_eq!(
+            validate(&e, &rules()).unwrap_err().field,
+            "properties.channel"
+        );
+        e.event = "Viewed".into();
+        assert!(
+            validate(&e, &rules()).is_ok(),
+            "only consent events name a channel"
+        );
     }
 
     #[test]
@@ -218,7 +437,7 @@ mod tests {
     fn oversized_events_are_rejected() {
         let mut e = track();
         e.event = "x".repeat(40 * 1024);
-        let err = validate(&e).unwrap_err();
+        let err = validate(&e, &rules()).unwrap_err();
         assert!(err.description.contains("32 KB"));
     }
 

@@ -444,12 +444,36 @@ impl Profiles {
         if traits.fields.is_empty() {
             return Err(invalid("traits", "must set at least one trait"));
         }
+        // The limits ingestion applies to the traits of an event.
+        if let Some(key) = traits
+            .fields
+            .keys()
+            .find(|k| k.len() > waymark_identity::MAX_KEY_BYTES)
+        {
+            return Err(invalid(
+                "traits",
+                format!(
+                    "key {:?}... is longer than {} bytes",
+                    key.chars().take(32).collect::<String>(),
+                    waymark_identity::MAX_KEY_BYTES
+                ),
+            ));
+        }
         let mut change = Event {
             traits: Some(traits),
             source_id: trusted_source_id(source),
             ..Event::default()
         };
         change.set_type(EventType::Identify);
+        if let Some((field, len)) = self.inner.rules.identity.oversized_identifier(&change) {
+            return Err(invalid(
+                field,
+                format!(
+                    "is {len} bytes, longer than the {} bytes an identifier may have",
+                    waymark_identity::MAX_IDENTIFIER_BYTES
+                ),
+            ));
+        }
         self.apply_trusted(profile_id, change).await
     }
 
@@ -469,6 +493,17 @@ impl Profiles {
         }
         if purpose.is_empty() {
             return Err(invalid("purpose", "is required"));
+        }
+        for (field, name) in [("channel", &channel), ("purpose", &purpose)] {
+            if name.len() > waymark_identity::MAX_CONSENT_NAME_BYTES {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is longer than {} bytes",
+                        waymark_identity::MAX_CONSENT_NAME_BYTES
+                    ),
+                ));
+            }
         }
         let mut change = Event {
             event: if granted {

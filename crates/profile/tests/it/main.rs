@@ -774,6 +774,36 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("channel"));
+    // The limits ingestion applies hold for trusted updates too, and nothing is written.
+    let err = client
+        .set_consent(admin(SetConsentRequest {
+            profile_id: p.profile_id.clone(),
+            channel: "email".into(),
+            purpose: "p".repeat(65),
+            granted: true,
+            source: "preference-centre".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("purpose"), "{}", err.message());
+    let serde_json::Value::Object(long_email) =
+        json!({"email": format!("{}@example.com", "a".repeat(300))})
+    else {
+        unreachable!()
+    };
+    let err = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(long_email)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("traits.email"), "{}", err.message());
+    let unchanged = get(&server, by_identity("user_id", "u-5")).await.unwrap();
+    assert_eq!(unchanged.version, consented.version);
     let err = get(&server, GetProfileRequest::default())
         .await
         .unwrap_err();
