@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use prost_types::Struct;
+use prost_types::value::Kind;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::json::string_at;
 
@@ -74,6 +76,82 @@ pub const MAX_KEY_BYTES: usize = 256;
 /// Longest consent channel or purpose name, in bytes: each pair is a key of the profile's
 /// consent map (`email/marketing`).
 pub const MAX_CONSENT_NAME_BYTES: usize = 64;
+
+/// Deepest nesting of objects and arrays in an event's properties, traits, context and
+/// integrations (and a trusted update's traits), the object itself being level 1.
+/// Consumers decode events and profiles with prost, which refuses messages nested more
+/// than 100 deep, and every JSON level costs about three of its levels (Struct, Value, the
+/// next Struct or ListValue) below the envelope (request, event, profile): 16 levels stay
+/// far inside, and no real payload comes near.
+pub const MAX_DEPTH: usize = 16;
+
+/// Checks that `object`, the top-level field `name` (e.g. `properties`), nests at most
+/// [`MAX_DEPTH`] levels and has no key longer than [`MAX_KEY_BYTES`] at any depth. The
+/// error is the field path (`properties.cart.items[2]`) and the problem. The recursion
+/// stops at the limit, so it stays shallow whatever it is given.
+pub fn check_object(name: &str, object: &Struct) -> Result<(), (String, String)> {
+    walk_object(object, 1).map_err(|(mut path, problem)| {
+        path.reverse();
+        let mut field = name.to_owned();
+        for step in path {
+            if !step.starts_with('[') {
+                field.push('.');
+            }
+            field.push_str(&step);
+        }
+        (field, problem)
+    })
+}
+
+/// The path to a problem, innermost step first, and the problem.
+type Found = (Vec<String>, String);
+
+fn too_deep() -> Found {
+    (
+        Vec::new(),
+        format!("nests objects and arrays more than {MAX_DEPTH} levels deep"),
+    )
+}
+
+fn walk_object(object: &Struct, depth: usize) -> Result<(), Found> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    for (key, value) in &object.fields {
+        if key.len() > MAX_KEY_BYTES {
+            let start: String = key.chars().take(32).collect();
+            return Err((
+                Vec::new(),
+                format!("has a key longer than {MAX_KEY_BYTES} bytes: {start:?}..."),
+            ));
+        }
+        walk_value(value, depth).map_err(|(mut path, problem)| {
+            path.push(key.clone());
+            (path, problem)
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks a value found in an object at `depth`.
+fn walk_value(value: &prost_types::Value, depth: usize) -> Result<(), Found> {
+    match &value.kind {
+        Some(Kind::StructValue(object)) => walk_object(object, depth + 1),
+        Some(Kind::ListValue(list)) => {
+            if depth + 1 > MAX_DEPTH {
+                return Err(too_deep());
+            }
+            for (i, item) in list.values.iter().enumerate() {
+                walk_value(item, depth + 1).map_err(|(mut path, problem)| {
+                    path.push(format!("[{i}]"));
+                    (path, problem)
+                })?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Identifier types every deployment has.
 pub const BUILT_IN_TYPES: [&str; 5] = ["user_id", "email", "phone", "device_id", "anonymous_id"];
@@ -295,9 +373,9 @@ impl IdentityRules {
 }
 
 /// The object under `key`, if it is one.
-fn struct_at<'a>(s: &'a prost_types::Struct, key: &str) -> Option<&'a prost_types::Struct> {
+fn struct_at<'a>(s: &'a Struct, key: &str) -> Option<&'a Struct> {
     match s.fields.get(key)?.kind.as_ref()? {
-        prost_types::value::Kind::StructValue(s) => Some(s),
+        Kind::StructValue(s) => Some(s),
         _ => None,
     }
 }
@@ -460,5 +538,25 @@ mod tests {
         ));
         let (field, _) = rules.oversized_identifier(&event).unwrap();
         assert_eq!(field, "traits.email");
+    }
+
+    #[test]
+    fn objects_are_checked_for_depth_and_key_length_at_every_level() {
+        let object = |v: serde_json::Value| struct_from_json(v.as_object().unwrap().clone());
+        // 16 levels: the object, the list in `a`, then 14 objects.
+        let mut deep = serde_json::json!(1);
+        for _ in 0..14 {
+            deep = serde_json::json!({ "k": deep });
+        }
+        let fine = object(serde_json::json!({"a": [deep.clone()]}));
+        assert_eq!(check_object("traits", &fine), Ok(()));
+        let too_deep = object(serde_json::json!({"a": [{ "k": deep }]}));
+        let (field, problem) = check_object("traits", &too_deep).unwrap_err();
+        assert!(field.starts_with("traits.a[0].k.k"), "{field}");
+        assert!(problem.contains("16 levels"), "{problem}");
+        let long_key = object(serde_json::json!({"a": [1, {"k".repeat(MAX_KEY_BYTES + 1): 1}]}));
+        let (field, problem) = check_object("properties", &long_key).unwrap_err();
+        assert_eq!(field, "properties.a[1]");
+        assert!(problem.contains("key longer than 256 bytes"), "{problem}");
     }
 }

@@ -2,11 +2,8 @@
 //! assigns (event id, receivedAt, source, channel).
 
 use prost::Message;
-use prost_types::value::Kind;
-use prost_types::{Struct, Timestamp, Value};
-use waymark_identity::{
-    IdentityRules, MAX_CONSENT_NAME_BYTES, MAX_IDENTIFIER_BYTES, MAX_KEY_BYTES,
-};
+use prost_types::Timestamp;
+use waymark_identity::{IdentityRules, MAX_CONSENT_NAME_BYTES, MAX_IDENTIFIER_BYTES, check_object};
 use waymark_kit::error::FieldViolation;
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::json::string_at;
@@ -25,12 +22,9 @@ pub const MAX_BATCH_MESSAGES: usize = 2_500;
 /// copied into every message lacking its own: what a request may make the server hold,
 /// whatever it saved by sharing. The size of the outbox packs that relay it.
 pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Deepest nesting of objects and arrays in properties, traits, context and integrations,
-/// the object itself being level 1. Consumers decode events with prost, which refuses
-/// messages nested more than 100 deep, and every JSON level costs about three of its
-/// levels (Struct, Value, the next Struct or ListValue) below the envelope (request, event,
-/// profile): 16 levels stay far inside, which no real payload comes near.
-pub const MAX_DEPTH: usize = 16;
+/// Deepest nesting of properties, traits, context and integrations: shared with the
+/// profile service's trusted updates, so it lives in `waymark-identity`.
+pub use waymark_identity::MAX_DEPTH;
 /// Longest event name (track) or page / screen name, in bytes: names are counted per
 /// profile and matched by segment conditions, they are never prose.
 pub const MAX_NAME_BYTES: usize = 200;
@@ -86,7 +80,8 @@ pub fn validate(event: &Event, rules: &IdentityRules) -> Result<(), FieldViolati
         ("integrations", &event.integrations),
     ] {
         if let Some(object) = object {
-            check_object(object, 1).map_err(|(path, problem)| problem.violation(name, path))?;
+            check_object(name, object)
+                .map_err(|(field, problem)| FieldViolation::new(field, problem))?;
         }
     }
     if kind == EventType::Track
@@ -120,75 +115,6 @@ pub fn validate(event: &Event, rules: &IdentityRules) -> Result<(), FieldViolati
         }
         EventType::Group if event.group_id.trim().is_empty() => {
             Err(FieldViolation::new("groupId", "is required for group"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// What is wrong inside an object, found by [`check_object`].
-enum Problem {
-    TooDeep,
-    LongKey(String),
-}
-
-impl Problem {
-    /// The violation at `path` (innermost step first) below the top-level field `name`.
-    fn violation(self, name: &str, mut path: Vec<String>) -> FieldViolation {
-        path.reverse();
-        let mut field = name.to_owned();
-        for step in path {
-            if !step.starts_with('[') {
-                field.push('.');
-            }
-            field.push_str(&step);
-        }
-        match self {
-            Problem::TooDeep => FieldViolation::new(
-                field,
-                format!("nests objects and arrays more than {MAX_DEPTH} levels deep"),
-            ),
-            Problem::LongKey(key) => FieldViolation::new(
-                field,
-                format!("has a key longer than {MAX_KEY_BYTES} bytes: {key:?}..."),
-            ),
-        }
-    }
-}
-
-/// Checks nesting and key lengths of an object at `depth`. The recursion stops at
-/// [`MAX_DEPTH`], so it is shallow whatever it is given; the path comes back innermost first.
-fn check_object(object: &Struct, depth: usize) -> Result<(), (Vec<String>, Problem)> {
-    if depth > MAX_DEPTH {
-        return Err((Vec::new(), Problem::TooDeep));
-    }
-    for (key, value) in &object.fields {
-        if key.len() > MAX_KEY_BYTES {
-            let start: String = key.chars().take(32).collect();
-            return Err((Vec::new(), Problem::LongKey(start)));
-        }
-        check_value(value, depth).map_err(|(mut path, problem)| {
-            path.push(key.clone());
-            (path, problem)
-        })?;
-    }
-    Ok(())
-}
-
-/// Checks a value found at `depth`.
-fn check_value(value: &Value, depth: usize) -> Result<(), (Vec<String>, Problem)> {
-    match &value.kind {
-        Some(Kind::StructValue(object)) => check_object(object, depth + 1),
-        Some(Kind::ListValue(list)) => {
-            if depth + 1 > MAX_DEPTH {
-                return Err((Vec::new(), Problem::TooDeep));
-            }
-            for (i, item) in list.values.iter().enumerate() {
-                check_value(item, depth + 1).map_err(|(mut path, problem)| {
-                    path.push(format!("[{i}]"));
-                    (path, problem)
-                })?;
-            }
-            Ok(())
         }
         _ => Ok(()),
     }
@@ -262,6 +188,8 @@ pub fn from_micros(us: i64) -> Timestamp {
 mod tests {
     use super::*;
     use crate::segment::parse_timestamp;
+    use prost_types::Struct;
+    use waymark_identity::MAX_KEY_BYTES;
 
     fn ts(s: &str) -> Timestamp {
         parse_timestamp(s).unwrap()

@@ -445,20 +445,8 @@ impl Profiles {
             return Err(invalid("traits", "must set at least one trait"));
         }
         // The limits ingestion applies to the traits of an event.
-        if let Some(key) = traits
-            .fields
-            .keys()
-            .find(|k| k.len() > waymark_identity::MAX_KEY_BYTES)
-        {
-            return Err(invalid(
-                "traits",
-                format!(
-                    "key {:?}... is longer than {} bytes",
-                    key.chars().take(32).collect::<String>(),
-                    waymark_identity::MAX_KEY_BYTES
-                ),
-            ));
-        }
+        waymark_identity::check_object("traits", &traits)
+            .map_err(|(field, problem)| invalid(field, problem))?;
         let mut change = Event {
             traits: Some(traits),
             source_id: trusted_source_id(source),

@@ -802,6 +802,19 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("traits.email"), "{}", err.message());
+    let serde_json::Value::Object(long_key) = json!({"prefs": {"k".repeat(300): true}}) else {
+        unreachable!()
+    };
+    let err = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(long_key)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("traits.prefs"), "{}", err.message());
     let unchanged = get(&server, by_identity("user_id", "u-5")).await.unwrap();
     assert_eq!(unchanged.version, consented.version);
     let err = get(&server, GetProfileRequest::default())
