@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use prost_types::Struct;
+use prost_types::value::Kind;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::json::string_at;
 
@@ -60,6 +62,95 @@ pub fn normalise_phone(value: &str) -> Option<String> {
         digits.drain(..2);
     }
     (international && (8..=15).contains(&digits.len())).then(|| format!("+{digits}"))
+}
+
+/// Longest identifier value accepted anywhere (user, anonymous, previous and group ids,
+/// e-mail, phone, device id, custom identifier traits), in bytes of UTF-8. Identifiers
+/// are keys of btree indexes in both services, and PostgreSQL refuses an index entry over
+/// about 2,700 bytes; 256 leaves room for the type and the ids stored beside the value,
+/// and no real e-mail address (254 at most) or id is longer.
+pub const MAX_IDENTIFIER_BYTES: usize = 256;
+/// Longest trait or property key, in bytes: keys become profile trait names and segment
+/// variables, and a key is never prose.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest consent channel or purpose name, in bytes: each pair is a key of the profile's
+/// consent map (`email/marketing`).
+pub const MAX_CONSENT_NAME_BYTES: usize = 64;
+
+/// Deepest nesting of objects and arrays in an event's properties, traits, context and
+/// integrations (and a trusted update's traits), the object itself being level 1.
+/// Consumers decode events and profiles with prost, which refuses messages nested more
+/// than 100 deep, and every JSON level costs about three of its levels (Struct, Value, the
+/// next Struct or ListValue) below the envelope (request, event, profile): 16 levels stay
+/// far inside, and no real payload comes near.
+pub const MAX_DEPTH: usize = 16;
+
+/// Checks that `object`, the top-level field `name` (e.g. `properties`), nests at most
+/// [`MAX_DEPTH`] levels and has no key longer than [`MAX_KEY_BYTES`] at any depth. The
+/// error is the field path (`properties.cart.items[2]`) and the problem. The recursion
+/// stops at the limit, so it stays shallow whatever it is given.
+pub fn check_object(name: &str, object: &Struct) -> Result<(), (String, String)> {
+    walk_object(object, 1).map_err(|(mut path, problem)| {
+        path.reverse();
+        let mut field = name.to_owned();
+        for step in path {
+            if !step.starts_with('[') {
+                field.push('.');
+            }
+            field.push_str(&step);
+        }
+        (field, problem)
+    })
+}
+
+/// The path to a problem, innermost step first, and the problem.
+type Found = (Vec<String>, String);
+
+fn too_deep() -> Found {
+    (
+        Vec::new(),
+        format!("nests objects and arrays more than {MAX_DEPTH} levels deep"),
+    )
+}
+
+fn walk_object(object: &Struct, depth: usize) -> Result<(), Found> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    for (key, value) in &object.fields {
+        if key.len() > MAX_KEY_BYTES {
+            let start: String = key.chars().take(32).collect();
+            return Err((
+                Vec::new(),
+                format!("has a key longer than {MAX_KEY_BYTES} bytes: {start:?}..."),
+            ));
+        }
+        walk_value(value, depth).map_err(|(mut path, problem)| {
+            path.push(key.clone());
+            (path, problem)
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks a value found in an object at `depth`.
+fn walk_value(value: &prost_types::Value, depth: usize) -> Result<(), Found> {
+    match &value.kind {
+        Some(Kind::StructValue(object)) => walk_object(object, depth + 1),
+        Some(Kind::ListValue(list)) => {
+            if depth + 1 > MAX_DEPTH {
+                return Err(too_deep());
+            }
+            for (i, item) in list.values.iter().enumerate() {
+                walk_value(item, depth + 1).map_err(|(mut path, problem)| {
+                    path.push(format!("[{i}]"));
+                    (path, problem)
+                })?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Identifier types every deployment has.
@@ -191,6 +282,50 @@ impl IdentityRules {
             .unwrap_or(self.priority.len())
     }
 
+    /// The first identifier value of the event longer than [`MAX_IDENTIFIER_BYTES`], as its
+    /// field path in Segment's JSON (`traits.email`, `context.device.id`) and its length.
+    /// Raw values are measured, wherever [`Self::extract`] reads one, and the group id too.
+    pub fn oversized_identifier(&self, event: &Event) -> Option<(String, usize)> {
+        let too_long = |value: &str| value.len() > MAX_IDENTIFIER_BYTES;
+        for (field, value) in [
+            ("userId", &event.user_id),
+            ("anonymousId", &event.anonymous_id),
+            ("previousId", &event.previous_id),
+            ("groupId", &event.group_id),
+        ] {
+            if too_long(value) {
+                return Some((field.to_owned(), value.len()));
+            }
+        }
+        let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
+        for (prefix, traits) in [
+            ("traits", event.traits.as_ref()),
+            ("context.traits", context_traits),
+        ] {
+            let Some(traits) = traits else { continue };
+            let types = ["email", "phone"]
+                .into_iter()
+                .chain(self.custom_types.iter().map(String::as_str));
+            for id_type in types {
+                if let Some(value) = string_at(traits, &[id_type])
+                    && too_long(value)
+                {
+                    return Some((format!("{prefix}.{id_type}"), value.len()));
+                }
+            }
+        }
+        match event
+            .context
+            .as_ref()
+            .and_then(|c| string_at(c, &["device", "id"]))
+        {
+            Some(device) if too_long(device) => {
+                Some(("context.device.id".to_owned(), device.len()))
+            }
+            _ => None,
+        }
+    }
+
     /// The identifiers an event carries, highest priority first, without duplicates.
     pub fn extract(&self, event: &Event) -> Vec<Ident> {
         let mut out: Vec<Ident> = Vec::new();
@@ -208,14 +343,7 @@ impl IdentityRules {
             // The earlier id of an alias is usually an anonymous id.
             push("anonymous_id", &event.previous_id);
         }
-        let context_traits =
-            event
-                .context
-                .as_ref()
-                .and_then(|c| match c.fields.get("traits")?.kind.as_ref()? {
-                    prost_types::value::Kind::StructValue(s) => Some(s),
-                    _ => None,
-                });
+        let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
         for traits in [event.traits.as_ref(), context_traits]
             .into_iter()
             .flatten()
@@ -241,6 +369,14 @@ impl IdentityRules {
         }
         out.sort_by_key(|(t, _)| self.rank(t));
         out
+    }
+}
+
+/// The object under `key`, if it is one.
+fn struct_at<'a>(s: &'a Struct, key: &str) -> Option<&'a Struct> {
+    match s.fields.get(key)?.kind.as_ref()? {
+        Kind::StructValue(s) => Some(s),
+        _ => None,
     }
 }
 
@@ -353,5 +489,74 @@ mod tests {
         assert_eq!(error.setting, "identity_priority");
         let error = IdentityRules::new(vec!["email".into()], &BTreeMap::new(), &[]).unwrap_err();
         assert_eq!(error.setting, "custom_identity_types");
+    }
+
+    #[test]
+    fn oversized_identifiers_are_named_by_field() {
+        let rules = rules();
+        let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
+        let mut event = Event {
+            user_id: "x".repeat(MAX_IDENTIFIER_BYTES),
+            ..Event::default()
+        };
+        assert_eq!(
+            rules.oversized_identifier(&event),
+            None,
+            "the limit itself is fine"
+        );
+        event.group_id = long.clone();
+        assert_eq!(
+            rules.oversized_identifier(&event),
+            Some(("groupId".to_owned(), MAX_IDENTIFIER_BYTES + 1))
+        );
+        event.group_id.clear();
+        event.context = Some(struct_from_json(
+            serde_json::json!({"traits": {"loyalty_id": long}})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(field, "context.traits.loyalty_id");
+        event.context = Some(struct_from_json(
+            serde_json::json!({"device": {"id": long}, "traits": {"note": long}})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(
+            field, "context.device.id",
+            "traits that are not identifiers are not checked"
+        );
+        event.context = None;
+        event.traits = Some(struct_from_json(
+            serde_json::json!({"email": format!("{long}@example.com")})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let (field, _) = rules.oversized_identifier(&event).unwrap();
+        assert_eq!(field, "traits.email");
+    }
+
+    #[test]
+    fn objects_are_checked_for_depth_and_key_length_at_every_level() {
+        let object = |v: serde_json::Value| struct_from_json(v.as_object().unwrap().clone());
+        // 16 levels: the object, the list in `a`, then 14 objects.
+        let mut deep = serde_json::json!(1);
+        for _ in 0..14 {
+            deep = serde_json::json!({ "k": deep });
+        }
+        let fine = object(serde_json::json!({"a": [deep.clone()]}));
+        assert_eq!(check_object("traits", &fine), Ok(()));
+        let too_deep = object(serde_json::json!({"a": [{ "k": deep }]}));
+        let (field, problem) = check_object("traits", &too_deep).unwrap_err();
+        assert!(field.starts_with("traits.a[0].k.k"), "{field}");
+        assert!(problem.contains("16 levels"), "{problem}");
+        let long_key = object(serde_json::json!({"a": [1, {"k".repeat(MAX_KEY_BYTES + 1): 1}]}));
+        let (field, problem) = check_object("properties", &long_key).unwrap_err();
+        assert_eq!(field, "properties.a[1]");
+        assert!(problem.contains("key longer than 256 bytes"), "{problem}");
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 use waymark_kit::outbox::{self, Wakeup};
 
+use crate::metrics::EventMetrics;
 use crate::store::{self, Counters, EventRow};
 
 /// Upper bound on events in one transaction, to keep statements and latency bounded.
@@ -67,10 +68,7 @@ impl Committer {
                 consumers: consumers.clone(),
                 wakeup: wakeup.clone(),
                 shard: shard as i32,
-                events: opentelemetry::global::meter("waymark")
-                    .u64_counter("ingest.events")
-                    .with_description("events received, by outcome")
-                    .build(),
+                events: EventMetrics::new(),
             };
             tokio::spawn(worker.run(rx.clone()));
         }
@@ -109,23 +107,18 @@ struct Worker {
     consumers: Arc<Vec<String>>,
     wakeup: Wakeup,
     shard: i32,
-    events: opentelemetry::metrics::Counter<u64>,
+    events: EventMetrics,
 }
 
 impl Worker {
-    /// Counts a committed request's events in `ingest.events{outcome}`.
+    /// Counts a committed request's events in `ingest.events{outcome}`; rejections are
+    /// counted where they are decided, with their reason.
     fn count(&self, request: &CommitRequest, outcome: CommitOutcome) {
-        use opentelemetry::KeyValue;
-        for (name, n) in [
-            ("accepted", u64::from(outcome.accepted)),
-            ("duplicate", u64::from(outcome.duplicates)),
-            ("rejected", request.counters.rejected),
-            ("suppressed", request.counters.suppressed),
-        ] {
-            if n > 0 {
-                self.events.add(n, &[KeyValue::new("outcome", name)]);
-            }
-        }
+        self.events.counted("accepted", u64::from(outcome.accepted));
+        self.events
+            .counted("duplicate", u64::from(outcome.duplicates));
+        self.events
+            .counted("suppressed", request.counters.suppressed);
     }
 }
 

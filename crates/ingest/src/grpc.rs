@@ -1,16 +1,81 @@
 //! The gRPC adapter: `waymark.ingest.v1.IngestService` over the ingestion core.
 
+use std::task::{Context, Poll};
+
 use base64::Engine;
+use futures::future::BoxFuture;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use waymark_proto::ingest::v1::ingest_service_server::IngestService;
 use waymark_proto::ingest::v1::*;
 
-use crate::service::{BatchMode, Ingestor};
+use crate::service::{AuthedSource, BatchMode, Ingestor};
 use crate::store::{Counters, EventFilter, SourceRow};
 use crate::validate::{from_micros, micros};
 
+/// The method that checks a write key.
+const INGEST_METHOD: &str = "/waymark.ingest.v1.IngestService/Ingest";
 /// Full method paths callable without the admin token (they check a write key instead).
-pub const PUBLIC_METHODS: &[&str] = &["/waymark.ingest.v1.IngestService/Ingest"];
+pub const PUBLIC_METHODS: &[&str] = &[INGEST_METHOD];
+
+/// Checks the write key of `Ingest` calls from their headers, before the body is read,
+/// decompressed or decoded, so an unauthenticated client costs no more than its headers.
+/// The source goes to the handler as a request extension.
+#[derive(Clone)]
+pub struct WriteKeyAuth<S> {
+    core: Ingestor,
+    inner: S,
+}
+
+impl<S> WriteKeyAuth<S> {
+    /// Wraps the generated service.
+    pub fn new(core: Ingestor, inner: S) -> Self {
+        Self { core, inner }
+    }
+}
+
+impl<S: NamedService> NamedService for WriteKeyAuth<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WriteKeyAuth<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone takes the place of the service that was polled ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if request.uri().path() != INGEST_METHOD {
+            return Box::pin(inner.call(request));
+        }
+        let core = self.core.clone();
+        Box::pin(async move {
+            let key = write_key(request.headers());
+            match core.authenticate(&key).await {
+                Ok(source) => {
+                    request.extensions_mut().insert(source);
+                    inner.call(request).await
+                }
+                Err(error) => Ok(Status::from(error).into_http()),
+            }
+        })
+    }
+}
 
 /// Implements `IngestService`.
 #[derive(Clone)]
@@ -26,10 +91,9 @@ impl IngestGrpc {
 }
 
 /// The write key from `authorization: Bearer <key>` or `Basic base64(<key>:)`.
-fn write_key<T>(request: &Request<T>) -> String {
-    let Some(value) = request
-        .metadata()
-        .get("authorization")
+fn write_key(headers: &http::HeaderMap) -> String {
+    let Some(value) = headers
+        .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     else {
         return String::new();
@@ -80,7 +144,11 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let source = self.core.authenticate(&write_key(&request)).await?;
+        let source = request
+            .extensions()
+            .get::<AuthedSource>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("missing write key"))?;
         tracing::Span::current().record("source_id", source.source_id.as_str());
         let events = request.into_inner().events;
         let outcome = self

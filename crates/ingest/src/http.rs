@@ -1,8 +1,16 @@
 //! The Segment-compatible HTTP adapter: `/v1/batch` and the single-message endpoints, with
 //! write keys as HTTP Basic user names (or `writeKey` in the body) and gzip bodies.
 //! Success is exactly 200 with a small JSON body, since some SDKs retry anything else.
+//!
+//! What a request can cost is bounded before it is spent: a write key in the headers is
+//! checked before the body is read, bodies are read within a time and a size (inflated
+//! size for gzip, cut off while inflating), a batch's messages are counted before they
+//! are parsed, and the batch context is converted once and copied into a message only
+//! within the batch's expanded size.
 
+use std::future::Future;
 use std::io::Read;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -11,30 +19,45 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
 use waymark_kit::error::{Error, FieldViolation};
 use waymark_proto::common::v1::EventType;
+use waymark_proto::json::struct_from_json;
 
 use crate::segment::{BatchDefaults, parse_message, parse_timestamp};
-use crate::service::{BatchMode, IngestError, Ingestor};
-use crate::validate::{MAX_BATCH_BYTES, MAX_EVENT_BYTES};
+use crate::service::{AuthedSource, BatchMode, IngestError, Ingestor};
+use crate::validate::{
+    MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_EVENT_BYTES, MAX_EXPANDED_BATCH_BYTES,
+};
 
-/// The HTTP routes, ready to serve.
-pub fn router(core: Ingestor) -> Router {
+/// The router's state: the core and how long a body may take to arrive.
+#[derive(Clone)]
+struct Http {
+    core: Ingestor,
+    read_timeout: Duration,
+}
+
+/// The HTTP routes, ready to serve; a request body must arrive within `read_timeout`.
+pub fn router(core: Ingestor, read_timeout: Duration) -> Router {
+    let state = Http {
+        core: core.clone(),
+        read_timeout,
+    };
     let single = |kind: EventType| {
         post(
-            move |State(core): State<Ingestor>, request: Request| async move {
-                handle(core, request, Some(kind)).await
+            move |State(http): State<Http>, request: Request| async move {
+                handle(http, request, Some(kind)).await
             },
         )
     };
-    let batch = post(
-        |State(core): State<Ingestor>, request: Request| async move {
-            handle(core, request, None).await
-        },
-    );
+    let batch = post(|State(http): State<Http>, request: Request| async move {
+        handle(http, request, None).await
+    });
     Router::new()
         .route("/v1/batch", batch.clone())
         .route("/v1/import", batch)
@@ -50,8 +73,70 @@ pub fn router(core: Ingestor) -> Router {
         .route("/v1/g", single(EventType::Group))
         .route("/v1/alias", single(EventType::Alias))
         .route("/v1/a", single(EventType::Alias))
-        .with_state(core)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(core, authenticate))
         .layer(axum::middleware::from_fn(cors))
+}
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` completes, then lets requests
+/// in flight finish. A client gets `read_timeout` to send a request's headers: a
+/// connection that trickles them (slow loris) is closed instead of held for ever.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, usually: pause rather than spin.
+                    tracing::warn!(%error, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "http connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// Checks a write key sent in the headers before the body is read, so a client without
+/// a valid key costs no more than its headers; the source goes to the handler as a
+/// request extension. A key sent as `writeKey` in the body can only be checked once the
+/// body is read, within the size and time limits.
+async fn authenticate(
+    State(core): State<Ingestor>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = basic_user(request.headers()) {
+        match core.authenticate(&key).await {
+            Ok(source) => {
+                request.extensions_mut().insert(source);
+            }
+            Err(error) => return Failure::from(error).into_response(),
+        }
+    }
+    next.run(request).await
 }
 
 /// Browser SDKs call from other origins; answer preflights and allow any origin (the
@@ -153,8 +238,8 @@ struct BatchBody<'a> {
 }
 
 #[tracing::instrument(skip_all, fields(path = %request.uri().path(), events, source_id))]
-async fn handle(core: Ingestor, request: Request, single: Option<EventType>) -> Response {
-    match ingest(core, request, single).await {
+async fn handle(http: Http, request: Request, single: Option<EventType>) -> Response {
+    match ingest(http, request, single).await {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"success": true}))).into_response(),
         Err(failure) => {
             tracing::debug!(status = failure.status.as_u16(), error = %failure.message, "http ingest refused");
@@ -163,13 +248,10 @@ async fn handle(core: Ingestor, request: Request, single: Option<EventType>) -> 
     }
 }
 
-async fn ingest(
-    core: Ingestor,
-    request: Request,
-    single: Option<EventType>,
-) -> Result<(), Failure> {
+async fn ingest(http: Http, request: Request, single: Option<EventType>) -> Result<(), Failure> {
+    let core = http.core;
     let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body).await?;
+    let body = read_body(&parts.headers, body, http.read_timeout).await?;
 
     let (raw_messages, defaults, body_key) = if single.is_some() {
         let raw: &RawValue = serde_json::from_slice(&body).map_err(json_error)?;
@@ -204,45 +286,86 @@ async fn ingest(
                 )]));
             }
         };
+        if batch.len() > MAX_BATCH_MESSAGES {
+            return Err(Failure::from(IngestError::TooLarge(format!(
+                "batch has {} messages, more than {MAX_BATCH_MESSAGES}",
+                batch.len()
+            ))));
+        }
+        // Converted once: a message lacking its own gets a copy only once it is known
+        // to fit (below).
         let defaults = BatchDefaults {
             sent_at,
-            context: parsed.context,
-            integrations: parsed.integrations,
+            context: parsed.context.map(struct_from_json),
+            integrations: parsed.integrations.map(struct_from_json),
         };
         (batch, defaults, parsed.write_key)
     };
     tracing::Span::current().record("events", raw_messages.len());
 
-    let key = basic_user(&parts.headers).or(body_key).unwrap_or_default();
-    let source = core.authenticate(&key).await?;
+    let source = match parts.extensions.get::<AuthedSource>() {
+        Some(source) => source.clone(),
+        None => core.authenticate(&body_key.unwrap_or_default()).await?,
+    };
     tracing::Span::current().record("source_id", source.source_id.as_str());
 
     let mut events = Vec::with_capacity(raw_messages.len());
     let mut violations = Vec::new();
+    let mut expanded = 0;
     for (index, raw) in raw_messages.iter().enumerate() {
         let prefix = if single.is_some() {
             String::new()
         } else {
             format!("batch[{index}].")
         };
-        if raw.get().len() > MAX_EVENT_BYTES {
-            let what = if single.is_some() {
+        let what = || {
+            if single.is_some() {
                 "event".to_owned()
             } else {
                 format!("batch[{index}]")
-            };
+            }
+        };
+        if raw.get().len() > MAX_EVENT_BYTES {
             return Err(Failure::from(IngestError::TooLarge(format!(
-                "{what} is larger than {} KB",
+                "{} is larger than {} KB",
+                what(),
                 MAX_EVENT_BYTES / 1024
             ))));
         }
-        let Ok(Value::Object(message)) = serde_json::from_str::<Value>(raw.get()) else {
-            violations.push(FieldViolation::new(
-                prefix.trim_end_matches('.'),
-                "must be a JSON object",
-            ));
-            continue;
+        // serde_json stops at 128 levels of nesting, so no message can overflow the
+        // stack here; validation then refuses more than `MAX_DEPTH`.
+        let message = match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(message)) => message,
+            Ok(_) => {
+                violations.push(FieldViolation::new(
+                    prefix.trim_end_matches('.'),
+                    "must be a JSON object",
+                ));
+                continue;
+            }
+            Err(error) => {
+                violations.push(FieldViolation::new(
+                    prefix.trim_end_matches('.'),
+                    format!("invalid JSON: {error}"),
+                ));
+                continue;
+            }
         };
+        let inherited = defaults.inherited_bytes(&message);
+        if raw.get().len() + inherited > MAX_EVENT_BYTES {
+            return Err(Failure::from(IngestError::TooLarge(format!(
+                "{} with the batch's context and integrations is larger than {} KB",
+                what(),
+                MAX_EVENT_BYTES / 1024
+            ))));
+        }
+        expanded += raw.get().len() + inherited;
+        if expanded > MAX_EXPANDED_BATCH_BYTES {
+            return Err(Failure::from(IngestError::TooLarge(format!(
+                "batch with the batch's context and integrations in every message is larger than {} MB",
+                MAX_EXPANDED_BATCH_BYTES / (1024 * 1024)
+            ))));
+        }
         match parse_message(message, &prefix, single, &defaults) {
             Ok(event) => events.push(event),
             Err(mut v) => violations.append(&mut v),
@@ -289,17 +412,24 @@ fn json_error(error: serde_json::Error) -> Failure {
     )])
 }
 
-/// Reads the body within the batch limit, inflating gzip; an over-limit body is a 413,
-/// checked on the inflated size so a small gzip bomb cannot get past it.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Failure> {
+/// Reads the body within the batch limit and `timeout`, inflating gzip; an over-limit
+/// body is a 413, checked on the inflated size while inflating, so a small gzip bomb is
+/// cut off at the limit and never inflated whole. A body that takes longer is a 408.
+async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result<Bytes, Failure> {
     let too_large = || {
         Failure::from(IngestError::TooLarge(format!(
             "batch is larger than {} KB",
             MAX_BATCH_BYTES / 1024
         )))
     };
-    let raw = axum::body::to_bytes(body, MAX_BATCH_BYTES + 1)
+    let raw = tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BATCH_BYTES + 1))
         .await
+        .map_err(|_| Failure {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("body not received within {} s", timeout.as_secs()),
+            violations: Vec::new(),
+            retry_after: None,
+        })?
         .map_err(|_| too_large())?;
     let gzip = headers
         .get(header::CONTENT_ENCODING)

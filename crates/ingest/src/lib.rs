@@ -7,6 +7,7 @@ pub mod committer;
 pub mod error;
 pub mod grpc;
 pub mod http;
+mod metrics;
 pub mod segment;
 pub mod service;
 pub mod store;
@@ -143,7 +144,8 @@ impl IngestService {
             shutdown.clone(),
         ));
 
-        let http_app = http::router(self.core.clone()).route(
+        let read_timeout = Duration::from_secs(self.config.ingest_read_timeout_secs);
+        let http_app = http::router(self.core.clone(), read_timeout).route(
             "/health",
             get({
                 let readiness = readiness.clone();
@@ -157,7 +159,7 @@ impl IngestService {
             }),
         );
         tracing::info!(addr = ?http.local_addr().ok(), "http server listening");
-        let http_server = axum::serve(http, http_app).with_graceful_shutdown({
+        let http_server = http::serve(http, http_app, read_timeout, {
             let shutdown = shutdown.clone();
             let drain = Duration::from_secs(self.config.drain_secs);
             async move {
@@ -166,8 +168,10 @@ impl IngestService {
             }
         });
 
+        // A request may make the server hold what an HTTP batch may grow to, counted after
+        // decompression (tonic stops inflating at the limit).
         let grpc_service = IngestServiceServer::new(grpc::IngestGrpc::new(self.core.clone()))
-            .max_decoding_message_size(waymark_kit::grpc::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(validate::MAX_EXPANDED_BATCH_BYTES)
             .max_encoding_message_size(waymark_kit::grpc::MAX_MESSAGE_BYTES)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .send_compressed(tonic::codec::CompressionEncoding::Gzip);
@@ -178,7 +182,7 @@ impl IngestService {
         };
         let grpc_server = waymark_kit::grpc::serve(
             grpc,
-            tonic::service::Routes::new(grpc_service)
+            tonic::service::Routes::new(grpc::WriteKeyAuth::new(self.core.clone(), grpc_service))
                 .add_service(OutboxAdmin::server(self.db.clone())),
             health,
             readiness,
@@ -186,7 +190,10 @@ impl IngestService {
             shutdown.clone(),
         );
         let (http_result, grpc_result) = tokio::join!(
-            async { http_server.await.context("http server") },
+            async {
+                http_server.await;
+                anyhow::Ok(())
+            },
             grpc_server
         );
         shutdown.cancel();

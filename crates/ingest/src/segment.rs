@@ -2,21 +2,39 @@
 //! fields, timestamp syntax). The semantic rules live in [`crate::validate`].
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use prost_types::Timestamp;
+use prost::Message;
+use prost_types::{Struct, Timestamp};
 use serde_json::{Map, Value};
 use waymark_kit::error::FieldViolation;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::json::struct_from_json;
 
-/// Batch-level fields that apply to every message lacking its own.
+/// Batch-level fields that apply to every message lacking its own. They are converted
+/// once; a message gets its copy only when it is parsed.
 #[derive(Debug, Default, Clone)]
 pub struct BatchDefaults {
     /// `sentAt` of the batch.
     pub sent_at: Option<Timestamp>,
     /// `context` of the batch.
-    pub context: Option<Map<String, Value>>,
+    pub context: Option<Struct>,
     /// `integrations` of the batch.
-    pub integrations: Option<Map<String, Value>>,
+    pub integrations: Option<Struct>,
+}
+
+impl BatchDefaults {
+    /// The encoded bytes `message` would gain from the batch's context and integrations.
+    pub fn inherited_bytes(&self, message: &Map<String, Value>) -> usize {
+        let lacks = |key: &str| matches!(message.get(key), None | Some(Value::Null));
+        [
+            ("context", &self.context),
+            ("integrations", &self.integrations),
+        ]
+        .into_iter()
+        .filter(|(key, _)| lacks(key))
+        .filter_map(|(_, value)| value.as_ref())
+        .map(Message::encoded_len)
+        .sum()
+    }
 }
 
 /// Parses a message type name.
@@ -124,11 +142,11 @@ pub fn parse_message(
     event.properties = take_object("properties", &mut violations).map(struct_from_json);
     event.traits = take_object("traits", &mut violations).map(struct_from_json);
     event.context = take_object("context", &mut violations)
-        .or_else(|| defaults.context.clone())
-        .map(struct_from_json);
+        .map(struct_from_json)
+        .or_else(|| defaults.context.clone());
     event.integrations = take_object("integrations", &mut violations)
-        .or_else(|| defaults.integrations.clone())
-        .map(struct_from_json);
+        .map(struct_from_json)
+        .or_else(|| defaults.integrations.clone());
 
     let mut take_time = |key: &str, violations: &mut Vec<FieldViolation>| match message.remove(key)
     {
@@ -304,7 +322,9 @@ mod tests {
     fn batch_defaults_fill_missing_fields() {
         let defaults = BatchDefaults {
             sent_at: parse_timestamp("2026-01-01T00:00:00Z"),
-            context: Some(object(serde_json::json!({"channel": "sms"}))),
+            context: Some(struct_from_json(object(
+                serde_json::json!({"channel": "sms"}),
+            ))),
             integrations: None,
         };
         let e = parse_message(

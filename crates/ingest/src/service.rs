@@ -19,8 +19,9 @@ use waymark_kit::outbox::{self, Backlog, Wakeup};
 use waymark_proto::common::v1::Event;
 
 use crate::committer::{CommitError, Committer};
+use crate::metrics::{EventMetrics, reason};
 use crate::store::{self, Counters, EventFilter, EventRow, SourceRow};
-use crate::validate::{from_micros, micros, prepare, validate};
+use crate::validate::{MAX_BATCH_MESSAGES, from_micros, micros, prepare, validate};
 
 /// What went wrong in an ingestion operation.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +158,7 @@ struct Inner {
     keys: KeyCache,
     limiter: RateLimiter,
     suppressions: Suppressions,
+    metrics: EventMetrics,
 }
 
 impl Ingestor {
@@ -176,6 +178,7 @@ impl Ingestor {
                 wakeup,
                 keys: KeyCache::default(),
                 limiter: RateLimiter::default(),
+                metrics: EventMetrics::new(),
                 suppressions: Suppressions::default(),
             }),
         }
@@ -216,16 +219,33 @@ impl Ingestor {
         events: Vec<Event>,
         mode: BatchMode,
     ) -> Result<IngestOutcome, IngestError> {
-        self.inner
-            .limiter
-            .acquire(&source.source_id, source.rate_limit, events.len())?;
+        if events.len() > MAX_BATCH_MESSAGES {
+            self.inner
+                .metrics
+                .rejected("too_many_messages".into(), events.len() as u64);
+            return Err(IngestError::TooLarge(format!(
+                "batch has {} messages, more than {MAX_BATCH_MESSAGES}",
+                events.len()
+            )));
+        }
+        if let Err(limited) =
+            self.inner
+                .limiter
+                .acquire(&source.source_id, source.rate_limit, events.len())
+        {
+            self.inner
+                .metrics
+                .rejected("rate_limited".into(), events.len() as u64);
+            return Err(limited);
+        }
         let received_at = from_micros(now_micros());
         let received_us = micros(&received_at);
         let check_suppression = !self.inner.suppressions.is_empty();
         let mut outcome = IngestOutcome::default();
         let mut rows = Vec::with_capacity(events.len());
         for (index, event) in events.into_iter().enumerate() {
-            if let Err(violation) = validate(&event) {
+            if let Err(violation) = validate(&event, &self.inner.settings.identity) {
+                self.inner.metrics.rejected(reason(&violation.field), 1);
                 outcome.rejected.push(Rejection {
                     index: index as u32,
                     message_id: event.message_id,
@@ -258,7 +278,8 @@ impl Ingestor {
         let rejected = outcome.rejected.len() as u64;
         if mode == BatchMode::AllOrNothing && rejected > 0 {
             // Nothing is written; the caller reports the rejections.
-            self.count_rejected(&source.source_id, rejected).await;
+            self.count_rejected_in_stats(&source.source_id, rejected)
+                .await;
             return Ok(outcome);
         }
         let counters = Counters {
@@ -279,6 +300,11 @@ impl Ingestor {
     /// Records events refused before they reached [`Ingestor::ingest`] (malformed JSON
     /// messages). Best effort: the caller's answer does not depend on it.
     pub async fn count_rejected(&self, source_id: &str, rejected: u64) {
+        self.inner.metrics.rejected("malformed".into(), rejected);
+        self.count_rejected_in_stats(source_id, rejected).await;
+    }
+
+    async fn count_rejected_in_stats(&self, source_id: &str, rejected: u64) {
         let counters = Counters {
             rejected,
             ..Counters::default()
@@ -535,37 +561,71 @@ fn new_write_key() -> String {
 const RECENT_SUPPRESSIONS: Duration = Duration::from_secs(60);
 
 /// Write keys resolved recently. Revocation clears it on this replica; other replicas see
-/// it within [`KEY_TTL`].
+/// it within [`KEY_TTL`]. Unknown keys are held apart and bounded
+/// ([`MAX_UNKNOWN_KEYS`]), so a flood of random keys can neither evict the live ones nor
+/// grow the cache: when full, the unknown keys alone are forgotten. Live keys are bounded
+/// by the sources that exist.
 #[derive(Default)]
-struct KeyCache(RwLock<HashMap<String, (Option<AuthedSource>, Instant)>>);
+struct KeyCache {
+    live: RwLock<HashMap<String, (AuthedSource, Instant)>>,
+    unknown: RwLock<HashMap<String, Instant>>,
+}
 
 const KEY_TTL: Duration = Duration::from_secs(30);
 /// Unknown keys are remembered briefly so a client hammering with a bad key does not
 /// reach the database on every request.
 const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(5);
+/// Most unknown keys remembered at once (about 1 MB).
+const MAX_UNKNOWN_KEYS: usize = 10_000;
 
 impl KeyCache {
     fn get(&self, hash: &str) -> Option<Option<AuthedSource>> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
-        let (source, at) = map.get(hash)?;
-        let ttl = if source.is_some() {
-            KEY_TTL
-        } else {
-            UNKNOWN_KEY_TTL
-        };
-        (at.elapsed() < ttl).then(|| source.clone())
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((source, at)) = live.get(hash)
+            && at.elapsed() < KEY_TTL
+        {
+            return Some(Some(source.clone()));
+        }
+        drop(live);
+        let unknown = self.unknown.read().unwrap_or_else(|e| e.into_inner());
+        unknown
+            .get(hash)
+            .is_some_and(|at| at.elapsed() < UNKNOWN_KEY_TTL)
+            .then_some(None)
     }
 
     fn put(&self, hash: String, source: Option<AuthedSource>) {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 100_000 {
-            map.clear();
+        match source {
+            Some(source) => {
+                let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+                live.insert(hash, (source, Instant::now()));
+            }
+            None => {
+                let mut unknown = self.unknown.write().unwrap_or_else(|e| e.into_inner());
+                if unknown.len() >= MAX_UNKNOWN_KEYS {
+                    unknown.retain(|_, at| at.elapsed() < UNKNOWN_KEY_TTL);
+                    if unknown.len() >= MAX_UNKNOWN_KEYS {
+                        unknown.clear();
+                    }
+                }
+                unknown.insert(hash, Instant::now());
+            }
         }
-        map.insert(hash, (source, Instant::now()));
     }
 
     fn clear(&self) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.live.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.unknown
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> (usize, usize) {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner()).len();
+        let unknown = self.unknown.read().unwrap_or_else(|e| e.into_inner()).len();
+        (live, unknown)
     }
 }
 
@@ -686,6 +746,29 @@ mod tests {
             ..Event::default()
         };
         assert!(s.matches(&rules, &e));
+    }
+
+    #[test]
+    fn a_flood_of_unknown_keys_neither_evicts_live_keys_nor_grows_the_cache() {
+        let cache = KeyCache::default();
+        let source = AuthedSource {
+            source_id: "src".into(),
+            rate_limit: 1,
+        };
+        cache.put(hash_key("live"), Some(source.clone()));
+        for i in 0..3 * MAX_UNKNOWN_KEYS {
+            cache.put(hash_key(&format!("random-{i}")), None);
+        }
+        let (live, unknown) = cache.len();
+        assert_eq!(live, 1);
+        assert!(unknown <= MAX_UNKNOWN_KEYS, "{unknown} unknown keys held");
+        assert_eq!(cache.get(&hash_key("live")), Some(Some(source)));
+        let last = hash_key(&format!("random-{}", 3 * MAX_UNKNOWN_KEYS - 1));
+        assert_eq!(
+            cache.get(&last),
+            Some(None),
+            "unknown keys are still remembered"
+        );
     }
 
     #[test]

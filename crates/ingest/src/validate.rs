@@ -3,20 +3,44 @@
 
 use prost::Message;
 use prost_types::Timestamp;
+use waymark_identity::{IdentityRules, MAX_CONSENT_NAME_BYTES, MAX_IDENTIFIER_BYTES, check_object};
 use waymark_kit::error::FieldViolation;
 use waymark_proto::common::v1::{Channel, Event, EventType};
+use waymark_proto::json::string_at;
 
 use crate::channel::derive_channel;
 
 /// Largest accepted event, as Segment allows.
 pub const MAX_EVENT_BYTES: usize = 32 * 1024;
-/// Largest accepted HTTP batch body, as Segment allows.
+/// Largest accepted HTTP batch body, as Segment allows, measured after gzip inflation.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
-/// Longest accepted id (messageId, userId, ...).
-const MAX_ID_CHARS: usize = 255;
+/// Most messages in one request (HTTP batch or gRPC `Ingest`): a 500 KB body of tiny
+/// messages would otherwise be a hundred thousand events to parse, check and commit at once.
+/// Segment SDKs flush at 100 or so; a bulk import fits many full batches.
+pub const MAX_BATCH_MESSAGES: usize = 2_500;
+/// Largest a batch may grow to once its batch-level `context` and `integrations` are
+/// copied into every message lacking its own: what a request may make the server hold,
+/// whatever it saved by sharing. The size of the outbox packs that relay it.
+pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Deepest nesting of properties, traits, context and integrations: shared with the
+/// profile service's trusted updates, so it lives in `waymark-identity`.
+pub use waymark_identity::MAX_DEPTH;
+/// Longest event name (track) or page / screen name, in bytes: names are counted per
+/// profile and matched by segment conditions, they are never prose.
+pub const MAX_NAME_BYTES: usize = 200;
+/// Track events whose `properties.channel` and `properties.purpose` name a consent, as the
+/// profile service reads them.
+const CONSENT_EVENTS: [&str; 5] = [
+    "Subscribed",
+    "Unsubscribed",
+    "Consent Granted",
+    "Consent Denied",
+    "Consent Revoked",
+];
 
-/// Checks the size and the rules of the event's type. Field names follow Segment's JSON.
-pub fn validate(event: &Event) -> Result<(), FieldViolation> {
+/// Checks the size, the limits and the rules of the event's type. Field names follow
+/// Segment's JSON.
+pub fn validate(event: &Event, rules: &IdentityRules) -> Result<(), FieldViolation> {
     if event.encoded_len() > MAX_EVENT_BYTES {
         return Err(FieldViolation::new(
             "",
@@ -27,18 +51,50 @@ pub fn validate(event: &Event) -> Result<(), FieldViolation> {
     if kind == EventType::Unspecified {
         return Err(FieldViolation::new("type", "is required"));
     }
-    for (name, value) in [
-        ("messageId", &event.message_id),
-        ("userId", &event.user_id),
-        ("anonymousId", &event.anonymous_id),
-        ("previousId", &event.previous_id),
-        ("groupId", &event.group_id),
-    ] {
-        if value.chars().count() > MAX_ID_CHARS {
+    if event.message_id.len() > MAX_IDENTIFIER_BYTES {
+        return Err(FieldViolation::new(
+            "messageId",
+            format!("is longer than {MAX_IDENTIFIER_BYTES} bytes"),
+        ));
+    }
+    if let Some((field, len)) = rules.oversized_identifier(event) {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "is {len} bytes, longer than the {MAX_IDENTIFIER_BYTES} bytes an identifier may have"
+            ),
+        ));
+    }
+    for (name, value) in [("event", &event.event), ("name", &event.name)] {
+        if value.len() > MAX_NAME_BYTES {
             return Err(FieldViolation::new(
                 name,
-                format!("is longer than {MAX_ID_CHARS} characters"),
+                format!("is longer than {MAX_NAME_BYTES} bytes"),
             ));
+        }
+    }
+    for (name, object) in [
+        ("properties", &event.properties),
+        ("traits", &event.traits),
+        ("context", &event.context),
+        ("integrations", &event.integrations),
+    ] {
+        if let Some(object) = object {
+            check_object(name, object)
+                .map_err(|(field, problem)| FieldViolation::new(field, problem))?;
+        }
+    }
+    if kind == EventType::Track
+        && CONSENT_EVENTS.contains(&event.event.as_str())
+        && let Some(properties) = &event.properties
+    {
+        for key in ["channel", "purpose"] {
+            if string_at(properties, &[key]).is_some_and(|v| v.len() > MAX_CONSENT_NAME_BYTES) {
+                return Err(FieldViolation::new(
+                    format!("properties.{key}"),
+                    format!("is longer than {MAX_CONSENT_NAME_BYTES} bytes"),
+                ));
+            }
         }
     }
     if event.user_id.trim().is_empty() && event.anonymous_id.trim().is_empty() {
@@ -132,6 +188,8 @@ pub fn from_micros(us: i64) -> Timestamp {
 mod tests {
     use super::*;
     use crate::segment::parse_timestamp;
+    use prost_types::Struct;
+    use waymark_identity::MAX_KEY_BYTES;
 
     fn ts(s: &str) -> Timestamp {
         parse_timestamp(s).unwrap()
@@ -176,30 +234,119 @@ mod tests {
     fn rules_per_type() {
         let mut e = track();
         e.event.clear();
-        assert_eq!(validate(&e).unwrap_err().field, "event");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "event");
 
         let mut e = track();
         e.anonymous_id.clear();
-        assert_eq!(validate(&e).unwrap_err().field, "userId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "userId");
 
         let mut e = track();
         e.set_type(EventType::Alias);
         e.user_id = "u1".into();
-        assert_eq!(validate(&e).unwrap_err().field, "previousId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "previousId");
         e.previous_id = "a1".into();
-        assert!(validate(&e).is_ok());
+        assert!(validate(&e, &rules()).is_ok());
 
         let mut e = track();
         e.set_type(EventType::Group);
-        assert_eq!(validate(&e).unwrap_err().field, "groupId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "groupId");
 
         let mut e = track();
         e.set_type(EventType::Unspecified);
-        assert_eq!(validate(&e).unwrap_err().field, "type");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "type");
 
         let mut e = track();
         e.message_id = "x".repeat(300);
-        assert_eq!(validate(&e).unwrap_err().field, "messageId");
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "messageId");
+    }
+
+    fn rules() -> IdentityRules {
+        IdentityRules::new(vec!["loyalty_id".into()], &Default::default(), &[]).unwrap()
+    }
+
+    fn object(v: serde_json::Value) -> Struct {
+        waymark_proto::json::struct_from_json(v.as_object().unwrap().clone())
+    }
+
+    /// `levels` objects and arrays, alternating, the outermost an object.
+    fn nested(levels: usize) -> serde_json::Value {
+        let mut v = serde_json::json!(1);
+        for level in (1..levels).rev() {
+            v = if level % 2 == 0 {
+                serde_json::json!([v])
+            } else {
+                serde_json::json!({ "k": v })
+            };
+        }
+        serde_json::json!({ "k": v })
+    }
+
+    #[test]
+    fn nesting_is_limited_and_the_deep_field_named() {
+        let mut e = track();
+        e.properties = Some(object(nested(MAX_DEPTH)));
+        assert!(validate(&e, &rules()).is_ok());
+        e.properties = Some(object(nested(MAX_DEPTH + 1)));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert!(
+            err.field.starts_with("properties.k.k[0].k"),
+            "{}",
+            err.field
+        );
+        assert!(err.description.contains("16 levels"), "{}", err.description);
+        let mut e = track();
+        e.context = Some(object(serde_json::json!({"a": {"b": nested(MAX_DEPTH)}})));
+        assert!(
+            validate(&e, &rules())
+                .unwrap_err()
+                .field
+                .starts_with("context.a.b.k")
+        );
+    }
+
+    #[test]
+    fn names_keys_and_identifiers_have_limits() {
+        let mut e = track();
+        e.event = "e".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(validate(&e, &rules()).unwrap_err().field, "event");
+        let mut e = track();
+        e.set_type(EventType::Page);
+        e.name = "é".repeat(MAX_NAME_BYTES / 2 + 1);
+        assert_eq!(
+            validate(&e, &rules()).unwrap_err().field,
+            "name",
+            "bytes, not characters"
+        );
+        let mut e = track();
+        e.traits = Some(object(
+            serde_json::json!({"a": {"k".repeat(MAX_KEY_BYTES + 1): 1}}),
+        ));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert_eq!(err.field, "traits.a");
+        assert!(err.description.contains("key longer than 256 bytes"));
+        let mut e = track();
+        e.context = Some(object(
+            serde_json::json!({"traits": {"loyalty_id": "l".repeat(2000)}}),
+        ));
+        let err = validate(&e, &rules()).unwrap_err();
+        assert_eq!(err.field, "context.traits.loyalty_id");
+        assert!(
+            err.description.contains("2000 bytes"),
+            "{}",
+            err.description
+        );
+        let mut e = track();
+        e.event = "Unsubscribed".into();
+        e.properties = Some(object(serde_json::json!({"channel": "c".repeat(65)})));
+        assert_eq!(
+            validate(&e, &rules()).unwrap_err().field,
+            "properties.channel"
+        );
+        e.event = "Viewed".into();
+        assert!(
+            validate(&e, &rules()).is_ok(),
+            "only consent events name a channel"
+        );
     }
 
     #[test]
@@ -218,7 +365,7 @@ mod tests {
     fn oversized_events_are_rejected() {
         let mut e = track();
         e.event = "x".repeat(40 * 1024);
-        let err = validate(&e).unwrap_err();
+        let err = validate(&e, &rules()).unwrap_err();
         assert!(err.description.contains("32 KB"));
     }
 

@@ -117,6 +117,9 @@ pub struct Config {
     pub retention_secs: u64,
     /// Events per second per source when a source sets no limit of its own.
     pub default_rate_limit_per_second: u32,
+    /// Seconds an HTTP client of ingestion may take to send a request's headers, and again
+    /// its body, before the connection is closed (slow clients hold a connection each).
+    pub ingest_read_timeout_secs: u64,
     /// Write key `waymark dev` gives its dev source; a fresh one is printed when unset.
     pub dev_write_key: Option<Secret>,
     /// Events per delivery batch from the outbox relay.
@@ -177,6 +180,7 @@ impl Default for Config {
             dedupe_window_secs: 7 * 24 * 3600,
             retention_secs: 30 * 24 * 3600,
             default_rate_limit_per_second: 50_000,
+            ingest_read_timeout_secs: 30,
             dev_write_key: None,
             relay_batch_size: crate::outbox::MAX_PACK_EVENTS as u32,
             relay_max_backoff_ms: 30_000,
@@ -299,6 +303,12 @@ impl Config {
         if self.default_rate_limit_per_second == 0 {
             return Err(invalid(
                 "default_rate_limit_per_second",
+                "must be greater than 0",
+            ));
+        }
+        if self.ingest_read_timeout_secs == 0 {
+            return Err(invalid(
+                "ingest_read_timeout_secs",
                 "must be greater than 0",
             ));
         }

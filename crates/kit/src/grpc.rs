@@ -25,6 +25,11 @@ use crate::telemetry::GrpcTelemetryLayer;
 
 /// Largest gRPC message accepted or sent: room for a few thousand events per batch.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Requests one HTTP/2 connection may have in flight: with the connection's flow-control
+/// window (16 MiB) this bounds what a single client can make the server buffer.
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Largest header block of a request (HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Health state of one server, shared with the tasks that decide it.
 #[derive(Clone)]
@@ -176,6 +181,8 @@ pub async fn serve(
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .layer(GrpcTelemetryLayer::new())
         .layer(auth)
         .add_routes(routes)

@@ -20,7 +20,9 @@ use crate::outbox::RawDeliverRequest;
 #[tonic::async_trait]
 pub trait EventConsumer: Send + Sync + 'static {
     /// Applies `events` (those of the request that decoded, in order) from `producer`.
-    /// Indexes in the response's `rejected` refer to `events`.
+    /// In the response's `rejected`, `index` refers to `events` and `field` is the path
+    /// within the event (`userId`; empty for the whole event): the server turns both into
+    /// the request's terms (`events[7].userId`).
     async fn deliver(&self, producer: &str, events: Vec<Event>) -> Result<DeliverResponse, Status>;
 }
 
@@ -66,7 +68,12 @@ impl<T: EventConsumer> tonic::server::UnaryService<RawDeliverRequest> for Delive
                         "a consumer rejected an event it was not given",
                     ));
                 };
-                rejected.push(RejectedEvent { index, ..r });
+                let field = if r.field.is_empty() {
+                    format!("events[{index}]")
+                } else {
+                    format!("events[{index}].{}", r.field)
+                };
+                rejected.push(RejectedEvent { index, field, ..r });
             }
             rejected.sort_unstable_by_key(|r| r.index);
             response.rejected = rejected;

@@ -133,7 +133,7 @@ pub struct RejectedEvent {
     pub index: usize,
     /// Its `event_id`, when it has one.
     pub event_id: String,
-    /// The field at fault.
+    /// The field at fault, within the event (`userId`).
     pub field: String,
     /// What is wrong.
     pub reason: String,
@@ -460,12 +460,24 @@ impl Profiles {
         if traits.fields.is_empty() {
             return Err(invalid("traits", "must set at least one trait"));
         }
+        // The limits ingestion applies to the traits of an event.
+        waymark_identity::check_object("traits", &traits)
+            .map_err(|(field, problem)| invalid(field, problem))?;
         let mut change = Event {
             traits: Some(traits),
             source_id: trusted_source_id(source),
             ..Event::default()
         };
         change.set_type(EventType::Identify);
+        if let Some((field, len)) = self.inner.rules.identity.oversized_identifier(&change) {
+            return Err(invalid(
+                field,
+                format!(
+                    "is {len} bytes, longer than the {} bytes an identifier may have",
+                    waymark_identity::MAX_IDENTIFIER_BYTES
+                ),
+            ));
+        }
         self.apply_trusted(profile_id, change).await
     }
 
@@ -485,6 +497,17 @@ impl Profiles {
         }
         if purpose.is_empty() {
             return Err(invalid("purpose", "is required"));
+        }
+        for (field, name) in [("channel", &channel), ("purpose", &purpose)] {
+            if name.len() > waymark_identity::MAX_CONSENT_NAME_BYTES {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is longer than {} bytes",
+                        waymark_identity::MAX_CONSENT_NAME_BYTES
+                    ),
+                ));
+            }
         }
         let mut change = Event {
             event: if granted {

@@ -397,6 +397,41 @@ impl Drop for RedisServer {
     }
 }
 
+/// The peak resident memory of this process from a starting point, read from
+/// `/proc/self/status`, for tests that bound what a request may cost a server running in
+/// the test process. Prepare inputs (and keep them alive) before [`PeakMemory::start`]:
+/// the peak then counts what the server, and the client sending, allocated and touched.
+/// Each test runs in a process of its own under nextest, so no other test is counted.
+pub struct PeakMemory {
+    start_kb: u64,
+}
+
+impl PeakMemory {
+    /// Resets the kernel's peak (VmHWM) to the current resident size (VmRSS) and starts
+    /// measuring from there.
+    pub fn start() -> Self {
+        std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak resident size");
+        Self {
+            start_kb: status_kb("VmRSS"),
+        }
+    }
+
+    /// Bytes the peak resident size rose above the start.
+    pub fn grown_bytes(&self) -> u64 {
+        status_kb("VmHWM").saturating_sub(self.start_kb) * 1024
+    }
+}
+
+/// A `kB` field of `/proc/self/status`.
+fn status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
 /// Runs an async test body once per backend.
 #[macro_export]
 macro_rules! on_both_backends {

@@ -1,5 +1,6 @@
 //! Integration tests of the ingestion service against real PostgreSQL and SQLite.
 
+mod limits;
 mod relay;
 mod support;
 

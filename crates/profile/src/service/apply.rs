@@ -34,13 +34,15 @@ impl Profiles {
         let events: Vec<Event> = events
             .into_iter()
             .enumerate()
-            .filter_map(|(index, event)| match refusal(index, &event) {
-                Some(refusal) => {
-                    rejected.push(refusal);
-                    None
-                }
-                None => Some(event),
-            })
+            .filter_map(
+                |(index, event)| match refusal(index, &event, &self.inner.rules.identity) {
+                    Some(refusal) => {
+                        rejected.push(refusal);
+                        None
+                    }
+                    None => Some(event),
+                },
+            )
             .collect();
         let total = events.len() as u32;
         // Everything that needs no database runs before the applier is taken: the
@@ -436,13 +438,34 @@ impl Profiles {
     }
 }
 
-/// Why the event at `index` can never be applied, if it cannot.
-fn refusal(index: usize, event: &Event) -> Option<RejectedEvent> {
-    event.event_id.is_empty().then(|| RejectedEvent {
+/// Why the event at `index` can never be applied, if it cannot: no event id, or an
+/// identifier too long to index (ingestion refuses those, but other producers and rows
+/// queued before its limits may still carry them).
+fn refusal(
+    index: usize,
+    event: &Event,
+    rules: &waymark_identity::IdentityRules,
+) -> Option<RejectedEvent> {
+    let refuse = |field: String, reason: String| RejectedEvent {
         index,
-        event_id: String::new(),
-        field: format!("events[{index}].event_id"),
-        reason: "is required: it is what makes a redelivered event apply only once".into(),
+        event_id: event.event_id.clone(),
+        field,
+        reason,
+    };
+    if event.event_id.is_empty() {
+        return Some(refuse(
+            "event_id".into(),
+            "is required: it is what makes a redelivered event apply only once".into(),
+        ));
+    }
+    rules.oversized_identifier(event).map(|(field, length)| {
+        refuse(
+            field,
+            format!(
+                "is {length} bytes; identifiers are at most {} bytes",
+                waymark_identity::MAX_IDENTIFIER_BYTES
+            ),
+        )
     })
 }
 

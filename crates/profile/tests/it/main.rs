@@ -447,6 +447,15 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
         json!({ "p": nested }),
         2,
     );
+    // An identifier too long for the index would fail the whole batch's insert.
+    let too_long = event(
+        EventType::Track,
+        &"x".repeat(3000),
+        "",
+        "Long",
+        json!({}),
+        2,
+    );
     let response = EventSinkClient::connect(server.url())
         .await
         .unwrap()
@@ -456,6 +465,7 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
                 event(EventType::Track, "u-3", "", "Y", json!({}), 2),
                 anonymous,
                 too_deep,
+                too_long,
             ],
         }))
         .await
@@ -467,7 +477,14 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
         .iter()
         .map(|r| (r.index, r.field.as_str()))
         .collect();
-    assert_eq!(rejected, [(1, "events[1].event_id"), (2, "events[2]")]);
+    assert_eq!(
+        rejected,
+        [
+            (1, "events[1].event_id"),
+            (2, "events[2]"),
+            (3, "events[3].userId")
+        ]
+    );
     assert!(
         response.rejected[1].reason.contains("does not decode"),
         "{}",
@@ -801,6 +818,49 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("channel"));
+    // The limits ingestion applies hold for trusted updates too, and nothing is written.
+    let err = client
+        .set_consent(admin(SetConsentRequest {
+            profile_id: p.profile_id.clone(),
+            channel: "email".into(),
+            purpose: "p".repeat(65),
+            granted: true,
+            source: "preference-centre".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("purpose"), "{}", err.message());
+    let serde_json::Value::Object(long_email) =
+        json!({"email": format!("{}@example.com", "a".repeat(300))})
+    else {
+        unreachable!()
+    };
+    let err = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(long_email)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("traits.email"), "{}", err.message());
+    let serde_json::Value::Object(long_key) = json!({"prefs": {"k".repeat(300): true}}) else {
+        unreachable!()
+    };
+    let err = client
+        .update_traits(admin(UpdateTraitsRequest {
+            profile_id: p.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(long_key)),
+            source: "analytics".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("traits.prefs"), "{}", err.message());
+    let unchanged = get(&server, by_identity("user_id", "u-5")).await.unwrap();
+    assert_eq!(unchanged.version, consented.version);
     let err = get(&server, GetProfileRequest::default())
         .await
         .unwrap_err();
