@@ -42,40 +42,86 @@ struct Http {
     read_timeout: Duration,
 }
 
+/// Every route with the message type it takes; `None` is a batch.
+const ROUTES: [(&str, Option<EventType>); 14] = [
+    ("/v1/batch", None),
+    ("/v1/import", None),
+    ("/v1/track", Some(EventType::Track)),
+    ("/v1/t", Some(EventType::Track)),
+    ("/v1/identify", Some(EventType::Identify)),
+    ("/v1/i", Some(EventType::Identify)),
+    ("/v1/page", Some(EventType::Page)),
+    ("/v1/p", Some(EventType::Page)),
+    ("/v1/screen", Some(EventType::Screen)),
+    ("/v1/s", Some(EventType::Screen)),
+    ("/v1/group", Some(EventType::Group)),
+    ("/v1/g", Some(EventType::Group)),
+    ("/v1/alias", Some(EventType::Alias)),
+    ("/v1/a", Some(EventType::Alias)),
+];
+
 /// The HTTP routes, ready to serve; a request body must arrive within `read_timeout`.
 pub fn router(core: Ingestor, read_timeout: Duration) -> Router {
     let state = Http {
         core: core.clone(),
         read_timeout,
     };
-    let single = |kind: EventType| {
-        post(
-            move |State(http): State<Http>, request: Request| async move {
-                handle(http, request, Some(kind)).await
-            },
-        )
-    };
-    let batch = post(|State(http): State<Http>, request: Request| async move {
-        handle(http, request, None).await
-    });
-    Router::new()
-        .route("/v1/batch", batch.clone())
-        .route("/v1/import", batch)
-        .route("/v1/track", single(EventType::Track))
-        .route("/v1/t", single(EventType::Track))
-        .route("/v1/identify", single(EventType::Identify))
-        .route("/v1/i", single(EventType::Identify))
-        .route("/v1/page", single(EventType::Page))
-        .route("/v1/p", single(EventType::Page))
-        .route("/v1/screen", single(EventType::Screen))
-        .route("/v1/s", single(EventType::Screen))
-        .route("/v1/group", single(EventType::Group))
-        .route("/v1/g", single(EventType::Group))
-        .route("/v1/alias", single(EventType::Alias))
-        .route("/v1/a", single(EventType::Alias))
+    let mut router = Router::new();
+    for (path, kind) in ROUTES {
+        router = router.route(
+            path,
+            post(
+                move |State(http): State<Http>, request: Request| async move {
+                    handle(http, request, kind).await
+                },
+            ),
+        );
+    }
+    let duration = opentelemetry::global::meter("waymark")
+        .f64_histogram("http.server.request.duration")
+        .with_unit("s")
+        .with_description("HTTP requests by route, method and status")
+        .build();
+    router
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(core, authenticate))
         .layer(axum::middleware::from_fn(cors))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: axum::middleware::Next| {
+                let duration = duration.clone();
+                measured(duration, request, next)
+            },
+        ))
+}
+
+/// Records `http.server.request.duration` (OpenTelemetry's semantic convention) for every
+/// request, whatever answers it, including a refused write key.
+async fn measured(
+    duration: opentelemetry::metrics::Histogram<f64>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use opentelemetry::KeyValue;
+    let started = std::time::Instant::now();
+    // Only known routes name themselves, so a scan of random paths adds no series.
+    let route = ROUTES
+        .iter()
+        .find(|(path, _)| *path == request.uri().path())
+        .map_or("other", |(path, _)| path);
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    duration.record(
+        started.elapsed().as_secs_f64(),
+        &[
+            KeyValue::new("http.route", route),
+            KeyValue::new("http.request.method", method),
+            KeyValue::new(
+                "http.response.status_code",
+                i64::from(response.status().as_u16()),
+            ),
+        ],
+    );
+    response
 }
 
 /// Serves `app` on `listener` (HTTP/1.1) until `shutdown` completes, then lets requests

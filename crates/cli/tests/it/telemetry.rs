@@ -212,6 +212,7 @@ async fn traces_cross_services_whatever_the_log_level_and_metrics_arrive() {
     let wanted_metrics = [
         "rpc.server.requests",
         "rpc.server.duration",
+        "http.server.request.duration",
         "ingest.events",
         "outbox.delivered",
         "outbox.backlog",

@@ -71,6 +71,7 @@ impl Profiles {
                 .await?;
             match attempt {
                 Attempt::Applied(outcome) => {
+                    self.inner.metrics.delivered("rejected", rejected.len());
                     return Ok(Applied {
                         rejected,
                         ..outcome
