@@ -1,15 +1,16 @@
 //! The rules the interpreter does not enforce, checked on the parsed tree.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cel::Env;
-use cel::common::ast::{EntryExpr, Expr, IdedExpr, operators};
+use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 
 use crate::{ConditionError, MAX_DEPTH};
 
 /// The functions a condition may call: CEL's standard library (conversions, strings, sizes,
-/// timestamps and durations). `matches` is left out with the `regex` feature: it compiles
-/// its pattern on every call.
+/// timestamps and durations). `matches` is ours rather than the interpreter's (which
+/// compiles its pattern on every call): its pattern must be a string literal, compiled once
+/// with the `regex` crate, which matches in time linear in the input.
 pub const FUNCTIONS: &[&str] = &[
     "bool",
     "bytes",
@@ -29,6 +30,7 @@ pub const FUNCTIONS: &[&str] = &[
     "getMonth",
     "getSeconds",
     "int",
+    "matches",
     "size",
     "startsWith",
     "string",
@@ -60,23 +62,39 @@ const OPERATORS: &[&str] = &[
     operators::NOT_STRICTLY_FALSE,
 ];
 
-/// Checks `expr` and returns the allowed top-level variables it reads, sorted. `at` gives
-/// the "line L, column C: " prefix of an expression's errors.
+/// The longest `matches` pattern, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 512;
+/// The most memory a compiled `matches` pattern may take.
+const MAX_COMPILED_PATTERN_BYTES: usize = 1 << 20;
+
+/// What a checked condition reads and the patterns it matches.
+pub(crate) struct Checked {
+    /// The allowed top-level variables it reads, sorted.
+    pub uses: Vec<String>,
+    /// Its `matches` patterns, compiled.
+    pub patterns: BTreeMap<String, regex::Regex>,
+}
+
+/// Checks `expr`. `at` gives the "line L, column C: " prefix of an expression's errors.
 pub(crate) fn check(
     expr: &IdedExpr,
     variables: &[&str],
     env: &Env,
     at: impl Fn(u64) -> String,
-) -> Result<Vec<String>, ConditionError> {
+) -> Result<Checked, ConditionError> {
     let mut checker = Checker {
         variables,
         env,
         at,
         scope: Vec::new(),
         uses: BTreeSet::new(),
+        patterns: BTreeMap::new(),
     };
     checker.walk(expr, 0, false)?;
-    Ok(checker.uses.into_iter().map(str::to_owned).collect())
+    Ok(Checked {
+        uses: checker.uses.into_iter().map(str::to_owned).collect(),
+        patterns: checker.patterns,
+    })
 }
 
 struct Checker<'a, F> {
@@ -86,6 +104,7 @@ struct Checker<'a, F> {
     /// Variables bound by the enclosing macro.
     scope: Vec<&'a str>,
     uses: BTreeSet<&'a str>,
+    patterns: BTreeMap<String, regex::Regex>,
 }
 
 impl<'a, F: Fn(u64) -> String> Checker<'a, F> {
@@ -111,6 +130,9 @@ impl<'a, F: Fn(u64) -> String> Checker<'a, F> {
                 let name = call.func_name.as_str();
                 if !FUNCTIONS.contains(&name) && !OPERATORS.contains(&name) {
                     return Err(self.invalid(e, format!("unknown function `{name}`")));
+                }
+                if name == "matches" {
+                    self.pattern(e, call)?;
                 }
                 if let Some(target) = &call.target {
                     self.walk(target, depth, in_macro)?;
@@ -160,6 +182,36 @@ impl<'a, F: Fn(u64) -> String> Checker<'a, F> {
             )),
             Expr::Unspecified => Err(self.invalid(e, "unsupported expression".into())),
         }
+    }
+
+    /// A `matches` call's pattern: a string literal, compiled now within the limits.
+    fn pattern(&mut self, e: &IdedExpr, call: &CallExpr) -> Result<(), ConditionError> {
+        let arity = call.args.len() + usize::from(call.target.is_some());
+        let pattern = match (arity, call.args.last().map(|a| &a.expr)) {
+            (2, Some(Expr::Literal(LiteralValue::String(pattern)))) => pattern.inner().to_owned(),
+            _ => {
+                return Err(self.invalid(
+                    e,
+                    "matches() takes its pattern as a string literal, e.g. s.matches('^[a-z]+$')"
+                        .into(),
+                ));
+            }
+        };
+        if pattern.len() > MAX_PATTERN_BYTES {
+            return Err(self.invalid(
+                e,
+                format!(
+                    "the pattern is {} bytes; at most {MAX_PATTERN_BYTES} are allowed",
+                    pattern.len()
+                ),
+            ));
+        }
+        let compiled = regex::RegexBuilder::new(&pattern)
+            .size_limit(MAX_COMPILED_PATTERN_BYTES)
+            .build()
+            .map_err(|error| self.invalid(e, format!("invalid pattern: {error}")))?;
+        self.patterns.insert(pattern, compiled);
+        Ok(())
     }
 
     fn ident(&mut self, e: &IdedExpr, name: &'a str) -> Result<(), ConditionError> {

@@ -27,15 +27,18 @@
 //!   [`ConditionError::Evaluation`] errors, for the caller to log.
 
 mod check;
+mod types;
 mod value;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, LazyLock};
 
 use cel::common::ast::SourceInfo;
+use cel::extractors::This;
 use cel::{Context, Env, ExecutionError, IdedExpr};
 
-pub use check::FUNCTIONS;
+pub use check::{FUNCTIONS, MAX_PATTERN_BYTES};
+pub use types::Type;
 pub use value::{Value, Variables};
 
 /// The longest condition accepted, in bytes.
@@ -84,11 +87,25 @@ struct Compiled {
     expr: IdedExpr,
     /// The allowed top-level variables the condition reads, sorted.
     uses: Vec<String>,
+    /// The `matches` patterns, compiled once.
+    patterns: Arc<std::collections::BTreeMap<String, regex::Regex>>,
 }
 
 impl Condition {
-    /// Parses and checks `source`, which may read the top-level `variables` only.
+    /// Parses and checks `source`, which may read the top-level `variables` only, each of
+    /// any type.
     pub fn compile(source: &str, variables: &[&str]) -> Result<Condition, ConditionError> {
+        let untyped: Vec<(&str, Type)> = variables.iter().map(|v| (*v, Type::Dyn)).collect();
+        Self::compile_typed(source, &untyped)
+    }
+
+    /// Parses and checks `source`, which may read the top-level `variables` only, of the
+    /// types given: what can never yield a boolean, or mixes types that never fit, is
+    /// refused with its line and column.
+    pub fn compile_typed(
+        source: &str,
+        variables: &[(&str, Type)],
+    ) -> Result<Condition, ConditionError> {
         if source.trim().is_empty() {
             return Err(ConditionError::Empty);
         }
@@ -97,7 +114,7 @@ impl Condition {
         }
         // A thread of our own for its stack, which also keeps a panic in the parser from
         // reaching the caller.
-        let (expr, uses) = std::thread::scope(|scope| {
+        let (expr, checked) = std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("condition-parser".into())
                 .stack_size(PARSER_STACK_BYTES)
@@ -110,7 +127,8 @@ impl Condition {
             inner: Arc::new(Compiled {
                 source: source.to_owned(),
                 expr,
-                uses,
+                uses: checked.uses,
+                patterns: Arc::new(checked.patterns),
             }),
         })
     }
@@ -133,6 +151,20 @@ impl Condition {
         let resolver = vars.resolver();
         let mut context = Context::with_env(Arc::clone(&ENV));
         context.set_variable_resolver(&resolver);
+        if !self.inner.patterns.is_empty() {
+            let patterns = Arc::clone(&self.inner.patterns);
+            // `matches` is not in the environment, so this never conflicts.
+            let _ = context.add_function(
+                "matches",
+                move |This(text): This<Arc<String>>, pattern: Arc<String>| -> bool {
+                    // Every pattern was compiled when the condition was; the checker
+                    // refuses any other.
+                    patterns
+                        .get(pattern.as_str())
+                        .is_some_and(|regex| regex.is_match(&text))
+                },
+            );
+        }
         // The interpreter is a large third-party crate: a panic in it on some input must
         // not take the event down with it.
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -161,8 +193,15 @@ impl std::fmt::Debug for Condition {
 
 fn parse_and_check(
     source: &str,
-    variables: &[&str],
-) -> Result<(IdedExpr, Vec<String>), ConditionError> {
+    variables: &[(&str, Type)],
+) -> Result<(IdedExpr, check::Checked), ConditionError> {
+    // The parser folds a run of `!` or `-` into at most one operator before any depth
+    // limit sees it; count the run in the source instead.
+    if let Some((line, column)) = unary_run_past_limit(source) {
+        return Err(ConditionError::Invalid(format!(
+            "line {line}, column {column}: nested more than {MAX_DEPTH} levels deep"
+        )));
+    }
     // MAX_DEPTH always fits: the parser takes a u16.
     let parser = ENV.parser().max_recursion_depth(MAX_DEPTH as u16);
     let (expr, info) = parser.parse_with_source_info(source).map_err(|errors| {
@@ -178,8 +217,56 @@ fn parse_and_check(
         let (line, column) = first.pos;
         ConditionError::Invalid(format!("line {line}, column {column}: {problem}"))
     })?;
-    let uses = check::check(&expr, variables, &ENV, |id| position(&info, id))?;
-    Ok((expr, uses))
+    let names: Vec<&str> = variables.iter().map(|(name, _)| *name).collect();
+    let checked = check::check(&expr, &names, &ENV, |id| position(&info, id))?;
+    types::check(&expr, variables, &|id| position(&info, id))?;
+    Ok((expr, checked))
+}
+
+/// Where a run of more than [`MAX_DEPTH`] unary operators (`!` and `-`, spaces between
+/// allowed) starts outside string literals, as line and column from 1.
+fn unary_run_past_limit(source: &str) -> Option<(usize, usize)> {
+    let (mut line, mut column) = (1, 0);
+    let mut run = 0;
+    let mut run_start = (1, 1);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for ch in source.chars() {
+        if ch == '\n' {
+            (line, column) = (line + 1, 0);
+        } else {
+            column += 1;
+        }
+        if let Some(q) = quote {
+            match ch {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                _ if ch == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match ch {
+            '"' | '\'' => {
+                quote = Some(ch);
+                run = 0;
+            }
+            '!' | '-' => {
+                if run == 0 {
+                    run_start = (line, column);
+                }
+                run += 1;
+                if run > MAX_DEPTH {
+                    return Some(run_start);
+                }
+            }
+            // `!=` is an operator of its own.
+            '=' => run = 0,
+            c if c.is_whitespace() => {}
+            _ => run = 0,
+        }
+    }
+    None
 }
 
 /// "line L, column C: " (both from 1, the column in characters) where the expression `id`

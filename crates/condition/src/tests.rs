@@ -148,10 +148,6 @@ fn compile_rejects_what_it_cannot_run_safely() {
         invalid("traits.plan.lowerAscii() == \"pro\""),
         "line 1, column 23: unknown function `lowerAscii`"
     );
-    assert_eq!(
-        invalid(r#"traits.plan.matches("p.*")"#),
-        "line 1, column 20: unknown function `matches`"
-    );
     assert!(invalid("traits.plan ==").starts_with("line 1, column 15: Syntax error"));
     assert!(invalid("traits.?plan").starts_with("line 1, column 7: unsupported syntax"));
     assert!(invalid("google.protobuf.Duration{seconds: 1} == x").contains("not supported"));
@@ -245,6 +241,7 @@ fn every_allowed_function_exists() {
         ("getMonth", "now.getMonth() == 0"),
         ("getSeconds", "now.getSeconds() == 0"),
         ("int", "int(now) == 1767225600"),
+        ("matches", r#"traits.plan.matches("^p")"#),
         ("size", "size(traits.tags) == 2"),
         ("startsWith", r#"traits.plan.startsWith("p")"#),
         ("string", r#"string(1) == "1""#),
@@ -321,4 +318,120 @@ fn adversarial_sources_are_errors() {
         let result = Condition::compile(source, VARS).and_then(|c| c.evaluate(&vars()));
         assert!(result.is_err(), "{:.80}: {result:?}", source);
     }
+}
+
+/// The profile's variables with their declared types, as segments declare them.
+fn typed() -> Vec<(&'static str, Type)> {
+    vec![
+        ("traits", Type::Map(Box::new(Type::Dyn))),
+        (
+            "computed",
+            Type::object([
+                ("lifetime_value", Type::Double),
+                ("total_events", Type::Int),
+                ("last_seen", Type::Timestamp),
+                ("event_counts", Type::Map(Box::new(Type::Int))),
+            ]),
+        ),
+        (
+            "emotion",
+            Type::object([("label", Type::String), ("score", Type::Double)]),
+        ),
+        ("consent", Type::Map(Box::new(Type::Bool))),
+        (
+            "identities",
+            Type::Map(Box::new(Type::List(Box::new(Type::String)))),
+        ),
+        ("now", Type::Timestamp),
+    ]
+}
+
+fn refused(source: &str) -> String {
+    match Condition::compile_typed(source, &typed()) {
+        Err(ConditionError::Invalid(message)) => message,
+        other => panic!("{source:?} compiled to {other:?}"),
+    }
+}
+
+#[test]
+fn what_can_never_be_a_boolean_is_refused_where_it_is() {
+    assert_eq!(
+        refused("computed.lifetime_value"),
+        "line 1, column 9: the condition yields a double, never a boolean"
+    );
+    assert_eq!(
+        refused("emotion.label == 3"),
+        "line 1, column 15: compares a string with a int: they are never equal"
+    );
+    assert!(
+        refused(r#""a" * 1000000 == """#).contains("cannot multiply a string and a int"),
+        "{}",
+        refused(r#""a" * 1000000 == """#)
+    );
+    assert!(refused("computed.total_events + 1.5 > 3").contains("mixed arithmetic"));
+    assert!(refused("emotion.mood == 'calm'").contains("no field `mood`"));
+    assert!(refused("now > 5").contains("cannot order a timestamp and a int"));
+    assert!(refused("consent['email/marketing'] && 'x'").contains("take booleans"));
+    assert!(refused("size(3) > 1").contains("size() measures"));
+    assert!(refused("emotion.label.size").contains("has no fields"));
+    let on_line_two = refused("computed.total_events\n  .startsWith('1')");
+    assert!(on_line_two.starts_with("line 2, "), "{on_line_two}");
+}
+
+#[test]
+fn what_may_fit_at_evaluation_passes() {
+    for source in [
+        "traits.plan == 3",
+        "traits.age + 1 > 40.0",
+        "computed.total_events > 10 && computed.lifetime_value >= 100",
+        "computed.total_events == 12.0",
+        "now - computed.last_seen > duration('720h')",
+        "'b2b' in traits.tags",
+        "identities.email.exists(e, e.endsWith('@example.com'))",
+        "computed.event_counts['Order Completed'] >= 3",
+        "emotion.label == 'upset' ? true : consent['email/marketing']",
+        "size(traits) > 0",
+        "has(emotion.label)",
+        "dyn(computed.lifetime_value) == 'x' || true",
+    ] {
+        Condition::compile_typed(source, &typed())
+            .unwrap_or_else(|e| panic!("{source:?} was refused: {e}"));
+    }
+}
+
+#[test]
+fn matches_uses_a_linear_time_pattern_compiled_once() {
+    let plan = Condition::compile("traits.plan.matches('^p(ro|lus)$')", VARS).unwrap();
+    assert!(plan.evaluate(&vars()).unwrap());
+    let global = Condition::compile("matches(traits.plan, '^basic')", VARS).unwrap();
+    assert!(!global.evaluate(&vars()).unwrap());
+    // A pattern that backtracking engines take exponential time on.
+    let mut hostile = Variables::new();
+    hostile.set("traits", map([("s", "a".repeat(5000).into())]));
+    let evil = Condition::compile("traits.s.matches('^(a+)+$')", VARS).unwrap();
+    assert!(evil.evaluate(&hostile).unwrap());
+
+    assert!(invalid("traits.plan.matches(traits.pattern)").contains("string literal"));
+    assert!(invalid("traits.plan.matches('(unclosed')").contains("invalid pattern"));
+    let long = format!(
+        "traits.plan.matches('{}')",
+        "a".repeat(MAX_PATTERN_BYTES + 1)
+    );
+    assert!(invalid(&long).contains("at most 512"));
+    assert!(invalid("traits.plan.matches('a{1000}{1000}')").contains("invalid pattern"));
+}
+
+#[test]
+fn runs_of_unary_operators_count_toward_the_nesting_limit() {
+    let nots = format!("{}traits.vip", "!".repeat(4000));
+    assert_eq!(
+        invalid(&nots),
+        format!("line 1, column 1: nested more than {MAX_DEPTH} levels deep")
+    );
+    let minuses = format!("computed.total_events > {}1", "- ".repeat(MAX_DEPTH + 1));
+    assert!(invalid(&minuses).contains("nested more than"));
+    // Within the limit, in strings, and `!=` are fine.
+    Condition::compile("!!traits.vip", VARS).unwrap();
+    Condition::compile(&format!("traits.plan != '{}'", "!".repeat(100)), VARS).unwrap();
+    Condition::compile("traits.age - -1 != 3.0", VARS).unwrap();
 }

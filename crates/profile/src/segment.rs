@@ -4,22 +4,42 @@
 use std::collections::BTreeMap;
 
 use prost_types::value::Kind;
-use waymark_condition::{Condition, Value, Variables};
+use waymark_condition::{Condition, Type, Value, Variables};
 use waymark_proto::common::v1::Channel;
 use waymark_proto::profile::v1::{ComputedTraits, Emotion, Profile, Segment};
 
 use crate::emotion::EmotionRules;
 use crate::model::micros;
 
-/// The variables a segment condition can read.
-pub const VARIABLES: [&str; 6] = [
-    "traits",
-    "computed",
-    "emotion",
-    "consent",
-    "identities",
-    "now",
-];
+/// The variables a segment condition can read, with their types (see [`variables`]):
+/// conditions are type-checked against them when they are saved. Traits are whatever the
+/// customer's events set, so only their being a map is known.
+pub fn declarations() -> Vec<(&'static str, Type)> {
+    let strings = || Type::List(Box::new(Type::String));
+    vec![
+        ("traits", Type::Map(Box::new(Type::Dyn))),
+        (
+            "computed",
+            Type::object([
+                ("first_seen", Type::Timestamp),
+                ("last_seen", Type::Timestamp),
+                ("event_counts", Type::Map(Box::new(Type::Int))),
+                ("channels", strings()),
+                ("last_channel", Type::String),
+                ("lifetime_value", Type::Double),
+                ("total_events", Type::Int),
+                ("aggregates", Type::Map(Box::new(Type::Dyn))),
+            ]),
+        ),
+        (
+            "emotion",
+            Type::object([("score", Type::Double), ("label", Type::String)]),
+        ),
+        ("consent", Type::Map(Box::new(Type::Bool))),
+        ("identities", Type::Map(Box::new(strings()))),
+        ("now", Type::Timestamp),
+    ]
+}
 
 const MAX_ID_CHARS: usize = 64;
 const MAX_NAME_CHARS: usize = 200;
@@ -56,7 +76,7 @@ pub fn validate_segment(segment: &Segment) -> Result<SegmentDefinition, (&'stati
             format!("must be at most {MAX_NAME_CHARS} characters"),
         ));
     }
-    let condition = Condition::compile(&segment.condition, &VARIABLES)
+    let condition = Condition::compile_typed(&segment.condition, &declarations())
         .map_err(|e| ("condition", e.to_string()))?;
     Ok(SegmentDefinition {
         segment_id: segment.segment_id.clone(),
@@ -282,6 +302,37 @@ mod tests {
             ..Segment::default()
         })
         .unwrap()
+    }
+
+    /// The declared types are the types [`variables`] gives a full profile, field by field.
+    #[test]
+    fn declarations_match_the_variables() {
+        use waymark_condition::Type;
+        let rules = EmotionRules {
+            half_life: std::time::Duration::from_secs(3600),
+        };
+        let vars = variables(&ana(), NOW_US, &rules);
+        for (name, declared) in declarations() {
+            let Type::Object(fields) = declared else {
+                continue;
+            };
+            let source = fields
+                .keys()
+                .map(|field| format!("has({name}.{field})"))
+                .collect::<Vec<_>>()
+                .join(" && ");
+            let all_present = Condition::compile(&source, &[name]).unwrap();
+            assert!(
+                all_present.evaluate(&vars).unwrap(),
+                "{name} lacks a declared field"
+            );
+            let undeclared = format!("size({name}) == {}", fields.len());
+            let no_more = Condition::compile(&undeclared, &[name]).unwrap();
+            assert!(
+                no_more.evaluate(&vars).unwrap(),
+                "{name} has a field not declared"
+            );
+        }
     }
 
     fn at(days_ago: i64) -> Option<Timestamp> {

@@ -162,6 +162,32 @@ async fn segments_follow_conditions(backend: Backend) {
             tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
         assert_eq!(details.field_violations[0].field, field, "{error:?}");
     }
+    // Conditions are type-checked against the profile's variables when saved: one that
+    // can never be true is refused with where it fails, instead of staying empty forever.
+    for (condition, problem) in [
+        (
+            "computed.lifetime_value",
+            "line 1, column 9: the condition yields a double, never a boolean",
+        ),
+        (
+            "emotion.label == 3",
+            "line 1, column 15: compares a string with a int: they are never equal",
+        ),
+        (
+            r#""a" * 1000000 == """#,
+            "line 1, column 5: cannot multiply a string and a int",
+        ),
+    ] {
+        let error = client
+            .put_segment(admin(segment("typed", condition)))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        let details =
+            tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
+        assert_eq!(details.field_violations[0].field, "segment.condition");
+        assert_eq!(details.field_violations[0].description, problem);
+    }
 
     // Backfill: existing profiles are evaluated as soon as the segment is stored.
     let stored = client
