@@ -482,11 +482,19 @@ impl Ingestor {
             };
             normalised.push((id_type, value));
         }
-        let (added, erased) =
-            store::add_suppressions(&self.inner.db, &normalised, now_micros()).await?;
+        let set: HashSet<(String, String)> = normalised.iter().cloned().collect();
+        let (added, erased, removed) =
+            store::add_suppressions(&self.inner.db, &normalised, now_micros(), |event| {
+                carries(&set, rules, event)
+            })
+            .await?;
         self.inner.suppressions.extend(normalised);
-        if erased > 0 {
-            tracing::info!(erased, "log entries of erased customers erased");
+        if erased > 0 || removed > 0 {
+            tracing::info!(
+                erased,
+                removed,
+                "log entries and queued events of erased customers erased"
+            );
         }
         Ok((added, erased))
     }
@@ -498,9 +506,28 @@ impl Ingestor {
         let all = store::load_suppressions(&self.inner.db).await?;
         self.inner.suppressions.replace(all);
         let since = now_micros() - RECENT_SUPPRESSIONS.as_micros() as i64;
-        let erased = store::erase_recently_suppressed(&self.inner.db, since).await?;
-        if erased > 0 {
-            tracing::info!(erased, "log entries of erased customers erased");
+        let recent: HashSet<(String, String)> = store::suppressed_since(&self.inner.db, since)
+            .await?
+            .into_iter()
+            .collect();
+        if recent.is_empty() {
+            return Ok(());
+        }
+        // A row accepted before the suppression was added was received at most a commit
+        // earlier; a full window back covers it with room to spare.
+        let rules = &self.inner.settings.identity;
+        let (erased, removed) = store::erase_recently_suppressed(
+            &self.inner.db,
+            since - RECENT_SUPPRESSIONS.as_micros() as i64,
+            |event| carries(&recent, rules, event),
+        )
+        .await?;
+        if erased > 0 || removed > 0 {
+            tracing::info!(
+                erased,
+                removed,
+                "log entries and queued events of erased customers erased"
+            );
         }
         Ok(())
     }
@@ -625,18 +652,21 @@ impl Suppressions {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = identities.into_iter().collect();
     }
 
-    /// Whether any identifier of `event` is suppressed. An alias's previousId is checked
-    /// as a user id too: resolution reads it as an anonymous id, but an erased customer's
-    /// user id must not come back through an alias either.
+    /// Whether any identifier of `event` is suppressed (see [`carries`]).
     fn matches(&self, rules: &IdentityRules, event: &Event) -> bool {
         let set = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if set.is_empty() {
-            return false;
-        }
-        rules.extract(event).iter().any(|ident| set.contains(ident))
-            || normalise("user_id", &event.previous_id)
-                .is_some_and(|v| set.contains(&("user_id".to_owned(), v)))
+        !set.is_empty() && carries(&set, rules, event)
     }
+}
+
+/// Whether `event` carries one of `set`'s identifiers, as `waymark-identity` extracts
+/// them (the profile service reads events the same way). An alias's previousId is checked
+/// as a user id too: resolution reads it as an anonymous id, but an erased customer's user
+/// id must not come back through an alias either.
+fn carries(set: &HashSet<(String, String)>, rules: &IdentityRules, event: &Event) -> bool {
+    rules.extract(event).iter().any(|ident| set.contains(ident))
+        || normalise("user_id", &event.previous_id)
+            .is_some_and(|v| set.contains(&("user_id".to_owned(), v)))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use sea_orm::{
     Statement, TransactionTrait, Value,
 };
 use waymark_kit::db::{Migration, sql};
+use waymark_proto::common::v1::Event;
 
 /// Schema of the ingestion service, in order.
 pub const MIGRATIONS: &[Migration] = &[
@@ -541,14 +542,17 @@ pub async fn replay(
 }
 
 /// Adds identifiers to the suppression list and, in the same transaction, erases what the
-/// log holds of the erased customer: rows carrying a suppressed user or anonymous id lose
-/// their payload and those ids. Their dedupe key stays, so a message an SDK sends again
-/// is still a duplicate. Returns (identifiers newly added, log rows erased).
+/// service holds of the erased customer: log rows carrying a suppressed user or anonymous
+/// id in their columns, or any suppressed identifier in their event (`carries`), lose
+/// their payload and those ids, and queued outbox events that `carries` picks are
+/// removed. A log row's dedupe key stays, so a message an SDK sends again is still a
+/// duplicate. Returns (identifiers newly added, log rows erased, outbox events removed).
 pub async fn add_suppressions(
     db: &DatabaseConnection,
     identities: &[(String, String)],
     now: i64,
-) -> Result<(u32, u64), DbErr> {
+    carries: impl Fn(&Event) -> bool,
+) -> Result<(u32, u64, u64), DbErr> {
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
     let mut added = 0;
@@ -574,7 +578,8 @@ pub async fn add_suppressions(
             .collect();
         for chunk in values.chunks(500) {
             let list = vec!["?"; chunk.len()].join(", ");
-            // `<> ''` matches the partial index on the column.
+            // `<> ''` matches the partial index on the column. This also reaches rows
+            // whose payload retention has expired: their key columns still name the ids.
             let text = format!(
                 "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
                  WHERE {column} <> '' AND {column} IN ({list})"
@@ -590,33 +595,112 @@ pub async fn add_suppressions(
                 .rows_affected();
         }
     }
+    erased += erase_carrying(&txn, None, &carries).await?;
+    let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
     txn.commit().await?;
-    Ok((added, erased))
+    Ok((added, erased, removed))
 }
 
-/// Erases again what the log holds of identifiers suppressed since `since`: events that
-/// passed the check on a replica that had not learned of them yet, or were still on their
-/// way to the database when the suppression was added. Returns the rows erased.
-pub async fn erase_recently_suppressed(db: &DatabaseConnection, since: i64) -> Result<u64, DbErr> {
-    let backend = db.get_database_backend();
+/// Log rows read at a time when looking inside their events.
+const SCAN_PAGE_ROWS: i64 = 500;
+
+/// Erases the payload and ids of every log row (received at or after `since`, when
+/// given) whose event `carries` picks. E-mail, phone, device and custom identifiers
+/// live only inside the encoded event, so the rows are read page by page in `seq` order.
+async fn erase_carrying<C: ConnectionTrait>(
+    conn: &C,
+    since: Option<i64>,
+    carries: &impl Fn(&Event) -> bool,
+) -> Result<u64, DbErr> {
+    use prost::Message;
+    let backend = conn.get_database_backend();
+    let mut after = 0i64;
     let mut erased = 0;
-    for column in ["user_id", "anonymous_id"] {
-        // `<> ''` matches the partial index on the column.
-        let text = format!(
-            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
-             WHERE {column} <> '' AND {column} IN (
-                 SELECT id_value FROM suppressions WHERE id_type = ? AND created_at >= ?)"
-        );
-        erased += db
-            .execute_raw(Statement::from_sql_and_values(
+    loop {
+        let mut text =
+            String::from("SELECT seq, payload FROM events WHERE payload IS NOT NULL AND seq > ?");
+        let mut values: Vec<Value> = vec![after.into()];
+        if let Some(since) = since {
+            text.push_str(" AND received_at >= ?");
+            values.push(since.into());
+        }
+        text.push_str(" ORDER BY seq LIMIT ?");
+        values.push(SCAN_PAGE_ROWS.into());
+        let rows = conn
+            .query_all_raw(Statement::from_sql_and_values(
                 backend,
                 sql(backend, &text),
-                [column.into(), since.into()],
+                values,
             ))
-            .await?
-            .rows_affected();
+            .await?;
+        let Some(last) = rows.last() else {
+            return Ok(erased);
+        };
+        after = last.try_get_by_index(0)?;
+        let mut matched: Vec<Value> = Vec::new();
+        for row in &rows {
+            let payload: Vec<u8> = row.try_get_by_index(1)?;
+            let event = Event::decode(payload.as_slice())
+                .map_err(|e| DbErr::Custom(format!("log event does not decode: {e}")))?;
+            if carries(&event) {
+                matched.push(row.try_get_by_index::<i64>(0)?.into());
+            }
+        }
+        if !matched.is_empty() {
+            let list = vec!["?"; matched.len()].join(", ");
+            erased += conn
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    sql(
+                        backend,
+                        &format!(
+                            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = '' WHERE seq IN ({list})"
+                        ),
+                    ),
+                    matched,
+                ))
+                .await?
+                .rows_affected();
+        }
     }
-    Ok(erased)
+}
+
+/// Identifiers suppressed at or after `since`.
+pub async fn suppressed_since(
+    db: &DatabaseConnection,
+    since: i64,
+) -> Result<Vec<(String, String)>, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "SELECT id_type, id_value FROM suppressions WHERE created_at >= ?",
+            ),
+            [since.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+/// Erases again what the service holds of identifiers suppressed recently: events that
+/// passed the check on a replica that had not learned of them yet, or were still on their
+/// way to the database when the suppression was added. Log rows received at or after
+/// `since` and queued outbox events that `carries` picks go, in one transaction.
+/// Returns (log rows erased, outbox events removed).
+pub async fn erase_recently_suppressed(
+    db: &DatabaseConnection,
+    since: i64,
+    carries: impl Fn(&Event) -> bool,
+) -> Result<(u64, u64), DbErr> {
+    let txn = db.begin().await?;
+    let erased = erase_carrying(&txn, Some(since), &carries).await?;
+    let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
+    txn.commit().await?;
+    Ok((erased, removed))
 }
 
 /// The whole suppression list.

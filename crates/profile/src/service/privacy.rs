@@ -62,6 +62,10 @@ impl Profiles {
             }
         }
         let erased = store::erase(&txn, &tree, &identities).await?;
+        // Queued events of the person leave with the rest (the notice below goes after):
+        // the downstream outboxes may have no consumer yet and keep their rows for good.
+        let outbox_events =
+            scrub_outbox(&txn, &self.inner.rules.identity, &tree, &identities).await?;
         store::suppress(&txn, &identities, now).await?;
         store::bump_suppressions(&txn).await?;
         let notice = profile_deleted(&live_id, &tree, now);
@@ -85,6 +89,7 @@ impl Profiles {
             profiles = tree.len(),
             identities = identities.len(),
             timeline_entries = erased.timeline_entries,
+            outbox_events,
             reason,
             "profile erased"
         );
@@ -172,6 +177,27 @@ impl Profiles {
     pub async fn suppressions_added(&self) {
         self.inner.suppressions_pending.notified().await;
     }
+}
+
+/// Removes from the service's outbox every queued event of the erased person: events
+/// applied to one of the `tree`'s profiles (and the notices about them), and any event
+/// carrying one of the person's identifiers, as `waymark-identity` extracts them (an
+/// alias's previous id counts as a user id too, as ingestion checks it). Returns how many.
+async fn scrub_outbox(
+    txn: &sea_orm::DatabaseTransaction,
+    rules: &crate::identity::IdentityRules,
+    tree: &[String],
+    identities: &[Ident],
+) -> Result<u64, sea_orm::DbErr> {
+    let profiles: std::collections::HashSet<&str> = tree.iter().map(String::as_str).collect();
+    let idents: std::collections::HashSet<&Ident> = identities.iter().collect();
+    waymark_kit::outbox::scrub(txn, "outbox", |event| {
+        profiles.contains(event.profile_id.as_str())
+            || rules.extract(event).iter().any(|i| idents.contains(i))
+            || crate::identity::normalise("user_id", &event.previous_id)
+                .is_some_and(|v| idents.contains(&("user_id".to_owned(), v)))
+    })
+    .await
 }
 
 fn parse_suppression_token(token: &str) -> Option<(i64, String, String)> {
