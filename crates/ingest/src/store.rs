@@ -103,6 +103,14 @@ pub const MIGRATIONS: &[Migration] = &[
     waymark_kit::outbox::migration(2),
     waymark_kit::outbox::keyed_by_consumer(3),
     waymark_kit::outbox::packs(4),
+    Migration {
+        version: 5,
+        name: "suppressions stored as keyed hashes",
+        // Existing rows are clear; the service hashes them at start-up
+        // (`hash_clear_suppressions`), since neither backend has HMAC built in.
+        postgres: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+        sqlite: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+    },
 ];
 
 /// One event row, ready to insert.
@@ -541,72 +549,101 @@ pub async fn replay(
     Ok(result.rows_affected())
 }
 
-/// Adds identifiers to the suppression list and, in the same transaction, erases what the
-/// service holds of the erased customer: log rows carrying a suppressed user or anonymous
-/// id in their columns, or any suppressed identifier in their event (`carries`), lose
+/// Adds identifiers, as `(type, keyed hash)`, to the suppression list and, in the same
+/// transaction, erases what the service holds of the erased customer: log rows whose
+/// event (or, past payload retention, whose user or anonymous id) `carries` picks lose
 /// their payload and those ids, and queued outbox events that `carries` picks are
 /// removed. A log row's dedupe key stays, so a message an SDK sends again is still a
 /// duplicate. Returns (identifiers newly added, log rows erased, outbox events removed).
 pub async fn add_suppressions(
     db: &DatabaseConnection,
-    identities: &[(String, String)],
+    hashed: &[(String, String)],
     now: i64,
     carries: impl Fn(&Event) -> bool,
 ) -> Result<(u32, u64, u64), DbErr> {
-    let backend = db.get_database_backend();
     let txn = db.begin().await?;
+    let added = insert_suppressions(&txn, hashed, now).await?;
+    let erased = erase_carrying(&txn, None, &carries).await?;
+    let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
+    txn.commit().await?;
+    Ok((added, erased, removed))
+}
+
+/// Suppression rows per INSERT: three parameters each, far under SQLite's limit.
+const SUPPRESSIONS_PER_INSERT: usize = 1000;
+
+async fn insert_suppressions<C: ConnectionTrait>(
+    conn: &C,
+    hashed: &[(String, String)],
+    now: i64,
+) -> Result<u32, DbErr> {
+    let backend = conn.get_database_backend();
     let mut added = 0;
-    for (id_type, id_value) in identities {
-        let result = txn
+    for chunk in hashed.chunks(SUPPRESSIONS_PER_INSERT) {
+        let rows = vec!["(?, ?, ?, TRUE)"; chunk.len()].join(", ");
+        let values: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, h)| [t.as_str().into(), h.as_str().into(), now.into()])
+            .collect();
+        added += conn
             .execute_raw(Statement::from_sql_and_values(
                 backend,
                 sql(
                     backend,
-                    "INSERT INTO suppressions (id_type, id_value, created_at) VALUES (?, ?, ?) ON CONFLICT (id_type, id_value) DO NOTHING",
+                    &format!(
+                        "INSERT INTO suppressions (id_type, id_value, created_at, hashed) VALUES {rows}
+                         ON CONFLICT (id_type, id_value) DO NOTHING"
+                    ),
                 ),
-                [id_type.as_str().into(), id_value.as_str().into(), now.into()],
+                values,
             ))
-            .await?;
-        added += result.rows_affected() as u32;
+            .await?
+            .rows_affected() as u32;
     }
-    let mut erased = 0;
-    for (id_type, column) in [("user_id", "user_id"), ("anonymous_id", "anonymous_id")] {
-        let values: Vec<&str> = identities
-            .iter()
-            .filter(|(t, _)| t == id_type)
-            .map(|(_, v)| v.as_str())
-            .collect();
-        for chunk in values.chunks(500) {
-            let list = vec!["?"; chunk.len()].join(", ");
-            // `<> ''` matches the partial index on the column. This also reaches rows
-            // whose payload retention has expired: their key columns still name the ids.
-            let text = format!(
-                "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
-                 WHERE {column} <> '' AND {column} IN ({list})"
-            );
-            let params: Vec<sea_orm::Value> = chunk.iter().map(|v| (*v).into()).collect();
-            erased += txn
-                .execute_raw(Statement::from_sql_and_values(
-                    backend,
-                    sql(backend, &text),
-                    params,
-                ))
-                .await?
-                .rows_affected();
-        }
+    Ok(added)
+}
+
+/// Replaces suppression rows stored in clear (by releases before schema 5) with their
+/// keyed hashes, in one transaction; returns how many. Runs at start-up, before the list
+/// is loaded.
+pub async fn hash_clear_suppressions(
+    db: &DatabaseConnection,
+    hash: impl Fn(&(String, String)) -> (String, String),
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    let rows = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT id_type, id_value, created_at FROM suppressions WHERE NOT hashed",
+        ))
+        .await?;
+    for row in &rows {
+        let clear: (String, String) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        let created_at: i64 = row.try_get_by_index(2)?;
+        insert_suppressions(&txn, &[hash(&clear)], created_at).await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
+            ),
+            [clear.0.as_str().into(), clear.1.as_str().into()],
+        ))
+        .await?;
     }
-    erased += erase_carrying(&txn, None, &carries).await?;
-    let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
     txn.commit().await?;
-    Ok((added, erased, removed))
+    Ok(rows.len() as u64)
 }
 
 /// Log rows read at a time when looking inside their events.
 const SCAN_PAGE_ROWS: i64 = 500;
 
 /// Erases the payload and ids of every log row (received at or after `since`, when
-/// given) whose event `carries` picks. E-mail, phone, device and custom identifiers
-/// live only inside the encoded event, so the rows are read page by page in `seq` order.
+/// given) whose event `carries` picks; a row past payload retention is judged by its user
+/// and anonymous ids alone. Suppressions are hashes and e-mail, phone, device and custom
+/// identifiers live only inside the encoded event, so rows are read page by page in `seq`
+/// order and judged here.
 async fn erase_carrying<C: ConnectionTrait>(
     conn: &C,
     since: Option<i64>,
@@ -617,8 +654,10 @@ async fn erase_carrying<C: ConnectionTrait>(
     let mut after = 0i64;
     let mut erased = 0;
     loop {
-        let mut text =
-            String::from("SELECT seq, payload FROM events WHERE payload IS NOT NULL AND seq > ?");
+        let mut text = String::from(
+            "SELECT seq, payload, user_id, anonymous_id FROM events
+             WHERE seq > ? AND (payload IS NOT NULL OR user_id <> '' OR anonymous_id <> '')",
+        );
         let mut values: Vec<Value> = vec![after.into()];
         if let Some(since) = since {
             text.push_str(" AND received_at >= ?");
@@ -639,9 +678,15 @@ async fn erase_carrying<C: ConnectionTrait>(
         after = last.try_get_by_index(0)?;
         let mut matched: Vec<Value> = Vec::new();
         for row in &rows {
-            let payload: Vec<u8> = row.try_get_by_index(1)?;
-            let event = Event::decode(payload.as_slice())
-                .map_err(|e| DbErr::Custom(format!("log event does not decode: {e}")))?;
+            let event = match row.try_get_by_index::<Option<Vec<u8>>>(1)? {
+                Some(payload) => Event::decode(payload.as_slice())
+                    .map_err(|e| DbErr::Custom(format!("log event does not decode: {e}")))?,
+                None => Event {
+                    user_id: row.try_get_by_index(2)?,
+                    anonymous_id: row.try_get_by_index(3)?,
+                    ..Event::default()
+                },
+            };
             if carries(&event) {
                 matched.push(row.try_get_by_index::<i64>(0)?.into());
             }
@@ -665,7 +710,7 @@ async fn erase_carrying<C: ConnectionTrait>(
     }
 }
 
-/// Identifiers suppressed at or after `since`.
+/// Identifiers, as `(type, keyed hash)`, suppressed at or after `since`.
 pub async fn suppressed_since(
     db: &DatabaseConnection,
     since: i64,
@@ -703,7 +748,7 @@ pub async fn erase_recently_suppressed(
     Ok((erased, removed))
 }
 
-/// The whole suppression list.
+/// The whole suppression list, as `(type, keyed hash)`.
 pub async fn load_suppressions(db: &DatabaseConnection) -> Result<Vec<(String, String)>, DbErr> {
     let rows = db
         .query_all_raw(Statement::from_string(

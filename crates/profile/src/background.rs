@@ -69,6 +69,8 @@ async fn push_once(
     if !push.is_empty() {
         let mut request = tonic::Request::new(SuppressIdentitiesRequest {
             identities: push.iter().map(identity).collect(),
+            // The list holds keyed hashes only; ingestion stores them as they are.
+            hashed: true,
         });
         if let Some(token) = token {
             request

@@ -70,7 +70,8 @@ impl ProfileServer {
                 .with_near_cache(
                     config.profile_near_cache_capacity,
                     Duration::from_millis(config.profile_near_cache_ttl_ms),
-                ),
+                )
+                .with_identifier_hasher(config.identifier_hasher()),
             None => ProfileCache::in_memory(config.profile_cache_capacity, ttl),
         };
         let wakeup = Wakeup::default();
@@ -79,6 +80,7 @@ impl ProfileServer {
             db.clone(),
             cache,
             rules,
+            config.identifier_hasher(),
             consumers,
             wakeup.clone(),
             config.applier_memory_profiles,
@@ -108,14 +110,15 @@ impl ProfileServer {
         let readiness =
             Readiness::new(reporter, &[GRPC_SERVICE, "waymark.common.v1.EventSink"]).await;
         let mut tasks = tokio::task::JoinSet::new();
-        let (db, auto_migrate) = (self.db.clone(), self.config.auto_migrate);
+        let (db, core, auto_migrate) =
+            (self.db.clone(), self.core.clone(), self.config.auto_migrate);
         tasks.spawn(waymark_kit::grpc::watch_database(
             self.db.clone(),
             readiness.clone(),
             Duration::from_secs(1),
             shutdown.clone(),
             move || {
-                let db = db.clone();
+                let (db, core) = (db.clone(), core.clone());
                 async move {
                     if auto_migrate {
                         migrate(&db).await?;
@@ -127,6 +130,7 @@ impl ProfileServer {
                             "schema versions {pending:?} not applied; run `waymark migrate`"
                         );
                     }
+                    core.prepare().await?;
                     Ok(())
                 }
             },

@@ -13,7 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
-use crate::identity::{Ident, normalise};
+use crate::identity::{Ident, IdentHasher, normalise};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
@@ -155,6 +155,8 @@ struct Inner {
     db: DatabaseConnection,
     cache: ProfileCache,
     rules: Rules,
+    /// The keyed hash identifiers are kept as once erased (suppressions).
+    hasher: IdentHasher,
     consumers: Vec<String>,
     wakeup: Wakeup,
     /// One applier per process; replicas serialise on a database lock. It guards what
@@ -180,6 +182,7 @@ impl Profiles {
         db: DatabaseConnection,
         cache: ProfileCache,
         rules: Rules,
+        hasher: IdentHasher,
         consumers: Vec<String>,
         wakeup: Wakeup,
         applier_memory_profiles: usize,
@@ -189,6 +192,7 @@ impl Profiles {
                 db,
                 cache,
                 rules,
+                hasher,
                 consumers,
                 wakeup,
                 applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),

@@ -125,6 +125,14 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     waymark_kit::outbox::keyed_by_consumer(10),
     waymark_kit::outbox::packs(11),
+    Migration {
+        version: 12,
+        name: "suppressions stored as keyed hashes",
+        // Existing rows are clear; the service hashes them at start-up
+        // (`hash_clear_suppressions`), since neither backend has HMAC built in.
+        postgres: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+        sqlite: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+    },
 ];
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,

@@ -66,7 +66,11 @@ impl Profiles {
         // the downstream outboxes may have no consumer yet and keep their rows for good.
         let outbox_events =
             scrub_outbox(&txn, &self.inner.rules.identity, &tree, &identities).await?;
-        store::suppress(&txn, &identities, now).await?;
+        let hashed: Vec<Ident> = identities
+            .iter()
+            .map(|i| self.inner.hasher.hashed(i))
+            .collect();
+        store::suppress(&txn, &hashed, now).await?;
         store::bump_suppressions(&txn).await?;
         let notice = profile_deleted(&live_id, &tree, now);
         waymark_kit::outbox::enqueue(
@@ -135,7 +139,28 @@ impl Profiles {
         })
     }
 
-    /// A page of the suppression list, newest first, and the next page token.
+    /// Work before the service is trusted, after every (re)connection to the database:
+    /// suppressions stored in clear by earlier releases are replaced by their keyed hashes.
+    pub async fn prepare(&self) -> Result<(), ProfileError> {
+        let hasher = &self.inner.hasher;
+        let txn = self.inner.db.begin().await?;
+        let rewritten = store::hash_clear_suppressions(&txn, |i| hasher.hashed(i)).await?;
+        if rewritten > 0 {
+            // Replicas reload the list (as hashes) at their next batch.
+            store::bump_suppressions(&txn).await?;
+        }
+        txn.commit().await?;
+        if rewritten > 0 {
+            tracing::info!(
+                rewritten,
+                "suppressions stored in clear replaced by their hashes"
+            );
+        }
+        Ok(())
+    }
+
+    /// A page of the suppression list (identifiers as keyed hashes), newest first, and
+    /// the next page token.
     pub async fn suppressions(
         &self,
         page_size_requested: u32,
@@ -162,8 +187,9 @@ impl Profiles {
         Ok((rows, next))
     }
 
-    /// Suppressions ingestion has not acknowledged yet. Ingestion knows the same
-    /// identifier types (custom ones included: both read `custom_identity_types`).
+    /// Suppressions ingestion has not acknowledged yet, as `(type, keyed hash)`. Ingestion
+    /// knows the same identifier types (custom ones included: both read
+    /// `custom_identity_types`) and the same key (`identifier_hash_key`).
     pub async fn unsynced_suppressions(&self, limit: u32) -> Result<Vec<Ident>, ProfileError> {
         Ok(store::unsynced_suppressions(&self.inner.db, limit).await?)
     }

@@ -48,29 +48,34 @@ pub async fn erase(
     tree: &[String],
     identities: &[Ident],
 ) -> Result<Erased, DbErr> {
-    let ids: Vec<Value> = tree.iter().map(|id| id.as_str().into()).collect();
-    let list = in_list(ids.len());
-    let timeline_entries = execute(
-        txn,
-        &format!("DELETE FROM timeline WHERE profile_id IN ({list})"),
-        ids.clone(),
-    )
-    .await?;
-    for table in ["segment_members", "identities", "profiles"] {
-        execute(
+    let mut timeline_entries = 0;
+    // Chunks keep every statement under SQLite's bound-parameter limit, however many
+    // profiles were merged into the erased one (the merge audit binds each id twice).
+    for chunk in tree.chunks(MAX_PARAMS / 2) {
+        let ids: Vec<Value> = chunk.iter().map(|id| id.as_str().into()).collect();
+        let list = in_list(ids.len());
+        timeline_entries += execute(
             txn,
-            &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+            &format!("DELETE FROM timeline WHERE profile_id IN ({list})"),
             ids.clone(),
         )
         .await?;
+        for table in ["segment_members", "identities", "profiles"] {
+            execute(
+                txn,
+                &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+                ids.clone(),
+            )
+            .await?;
+        }
+        // The audit names the identifiers that linked the profiles: it goes with them.
+        execute(
+            txn,
+            &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
+            ids.iter().chain(&ids).cloned(),
+        )
+        .await?;
     }
-    // The audit names the identifiers that linked the profiles: it goes with them.
-    execute(
-        txn,
-        &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
-        ids.iter().chain(&ids).cloned(),
-    )
-    .await?;
     // Identifiers only the profile's state listed: erasure leaves none behind.
     for chunk in identities.chunks(MAX_PARAMS / 2) {
         let (pairs, values) = ident_pairs(chunk);
@@ -84,24 +89,69 @@ pub async fn erase(
     Ok(Erased { timeline_entries })
 }
 
-/// Puts identifiers on the suppression list (already listed ones stay as they were).
+/// Puts identifiers, as `(type, keyed hash)`, on the suppression list (already listed
+/// ones stay as they were).
 pub async fn suppress(
     txn: &DatabaseTransaction,
-    identities: &[Ident],
+    hashed: &[Ident],
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let rows = identities
+    let rows = hashed
         .iter()
-        .map(|(t, v)| vec![t.as_str().into(), v.as_str().into(), now_us.into()])
+        .map(|(t, h)| {
+            vec![
+                t.as_str().into(),
+                h.as_str().into(),
+                now_us.into(),
+                true.into(),
+            ]
+        })
         .collect();
     insert_rows(
         txn,
-        "INSERT INTO suppressions (id_type, id_value, suppressed_at)",
+        "INSERT INTO suppressions (id_type, id_value, suppressed_at, hashed)",
         "ON CONFLICT (id_type, id_value) DO NOTHING",
         rows,
     )
     .await?;
     Ok(())
+}
+
+/// Replaces suppression rows stored in clear (by releases before schema 12) with their
+/// keyed hashes, keeping when they were suppressed and synced; returns how many.
+pub async fn hash_clear_suppressions(
+    txn: &DatabaseTransaction,
+    hash: impl Fn(&Ident) -> Ident,
+) -> Result<u64, DbErr> {
+    let rows = query(
+        txn,
+        "SELECT id_type, id_value, suppressed_at, synced_at FROM suppressions WHERE NOT hashed",
+        [],
+    )
+    .await?;
+    for row in &rows {
+        let clear: Ident = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        let (id_type, id_hash) = hash(&clear);
+        execute(
+            txn,
+            "INSERT INTO suppressions (id_type, id_value, suppressed_at, synced_at, hashed)
+             VALUES (?, ?, ?, ?, TRUE) ON CONFLICT (id_type, id_value) DO NOTHING",
+            [
+                id_type.into(),
+                id_hash.into(),
+                row.try_get_by_index::<i64>(2)?.into(),
+                row.try_get_by_index::<Option<i64>>(3)?.into(),
+            ],
+        )
+        .await?;
+        execute(
+            txn,
+            "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
+            [clear.0.into(), clear.1.into()],
+        )
+        .await?;
+    }
+    Ok(rows.len() as u64)
 }
 
 /// The identifiers suppressed at or after `since`, with when.
