@@ -405,14 +405,20 @@ impl ProfileCache {
 
     /// Drops a profile that was merged away or deleted, leaving a tombstone at `version` so
     /// a slower writer cannot bring the old state back. Identifier keys are removed.
+    /// Returns whether the tombstone reached the cache: false when Redis did not take it,
+    /// in which case this process deletes the key once Redis is back, but a process
+    /// started meanwhile does not know (callers that must not lose it keep it themselves).
     pub async fn invalidate(
         &self,
         profile_id: &str,
         version: u64,
         identities: &[(String, String)],
-    ) {
+    ) -> bool {
         match &self.backend {
-            Backend::Memory(m) => lock(m).invalidate(profile_id, version, identities),
+            Backend::Memory(m) => {
+                lock(m).invalidate(profile_id, version, identities);
+                true
+            }
             Backend::Redis(r) => {
                 // Whatever becomes of the Redis write, this process serves it no more.
                 if let Some(near) = &self.near {
@@ -426,7 +432,7 @@ impl ProfileCache {
                 };
                 if !self.recovered(r).await {
                     self.remember_missed(all_keys());
-                    return;
+                    return false;
                 }
                 let written = r
                     .tombstone(
@@ -443,7 +449,7 @@ impl ProfileCache {
                 if let Err(error) = written {
                     self.failed("invalidate", &error);
                     self.remember_missed(all_keys());
-                    return;
+                    return false;
                 }
                 if !identities.is_empty() {
                     let mut pipe = redis::pipe();
@@ -461,6 +467,9 @@ impl ProfileCache {
                         self.remember_missed(all_keys());
                     }
                 }
+                // An identifier key left behind names only the profile id, whose
+                // tombstone is in place.
+                true
             }
         }
     }

@@ -85,6 +85,22 @@ async fn push_once(
     Ok(push.len())
 }
 
+/// Every second, writes the cache tombstones of erased profiles that did not reach Redis
+/// (on any replica), so a profile erased while Redis was away is out of it once it is back.
+pub async fn settle_tombstones(core: Profiles, shutdown: CancellationToken) {
+    loop {
+        match core.settle_tombstones().await {
+            Ok(0) => {}
+            Ok(pending) => tracing::debug!(pending, "cache tombstones still pending"),
+            Err(error) => tracing::warn!(%error, "settling cache tombstones failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Logs a periodic pass over profiles; true when it succeeded.
 fn logged(outcome: Result<usize, ProfileError>, pass: &str) -> bool {
     match outcome {

@@ -179,6 +179,14 @@ impl ProfileServer {
         {
             let (core, shutdown, readiness) =
                 (self.core.clone(), shutdown.clone(), readiness.clone());
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                background::settle_tombstones(core, shutdown).await;
+            });
+        }
+        {
+            let (core, shutdown, readiness) =
+                (self.core.clone(), shutdown.clone(), readiness.clone());
             let every = Duration::from_secs(self.config.segment_sweep_secs);
             tasks.spawn(async move {
                 readiness.wait_serving(&shutdown).await;

@@ -173,6 +173,13 @@ struct Inner {
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
     suppressions_pending: tokio::sync::Notify,
+    /// Erased profiles whose tombstone has not reached the cache (`pending_tombstones`):
+    /// the cache may still hold them, so their reads skip it. None until the table has
+    /// been read at start-up: until then no read trusts the cache.
+    pending_tombstones: std::sync::RwLock<Option<HashSet<String>>>,
+    /// Held by an erasure from before its commit until its tombstones are settled, and by
+    /// [`Profiles::settle_tombstones`], so neither forgets what the other is doing.
+    tombstones: tokio::sync::Mutex<()>,
     metrics: Metrics,
 }
 
@@ -201,6 +208,8 @@ impl Profiles {
                 suppressed: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
+                pending_tombstones: std::sync::RwLock::new(None),
+                tombstones: tokio::sync::Mutex::new(()),
                 metrics: Metrics::new(),
             }),
         }
@@ -277,7 +286,9 @@ impl Profiles {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
-        if let Some(p) = self.inner.cache.get(profile_id).await {
+        if self.cache_trusted_for(profile_id)
+            && let Some(p) = self.inner.cache.get(profile_id).await
+        {
             return Ok(p);
         }
         let record = store::load_live(&self.inner.db, profile_id)

@@ -133,7 +133,19 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
         sqlite: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
     },
+    Migration {
+        version: 13,
+        name: "erased profiles whose cache tombstone has not reached Redis yet",
+        postgres: PENDING_TOMBSTONES,
+        sqlite: PENDING_TOMBSTONES,
+    },
 ];
+
+const PENDING_TOMBSTONES: &str = "
+    CREATE TABLE pending_tombstones (
+        profile_id TEXT PRIMARY KEY,
+        erased_at BIGINT NOT NULL
+    );";
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,
 /// at no extra cost, and keeps both in memory in between.

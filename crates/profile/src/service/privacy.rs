@@ -72,6 +72,8 @@ impl Profiles {
             .collect();
         store::suppress(&txn, &hashed, now).await?;
         store::bump_suppressions(&txn).await?;
+        // Until its tombstone is in the cache, no restart may serve the profile from there.
+        store::add_pending_tombstones(&txn, &tree, now).await?;
         let notice = profile_deleted(&live_id, &tree, now);
         waymark_kit::outbox::enqueue(
             &txn,
@@ -79,15 +81,21 @@ impl Profiles {
             &[prost::Message::encode_to_vec(&notice).as_slice()],
         )
         .await?;
+        let _tombstones = self.inner.tombstones.lock().await;
+        self.skip_cache_for(&tree);
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.suppressions_pending.notify_one();
         self.inner.metrics.emitted([&notice]);
         // Profile ids are never reused, so the highest version keeps every id out for good.
+        let mut settled = Vec::with_capacity(tree.len());
         for id in &tree {
             let keys: &[Ident] = if *id == live_id { &identities } else { &[] };
-            self.inner.cache.invalidate(id, u64::MAX, keys).await;
+            if self.inner.cache.invalidate(id, u64::MAX, keys).await {
+                settled.push(id.clone());
+            }
         }
+        self.tombstones_settled(&settled).await;
         tracing::info!(
             profile_id = %live_id,
             profiles = tree.len(),
@@ -139,8 +147,81 @@ impl Profiles {
         })
     }
 
+    /// Whether a read of `profile_id` may be answered from the cache: not before the
+    /// pending tombstones are loaded, and not for an erased profile whose tombstone has
+    /// not reached the cache.
+    pub(crate) fn cache_trusted_for(&self, profile_id: &str) -> bool {
+        self.inner
+            .pending_tombstones
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|pending| !pending.contains(profile_id))
+    }
+
+    fn skip_cache_for(&self, ids: &[String]) {
+        if let Some(pending) = self
+            .inner
+            .pending_tombstones
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            pending.extend(ids.iter().cloned());
+        }
+    }
+
+    /// Forgets the pending tombstones that reached the cache. Best effort: a row left
+    /// behind is settled again by the next [`Profiles::settle_tombstones`].
+    async fn tombstones_settled(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(error) = store::drop_pending_tombstones(&self.inner.db, ids).await {
+            tracing::warn!(%error, "recording settled cache tombstones failed");
+            return;
+        }
+        if let Some(pending) = self
+            .inner
+            .pending_tombstones
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            for id in ids {
+                pending.remove(id);
+            }
+        }
+    }
+
+    /// Writes the tombstones of erased profiles that have not reached the cache yet (this
+    /// replica's, or another's whose Redis write failed), and holds the rest so their
+    /// reads skip the cache. Runs at start-up, before any read trusts the cache, and
+    /// every second while serving. Returns how many are still pending.
+    pub async fn settle_tombstones(&self) -> Result<usize, ProfileError> {
+        let _tombstones = self.inner.tombstones.lock().await;
+        let pending = store::pending_tombstones(&self.inner.db).await?;
+        *self
+            .inner
+            .pending_tombstones
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(pending.iter().cloned().collect());
+        let mut settled = Vec::new();
+        for id in &pending {
+            if !self.inner.cache.invalidate(id, u64::MAX, &[]).await {
+                // Redis is still unreachable: the rest would fail alike.
+                break;
+            }
+            settled.push(id.clone());
+        }
+        self.tombstones_settled(&settled).await;
+        Ok(pending.len() - settled.len())
+    }
+
     /// Work before the service is trusted, after every (re)connection to the database:
-    /// suppressions stored in clear by earlier releases are replaced by their keyed hashes.
+    /// suppressions stored in clear by earlier releases are replaced by their keyed
+    /// hashes, and the pending cache tombstones are loaded and retried.
     pub async fn prepare(&self) -> Result<(), ProfileError> {
         let hasher = &self.inner.hasher;
         let txn = self.inner.db.begin().await?;
@@ -156,6 +237,7 @@ impl Profiles {
                 "suppressions stored in clear replaced by their hashes"
             );
         }
+        self.settle_tombstones().await?;
         Ok(())
     }
 

@@ -257,3 +257,55 @@ pub async fn mark_synced<C: ConnectionTrait>(
     }
     Ok(())
 }
+
+/// Records, in the erasure's transaction, that the cache entries of `ids` must become
+/// tombstones: the rows stay until a tombstone has reached the cache.
+pub async fn add_pending_tombstones(
+    txn: &DatabaseTransaction,
+    ids: &[String],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let rows = ids
+        .iter()
+        .map(|id| vec![id.as_str().into(), now_us.into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO pending_tombstones (profile_id, erased_at)",
+        "ON CONFLICT (profile_id) DO NOTHING",
+        rows,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Erased profiles whose tombstone has not reached the cache yet.
+pub async fn pending_tombstones<C: ConnectionTrait>(conn: &C) -> Result<Vec<String>, DbErr> {
+    let rows = query(
+        conn,
+        "SELECT profile_id FROM pending_tombstones ORDER BY erased_at, profile_id",
+        [],
+    )
+    .await?;
+    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+}
+
+/// Forgets pending tombstones that have reached the cache.
+pub async fn drop_pending_tombstones<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[String],
+) -> Result<(), DbErr> {
+    for chunk in ids.chunks(MAX_PARAMS) {
+        let values: Vec<Value> = chunk.iter().map(|id| id.as_str().into()).collect();
+        execute(
+            conn,
+            &format!(
+                "DELETE FROM pending_tombstones WHERE profile_id IN ({})",
+                in_list(values.len())
+            ),
+            values,
+        )
+        .await?;
+    }
+    Ok(())
+}

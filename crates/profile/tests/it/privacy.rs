@@ -298,3 +298,82 @@ async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(an_erasure_on_one_replica_holds_on_the_other);
+
+/// An erasure while Redis is unreachable, then a restart before Redis is back: the new
+/// process knows from the database that the cached profile is stale, answers from the
+/// database meanwhile, and writes the tombstone once Redis is back.
+async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
+    let redis_addr: std::net::SocketAddr =
+        redis_url().trim_start_matches("redis://").parse().unwrap();
+    let proxy = Proxy::start(redis_addr).await;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = config(
+        &db.url,
+        &sink.start().await,
+        Some(&format!("redis://{}", proxy.addr)),
+    );
+    let prefix = config.profile_cache_key_prefix.clone();
+    let server = TestProfile::start(config.clone()).await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "gone-away",
+            "",
+            "",
+            json!({"email": "away@example.org"}),
+            1,
+        )])
+        .await;
+    let p = get(&server, by_identity("user_id", "gone-away"))
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "cached before the erasure"
+    );
+
+    proxy.cut();
+    server
+        .client()
+        .await
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: p.profile_id.clone(),
+            reason: "customer request".into(),
+        }))
+        .await
+        .unwrap();
+    server.stop().await;
+    assert_eq!(
+        crate::cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "Redis still holds the erased profile"
+    );
+
+    let server = TestProfile::start(config).await;
+    proxy.restore();
+    let not_found = async |request: GetProfileRequest| {
+        let error = get(&server, request.clone()).await.unwrap_err();
+        assert_eq!(error.code(), Code::NotFound, "{request:?}");
+    };
+    let by_id = GetProfileRequest {
+        profile_id: p.profile_id.clone(),
+        identity: None,
+    };
+    not_found(by_id.clone()).await;
+    not_found(by_identity("user_id", "gone-away")).await;
+    let mut tombstoned = false;
+    for _ in 0..100 {
+        if crate::cached_version(&redis_url(), &prefix, &p.profile_id).await == Some(u64::MAX) {
+            tombstoned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tombstoned, "the tombstone reaches Redis once it is back");
+    not_found(by_id).await;
+    not_found(by_identity("email", "away@example.org")).await;
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_erasure_while_redis_is_away_survives_a_restart);
