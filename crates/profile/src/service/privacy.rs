@@ -12,6 +12,10 @@ use super::{ProfileError, Profiles, invalid};
 use crate::identity::Ident;
 use crate::store::{self, SuppressionRow, TimelineFilter};
 
+/// Identifier types a device or browser carries for whoever uses it: suppressed on
+/// erasure only when no other profile's events carried the value.
+const SHAREABLE: &[&str] = &["anonymous_id", "device_id"];
+
 /// What an erasure removed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deleted {
@@ -61,12 +65,21 @@ impl Profiles {
                 identities.push(ident);
             }
         }
+        // An anonymous or device id that another profile's events carried too (a shared
+        // browser or tablet) is erased from this profile but not suppressed: suppressing it
+        // would drop the other person's events for good.
+        let shared = self.shared_with_others(&txn, &tree, &identities).await?;
+        let suppressed: Vec<Ident> = identities
+            .iter()
+            .filter(|i| !shared.contains(*i))
+            .cloned()
+            .collect();
         let erased = store::erase(&txn, &tree, &identities).await?;
         // Queued events of the person leave with the rest (the notice below goes after):
         // the downstream outboxes may have no consumer yet and keep their rows for good.
         let outbox_events =
-            scrub_outbox(&txn, &self.inner.rules.identity, &tree, &identities).await?;
-        let hashed: Vec<Ident> = identities
+            scrub_outbox(&txn, &self.inner.rules.identity, &tree, &suppressed).await?;
+        let hashed: Vec<Ident> = suppressed
             .iter()
             .map(|i| self.inner.hasher.hashed(i))
             .collect();
@@ -100,6 +113,7 @@ impl Profiles {
             profile_id = %live_id,
             profiles = tree.len(),
             identities = identities.len(),
+            shared = shared.len(),
             timeline_entries = erased.timeline_entries,
             outbox_events,
             reason,
@@ -107,7 +121,7 @@ impl Profiles {
         );
         Ok(Deleted {
             profile_id: live_id,
-            suppressed: identities,
+            suppressed,
             timeline_entries: erased.timeline_entries,
         })
     }
@@ -145,6 +159,46 @@ impl Profiles {
             merges,
             segments,
         })
+    }
+
+    /// The anonymous and device ids among `identities` that an event applied to a profile
+    /// outside `tree` carried, as `waymark-identity` extracts them. The timeline keeps
+    /// every applied event whole; the database finds the rows holding the value's bytes
+    /// and each is checked exactly here. Other types name a person (user id, e-mail,
+    /// phone, custom identifiers) and are always suppressed.
+    async fn shared_with_others(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        tree: &[String],
+        identities: &[Ident],
+    ) -> Result<std::collections::HashSet<Ident>, ProfileError> {
+        use prost::Message;
+        let mut shared = std::collections::HashSet::new();
+        for ident in identities
+            .iter()
+            .filter(|(t, _)| SHAREABLE.contains(&t.as_str()))
+        {
+            let mut after = String::new();
+            'rows: loop {
+                let rows = store::events_containing(txn, &ident.1, &after, 100).await?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (event_id, profile_id, bytes) in rows {
+                    after = event_id;
+                    if tree.contains(&profile_id) {
+                        continue;
+                    }
+                    let event = Event::decode(bytes.as_slice())
+                        .map_err(|e| ProfileError::Internal(format!("timeline event: {e}")))?;
+                    if self.inner.rules.identity.extract(&event).contains(ident) {
+                        shared.insert(ident.clone());
+                        break 'rows;
+                    }
+                }
+            }
+        }
+        Ok(shared)
     }
 
     /// Whether a read of `profile_id` may be answered from the cache: not before the
@@ -289,8 +343,9 @@ impl Profiles {
 
 /// Removes from the service's outbox every queued event of the erased person: events
 /// applied to one of the `tree`'s profiles (and the notices about them), and any event
-/// carrying one of the person's identifiers, as `waymark-identity` extracts them (an
-/// alias's previous id counts as a user id too, as ingestion checks it). Returns how many.
+/// carrying one of the identifiers they held alone, as `waymark-identity` extracts them
+/// (an alias's previous id counts as a user id too, as ingestion checks it). Returns how
+/// many.
 async fn scrub_outbox(
     txn: &sea_orm::DatabaseTransaction,
     rules: &crate::identity::IdentityRules,

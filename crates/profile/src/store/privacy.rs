@@ -309,3 +309,42 @@ pub async fn drop_pending_tombstones<C: ConnectionTrait>(
     }
     Ok(())
 }
+
+/// Up to `limit` timeline rows, after event id `after` in key order, whose stored event
+/// holds `needle`'s bytes anywhere: candidates for an identifier another profile's events
+/// carried, which the caller checks exactly. Returns (event id, profile id, event).
+pub async fn events_containing<C: ConnectionTrait>(
+    conn: &C,
+    needle: &str,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<(String, String, Vec<u8>)>, DbErr> {
+    let contains = if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        "position(? IN event) > 0"
+    } else {
+        "instr(event, ?) > 0"
+    };
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT event_id, profile_id, event FROM timeline
+             WHERE event IS NOT NULL AND event_id > ? AND {contains}
+             ORDER BY event_id LIMIT ?"
+        ),
+        [
+            after.into(),
+            needle.as_bytes().to_vec().into(),
+            i64::from(limit).into(),
+        ],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get_by_index(0)?,
+                r.try_get_by_index(1)?,
+                r.try_get_by_index(2)?,
+            ))
+        })
+        .collect()
+}

@@ -377,3 +377,93 @@ async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(an_erasure_while_redis_is_away_survives_a_restart);
+
+/// A browser two people used: the anonymous id of the erased one is not suppressed, since
+/// the other person's events carried it too, and their later events with it still apply.
+/// What the erased person held alone is suppressed.
+async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    let visit = |user: &str, at: i64| {
+        event(
+            EventType::Track,
+            user,
+            "family-tablet",
+            "Visited",
+            json!({}),
+            at,
+        )
+    };
+    server
+        .deliver(vec![
+            event(
+                EventType::Identify,
+                "alone-a",
+                "family-tablet",
+                "",
+                json!({"email": "a@example.org"}),
+                1,
+            ),
+            // One user id per profile: the tablet's id stays with A, B gets a profile.
+            visit("other-b", 2),
+        ])
+        .await;
+    let a = get(&server, by_identity("user_id", "alone-a"))
+        .await
+        .unwrap();
+    let b = get(&server, by_identity("user_id", "other-b"))
+        .await
+        .unwrap();
+    assert_ne!(a.profile_id, b.profile_id);
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "family-tablet"))
+            .await
+            .unwrap()
+            .profile_id,
+        a.profile_id
+    );
+    let deleted = server
+        .client()
+        .await
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: a.profile_id.clone(),
+            reason: "customer request".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut suppressed: Vec<(String, String)> = deleted
+        .suppressed
+        .into_iter()
+        .map(|i| (i.r#type, i.value))
+        .collect();
+    suppressed.sort();
+    assert_eq!(
+        suppressed,
+        [
+            ("email".to_owned(), "a@example.org".to_owned()),
+            ("user_id".to_owned(), "alone-a".to_owned()),
+        ]
+    );
+
+    let later = server.deliver(vec![visit("other-b", 3)]).await;
+    assert_eq!((later.applied, later.suppressed), (1, 0));
+    let b = get(&server, by_identity("user_id", "other-b"))
+        .await
+        .unwrap();
+    assert_eq!(b.computed.unwrap().total_events, 2);
+    let back = server
+        .deliver(vec![event(
+            EventType::Track,
+            "alone-a",
+            "",
+            "Visited",
+            json!({}),
+            4,
+        )])
+        .await;
+    assert_eq!((back.applied, back.suppressed), (0, 1));
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_identifier_shared_with_another_person_is_not_suppressed);
