@@ -24,14 +24,23 @@ pub struct Deleted {
     pub timeline_entries: u64,
 }
 
-/// Everything held about one person.
+/// Everything held about one person, a page of the timeline at a time: the profile,
+/// merges and segments come with the first page only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Export {
-    pub profile: Profile,
+    pub profile: Option<Profile>,
     pub timeline: Vec<TimelineEntry>,
     pub merges: Vec<Merge>,
     pub segments: Vec<Segment>,
+    /// Empty on the last page.
+    pub next_page_token: String,
 }
+
+/// Timeline entries an export page holds by default.
+const EXPORT_PAGE_ENTRIES: u32 = 500;
+/// Bytes of timeline entries after which an export page ends: a quarter of the gRPC
+/// message limit leaves room for the profile, merges and segments of the first page.
+const EXPORT_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// A page size within 1..=1000 (0 means the default of 100).
 pub(crate) fn page_size(requested: u32) -> Result<u32, ProfileError> {
@@ -126,26 +135,74 @@ impl Profiles {
         })
     }
 
-    /// Everything held about the person a profile id (or a merged-away id) belongs to.
-    pub async fn export(&self, profile_id: &str) -> Result<Export, ProfileError> {
+    /// A page of everything held about the person a profile id (or a merged-away id)
+    /// belongs to; `page_token` is empty for the first page.
+    pub async fn export(
+        &self,
+        profile_id: &str,
+        page_size_requested: u32,
+        page_token: &str,
+    ) -> Result<Export, ProfileError> {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
+        let limit = match page_size_requested {
+            0 => EXPORT_PAGE_ENTRIES,
+            n if n > 1000 => return Err(invalid("page_size", "must be at most 1000")),
+            n => n,
+        };
+        let before = if page_token.is_empty() {
+            None
+        } else {
+            Some(
+                page_token
+                    .split_once('/')
+                    .and_then(|(ts, id)| Some((ts.parse::<i64>().ok()?, id.to_owned())))
+                    .ok_or_else(|| invalid("page_token", "is not a token from a previous page"))?,
+            )
+        };
         let db = &self.inner.db;
         let record = store::load_live(db, profile_id)
             .await?
             .ok_or_else(|| ProfileError::NotFound(format!("no profile {profile_id:?}")))?;
         let live_id = record.profile.profile_id.clone();
+        let first = before.is_none();
         let filter = TimelineFilter {
             profile_id: live_id.clone(),
-            limit: u32::MAX,
+            before,
+            limit: limit + 1,
             ..TimelineFilter::default()
         };
-        let timeline = store::timeline(db, &filter)
-            .await?
-            .into_iter()
-            .map(|(_, _, entry)| entry)
-            .collect();
+        let rows = store::timeline(db, &filter).await?;
+        let mut timeline = Vec::new();
+        let mut bytes = 0;
+        let mut last = None;
+        let mut more = false;
+        for (ts, event_id, entry) in rows {
+            let size = prost::Message::encoded_len(&entry);
+            if timeline.len() == limit as usize
+                || (!timeline.is_empty() && bytes + size > EXPORT_PAGE_BYTES)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            timeline.push(entry);
+            last = Some((ts, event_id));
+        }
+        let next_page_token = match last {
+            Some((ts, event_id)) if more => format!("{ts}/{event_id}"),
+            _ => String::new(),
+        };
+        if !first {
+            return Ok(Export {
+                profile: None,
+                timeline,
+                merges: Vec::new(),
+                segments: Vec::new(),
+                next_page_token,
+            });
+        }
         let merges = store::merges(db, &live_id).await?;
         let mut segments = Vec::new();
         for segment_id in &record.profile.segments {
@@ -154,10 +211,11 @@ impl Profiles {
             }
         }
         Ok(Export {
-            profile: record.profile,
+            profile: Some(record.profile),
             timeline,
             merges,
             segments,
+            next_page_token,
         })
     }
 

@@ -72,6 +72,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     let export = client
         .export_profile(admin(ExportProfileRequest {
             profile_id: before.profile_id.clone(),
+            ..ExportProfileRequest::default()
         }))
         .await
         .unwrap()
@@ -86,6 +87,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         "the export holds the whole timeline"
     );
     assert_eq!(export.merges.len(), 1, "and the merge audit");
+    assert!(export.next_page_token.is_empty(), "on one page");
 
     let deleted = client
         .delete_profile(admin(DeleteProfileRequest {
@@ -467,3 +469,80 @@ async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Bac
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(an_identifier_shared_with_another_person_is_not_suppressed);
+
+/// A timeline larger than one gRPC message (16 MiB) is exported in pages that each fit,
+/// and together hold every entry once, newest first; the profile comes with the first.
+async fn an_export_larger_than_one_message_comes_in_pages(backend: Backend) {
+    use prost::Message;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    const EVENTS: i64 = 600;
+    let note = "n".repeat(32_000);
+    for batch in (0..EVENTS).collect::<Vec<_>>().chunks(100) {
+        let events = batch
+            .iter()
+            .map(|i| {
+                event(
+                    EventType::Track,
+                    "big-history",
+                    "",
+                    "Note Taken",
+                    json!({"note": note, "n": i}),
+                    1_000 + i,
+                )
+            })
+            .collect();
+        server.deliver(events).await;
+    }
+    let p = get(&server, by_identity("user_id", "big-history"))
+        .await
+        .unwrap();
+    let mut client = server.client().await;
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .export_profile(admin(ExportProfileRequest {
+                profile_id: p.profile_id.clone(),
+                page_size: 0,
+                page_token: page_token.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.encoded_len() < waymark_kit::grpc::MAX_MESSAGE_BYTES);
+        page_token = page.next_page_token.clone();
+        pages.push(page);
+        if page_token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 100, "the pages end");
+    }
+    let total: usize = pages.iter().map(|p| p.encoded_len()).sum();
+    assert!(
+        total > waymark_kit::grpc::MAX_MESSAGE_BYTES,
+        "more than one message could hold: {total}"
+    );
+    assert!(pages[0].profile.is_some());
+    assert!(pages[1..].iter().all(|p| p.profile.is_none()));
+    let seconds: Vec<i64> = pages
+        .iter()
+        .flat_map(|p| &p.timeline)
+        .map(|e| e.timestamp.as_ref().unwrap().seconds)
+        .collect();
+    let newest_first: Vec<i64> = (0..EVENTS).rev().map(|i| 1_000 + i).collect();
+    assert_eq!(seconds, newest_first, "every entry once, newest first");
+
+    let bad = client
+        .export_profile(admin(ExportProfileRequest {
+            profile_id: p.profile_id.clone(),
+            page_size: 0,
+            page_token: "not-a-token".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_export_larger_than_one_message_comes_in_pages);
