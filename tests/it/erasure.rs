@@ -118,7 +118,8 @@ async fn ingest_counts(platform: &Platform) -> (u64, u64) {
 /// profile cache, name and value): not in the ingestion log, however the events were
 /// linked to them, not in ingestion's outbox, not in the profile service's outboxes to
 /// downstream services that are not reading yet, and not in the suppression lists, which
-/// hold keyed hashes. Another customer's queued events stay.
+/// hold keyed hashes. On SQLite not even in the files' free space or write-ahead logs.
+/// Another customer's queued events stay.
 async fn erasure_leaves_no_copy(backend: Backend) {
     // Downstream services are down: the profile service's outbox rows stay queued.
     let redis = (backend == Backend::Postgres).then(redis_url);
@@ -177,6 +178,9 @@ async fn erasure_leaves_no_copy(backend: Backend) {
             "redis",
             dump_redis(url, &platform.profile.cache_prefix).await,
         ));
+    }
+    if backend == Backend::Sqlite {
+        dumps.push(("the SQLite files", sqlite_files(&platform.database_url)));
     }
     for (what, dump) in &dumps {
         for needle in [
@@ -353,6 +357,28 @@ async fn dump(db: &DatabaseConnection, schema: &str) -> String {
             out.push('\n');
         }
     }
+    out
+}
+
+/// The raw bytes of every file beside the shared SQLite database (each service's file,
+/// write-ahead log and shared memory), as text where they are text.
+fn sqlite_files(database_url: &str) -> String {
+    let path = database_url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .unwrap();
+    let dir = std::path::Path::new(path).parent().unwrap();
+    let mut out = String::new();
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        out.push_str(&String::from_utf8_lossy(
+            &std::fs::read(entry.path()).unwrap(),
+        ));
+        files += 1;
+    }
+    assert!(files >= 2, "both services' files are there");
     out
 }
 

@@ -566,6 +566,7 @@ pub async fn add_suppressions(
     let erased = erase_carrying(&txn, None, &carries).await?;
     let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
     txn.commit().await?;
+    waymark_kit::db::forget_overwritten(db).await?;
     Ok((added, erased, removed))
 }
 
@@ -745,6 +746,9 @@ pub async fn erase_recently_suppressed(
     let erased = erase_carrying(&txn, Some(since), &carries).await?;
     let removed = waymark_kit::outbox::scrub(&txn, "outbox", &carries).await?;
     txn.commit().await?;
+    if erased > 0 || removed > 0 {
+        waymark_kit::db::forget_overwritten(db).await?;
+    }
     Ok((erased, removed))
 }
 

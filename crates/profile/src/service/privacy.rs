@@ -103,7 +103,7 @@ impl Profiles {
             &[prost::Message::encode_to_vec(&notice).as_slice()],
         )
         .await?;
-        let _tombstones = self.inner.tombstones.lock().await;
+        let tombstones = self.inner.tombstones.lock().await;
         self.skip_cache_for(&tree);
         txn.commit().await?;
         self.inner.wakeup.notify();
@@ -118,6 +118,10 @@ impl Profiles {
             }
         }
         self.tombstones_settled(&settled).await;
+        drop(tombstones);
+        if let Err(error) = waymark_kit::db::forget_overwritten(&self.inner.db).await {
+            tracing::warn!(%error, "emptying the write-ahead log after an erasure failed");
+        }
         tracing::info!(
             profile_id = %live_id,
             profiles = tree.len(),
