@@ -225,9 +225,10 @@ impl Profiles {
 
     /// The anonymous and device ids among `identities` that an event applied to a profile
     /// outside `tree` carried, as `waymark-identity` extracts them. The timeline keeps
-    /// every applied event whole; the database finds the rows holding the value's bytes
-    /// and each is checked exactly here. Other types name a person (user id, e-mail,
-    /// phone, custom identifiers) and are always suppressed.
+    /// every applied event whole; the database finds the rows holding one of the values'
+    /// bytes (one pass in key order per 100 values, a value leaving the search once found
+    /// shared) and each row is checked exactly here. Other types name a person (user id,
+    /// e-mail, phone, custom identifiers) and are always suppressed.
     async fn shared_with_others(
         &self,
         txn: &sea_orm::DatabaseTransaction,
@@ -235,28 +236,36 @@ impl Profiles {
         identities: &[Ident],
     ) -> Result<std::collections::HashSet<Ident>, ProfileError> {
         use prost::Message;
-        let mut shared = std::collections::HashSet::new();
-        for ident in identities
+        let tree: std::collections::HashSet<&str> = tree.iter().map(String::as_str).collect();
+        let candidates: Vec<&Ident> = identities
             .iter()
             .filter(|(t, _)| SHAREABLE.contains(&t.as_str()))
-        {
+            .collect();
+        let mut shared = std::collections::HashSet::new();
+        for chunk in candidates.chunks(100) {
+            let mut open = chunk.to_vec();
             let mut after = String::new();
-            'rows: loop {
-                let rows = store::events_containing(txn, &ident.1, &after, 100).await?;
+            while !open.is_empty() {
+                let needles: Vec<&str> = open.iter().map(|(_, v)| v.as_str()).collect();
+                let rows = store::events_containing(txn, &needles, &after, 100).await?;
                 if rows.is_empty() {
                     break;
                 }
                 for (event_id, profile_id, bytes) in rows {
                     after = event_id;
-                    if tree.contains(&profile_id) {
+                    if tree.contains(profile_id.as_str()) {
                         continue;
                     }
                     let event = Event::decode(bytes.as_slice())
                         .map_err(|e| ProfileError::Internal(format!("timeline event: {e}")))?;
-                    if self.inner.rules.identity.extract(&event).contains(ident) {
-                        shared.insert(ident.clone());
-                        break 'rows;
-                    }
+                    let carried = self.inner.rules.identity.extract(&event);
+                    open.retain(|ident| {
+                        let found = carried.contains(ident);
+                        if found {
+                            shared.insert((*ident).clone());
+                        }
+                        !found
+                    });
                 }
             }
         }

@@ -311,11 +311,12 @@ pub async fn drop_pending_tombstones<C: ConnectionTrait>(
 }
 
 /// Up to `limit` timeline rows, after event id `after` in key order, whose stored event
-/// holds `needle`'s bytes anywhere: candidates for an identifier another profile's events
-/// carried, which the caller checks exactly. Returns (event id, profile id, event).
+/// holds the bytes of one of `needles` anywhere: candidates for identifiers another
+/// profile's events carried, which the caller checks exactly. Returns (event id, profile
+/// id, event).
 pub async fn events_containing<C: ConnectionTrait>(
     conn: &C,
-    needle: &str,
+    needles: &[&str],
     after: &str,
     limit: u32,
 ) -> Result<Vec<(String, String, Vec<u8>)>, DbErr> {
@@ -324,18 +325,18 @@ pub async fn events_containing<C: ConnectionTrait>(
     } else {
         "instr(event, ?) > 0"
     };
+    let any = vec![contains; needles.len()].join(" OR ");
+    let values = std::iter::once(Value::from(after))
+        .chain(needles.iter().map(|n| Value::from(n.as_bytes().to_vec())))
+        .chain(std::iter::once(Value::from(i64::from(limit))));
     let rows = query(
         conn,
         &format!(
             "SELECT event_id, profile_id, event FROM timeline
-             WHERE event IS NOT NULL AND event_id > ? AND {contains}
+             WHERE event IS NOT NULL AND event_id > ? AND ({any})
              ORDER BY event_id LIMIT ?"
         ),
-        [
-            after.into(),
-            needle.as_bytes().to_vec().into(),
-            i64::from(limit).into(),
-        ],
+        values,
     )
     .await?;
     rows.iter()
