@@ -546,3 +546,59 @@ async fn an_export_larger_than_one_message_comes_in_pages(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(an_export_larger_than_one_message_comes_in_pages);
+
+/// Suppressions stored in clear by a release before hashing are replaced by their keyed
+/// hashes when the service starts, keep when they were suppressed and synced, and still
+/// drop the events that carry them.
+async fn clear_suppressions_are_hashed_at_start_up(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = config(&db.url, &sink.start().await, None);
+    let conn = waymark_kit::db::connect(&config.profile_database(), "profile", 1)
+        .await
+        .unwrap();
+    waymark_profile::migrate(&conn).await.unwrap();
+    conn.execute_unprepared(
+        "INSERT INTO suppressions (id_type, id_value, suppressed_at, synced_at)
+         VALUES ('email', 'old@example.org', 7000000, 7000001)",
+    )
+    .await
+    .unwrap();
+    let server = TestProfile::start(config).await;
+    let page = server
+        .client()
+        .await
+        .list_suppressions(admin(ListSuppressionsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let hash = waymark_profile::identity::IdentHasher::default().hash("email", "old@example.org");
+    let listed: Vec<(String, String, i64, bool)> = page
+        .suppressions
+        .iter()
+        .map(|s| {
+            let identity = s.identity.clone().unwrap();
+            (
+                identity.r#type,
+                identity.value,
+                s.suppressed_at.unwrap().seconds,
+                s.synced_to_ingest,
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("email".to_owned(), hash, 7, true)]);
+    let back = server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "old-anon",
+            "",
+            json!({"email": "Old@Example.org"}),
+            1,
+        )])
+        .await;
+    assert_eq!((back.applied, back.suppressed), (0, 1));
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(clear_suppressions_are_hashed_at_start_up);
