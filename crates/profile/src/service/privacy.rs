@@ -20,6 +20,8 @@ const SHAREABLE: &[&str] = &["anonymous_id", "device_id"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deleted {
     pub profile_id: String,
+    /// The identifiers suppressed (those the person held alone), in clear for the caller
+    /// only: the list keeps their keyed hashes.
     pub suppressed: Vec<Ident>,
     pub timeline_entries: u64,
 }
