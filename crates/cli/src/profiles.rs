@@ -271,14 +271,35 @@ pub async fn profiles(
             print(&all::<_, TimelineEntryView>(&entries))
         }
         ProfilesCommand::Export { profile_id } => {
-            let export = client
-                .export_profile(admin(config, ExportProfileRequest { profile_id })?)
-                .await
-                .map_err(fail)?
-                .into_inner();
+            // The first page carries the profile, merges and segments; the timeline
+            // comes a page at a time.
+            let mut first: Option<ExportProfileResponse> = None;
+            let mut timeline = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let mut page = client
+                    .export_profile(admin(
+                        config,
+                        ExportProfileRequest {
+                            profile_id: profile_id.clone(),
+                            page_size: 0,
+                            page_token: page_token.clone(),
+                        },
+                    )?)
+                    .await
+                    .map_err(fail)?
+                    .into_inner();
+                timeline.append(&mut page.timeline);
+                page_token = std::mem::take(&mut page.next_page_token);
+                first.get_or_insert(page);
+                if page_token.is_empty() {
+                    break;
+                }
+            }
+            let export = first.unwrap_or_default();
             print(&ExportView {
                 profile: export.profile.as_ref().map(ProfileView::from),
-                timeline: all(&export.timeline),
+                timeline: all(&timeline),
                 merges: all(&export.merges),
                 segments: all(&export.segments),
             })

@@ -4,7 +4,11 @@
 //! Ingestion (to drop the events of erased customers) and the profile service (to resolve
 //! them) must agree exactly on what an event's identifiers are, so both use this crate.
 
+mod hash;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub use hash::{DEV_HASH_KEY, IdentHasher, is_hash};
 
 use prost_types::Struct;
 use prost_types::value::Kind;

@@ -284,13 +284,13 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<SuppressIdentitiesRequest>,
     ) -> Result<Response<SuppressIdentitiesResponse>, Status> {
+        let request = request.into_inner();
         let identities = request
-            .into_inner()
             .identities
             .into_iter()
             .map(|i| (i.r#type, i.value))
             .collect();
-        let (added, erased_events) = self.core.suppress(identities).await?;
+        let (added, erased_events) = self.core.suppress(identities, request.hashed).await?;
         Ok(Response::new(SuppressIdentitiesResponse {
             added,
             erased_events,

@@ -66,6 +66,7 @@ impl IngestService {
             consumers: vec![PROFILE_CONSUMER.to_owned()],
             committers: if concurrent { 3 } else { 1 },
             identity: config.identity_rules()?,
+            hasher: config.identifier_hasher(),
         };
         let core = Ingestor::new(db.clone(), settings, wakeup.clone());
         Ok(Self {

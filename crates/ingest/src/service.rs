@@ -12,7 +12,7 @@ use prost_types::Timestamp;
 use rand::RngCore;
 use sea_orm::{DatabaseConnection, DbErr, SqlErr, TransactionTrait};
 use sha2::{Digest, Sha256};
-use waymark_identity::{IdentityRules, normalise};
+use waymark_identity::{IdentHasher, IdentityRules, is_hash, normalise};
 use waymark_kit::db::now_micros;
 use waymark_kit::error::FieldViolation;
 use waymark_kit::outbox::{self, Backlog, Wakeup};
@@ -94,6 +94,8 @@ pub struct IngestSettings {
     /// What identifies a customer, as the profile service sees it, so the events of an
     /// erased customer are recognised here exactly as they would be there.
     pub identity: IdentityRules,
+    /// The keyed hash suppressions are stored as (the profile service's, too).
+    pub hasher: IdentHasher,
 }
 
 /// An authenticated source.
@@ -254,10 +256,11 @@ impl Ingestor {
                 continue;
             }
             if check_suppression
-                && self
-                    .inner
-                    .suppressions
-                    .matches(&self.inner.settings.identity, &event)
+                && self.inner.suppressions.matches(
+                    &self.inner.settings.identity,
+                    &self.inner.settings.hasher,
+                    &event,
+                )
             {
                 outcome.suppressed += 1;
                 continue;
@@ -483,14 +486,19 @@ impl Ingestor {
         Ok(queued)
     }
 
-    /// Adds identifiers to the suppression list and erases the log's copies of the events
-    /// that carry them; returns (identifiers newly added, log rows erased).
+    /// Adds identifiers to the suppression list and erases the log's and the outbox's
+    /// copies of the events that carry them; returns (identifiers newly added, log rows
+    /// erased). With `hashed`, each value is already the keyed hash of the normalised
+    /// identifier (as the profile service pushes them); otherwise it is the identifier
+    /// itself, normalised and hashed here. Only the hashes are stored.
     pub async fn suppress(
         &self,
         identities: Vec<(String, String)>,
+        hashed: bool,
     ) -> Result<(u32, u64), IngestError> {
-        let mut normalised = Vec::with_capacity(identities.len());
+        let mut stored = Vec::with_capacity(identities.len());
         let rules = &self.inner.settings.identity;
+        let hasher = &self.inner.settings.hasher;
         for (i, (id_type, value)) in identities.into_iter().enumerate() {
             if !rules.is_type(&id_type) {
                 return Err(IngestError::invalid(
@@ -500,33 +508,84 @@ impl Ingestor {
                     ),
                 ));
             }
-            let Some(value) = normalise(&id_type, &value) else {
-                return Err(IngestError::invalid(
-                    &format!("identities[{i}].value"),
-                    "is empty, blocked or malformed for its type",
-                ));
+            let hash = if hashed {
+                if !is_hash(&value) {
+                    return Err(IngestError::invalid(
+                        &format!("identities[{i}].value"),
+                        "is not a keyed hash (64 lower-case hex digits)",
+                    ));
+                }
+                value
+            } else {
+                let Some(value) = normalise(&id_type, &value) else {
+                    return Err(IngestError::invalid(
+                        &format!("identities[{i}].value"),
+                        "is empty, blocked or malformed for its type",
+                    ));
+                };
+                hasher.hash(&id_type, &value)
             };
-            normalised.push((id_type, value));
+            stored.push((id_type, hash));
         }
-        let (added, erased) =
-            store::add_suppressions(&self.inner.db, &normalised, now_micros()).await?;
-        self.inner.suppressions.extend(normalised);
-        if erased > 0 {
-            tracing::info!(erased, "log entries of erased customers erased");
+        let set: HashSet<(String, String)> = stored.iter().cloned().collect();
+        let (added, erased, removed) =
+            store::add_suppressions(&self.inner.db, &stored, now_micros(), |event| {
+                carries(&set, rules, hasher, event)
+            })
+            .await?;
+        self.inner.suppressions.extend(stored);
+        if erased > 0 || removed > 0 {
+            tracing::info!(
+                erased,
+                removed,
+                "log entries and queued events of erased customers erased"
+            );
         }
         Ok((added, erased))
     }
 
     /// Reloads the suppression list from the database (other replicas may have added to
-    /// it), then erases what the log may still hold of the identifiers suppressed in the
-    /// last minute: this replica may have accepted their events before it knew.
+    /// it; rows stored in clear by earlier releases are hashed first), then erases what
+    /// the log and the outbox may still hold of the identifiers suppressed in the last
+    /// minute: this replica may have accepted their events before it knew.
     pub async fn refresh_suppressions(&self) -> Result<(), IngestError> {
+        let hasher = &self.inner.settings.hasher;
+        let rewritten = store::hash_clear_suppressions(&self.inner.db, |(t, v)| {
+            // A clear row was normalised when stored.
+            (t.clone(), hasher.hash(t, v))
+        })
+        .await?;
+        if rewritten > 0 {
+            tracing::info!(
+                rewritten,
+                "suppressions stored in clear replaced by their hashes"
+            );
+        }
         let all = store::load_suppressions(&self.inner.db).await?;
         self.inner.suppressions.replace(all);
         let since = now_micros() - RECENT_SUPPRESSIONS.as_micros() as i64;
-        let erased = store::erase_recently_suppressed(&self.inner.db, since).await?;
-        if erased > 0 {
-            tracing::info!(erased, "log entries of erased customers erased");
+        let recent: HashSet<(String, String)> = store::suppressed_since(&self.inner.db, since)
+            .await?
+            .into_iter()
+            .collect();
+        if recent.is_empty() {
+            return Ok(());
+        }
+        // A row accepted before the suppression was added was received at most a commit
+        // earlier; a full window back covers it with room to spare.
+        let rules = &self.inner.settings.identity;
+        let (erased, removed) = store::erase_recently_suppressed(
+            &self.inner.db,
+            since - RECENT_SUPPRESSIONS.as_micros() as i64,
+            |event| carries(&recent, rules, hasher, event),
+        )
+        .await?;
+        if erased > 0 || removed > 0 {
+            tracing::info!(
+                erased,
+                removed,
+                "log entries and queued events of erased customers erased"
+            );
         }
         Ok(())
     }
@@ -685,18 +744,29 @@ impl Suppressions {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = identities.into_iter().collect();
     }
 
-    /// Whether any identifier of `event` is suppressed. An alias's previousId is checked
-    /// as a user id too: resolution reads it as an anonymous id, but an erased customer's
-    /// user id must not come back through an alias either.
-    fn matches(&self, rules: &IdentityRules, event: &Event) -> bool {
+    /// Whether any identifier of `event` is suppressed (see [`carries`]).
+    fn matches(&self, rules: &IdentityRules, hasher: &IdentHasher, event: &Event) -> bool {
         let set = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if set.is_empty() {
-            return false;
-        }
-        rules.extract(event).iter().any(|ident| set.contains(ident))
-            || normalise("user_id", &event.previous_id)
-                .is_some_and(|v| set.contains(&("user_id".to_owned(), v)))
+        !set.is_empty() && carries(&set, rules, hasher, event)
     }
+}
+
+/// Whether `event` carries one of the identifiers `set` holds as `(type, keyed hash)`,
+/// as `waymark-identity` extracts them (the profile service reads events the same way).
+/// An alias's previousId is checked as a user id too: resolution reads it as an anonymous
+/// id, but an erased customer's user id must not come back through an alias either.
+fn carries(
+    set: &HashSet<(String, String)>,
+    rules: &IdentityRules,
+    hasher: &IdentHasher,
+    event: &Event,
+) -> bool {
+    rules
+        .extract(event)
+        .iter()
+        .any(|ident| set.contains(&hasher.hashed(ident)))
+        || normalise("user_id", &event.previous_id)
+            .is_some_and(|v| set.contains(&hasher.hashed(&("user_id".to_owned(), v))))
 }
 
 #[cfg(test)]
@@ -722,21 +792,22 @@ mod tests {
     #[test]
     fn suppression_matches_ids_and_traits() {
         let s = Suppressions::default();
-        s.extend(vec![("email".into(), "ada@example.com".into())]);
+        let h = IdentHasher::default();
+        s.extend(vec![h.hashed(&("email".into(), "ada@example.com".into()))]);
         let mut e = Event {
             anonymous_id: "a".into(),
             ..Event::default()
         };
         let rules = IdentityRules::default();
-        assert!(!s.matches(&rules, &e));
+        assert!(!s.matches(&rules, &h, &e));
         let serde_json::Value::Object(traits) = serde_json::json!({"email": "ADA@example.com"})
         else {
             unreachable!()
         };
         e.traits = Some(waymark_proto::json::struct_from_json(traits));
-        assert!(s.matches(&rules, &e));
+        assert!(s.matches(&rules, &h, &e));
         // Normalised as the profile service does: an international prefix of 00 is +.
-        s.extend(vec![("phone".into(), "+4915123456789".into())]);
+        s.extend(vec![h.hashed(&("phone".into(), "+4915123456789".into()))]);
         let serde_json::Value::Object(traits) = serde_json::json!({"phone": "0049 151 23456789"})
         else {
             unreachable!()
@@ -745,7 +816,7 @@ mod tests {
             traits: Some(waymark_proto::json::struct_from_json(traits)),
             ..Event::default()
         };
-        assert!(s.matches(&rules, &e));
+        assert!(s.matches(&rules, &h, &e));
     }
 
     #[test]

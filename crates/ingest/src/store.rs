@@ -10,6 +10,7 @@ use sea_orm::{
     Statement, TransactionTrait, Value,
 };
 use waymark_kit::db::{Migration, sql};
+use waymark_proto::common::v1::Event;
 
 /// Schema of the ingestion service, in order.
 pub const MIGRATIONS: &[Migration] = &[
@@ -102,8 +103,16 @@ pub const MIGRATIONS: &[Migration] = &[
     waymark_kit::outbox::migration(2),
     waymark_kit::outbox::keyed_by_consumer(3),
     waymark_kit::outbox::packs(4),
-    waymark_kit::outbox::dead_letters::migration(5),
-    waymark_kit::outbox::trace_links(6),
+    Migration {
+        version: 5,
+        name: "suppressions stored as keyed hashes",
+        // Existing rows are clear; the service hashes them at start-up
+        // (`hash_clear_suppressions`), since neither backend has HMAC built in.
+        postgres: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+        sqlite: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+    },
+    waymark_kit::outbox::dead_letters::migration(6),
+    waymark_kit::outbox::trace_links(7),
 ];
 
 /// One event row, ready to insert.
@@ -542,86 +551,210 @@ pub async fn replay(
     Ok(result.rows_affected())
 }
 
-/// Adds identifiers to the suppression list and, in the same transaction, erases what the
-/// log holds of the erased customer: rows carrying a suppressed user or anonymous id lose
-/// their payload and those ids. Their dedupe key stays, so a message an SDK sends again
-/// is still a duplicate. Returns (identifiers newly added, log rows erased).
+/// Adds identifiers, as `(type, keyed hash)`, to the suppression list and, in the same
+/// transaction, erases what the service holds of the erased customer: log rows whose
+/// event (or, past payload retention, whose user or anonymous id) `carries` picks lose
+/// their payload and those ids, and queued outbox events that `carries` picks are
+/// removed. A log row's dedupe key stays, so a message an SDK sends again is still a
+/// duplicate. Returns (identifiers newly added, log rows erased, outbox events removed).
 pub async fn add_suppressions(
     db: &DatabaseConnection,
-    identities: &[(String, String)],
+    hashed: &[(String, String)],
     now: i64,
-) -> Result<(u32, u64), DbErr> {
-    let backend = db.get_database_backend();
+    carries: impl Fn(&Event) -> bool,
+) -> Result<(u32, u64, u64), DbErr> {
     let txn = db.begin().await?;
+    let added = insert_suppressions(&txn, hashed, now).await?;
+    let erased = erase_carrying(&txn, None, &carries).await?;
+    let removed = waymark_kit::outbox::scrub(&txn, &carries).await?;
+    txn.commit().await?;
+    waymark_kit::db::forget_overwritten(db).await?;
+    Ok((added, erased, removed))
+}
+
+/// Suppression rows per INSERT: three parameters each, far under SQLite's limit.
+const SUPPRESSIONS_PER_INSERT: usize = 1000;
+
+async fn insert_suppressions<C: ConnectionTrait>(
+    conn: &C,
+    hashed: &[(String, String)],
+    now: i64,
+) -> Result<u32, DbErr> {
+    let backend = conn.get_database_backend();
     let mut added = 0;
-    for (id_type, id_value) in identities {
-        let result = txn
+    for chunk in hashed.chunks(SUPPRESSIONS_PER_INSERT) {
+        let rows = vec!["(?, ?, ?, TRUE)"; chunk.len()].join(", ");
+        let values: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, h)| [t.as_str().into(), h.as_str().into(), now.into()])
+            .collect();
+        added += conn
             .execute_raw(Statement::from_sql_and_values(
                 backend,
                 sql(
                     backend,
-                    "INSERT INTO suppressions (id_type, id_value, created_at) VALUES (?, ?, ?) ON CONFLICT (id_type, id_value) DO NOTHING",
+                    &format!(
+                        "INSERT INTO suppressions (id_type, id_value, created_at, hashed) VALUES {rows}
+                         ON CONFLICT (id_type, id_value) DO NOTHING"
+                    ),
                 ),
-                [id_type.as_str().into(), id_value.as_str().into(), now.into()],
+                values,
+            ))
+            .await?
+            .rows_affected() as u32;
+    }
+    Ok(added)
+}
+
+/// Replaces suppression rows stored in clear (by releases before schema 5) with their
+/// keyed hashes, in one transaction; returns how many. Runs at start-up, before the list
+/// is loaded.
+pub async fn hash_clear_suppressions(
+    db: &DatabaseConnection,
+    hash: impl Fn(&(String, String)) -> (String, String),
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    let rows = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT id_type, id_value, created_at FROM suppressions WHERE NOT hashed",
+        ))
+        .await?;
+    for row in &rows {
+        let clear: (String, String) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        let created_at: i64 = row.try_get_by_index(2)?;
+        insert_suppressions(&txn, &[hash(&clear)], created_at).await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
+                backend,
+                "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
+            ),
+            [clear.0.as_str().into(), clear.1.as_str().into()],
+        ))
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// Log rows read at a time when looking inside their events.
+const SCAN_PAGE_ROWS: i64 = 500;
+
+/// Erases the payload and ids of every log row (received at or after `since`, when
+/// given) whose event `carries` picks; a row past payload retention is judged by its user
+/// and anonymous ids alone. Suppressions are hashes and e-mail, phone, device and custom
+/// identifiers live only inside the encoded event, so rows are read page by page in `seq`
+/// order and judged here.
+async fn erase_carrying<C: ConnectionTrait>(
+    conn: &C,
+    since: Option<i64>,
+    carries: &impl Fn(&Event) -> bool,
+) -> Result<u64, DbErr> {
+    use prost::Message;
+    let backend = conn.get_database_backend();
+    let mut after = 0i64;
+    let mut erased = 0;
+    loop {
+        let mut text = String::from(
+            "SELECT seq, payload, user_id, anonymous_id FROM events
+             WHERE seq > ? AND (payload IS NOT NULL OR user_id <> '' OR anonymous_id <> '')",
+        );
+        let mut values: Vec<Value> = vec![after.into()];
+        if let Some(since) = since {
+            text.push_str(" AND received_at >= ?");
+            values.push(since.into());
+        }
+        text.push_str(" ORDER BY seq LIMIT ?");
+        values.push(SCAN_PAGE_ROWS.into());
+        let rows = conn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql(backend, &text),
+                values,
             ))
             .await?;
-        added += result.rows_affected() as u32;
-    }
-    let mut erased = 0;
-    for (id_type, column) in [("user_id", "user_id"), ("anonymous_id", "anonymous_id")] {
-        let values: Vec<&str> = identities
-            .iter()
-            .filter(|(t, _)| t == id_type)
-            .map(|(_, v)| v.as_str())
-            .collect();
-        for chunk in values.chunks(500) {
-            let list = vec!["?"; chunk.len()].join(", ");
-            // `<> ''` matches the partial index on the column.
-            let text = format!(
-                "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
-                 WHERE {column} <> '' AND {column} IN ({list})"
-            );
-            let params: Vec<sea_orm::Value> = chunk.iter().map(|v| (*v).into()).collect();
-            erased += txn
+        let Some(last) = rows.last() else {
+            return Ok(erased);
+        };
+        after = last.try_get_by_index(0)?;
+        let mut matched: Vec<Value> = Vec::new();
+        for row in &rows {
+            let event = match row.try_get_by_index::<Option<Vec<u8>>>(1)? {
+                Some(payload) => Event::decode(payload.as_slice())
+                    .map_err(|e| DbErr::Custom(format!("log event does not decode: {e}")))?,
+                None => Event {
+                    user_id: row.try_get_by_index(2)?,
+                    anonymous_id: row.try_get_by_index(3)?,
+                    ..Event::default()
+                },
+            };
+            if carries(&event) {
+                matched.push(row.try_get_by_index::<i64>(0)?.into());
+            }
+        }
+        if !matched.is_empty() {
+            let list = vec!["?"; matched.len()].join(", ");
+            erased += conn
                 .execute_raw(Statement::from_sql_and_values(
                     backend,
-                    sql(backend, &text),
-                    params,
+                    sql(
+                        backend,
+                        &format!(
+                            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = '' WHERE seq IN ({list})"
+                        ),
+                    ),
+                    matched,
                 ))
                 .await?
                 .rows_affected();
         }
     }
-    txn.commit().await?;
-    Ok((added, erased))
 }
 
-/// Erases again what the log holds of identifiers suppressed since `since`: events that
-/// passed the check on a replica that had not learned of them yet, or were still on their
-/// way to the database when the suppression was added. Returns the rows erased.
-pub async fn erase_recently_suppressed(db: &DatabaseConnection, since: i64) -> Result<u64, DbErr> {
+/// Identifiers, as `(type, keyed hash)`, suppressed at or after `since`.
+pub async fn suppressed_since(
+    db: &DatabaseConnection,
+    since: i64,
+) -> Result<Vec<(String, String)>, DbErr> {
     let backend = db.get_database_backend();
-    let mut erased = 0;
-    for column in ["user_id", "anonymous_id"] {
-        // `<> ''` matches the partial index on the column.
-        let text = format!(
-            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = ''
-             WHERE {column} <> '' AND {column} IN (
-                 SELECT id_value FROM suppressions WHERE id_type = ? AND created_at >= ?)"
-        );
-        erased += db
-            .execute_raw(Statement::from_sql_and_values(
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql(
                 backend,
-                sql(backend, &text),
-                [column.into(), since.into()],
-            ))
-            .await?
-            .rows_affected();
-    }
-    Ok(erased)
+                "SELECT id_type, id_value FROM suppressions WHERE created_at >= ?",
+            ),
+            [since.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
 }
 
-/// The whole suppression list.
+/// Erases again what the service holds of identifiers suppressed recently: events that
+/// passed the check on a replica that had not learned of them yet, or were still on their
+/// way to the database when the suppression was added. Log rows received at or after
+/// `since` and queued outbox events that `carries` picks go, in one transaction.
+/// Returns (log rows erased, outbox events removed).
+pub async fn erase_recently_suppressed(
+    db: &DatabaseConnection,
+    since: i64,
+    carries: impl Fn(&Event) -> bool,
+) -> Result<(u64, u64), DbErr> {
+    let txn = db.begin().await?;
+    let erased = erase_carrying(&txn, Some(since), &carries).await?;
+    let removed = waymark_kit::outbox::scrub(&txn, &carries).await?;
+    txn.commit().await?;
+    if erased > 0 || removed > 0 {
+        waymark_kit::db::forget_overwritten(db).await?;
+    }
+    Ok((erased, removed))
+}
+
+/// The whole suppression list, as `(type, keyed hash)`.
 pub async fn load_suppressions(db: &DatabaseConnection) -> Result<Vec<(String, String)>, DbErr> {
     let rows = db
         .query_all_raw(Statement::from_string(

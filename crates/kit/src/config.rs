@@ -104,6 +104,10 @@ pub struct Config {
     pub applier_memory_profiles: usize,
     /// Trait keys that are identifiers too (e.g. `loyalty_id`), matched like e-mails.
     pub custom_identity_types: Vec<String>,
+    /// Key of the HMAC-SHA256 under which identifiers that outlive an erasure
+    /// (suppression lists, cache key names) are stored. The same on every replica of
+    /// every service, and never changed: hashes under another key match nothing.
+    pub identifier_hash_key: Secret,
     /// How many identifiers of a type one profile may hold, overriding the defaults
     /// (`{ user_id = 1, email = 5, phone = 5 }`; 0 means unlimited).
     pub identity_limits: std::collections::BTreeMap<String, u32>,
@@ -175,6 +179,7 @@ impl Default for Config {
             profile_near_cache_ttl_ms: 5_000,
             applier_memory_profiles: 20_000,
             custom_identity_types: Vec::new(),
+            identifier_hash_key: Secret::new(waymark_identity::DEV_HASH_KEY),
             identity_limits: std::collections::BTreeMap::new(),
             identity_priority: Vec::new(),
             dedupe_window_secs: 7 * 24 * 3600,
@@ -341,6 +346,13 @@ impl Config {
         {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
+        // 32 bytes is the strength of the hash itself; a shorter key is the weak point.
+        if self.identifier_hash_key.expose().len() < 32 {
+            return Err(invalid(
+                "identifier_hash_key",
+                "must be at least 32 characters",
+            ));
+        }
         Ok(())
     }
 
@@ -360,6 +372,11 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The keyed hash of identifiers both ingestion and the profile service store.
+    pub fn identifier_hasher(&self) -> waymark_identity::IdentHasher {
+        waymark_identity::IdentHasher::new(self.identifier_hash_key.expose().as_bytes())
     }
 
     /// The identifier types, limits and priorities both ingestion and the profile service
@@ -576,5 +593,27 @@ mod tests {
             ..Config::default()
         };
         assert!(!format!("{config:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn identifier_hash_key_is_checked_and_used() {
+        let short = Config {
+            identifier_hash_key: Secret::new("too-short"),
+            ..Config::default()
+        };
+        let error = short.validate().unwrap_err().to_string();
+        assert!(error.contains("identifier_hash_key"), "{error}");
+        assert!(!format!("{short:?}").contains("too-short"));
+        let own = Config {
+            identifier_hash_key: Secret::new("an-own-key-of-at-least-32-characters"),
+            ..Config::default()
+        };
+        own.validate().unwrap();
+        assert_ne!(
+            own.identifier_hasher().hash("email", "ada@example.com"),
+            Config::default()
+                .identifier_hasher()
+                .hash("email", "ada@example.com")
+        );
     }
 }

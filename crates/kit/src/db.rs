@@ -53,6 +53,9 @@ pub async fn connect(
         options.map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
+                // Deleted content is overwritten with zeros, not left in free space:
+                // an erasure must leave nothing of a person in the file.
+                .pragma("secure_delete", "ON")
                 .busy_timeout(Duration::from_secs(5))
                 .create_if_missing(true)
         });
@@ -278,6 +281,17 @@ pub fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     now.as_micros() as i64
+}
+
+/// After an erasure on SQLite, copies the write-ahead log into the database file and
+/// empties it: the log still holds the pages as they were before the erasure. Nothing to
+/// do on PostgreSQL, whose dead rows are not readable through the database.
+pub async fn forget_overwritten(db: &DatabaseConnection) -> Result<(), DbErr> {
+    if db.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        db.execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

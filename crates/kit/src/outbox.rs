@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 pub use relay::{RawDeliverRequest, RelayConfig, run_relay};
 
-use crate::db::{Migration, now_micros};
+use crate::db::{Migration, now_micros, sql};
 
 /// The outbox table; each service lists it among its own migrations.
 pub const fn migration(version: i64) -> Migration {
@@ -371,6 +371,115 @@ pub async fn backlog<C: ConnectionTrait>(conn: &C) -> Result<Vec<Backlog>, DbErr
             .dead_letters = events;
     }
     Ok(by_consumer.into_values().collect())
+}
+
+/// Rows an erasure reads at a time: a pack is at most [`MAX_PACK_BYTES`], so a page stays
+/// within a few tens of MiB however large the backlog.
+const SCRUB_PAGE_ROWS: i64 = 16;
+
+/// Removes the events `erase` picks from the outbox and its dead letters, inside the
+/// caller's transaction (see [`scrub_table`]). Returns the events removed.
+pub async fn scrub<C: ConnectionTrait>(
+    conn: &C,
+    mut erase: impl FnMut(&waymark_proto::common::v1::Event) -> bool,
+) -> Result<u64, DbErr> {
+    let mut removed = 0;
+    for table in ["outbox", "outbox_dead_letters"] {
+        removed += scrub_table(conn, table, &mut erase).await?;
+    }
+    Ok(removed)
+}
+
+/// Rewrites every row of `table` (an outbox, or a table of the same shape such as its
+/// dead letters: `consumer`, `id`, `payload`, `pack_size`) without the events `erase`
+/// picks, inside the caller's transaction: a pack keeps its other events in order with
+/// `pack_size` set to what it now holds, and a row left with no event is deleted. Returns
+/// the events removed.
+///
+/// Every row is read (in pages, in key order) because what identifies a person is inside
+/// the encoded events; erasure is rare and a backlog is meant to be short. A row a relay
+/// holds under lease is rewritten too: the relay's acknowledgement deletes it by key, and
+/// a release sends what is left.
+async fn scrub_table<C: ConnectionTrait>(
+    conn: &C,
+    table: &str,
+    mut erase: impl FnMut(&waymark_proto::common::v1::Event) -> bool,
+) -> Result<u64, DbErr> {
+    use prost::Message;
+    use waymark_proto::common::v1::Event;
+    let backend = conn.get_database_backend();
+    let statement = |text: &str, values: Vec<Value>| {
+        Statement::from_sql_and_values(backend, sql(backend, text), values)
+    };
+    let mut removed = 0u64;
+    let mut after: Option<(String, i64)> = None;
+    loop {
+        let (filter, mut values) = match &after {
+            None => (String::new(), Vec::new()),
+            Some((consumer, id)) => (
+                " WHERE consumer > ? OR (consumer = ? AND id > ?)".to_owned(),
+                vec![
+                    Value::from(consumer.as_str()),
+                    Value::from(consumer.as_str()),
+                    Value::from(*id),
+                ],
+            ),
+        };
+        values.push(SCRUB_PAGE_ROWS.into());
+        let rows = conn
+            .query_all_raw(statement(
+                &format!(
+                    "SELECT consumer, id, payload, pack_size FROM {table}{filter} ORDER BY consumer, id LIMIT ?"
+                ),
+                values,
+            ))
+            .await?;
+        let Some(last) = rows.last() else {
+            return Ok(removed);
+        };
+        after = Some((last.try_get_by_index(0)?, last.try_get_by_index(1)?));
+        for row in &rows {
+            let consumer: String = row.try_get_by_index(0)?;
+            let id: i64 = row.try_get_by_index(1)?;
+            let pack_size: Option<i32> = row.try_get_by_index(3)?;
+            let events = unpack(row.try_get_by_index(2)?, pack_size)?;
+            let before = events.len();
+            let mut kept = Vec::with_capacity(before);
+            for encoded in events {
+                let event = Event::decode(encoded.as_slice())
+                    .map_err(|e| DbErr::Custom(format!("outbox event does not decode: {e}")))?;
+                if !erase(&event) {
+                    kept.push(encoded);
+                }
+            }
+            if kept.len() == before {
+                continue;
+            }
+            removed += (before - kept.len()) as u64;
+            let key = vec![Value::from(consumer.as_str()), Value::from(id)];
+            if kept.is_empty() {
+                conn.execute_raw(statement(
+                    &format!("DELETE FROM {table} WHERE consumer = ? AND id = ?"),
+                    key,
+                ))
+                .await?;
+            } else {
+                let slices: Vec<&[u8]> = kept.iter().map(Vec::as_slice).collect();
+                let mut values = vec![
+                    Value::from(pack(&slices)),
+                    Value::from(i32::try_from(kept.len()).unwrap_or(i32::MAX)),
+                ];
+                values.extend(key);
+                conn.execute_raw(statement(
+                    &format!(
+                        "UPDATE {table} SET payload = ?, pack_size = ? WHERE consumer = ? AND id = ?"
+                    ),
+                    values,
+                ))
+                .await?;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The unified profile cache every service reads profiles through.
 //!
 //! Keys are versioned and typed: `wm:v1:profile:{id}` holds the protobuf-encoded
-//! `waymark.profile.v1.Profile` with its version, `wm:v1:ident:{type}:{value}` the id of the
-//! profile owning an identifier. The profile service writes after its database commit; a
+//! `waymark.profile.v1.Profile` with its version, `wm:v1:ident:{type}:{hmac}` the id of the
+//! profile owning an identifier (its value as a keyed hash, never in clear). The profile service writes after its database commit; a
 //! write with a version not newer than the cached one is ignored (compared atomically in
 //! Redis by a Lua script), so the cache never goes back in time. Redis being down degrades
 //! to misses (counted and logged), never to errors; the cache refills once it is back.
@@ -16,6 +16,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use prost::Message;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use waymark_identity::IdentHasher;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
 
@@ -30,9 +31,13 @@ pub fn profile_key(profile_id: &str) -> String {
     format!("{KEY_SCHEMA}:profile:{profile_id}")
 }
 
-/// The key of an identifier.
-pub fn identity_key(id_type: &str, value: &str) -> String {
-    format!("{KEY_SCHEMA}:ident:{id_type}:{value}")
+/// The key of an identifier: its value as a keyed hash, so the key names of a Redis (and
+/// its dumps and logs) show no e-mail or phone number in clear.
+pub fn identity_key(hasher: &IdentHasher, id_type: &str, value: &str) -> String {
+    format!(
+        "{KEY_SCHEMA}:ident:{id_type}:{}",
+        hasher.hash(id_type, value)
+    )
 }
 
 /// Writes several profiles, each only when newer than the cached one. `ARGV[1]` is the
@@ -108,6 +113,8 @@ pub struct ProfileCache {
     channel: String,
     /// In front of Redis, when enabled: profiles read recently, in process.
     near: Option<Arc<Near>>,
+    /// Hashes identifier values into their key names.
+    hasher: IdentHasher,
     hits: Counter<u64>,
     misses: Counter<u64>,
     errors: Counter<u64>,
@@ -154,10 +161,18 @@ impl ProfileCache {
             ttl,
             channel: format!("{prefix}{CHANGES_CHANNEL}"),
             near: None,
+            hasher: IdentHasher::default(),
             hits: meter.u64_counter("profile_cache.hits").build(),
             misses: meter.u64_counter("profile_cache.misses").build(),
             errors: meter.u64_counter("profile_cache.errors").build(),
         }
+    }
+
+    /// Names identifier keys with `hasher` (`identifier_hash_key`) instead of the
+    /// development key. Every process sharing the Redis must use the same key.
+    pub fn with_identifier_hasher(mut self, hasher: IdentHasher) -> Self {
+        self.hasher = hasher;
+        self
     }
 
     /// Keeps up to `capacity` recently read profiles in process, in front of Redis, each
@@ -243,7 +258,7 @@ impl ProfileCache {
                     .run_string(redis::cmd("GET").arg(format!(
                         "{}{}",
                         self.prefix,
-                        identity_key(id_type, value)
+                        identity_key(&self.hasher, id_type, value)
                     )))
                     .await
                 {
@@ -308,7 +323,11 @@ impl ProfileCache {
                 let keys_of = |write: &CacheWrite<'_>| {
                     std::iter::once(format!("{}{}", self.prefix, profile_key(write.profile_id)))
                         .chain(write.identities.iter().map(|i| {
-                            format!("{}{}", self.prefix, identity_key(&i.r#type, &i.value))
+                            format!(
+                                "{}{}",
+                                self.prefix,
+                                identity_key(&self.hasher, &i.r#type, &i.value)
+                            )
                         }))
                         .collect::<Vec<String>>()
                 };
@@ -362,7 +381,11 @@ impl ProfileCache {
                 if !self.recovered(r).await {
                     return;
                 }
-                let key = format!("{}{}", self.prefix, identity_key(id_type, value));
+                let key = format!(
+                    "{}{}",
+                    self.prefix,
+                    identity_key(&self.hasher, id_type, value)
+                );
                 let ttl_ms = (self.ttl.as_millis() as u64).max(1);
                 let mut pipe = redis::pipe();
                 pipe.cmd("SET")
@@ -382,14 +405,20 @@ impl ProfileCache {
 
     /// Drops a profile that was merged away or deleted, leaving a tombstone at `version` so
     /// a slower writer cannot bring the old state back. Identifier keys are removed.
+    /// Returns whether the tombstone reached the cache: false when Redis did not take it,
+    /// in which case this process deletes the key once Redis is back, but a process
+    /// started meanwhile does not know (callers that must not lose it keep it themselves).
     pub async fn invalidate(
         &self,
         profile_id: &str,
         version: u64,
         identities: &[(String, String)],
-    ) {
+    ) -> bool {
         match &self.backend {
-            Backend::Memory(m) => lock(m).invalidate(profile_id, version, identities),
+            Backend::Memory(m) => {
+                lock(m).invalidate(profile_id, version, identities);
+                true
+            }
             Backend::Redis(r) => {
                 // Whatever becomes of the Redis write, this process serves it no more.
                 if let Some(near) = &self.near {
@@ -397,15 +426,13 @@ impl ProfileCache {
                 }
                 let key = format!("{}{}", self.prefix, profile_key(profile_id));
                 let all_keys = || {
-                    std::iter::once(key.clone()).chain(
-                        identities
-                            .iter()
-                            .map(|(t, v)| format!("{}{}", self.prefix, identity_key(t, v))),
-                    )
+                    std::iter::once(key.clone()).chain(identities.iter().map(|(t, v)| {
+                        format!("{}{}", self.prefix, identity_key(&self.hasher, t, v))
+                    }))
                 };
                 if !self.recovered(r).await {
                     self.remember_missed(all_keys());
-                    return;
+                    return false;
                 }
                 let written = r
                     .tombstone(
@@ -422,13 +449,17 @@ impl ProfileCache {
                 if let Err(error) = written {
                     self.failed("invalidate", &error);
                     self.remember_missed(all_keys());
-                    return;
+                    return false;
                 }
                 if !identities.is_empty() {
                     let mut pipe = redis::pipe();
                     for (t, v) in identities {
                         pipe.cmd("DEL")
-                            .arg(format!("{}{}", self.prefix, identity_key(t, v)))
+                            .arg(format!(
+                                "{}{}",
+                                self.prefix,
+                                identity_key(&self.hasher, t, v)
+                            ))
                             .ignore();
                     }
                     if let Err(error) = r.pipe(&pipe).await {
@@ -436,6 +467,9 @@ impl ProfileCache {
                         self.remember_missed(all_keys());
                     }
                 }
+                // An identifier key left behind names only the profile id, whose
+                // tombstone is in place.
+                true
             }
         }
     }

@@ -69,6 +69,8 @@ async fn push_once(
     if !push.is_empty() {
         let mut request = tonic::Request::new(SuppressIdentitiesRequest {
             identities: push.iter().map(identity).collect(),
+            // The list holds keyed hashes only; ingestion stores them as they are.
+            hashed: true,
         });
         if let Some(token) = token {
             request
@@ -81,6 +83,22 @@ async fn push_once(
         tracing::info!(identities = push.len(), "suppressions pushed to ingestion");
     }
     Ok(push.len())
+}
+
+/// Every second, writes the cache tombstones of erased profiles that did not reach Redis
+/// (on any replica), so a profile erased while Redis was away is out of it once it is back.
+pub async fn settle_tombstones(core: Profiles, shutdown: CancellationToken) {
+    loop {
+        match core.settle_tombstones().await {
+            Ok(0) => {}
+            Ok(pending) => tracing::debug!(pending, "cache tombstones still pending"),
+            Err(error) => tracing::warn!(%error, "settling cache tombstones failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Logs a periodic pass over profiles; true when it succeeded.

@@ -184,12 +184,17 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<ExportProfileRequest>,
     ) -> Result<Response<ExportProfileResponse>, Status> {
-        let export = self.core.export(&request.into_inner().profile_id).await?;
+        let r = request.into_inner();
+        let export = self
+            .core
+            .export(&r.profile_id, r.page_size, &r.page_token)
+            .await?;
         Ok(Response::new(ExportProfileResponse {
-            profile: Some(export.profile),
+            profile: export.profile,
             timeline: export.timeline,
             merges: export.merges,
             segments: export.segments,
+            next_page_token: export.next_page_token,
         }))
     }
 

@@ -79,7 +79,8 @@ impl ProfileServer {
                 .with_near_cache(
                     config.profile_near_cache_capacity,
                     Duration::from_millis(config.profile_near_cache_ttl_ms),
-                ),
+                )
+                .with_identifier_hasher(config.identifier_hasher()),
             None => ProfileCache::in_memory(config.profile_cache_capacity, ttl),
         };
         let wakeup = Wakeup::default();
@@ -88,6 +89,7 @@ impl ProfileServer {
             db.clone(),
             cache,
             rules,
+            config.identifier_hasher(),
             consumers,
             wakeup.clone(),
             config.applier_memory_profiles,
@@ -118,14 +120,15 @@ impl ProfileServer {
         let readiness =
             Readiness::new(reporter, &[GRPC_SERVICE, "waymark.common.v1.EventSink"]).await;
         let mut tasks = tokio::task::JoinSet::new();
-        let (db, auto_migrate) = (self.db.clone(), self.config.auto_migrate);
+        let (db, core, auto_migrate) =
+            (self.db.clone(), self.core.clone(), self.config.auto_migrate);
         tasks.spawn(waymark_kit::grpc::watch_database(
             self.db.clone(),
             readiness.clone(),
             Duration::from_secs(1),
             shutdown.clone(),
             move || {
-                let db = db.clone();
+                let (db, core) = (db.clone(), core.clone());
                 async move {
                     if auto_migrate {
                         migrate(&db).await?;
@@ -137,6 +140,7 @@ impl ProfileServer {
                             "schema versions {pending:?} not applied; run `waymark migrate`"
                         );
                     }
+                    core.prepare().await?;
                     Ok(())
                 }
             },
@@ -167,6 +171,14 @@ impl ProfileServer {
             tasks.spawn(async move {
                 readiness.wait_serving(&shutdown).await;
                 background::push_suppressions(core, endpoint, token, shutdown).await;
+            });
+        }
+        {
+            let (core, shutdown, readiness) =
+                (self.core.clone(), shutdown.clone(), readiness.clone());
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                background::settle_tombstones(core, shutdown).await;
             });
         }
         {

@@ -13,7 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
-use crate::identity::{Ident, normalise};
+use crate::identity::{Ident, IdentHasher, normalise};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
@@ -171,6 +171,8 @@ struct Inner {
     db: DatabaseConnection,
     cache: ProfileCache,
     rules: Rules,
+    /// The keyed hash identifiers are kept as once erased (suppressions).
+    hasher: IdentHasher,
     consumers: Vec<String>,
     wakeup: Wakeup,
     /// One applier per process; replicas serialise on a database lock. It guards what
@@ -187,6 +189,13 @@ struct Inner {
     segments_changed: tokio::sync::Notify,
     /// Signalled when an erasure added suppressions for ingestion.
     suppressions_pending: tokio::sync::Notify,
+    /// Erased profiles whose tombstone has not reached the cache (`pending_tombstones`):
+    /// the cache may still hold them, so their reads skip it. None until the table has
+    /// been read at start-up: until then no read trusts the cache.
+    pending_tombstones: std::sync::RwLock<Option<HashSet<String>>>,
+    /// Held by an erasure from before its commit until its tombstones are settled, and by
+    /// [`Profiles::settle_tombstones`], so neither forgets what the other is doing.
+    tombstones: tokio::sync::Mutex<()>,
     metrics: Metrics,
 }
 
@@ -196,6 +205,7 @@ impl Profiles {
         db: DatabaseConnection,
         cache: ProfileCache,
         rules: Rules,
+        hasher: IdentHasher,
         consumers: Vec<String>,
         wakeup: Wakeup,
         applier_memory_profiles: usize,
@@ -205,6 +215,7 @@ impl Profiles {
                 db,
                 cache,
                 rules,
+                hasher,
                 consumers,
                 wakeup,
                 applier: tokio::sync::Mutex::new(ApplierMemory::new(applier_memory_profiles)),
@@ -213,6 +224,8 @@ impl Profiles {
                 suppressed: std::sync::RwLock::default(),
                 segments_changed: tokio::sync::Notify::new(),
                 suppressions_pending: tokio::sync::Notify::new(),
+                pending_tombstones: std::sync::RwLock::new(None),
+                tombstones: tokio::sync::Mutex::new(()),
                 metrics: Metrics::new(),
             }),
         }
@@ -289,7 +302,9 @@ impl Profiles {
         if profile_id.is_empty() {
             return Err(invalid("profile_id", "is required"));
         }
-        if let Some(p) = self.inner.cache.get(profile_id).await {
+        if self.cache_trusted_for(profile_id)
+            && let Some(p) = self.inner.cache.get(profile_id).await
+        {
             return Ok(p);
         }
         let record = store::load_live(&self.inner.db, profile_id)

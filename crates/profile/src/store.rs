@@ -125,9 +125,29 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     waymark_kit::outbox::keyed_by_consumer(10),
     waymark_kit::outbox::packs(11),
-    waymark_kit::outbox::dead_letters::migration(12),
-    waymark_kit::outbox::trace_links(13),
+    Migration {
+        version: 12,
+        name: "suppressions stored as keyed hashes",
+        // Existing rows are clear; the service hashes them at start-up
+        // (`hash_clear_suppressions`), since neither backend has HMAC built in.
+        postgres: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+        sqlite: "ALTER TABLE suppressions ADD COLUMN hashed BOOLEAN NOT NULL DEFAULT FALSE",
+    },
+    Migration {
+        version: 13,
+        name: "erased profiles whose cache tombstone has not reached Redis yet",
+        postgres: PENDING_TOMBSTONES,
+        sqlite: PENDING_TOMBSTONES,
+    },
+    waymark_kit::outbox::dead_letters::migration(14),
+    waymark_kit::outbox::trace_links(15),
 ];
+
+const PENDING_TOMBSTONES: &str = "
+    CREATE TABLE pending_tombstones (
+        profile_id TEXT PRIMARY KEY,
+        erased_at BIGINT NOT NULL
+    );";
 
 /// Every replica learns of a changed segment or a new erasure at its next applier lock,
 /// at no extra cost, and keeps both in memory in between.

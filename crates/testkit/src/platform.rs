@@ -158,6 +158,8 @@ pub struct Platform {
     pub http: SocketAddr,
     pub ingest: waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient<Channel>,
     pub write_key: String,
+    /// The database both services share (each in its own schema or file).
+    pub database_url: String,
     shutdown: CancellationToken,
     ingest_task: JoinHandle<anyhow::Result<()>>,
 }
@@ -212,6 +214,7 @@ impl Platform {
             http: http_addr,
             ingest: client,
             write_key,
+            database_url: db.url.clone(),
             shutdown,
             ingest_task,
         }

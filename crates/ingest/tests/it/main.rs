@@ -632,6 +632,7 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
                     value: "forgotten".into(),
                 },
             ],
+            hashed: false,
         }))
         .await
         .unwrap()
@@ -652,12 +653,33 @@ async fn suppressed_identities_are_dropped_and_counted(backend: Backend) {
                 r#type: "shoe".into(),
                 value: "42".into(),
             }],
+            hashed: false,
         }))
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     let details = tonic_types::StatusExt::get_details_bad_request(&bad).expect("field violations");
     assert_eq!(details.field_violations[0].field, "identities[0].type");
+    let not_a_hash = client
+        .suppress_identities(admin(SuppressIdentitiesRequest {
+            identities: vec![Identity {
+                r#type: "email".into(),
+                value: "gone@example.com".into(),
+            }],
+            hashed: true,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(not_a_hash.code(), Code::InvalidArgument);
+    let details =
+        tonic_types::StatusExt::get_details_bad_request(&not_a_hash).expect("field violations");
+    assert_eq!(details.field_violations[0].field, "identities[0].value");
+    // Only keyed hashes are stored.
+    let stored = suppression_rows(&db).await;
+    assert_eq!(stored.len(), 2);
+    for (id_type, value) in &stored {
+        assert!(waymark_identity::is_hash(value), "{id_type}: {value}");
+    }
 
     let body = json!({"batch": [
         {"type": "identify", "anonymousId": "a-1", "traits": {"email": "gone@example.com"}},
@@ -803,6 +825,7 @@ async fn a_replica_late_to_an_erasure_erases_what_it_accepted(backend: Backend) 
                 r#type: "user_id".into(),
                 value: "gone-late".into(),
             }],
+            hashed: false,
         }))
         .await
         .unwrap();
@@ -834,6 +857,66 @@ async fn a_replica_late_to_an_erasure_erases_what_it_accepted(backend: Backend) 
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(a_replica_late_to_an_erasure_erases_what_it_accepted);
+
+/// The ingestion service's own database, as a server started on `db` opens it.
+async fn ingest_database(db: &TestDb) -> sea_orm::DatabaseConnection {
+    let url = config(&db.url, "http://127.0.0.1:9").ingest_database();
+    waymark_kit::db::connect(&url, "ingest", 1).await.unwrap()
+}
+
+/// The suppression rows as stored: (type, value).
+async fn suppression_rows(db: &TestDb) -> Vec<(String, String)> {
+    use sea_orm::ConnectionTrait;
+    let conn = ingest_database(db).await;
+    conn.query_all_raw(sea_orm::Statement::from_string(
+        conn.get_database_backend(),
+        "SELECT id_type, id_value FROM suppressions ORDER BY id_type",
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.try_get_by_index(0).unwrap(),
+            r.try_get_by_index(1).unwrap(),
+        )
+    })
+    .collect()
+}
+
+/// Suppressions stored in clear by a release before hashing are replaced by their hashes
+/// when the service starts, and still apply.
+async fn clear_suppressions_are_hashed_at_start_up(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let db = TestDb::new(backend).await;
+    let conn = ingest_database(&db).await;
+    waymark_kit::db::migrate(&conn, "ingest", waymark_ingest::store::MIGRATIONS)
+        .await
+        .unwrap();
+    conn.execute_unprepared(
+        "INSERT INTO suppressions (id_type, id_value, created_at) VALUES ('user_id', 'old-erased', 1)",
+    )
+    .await
+    .unwrap();
+    let server = TestServer::start(config(&db.url, "http://127.0.0.1:9")).await;
+    let stored = suppression_rows(&db).await;
+    let hash = waymark_identity::IdentHasher::default().hash("user_id", "old-erased");
+    assert_eq!(stored, [("user_id".to_owned(), hash)]);
+    let (_, key) = server.create_source("old", 0).await;
+    let outcome = server
+        .client()
+        .await
+        .ingest(ingest_request(
+            vec![track("old-1", "old-erased", "Back")],
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((outcome.accepted, outcome.suppressed), (0, 1));
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(clear_suppressions_are_hashed_at_start_up);
 
 /// The outbox under the ingestion schema: packed rows (one per transaction) and rows of
 /// one event (as replays, and releases from before packs, write them) go out in commit order,

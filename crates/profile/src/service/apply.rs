@@ -245,8 +245,13 @@ impl Profiles {
     ) -> (Vec<(Event, Vec<Ident>)>, Vec<String>) {
         let mut fresh = Vec::with_capacity(candidates.len());
         let mut dropped = 0;
+        // The list holds keyed hashes: an event's identifiers are hashed only when
+        // there is anything to compare them with.
+        let hasher = &self.inner.hasher;
         for (event, ids) in candidates {
-            if ids.iter().any(|id| suppressed.contains(id)) {
+            if !suppressed.is_empty()
+                && ids.iter().any(|id| suppressed.contains(&hasher.hashed(id)))
+            {
                 dropped += 1;
             } else {
                 fresh.push((event, ids));

@@ -48,29 +48,34 @@ pub async fn erase(
     tree: &[String],
     identities: &[Ident],
 ) -> Result<Erased, DbErr> {
-    let ids: Vec<Value> = tree.iter().map(|id| id.as_str().into()).collect();
-    let list = in_list(ids.len());
-    let timeline_entries = execute(
-        txn,
-        &format!("DELETE FROM timeline WHERE profile_id IN ({list})"),
-        ids.clone(),
-    )
-    .await?;
-    for table in ["segment_members", "identities", "profiles"] {
-        execute(
+    let mut timeline_entries = 0;
+    // Chunks keep every statement under SQLite's bound-parameter limit, however many
+    // profiles were merged into the erased one (the merge audit binds each id twice).
+    for chunk in tree.chunks(MAX_PARAMS / 2) {
+        let ids: Vec<Value> = chunk.iter().map(|id| id.as_str().into()).collect();
+        let list = in_list(ids.len());
+        timeline_entries += execute(
             txn,
-            &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+            &format!("DELETE FROM timeline WHERE profile_id IN ({list})"),
             ids.clone(),
         )
         .await?;
+        for table in ["segment_members", "identities", "profiles"] {
+            execute(
+                txn,
+                &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+                ids.clone(),
+            )
+            .await?;
+        }
+        // The audit names the identifiers that linked the profiles: it goes with them.
+        execute(
+            txn,
+            &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
+            ids.iter().chain(&ids).cloned(),
+        )
+        .await?;
     }
-    // The audit names the identifiers that linked the profiles: it goes with them.
-    execute(
-        txn,
-        &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
-        ids.iter().chain(&ids).cloned(),
-    )
-    .await?;
     // Identifiers only the profile's state listed: erasure leaves none behind.
     for chunk in identities.chunks(MAX_PARAMS / 2) {
         let (pairs, values) = ident_pairs(chunk);
@@ -84,24 +89,69 @@ pub async fn erase(
     Ok(Erased { timeline_entries })
 }
 
-/// Puts identifiers on the suppression list (already listed ones stay as they were).
+/// Puts identifiers, as `(type, keyed hash)`, on the suppression list (already listed
+/// ones stay as they were).
 pub async fn suppress(
     txn: &DatabaseTransaction,
-    identities: &[Ident],
+    hashed: &[Ident],
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let rows = identities
+    let rows = hashed
         .iter()
-        .map(|(t, v)| vec![t.as_str().into(), v.as_str().into(), now_us.into()])
+        .map(|(t, h)| {
+            vec![
+                t.as_str().into(),
+                h.as_str().into(),
+                now_us.into(),
+                true.into(),
+            ]
+        })
         .collect();
     insert_rows(
         txn,
-        "INSERT INTO suppressions (id_type, id_value, suppressed_at)",
+        "INSERT INTO suppressions (id_type, id_value, suppressed_at, hashed)",
         "ON CONFLICT (id_type, id_value) DO NOTHING",
         rows,
     )
     .await?;
     Ok(())
+}
+
+/// Replaces suppression rows stored in clear (by releases before schema 12) with their
+/// keyed hashes, keeping when they were suppressed and synced; returns how many.
+pub async fn hash_clear_suppressions(
+    txn: &DatabaseTransaction,
+    hash: impl Fn(&Ident) -> Ident,
+) -> Result<u64, DbErr> {
+    let rows = query(
+        txn,
+        "SELECT id_type, id_value, suppressed_at, synced_at FROM suppressions WHERE NOT hashed",
+        [],
+    )
+    .await?;
+    for row in &rows {
+        let clear: Ident = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        let (id_type, id_hash) = hash(&clear);
+        execute(
+            txn,
+            "INSERT INTO suppressions (id_type, id_value, suppressed_at, synced_at, hashed)
+             VALUES (?, ?, ?, ?, TRUE) ON CONFLICT (id_type, id_value) DO NOTHING",
+            [
+                id_type.into(),
+                id_hash.into(),
+                row.try_get_by_index::<i64>(2)?.into(),
+                row.try_get_by_index::<Option<i64>>(3)?.into(),
+            ],
+        )
+        .await?;
+        execute(
+            txn,
+            "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
+            [clear.0.into(), clear.1.into()],
+        )
+        .await?;
+    }
+    Ok(rows.len() as u64)
 }
 
 /// The identifiers suppressed at or after `since`, with when.
@@ -206,4 +256,96 @@ pub async fn mark_synced<C: ConnectionTrait>(
         .await?;
     }
     Ok(())
+}
+
+/// Records, in the erasure's transaction, that the cache entries of `ids` must become
+/// tombstones: the rows stay until a tombstone has reached the cache.
+pub async fn add_pending_tombstones(
+    txn: &DatabaseTransaction,
+    ids: &[String],
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let rows = ids
+        .iter()
+        .map(|id| vec![id.as_str().into(), now_us.into()])
+        .collect();
+    insert_rows(
+        txn,
+        "INSERT INTO pending_tombstones (profile_id, erased_at)",
+        "ON CONFLICT (profile_id) DO NOTHING",
+        rows,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Erased profiles whose tombstone has not reached the cache yet.
+pub async fn pending_tombstones<C: ConnectionTrait>(conn: &C) -> Result<Vec<String>, DbErr> {
+    let rows = query(
+        conn,
+        "SELECT profile_id FROM pending_tombstones ORDER BY erased_at, profile_id",
+        [],
+    )
+    .await?;
+    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+}
+
+/// Forgets pending tombstones that have reached the cache.
+pub async fn drop_pending_tombstones<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[String],
+) -> Result<(), DbErr> {
+    for chunk in ids.chunks(MAX_PARAMS) {
+        let values: Vec<Value> = chunk.iter().map(|id| id.as_str().into()).collect();
+        execute(
+            conn,
+            &format!(
+                "DELETE FROM pending_tombstones WHERE profile_id IN ({})",
+                in_list(values.len())
+            ),
+            values,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Up to `limit` timeline rows, after event id `after` in key order, whose stored event
+/// holds the bytes of one of `needles` anywhere: candidates for identifiers another
+/// profile's events carried, which the caller checks exactly. Returns (event id, profile
+/// id, event).
+pub async fn events_containing<C: ConnectionTrait>(
+    conn: &C,
+    needles: &[&str],
+    after: &str,
+    limit: u32,
+) -> Result<Vec<(String, String, Vec<u8>)>, DbErr> {
+    let contains = if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        "position(? IN event) > 0"
+    } else {
+        "instr(event, ?) > 0"
+    };
+    let any = vec![contains; needles.len()].join(" OR ");
+    let values = std::iter::once(Value::from(after))
+        .chain(needles.iter().map(|n| Value::from(n.as_bytes().to_vec())))
+        .chain(std::iter::once(Value::from(i64::from(limit))));
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT event_id, profile_id, event FROM timeline
+             WHERE event IS NOT NULL AND event_id > ? AND ({any})
+             ORDER BY event_id LIMIT ?"
+        ),
+        values,
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get_by_index(0)?,
+                r.try_get_by_index(1)?,
+                r.try_get_by_index(2)?,
+            ))
+        })
+        .collect()
 }

@@ -355,7 +355,11 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
             format!(
                 "{}{}",
                 server.cache_prefix,
-                waymark_profile_cache::identity_key(t, v)
+                waymark_profile_cache::identity_key(
+                    &waymark_profile::identity::IdentHasher::default(),
+                    t,
+                    v
+                )
             ),
         )
         .await

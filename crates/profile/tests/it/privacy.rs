@@ -72,6 +72,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     let export = client
         .export_profile(admin(ExportProfileRequest {
             profile_id: before.profile_id.clone(),
+            ..ExportProfileRequest::default()
         }))
         .await
         .unwrap()
@@ -86,6 +87,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         "the export holds the whole timeline"
     );
     assert_eq!(export.merges.len(), 1, "and the merge audit");
+    assert!(export.next_page_token.is_empty(), "on one page");
 
     let deleted = client
         .delete_profile(admin(DeleteProfileRequest {
@@ -298,3 +300,305 @@ async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(an_erasure_on_one_replica_holds_on_the_other);
+
+/// An erasure while Redis is unreachable, then a restart before Redis is back: the new
+/// process knows from the database that the cached profile is stale, answers from the
+/// database meanwhile, and writes the tombstone once Redis is back.
+async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
+    let redis_addr: std::net::SocketAddr =
+        redis_url().trim_start_matches("redis://").parse().unwrap();
+    let proxy = Proxy::start(redis_addr).await;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = config(
+        &db.url,
+        &sink.start().await,
+        Some(&format!("redis://{}", proxy.addr)),
+    );
+    let prefix = config.profile_cache_key_prefix.clone();
+    let server = TestProfile::start(config.clone()).await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "gone-away",
+            "",
+            "",
+            json!({"email": "away@example.org"}),
+            1,
+        )])
+        .await;
+    let p = get(&server, by_identity("user_id", "gone-away"))
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "cached before the erasure"
+    );
+
+    proxy.cut();
+    server
+        .client()
+        .await
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: p.profile_id.clone(),
+            reason: "customer request".into(),
+        }))
+        .await
+        .unwrap();
+    server.stop().await;
+    assert_eq!(
+        crate::cached_version(&redis_url(), &prefix, &p.profile_id).await,
+        Some(p.version),
+        "Redis still holds the erased profile"
+    );
+
+    let server = TestProfile::start(config).await;
+    proxy.restore();
+    let not_found = async |request: GetProfileRequest| {
+        let error = get(&server, request.clone()).await.unwrap_err();
+        assert_eq!(error.code(), Code::NotFound, "{request:?}");
+    };
+    let by_id = GetProfileRequest {
+        profile_id: p.profile_id.clone(),
+        identity: None,
+    };
+    not_found(by_id.clone()).await;
+    not_found(by_identity("user_id", "gone-away")).await;
+    let mut tombstoned = false;
+    for _ in 0..100 {
+        if crate::cached_version(&redis_url(), &prefix, &p.profile_id).await == Some(u64::MAX) {
+            tombstoned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tombstoned, "the tombstone reaches Redis once it is back");
+    not_found(by_id).await;
+    not_found(by_identity("email", "away@example.org")).await;
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_erasure_while_redis_is_away_survives_a_restart);
+
+/// A browser two people used: the anonymous id of the erased one is not suppressed, since
+/// the other person's events carried it too, and their later events with it still apply.
+/// What the erased person held alone is suppressed.
+async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    let visit = |user: &str, at: i64| {
+        event(
+            EventType::Track,
+            user,
+            "family-tablet",
+            "Visited",
+            json!({}),
+            at,
+        )
+    };
+    server
+        .deliver(vec![
+            event(
+                EventType::Identify,
+                "alone-a",
+                "family-tablet",
+                "",
+                json!({"email": "a@example.org"}),
+                1,
+            ),
+            // One user id per profile: the tablet's id stays with A, B gets a profile.
+            visit("other-b", 2),
+        ])
+        .await;
+    let a = get(&server, by_identity("user_id", "alone-a"))
+        .await
+        .unwrap();
+    let b = get(&server, by_identity("user_id", "other-b"))
+        .await
+        .unwrap();
+    assert_ne!(a.profile_id, b.profile_id);
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "family-tablet"))
+            .await
+            .unwrap()
+            .profile_id,
+        a.profile_id
+    );
+    let deleted = server
+        .client()
+        .await
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: a.profile_id.clone(),
+            reason: "customer request".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut suppressed: Vec<(String, String)> = deleted
+        .suppressed
+        .into_iter()
+        .map(|i| (i.r#type, i.value))
+        .collect();
+    suppressed.sort();
+    assert_eq!(
+        suppressed,
+        [
+            ("email".to_owned(), "a@example.org".to_owned()),
+            ("user_id".to_owned(), "alone-a".to_owned()),
+        ]
+    );
+
+    let later = server.deliver(vec![visit("other-b", 3)]).await;
+    assert_eq!((later.applied, later.suppressed), (1, 0));
+    let b = get(&server, by_identity("user_id", "other-b"))
+        .await
+        .unwrap();
+    assert_eq!(b.computed.unwrap().total_events, 2);
+    let back = server
+        .deliver(vec![event(
+            EventType::Track,
+            "alone-a",
+            "",
+            "Visited",
+            json!({}),
+            4,
+        )])
+        .await;
+    assert_eq!((back.applied, back.suppressed), (0, 1));
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_identifier_shared_with_another_person_is_not_suppressed);
+
+/// A timeline larger than one gRPC message (16 MiB) is exported in pages that each fit,
+/// and together hold every entry once, newest first; the profile comes with the first.
+async fn an_export_larger_than_one_message_comes_in_pages(backend: Backend) {
+    use prost::Message;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    const EVENTS: i64 = 600;
+    let note = "n".repeat(32_000);
+    for batch in (0..EVENTS).collect::<Vec<_>>().chunks(100) {
+        let events = batch
+            .iter()
+            .map(|i| {
+                event(
+                    EventType::Track,
+                    "big-history",
+                    "",
+                    "Note Taken",
+                    json!({"note": note, "n": i}),
+                    1_000 + i,
+                )
+            })
+            .collect();
+        server.deliver(events).await;
+    }
+    let p = get(&server, by_identity("user_id", "big-history"))
+        .await
+        .unwrap();
+    let mut client = server.client().await;
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .export_profile(admin(ExportProfileRequest {
+                profile_id: p.profile_id.clone(),
+                page_size: 0,
+                page_token: page_token.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.encoded_len() < waymark_kit::grpc::MAX_MESSAGE_BYTES);
+        page_token = page.next_page_token.clone();
+        pages.push(page);
+        if page_token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 100, "the pages end");
+    }
+    let total: usize = pages.iter().map(|p| p.encoded_len()).sum();
+    assert!(
+        total > waymark_kit::grpc::MAX_MESSAGE_BYTES,
+        "more than one message could hold: {total}"
+    );
+    assert!(pages[0].profile.is_some());
+    assert!(pages[1..].iter().all(|p| p.profile.is_none()));
+    let seconds: Vec<i64> = pages
+        .iter()
+        .flat_map(|p| &p.timeline)
+        .map(|e| e.timestamp.as_ref().unwrap().seconds)
+        .collect();
+    let newest_first: Vec<i64> = (0..EVENTS).rev().map(|i| 1_000 + i).collect();
+    assert_eq!(seconds, newest_first, "every entry once, newest first");
+
+    let bad = client
+        .export_profile(admin(ExportProfileRequest {
+            profile_id: p.profile_id.clone(),
+            page_size: 0,
+            page_token: "not-a-token".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_export_larger_than_one_message_comes_in_pages);
+
+/// Suppressions stored in clear by a release before hashing are replaced by their keyed
+/// hashes when the service starts, keep when they were suppressed and synced, and still
+/// drop the events that carry them.
+async fn clear_suppressions_are_hashed_at_start_up(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let config = config(&db.url, &sink.start().await, None);
+    let conn = waymark_kit::db::connect(&config.profile_database(), "profile", 1)
+        .await
+        .unwrap();
+    waymark_profile::migrate(&conn).await.unwrap();
+    conn.execute_unprepared(
+        "INSERT INTO suppressions (id_type, id_value, suppressed_at, synced_at)
+         VALUES ('email', 'old@example.org', 7000000, 7000001)",
+    )
+    .await
+    .unwrap();
+    let server = TestProfile::start(config).await;
+    let page = server
+        .client()
+        .await
+        .list_suppressions(admin(ListSuppressionsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let hash = waymark_profile::identity::IdentHasher::default().hash("email", "old@example.org");
+    let listed: Vec<(String, String, i64, bool)> = page
+        .suppressions
+        .iter()
+        .map(|s| {
+            let identity = s.identity.clone().unwrap();
+            (
+                identity.r#type,
+                identity.value,
+                s.suppressed_at.unwrap().seconds,
+                s.synced_to_ingest,
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("email".to_owned(), hash, 7, true)]);
+    let back = server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "old-anon",
+            "",
+            json!({"email": "Old@Example.org"}),
+            1,
+        )])
+        .await;
+    assert_eq!((back.applied, back.suppressed), (0, 1));
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(clear_suppressions_are_hashed_at_start_up);
