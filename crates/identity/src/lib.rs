@@ -40,32 +40,117 @@ pub fn is_blocked(value: &str) -> bool {
         || v.chars().all(|c| c == '0' || c == '-' || c == ':')
 }
 
-/// Normalises a value for its type; None when it cannot identify anyone.
-pub fn normalise(id_type: &str, value: &str) -> Option<String> {
+/// Why a value cannot identify anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// Empty, or a placeholder such as `anonymous`, `null` or all zeros: expected from
+    /// SDKs, and never an error.
+    Blocked,
+    /// A value that breaks the rule of its type, which the message names.
+    Malformed {
+        /// A short name for metrics: `email_no_at`, `phone_no_country_code`, ...
+        rule: &'static str,
+        /// The rule as a sentence, for the caller.
+        message: String,
+    },
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::Blocked => f.write_str(
+                "is empty or a placeholder that identifies nobody (null, anonymous, unknown, all zeros, ...)",
+            ),
+            Unusable::Malformed { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+fn malformed(rule: &'static str, message: impl Into<String>) -> Unusable {
+    Unusable::Malformed {
+        rule,
+        message: message.into(),
+    }
+}
+
+/// Normalises a value for its type, or says which rule it breaks.
+pub fn check(id_type: &str, value: &str) -> Result<String, Unusable> {
     let value = value.trim();
     if is_blocked(value) {
-        return None;
+        return Err(Unusable::Blocked);
     }
     match id_type {
         "email" => {
             let v = value.to_lowercase();
-            (v.contains('@') && !v.starts_with('@') && !v.ends_with('@')).then_some(v)
+            match v.split_once('@') {
+                None => Err(malformed(
+                    "email_no_at",
+                    "is not an e-mail address: it has no @",
+                )),
+                Some(("", _)) => Err(malformed(
+                    "email_no_local_part",
+                    "is not an e-mail address: nothing comes before the @",
+                )),
+                Some((_, domain)) if domain.is_empty() || v.ends_with('@') => Err(malformed(
+                    "email_no_domain",
+                    "is not an e-mail address: nothing comes after the @",
+                )),
+                Some(_) => Ok(v),
+            }
         }
-        "phone" => normalise_phone(value),
-        _ => Some(value.to_owned()),
+        "phone" => check_phone(value),
+        _ => Ok(value.to_owned()),
     }
+}
+
+/// Normalises a value for its type; None when it cannot identify anyone.
+pub fn normalise(id_type: &str, value: &str) -> Option<String> {
+    check(id_type, value).ok()
 }
 
 /// E.164: `+` and 8 to 15 digits. Accepts spaces, dashes, dots, parentheses and a `00`
 /// international prefix; a number without a country code cannot be normalised.
 pub fn normalise_phone(value: &str) -> Option<String> {
+    check_phone(value).ok()
+}
+
+fn check_phone(value: &str) -> Result<String, Unusable> {
     let trimmed = value.trim();
     let international = trimmed.starts_with('+') || trimmed.starts_with("00");
     let mut digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
     if trimmed.starts_with("00") {
         digits.drain(..2);
     }
-    (international && (8..=15).contains(&digits.len())).then(|| format!("+{digits}"))
+    if !international {
+        return Err(malformed(
+            "phone_no_country_code",
+            "is not a phone number in E.164 form: it needs its country code, starting with + or 00 (e.g. +44 20 7946 0958)",
+        ));
+    }
+    if !(8..=15).contains(&digits.len()) {
+        return Err(malformed(
+            "phone_digits",
+            format!(
+                "is not a phone number in E.164 form: it has {} digits with its country code; E.164 numbers have 8 to 15",
+                digits.len()
+            ),
+        ));
+    }
+    Ok(format!("+{digits}"))
+}
+
+/// An identifier an event carried that breaks the rule of its type, so it identifies
+/// nobody (the value stays a trait).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Where it was, in Segment's JSON naming (`traits.email`).
+    pub field: String,
+    /// Its type.
+    pub id_type: String,
+    /// The rule's short name, for metrics.
+    pub rule: &'static str,
+    /// The rule as a sentence.
+    pub message: String,
 }
 
 /// Longest identifier value accepted anywhere (user, anonymous, previous and group ids,
@@ -332,35 +417,76 @@ impl IdentityRules {
 
     /// The identifiers an event carries, highest priority first, without duplicates.
     pub fn extract(&self, event: &Event) -> Vec<Ident> {
+        self.extract_checked(event).0
+    }
+
+    /// The e-mail and phone identifiers of `event` that break their type's rule (the only
+    /// types with one), without extracting the rest: cheap enough for every ingested event.
+    pub fn malformed(&self, event: &Event) -> Vec<Dropped> {
+        let mut dropped = Vec::new();
+        let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
+        for (prefix, traits) in [
+            ("traits", event.traits.as_ref()),
+            ("context.traits", context_traits),
+        ] {
+            let Some(traits) = traits else { continue };
+            for id_type in ["email", "phone"] {
+                if let Some(value) = string_at(traits, &[id_type])
+                    && let Err(Unusable::Malformed { rule, message }) = check(id_type, value)
+                {
+                    dropped.push(Dropped {
+                        field: format!("{prefix}.{id_type}"),
+                        id_type: id_type.to_owned(),
+                        rule,
+                        message,
+                    });
+                }
+            }
+        }
+        dropped
+    }
+
+    /// [`Self::extract`], and the identifiers it left out because they break the rule of
+    /// their type (blocked placeholders are not counted: SDKs send them on purpose).
+    pub fn extract_checked(&self, event: &Event) -> (Vec<Ident>, Vec<Dropped>) {
         let mut out: Vec<Ident> = Vec::new();
-        let mut push = |id_type: &str, value: &str| {
-            if let Some(v) = normalise(id_type, value) {
+        let mut dropped: Vec<Dropped> = Vec::new();
+        let mut push = |field: &str, id_type: &str, value: &str| match check(id_type, value) {
+            Ok(v) => {
                 let ident = (id_type.to_owned(), v);
                 if !out.contains(&ident) {
                     out.push(ident);
                 }
             }
+            Err(Unusable::Malformed { rule, message }) => dropped.push(Dropped {
+                field: field.to_owned(),
+                id_type: id_type.to_owned(),
+                rule,
+                message,
+            }),
+            Err(Unusable::Blocked) => {}
         };
-        push("user_id", &event.user_id);
-        push("anonymous_id", &event.anonymous_id);
+        push("userId", "user_id", &event.user_id);
+        push("anonymousId", "anonymous_id", &event.anonymous_id);
         if event.r#type() == EventType::Alias {
             // The earlier id of an alias is usually an anonymous id.
-            push("anonymous_id", &event.previous_id);
+            push("previousId", "anonymous_id", &event.previous_id);
         }
         let context_traits = event.context.as_ref().and_then(|c| struct_at(c, "traits"));
-        for traits in [event.traits.as_ref(), context_traits]
-            .into_iter()
-            .flatten()
-        {
+        for (prefix, traits) in [
+            ("traits", event.traits.as_ref()),
+            ("context.traits", context_traits),
+        ] {
+            let Some(traits) = traits else { continue };
             if let Some(email) = string_at(traits, &["email"]) {
-                push("email", email);
+                push(&format!("{prefix}.email"), "email", email);
             }
             if let Some(phone) = string_at(traits, &["phone"]) {
-                push("phone", phone);
+                push(&format!("{prefix}.phone"), "phone", phone);
             }
             for custom in &self.custom_types {
                 if let Some(v) = string_at(traits, &[custom.as_str()]) {
-                    push(custom, v);
+                    push(&format!("{prefix}.{custom}"), custom, v);
                 }
             }
         }
@@ -369,10 +495,10 @@ impl IdentityRules {
             .as_ref()
             .and_then(|c| string_at(c, &["device", "id"]))
         {
-            push("device_id", device);
+            push("context.device.id", "device_id", device);
         }
         out.sort_by_key(|(t, _)| self.rank(t));
-        out
+        (out, dropped)
     }
 }
 
@@ -416,6 +542,20 @@ mod tests {
             Some("ada@example.com".into())
         );
         assert_eq!(normalise("email", "not-an-email"), None);
+        let rule = |t: &str, v: &str| match check(t, v) {
+            Err(Unusable::Malformed { rule, message }) => (rule, message),
+            other => panic!("{t} {v:?}: {other:?}"),
+        };
+        assert_eq!(rule("email", "ada.example.com").0, "email_no_at");
+        assert_eq!(rule("email", "@example.com").0, "email_no_local_part");
+        assert_eq!(rule("email", "ada@").0, "email_no_domain");
+        let (name, message) = rule("phone", "020 7946 0958");
+        assert_eq!(name, "phone_no_country_code");
+        assert!(message.contains("country code"), "{message}");
+        let (name, message) = rule("phone", "+44 12");
+        assert_eq!(name, "phone_digits");
+        assert!(message.contains("has 4 digits"), "{message}");
+        assert_eq!(check("anonymous_id", "anonymous"), Err(Unusable::Blocked));
         assert_eq!(
             normalise_phone("+49 (151) 234-56789"),
             Some("+4915123456789".into())

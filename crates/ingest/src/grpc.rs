@@ -169,6 +169,16 @@ impl IngestService for IngestGrpc {
                     reason: r.violation.description,
                 })
                 .collect(),
+            ignored_identifiers: outcome
+                .ignored
+                .into_iter()
+                .map(|i| IgnoredIdentifier {
+                    index: i.index,
+                    message_id: i.message_id,
+                    field: i.field,
+                    reason: i.reason,
+                })
+                .collect(),
         }))
     }
 

@@ -286,7 +286,16 @@ struct BatchBody<'a> {
 #[tracing::instrument(skip_all, fields(path = %request.uri().path(), events, source_id))]
 async fn handle(http: Http, request: Request, single: Option<EventType>) -> Response {
     match ingest(http, request, single).await {
-        Ok(()) => (StatusCode::OK, axum::Json(json!({"success": true}))).into_response(),
+        Ok(ignored) if ignored.is_empty() => {
+            (StatusCode::OK, axum::Json(json!({"success": true}))).into_response()
+        }
+        // Still a success (SDKs must not retry); the warnings say which identifiers
+        // link the events to nobody.
+        Ok(ignored) => (
+            StatusCode::OK,
+            axum::Json(json!({"success": true, "warnings": ignored})),
+        )
+            .into_response(),
         Err(failure) => {
             tracing::debug!(status = failure.status.as_u16(), error = %failure.message, "http ingest refused");
             failure.into_response()
@@ -294,7 +303,13 @@ async fn handle(http: Http, request: Request, single: Option<EventType>) -> Resp
     }
 }
 
-async fn ingest(http: Http, request: Request, single: Option<EventType>) -> Result<(), Failure> {
+/// Ingests the request; on success, a warning for each identifier that breaks the rule of
+/// its type.
+async fn ingest(
+    http: Http,
+    request: Request,
+    single: Option<EventType>,
+) -> Result<Vec<Value>, Failure> {
     let core = http.core;
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body, http.read_timeout).await?;
@@ -429,7 +444,17 @@ async fn ingest(http: Http, request: Request, single: Option<EventType>) -> Resu
         .ingest(&source, events, BatchMode::AllOrNothing)
         .await?;
     if outcome.rejected.is_empty() {
-        return Ok(());
+        return Ok(outcome
+            .ignored
+            .into_iter()
+            .map(|i| {
+                let field = match single {
+                    Some(_) => i.field,
+                    None => format!("batch[{}].{}", i.index, i.field),
+                };
+                json!({"field": field, "reason": i.reason})
+            })
+            .collect());
     }
     Err(Failure::bad_request(
         outcome

@@ -4,18 +4,34 @@
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 
-/// The counter, bound to the global meter `waymark` when created.
+/// The counters, bound to the global meter `waymark` when created.
 #[derive(Clone)]
-pub(crate) struct EventMetrics(Counter<u64>);
+pub(crate) struct EventMetrics(Counter<u64>, Counter<u64>);
 
 impl EventMetrics {
     pub(crate) fn new() -> Self {
+        let meter = opentelemetry::global::meter("waymark");
         Self(
-            opentelemetry::global::meter("waymark")
+            meter
                 .u64_counter("ingest.events")
                 .with_description("events received, by outcome (and reason, when rejected)")
                 .build(),
+            meter
+                .u64_counter("ingest.identifiers_dropped")
+                .with_description("identifiers of accepted events that break their type's rule")
+                .build(),
         )
+    }
+
+    /// Counts an identifier that identifies nobody because it breaks `rule`.
+    pub(crate) fn identifier_dropped(&self, id_type: &str, rule: &'static str) {
+        self.1.add(
+            1,
+            &[
+                KeyValue::new("type", id_type.to_owned()),
+                KeyValue::new("rule", rule),
+            ],
+        );
     }
 
     /// Counts `n` events with `outcome`: accepted, duplicate or suppressed.

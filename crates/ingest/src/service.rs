@@ -129,6 +129,18 @@ pub struct IngestOutcome {
     pub duplicates: u32,
     pub suppressed: u32,
     pub rejected: Vec<Rejection>,
+    /// Identifiers of accepted events that identify nobody because they break the rule
+    /// of their type; the event is kept, the value stays a trait.
+    pub ignored: Vec<IgnoredIdentifier>,
+}
+
+/// An identifier an accepted event carried that breaks the rule of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredIdentifier {
+    pub index: u32,
+    pub message_id: String,
+    pub field: String,
+    pub reason: String,
 }
 
 /// Counters and backlog.
@@ -254,6 +266,17 @@ impl Ingestor {
                     violation,
                 });
                 continue;
+            }
+            for dropped in self.inner.settings.identity.malformed(&event) {
+                self.inner
+                    .metrics
+                    .identifier_dropped(&dropped.id_type, dropped.rule);
+                outcome.ignored.push(IgnoredIdentifier {
+                    index: index as u32,
+                    message_id: event.message_id.clone(),
+                    field: dropped.field,
+                    reason: dropped.message,
+                });
             }
             if check_suppression
                 && self.inner.suppressions.matches(
@@ -517,12 +540,9 @@ impl Ingestor {
                 }
                 value
             } else {
-                let Some(value) = normalise(&id_type, &value) else {
-                    return Err(IngestError::invalid(
-                        &format!("identities[{i}].value"),
-                        "is empty, blocked or malformed for its type",
-                    ));
-                };
+                let value = waymark_identity::check(&id_type, &value).map_err(|problem| {
+                    IngestError::invalid(&format!("identities[{i}].value"), problem.to_string())
+                })?;
                 hasher.hash(&id_type, &value)
             };
             stored.push((id_type, hash));

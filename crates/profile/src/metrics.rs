@@ -12,6 +12,8 @@ pub(crate) struct Metrics {
     /// Events the service itself emits, by name: Trait Changed, Emotion Changed, Segment
     /// Entered / Exited, Profile Merged / Unmerged / Deleted.
     emitted: Counter<u64>,
+    /// Identifiers of delivered events that break their type's rule, by type and rule.
+    identifiers_dropped: Counter<u64>,
 }
 
 impl Metrics {
@@ -26,6 +28,10 @@ impl Metrics {
                 .u64_counter("profile.emitted_events")
                 .with_description("events the profile service emitted, by name")
                 .build(),
+            identifiers_dropped: meter
+                .u64_counter("profile.identifiers_dropped")
+                .with_description("identifiers that break their type's rule, by type and rule")
+                .build(),
         }
     }
 
@@ -34,6 +40,16 @@ impl Metrics {
             self.events
                 .add(count as u64, &[KeyValue::new("outcome", outcome)]);
         }
+    }
+
+    pub(crate) fn identifier_dropped(&self, id_type: &str, rule: &'static str) {
+        self.identifiers_dropped.add(
+            1,
+            &[
+                KeyValue::new("type", id_type.to_owned()),
+                KeyValue::new("rule", rule),
+            ],
+        );
     }
 
     pub(crate) fn emitted<'a>(&self, events: impl IntoIterator<Item = &'a Event>) {

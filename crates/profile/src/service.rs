@@ -13,7 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
-use crate::identity::{Ident, IdentHasher, normalise};
+use crate::identity::{Ident, IdentHasher};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
@@ -323,12 +323,8 @@ impl Profiles {
         if id_type.is_empty() {
             return Err(invalid("identity.type", "is required"));
         }
-        let value = normalise(id_type, value).ok_or_else(|| {
-            invalid(
-                "identity.value",
-                "is empty, blocked or malformed for its type",
-            )
-        })?;
+        let value = waymark_identity::check(id_type, value)
+            .map_err(|problem| invalid("identity.value", problem.to_string()))?;
         let id = match self.inner.cache.resolve(id_type, &value).await {
             Some(id) => id,
             None => {

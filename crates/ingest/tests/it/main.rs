@@ -1010,3 +1010,65 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     assert!(drained, "acknowledged rows leave the outbox");
 }
 waymark_testkit::on_both_backends!(outbox_packs_go_out_in_order_within_the_batch_size);
+
+/// A malformed e-mail or phone is kept as a trait but identifies nobody: the answer says
+/// which identifier and which rule, over HTTP (still a success) and gRPC alike.
+async fn malformed_identifiers_are_named_with_their_rule(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = TestServer::start(config(&db.url, "http://127.0.0.1:9")).await;
+    let (_, key) = server.create_source("sdk", 0).await;
+    let body = json!({"batch": [
+        {"type": "identify", "userId": "u-1", "messageId": "m-1",
+         "traits": {"email": "ada@example.com", "phone": "020 7946 0958"}},
+        {"type": "identify", "userId": "u-2", "messageId": "m-2",
+         "context": {"traits": {"email": "grace.example.com"}}}
+    ]});
+    let (status, _, json) = post(
+        &server.http_url("/v1/batch"),
+        Some(&key),
+        bytes(&body),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json["success"], true);
+    let warnings = json["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 2, "{json}");
+    assert_eq!(warnings[0]["field"], "batch[0].traits.phone");
+    assert!(
+        warnings[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("needs its country code"),
+        "{json}"
+    );
+    assert_eq!(warnings[1]["field"], "batch[1].context.traits.email");
+    assert!(
+        warnings[1]["reason"].as_str().unwrap().contains("no @"),
+        "{json}"
+    );
+
+    let mut phone = track("m-3", "u-3", "Called");
+    let serde_json::Value::Object(traits) = json!({"phone": "+44 12"}) else {
+        unreachable!()
+    };
+    phone.traits = Some(waymark_proto::json::struct_from_json(traits));
+    let response = server
+        .client()
+        .await
+        .ingest(ingest_request(vec![phone], &key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.accepted, 1);
+    assert_eq!(response.ignored_identifiers.len(), 1);
+    let ignored = &response.ignored_identifiers[0];
+    assert_eq!((ignored.index, ignored.field.as_str()), (0, "traits.phone"));
+    assert!(
+        ignored.reason.contains("has 4 digits"),
+        "{}",
+        ignored.reason
+    );
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(malformed_identifiers_are_named_with_their_rule);

@@ -52,7 +52,10 @@ impl Profiles {
             .into_iter()
             .filter(|e| seen.insert(e.event_id.clone()))
             .map(|e| {
-                let ids = self.inner.rules.identity.extract(&e);
+                let (ids, dropped) = self.inner.rules.identity.extract_checked(&e);
+                for d in &dropped {
+                    self.inner.metrics.identifier_dropped(&d.id_type, d.rule);
+                }
                 (e, ids)
             })
             .collect();

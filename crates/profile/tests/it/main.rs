@@ -1321,3 +1321,30 @@ async fn merges_across_batches_in_flight_leave_one_exact_profile(backend: Backen
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(merges_across_batches_in_flight_leave_one_exact_profile);
+
+/// Looking a profile up by a malformed identifier names the rule it breaks.
+async fn identifier_errors_name_the_rule(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sink = Sink::default();
+    let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
+    for (id_type, value, rule) in [
+        ("phone", "020 7946 0958", "needs its country code"),
+        ("phone", "+44 12", "has 4 digits"),
+        ("email", "ada.example.com", "no @"),
+        ("email", "ada@", "nothing comes after the @"),
+        ("anonymous_id", "anonymous", "placeholder"),
+    ] {
+        let error = get(&server, by_identity(id_type, value)).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+        let details =
+            tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
+        assert_eq!(details.field_violations[0].field, "identity.value");
+        assert!(
+            details.field_violations[0].description.contains(rule),
+            "{value}: {}",
+            details.field_violations[0].description
+        );
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(identifier_errors_name_the_rule);
