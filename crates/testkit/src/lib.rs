@@ -27,9 +27,55 @@ pub enum Backend {
     Sqlite,
 }
 
-/// A database that exists for one test.
+/// A database that exists for one test: dropped with it, unless the test failed (then it
+/// is kept for a look, and its name printed).
 pub struct TestDb {
     pub url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    /// Drop this database through the admin URL.
+    Postgres { admin_url: String, name: String },
+    /// Remove this directory.
+    Sqlite(std::path::PathBuf),
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test database kept for inspection: {}", self.url);
+            return;
+        }
+        match &self.cleanup {
+            Cleanup::Sqlite(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::Postgres { admin_url, name } => {
+                let (admin_url, name) = (admin_url.clone(), name.clone());
+                // Drop runs inside the test's runtime, which must not block on itself: a
+                // thread of its own with its own runtime does the work.
+                let dropped = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
+                    runtime.block_on(async {
+                        let admin = Database::connect(admin_url.as_str()).await.ok()?;
+                        // FORCE ends the connections pools of the test may still hold.
+                        let result = admin
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await;
+                        admin.close().await.ok();
+                        result.ok()
+                    })
+                });
+                let _ = dropped.join();
+            }
+        }
+    }
 }
 
 impl TestDb {
@@ -52,6 +98,10 @@ impl TestDb {
                     .map_or(admin_url.as_str(), |(b, _)| b);
                 Self {
                     url: format!("{base}/{name}"),
+                    cleanup: Cleanup::Postgres {
+                        admin_url: admin_url.clone(),
+                        name,
+                    },
                 }
             }
             Backend::Sqlite => {
@@ -59,6 +109,7 @@ impl TestDb {
                 std::fs::create_dir_all(&dir).expect("temp dir");
                 Self {
                     url: format!("sqlite://{}/waymark.db?mode=rwc", dir.display()),
+                    cleanup: Cleanup::Sqlite(dir),
                 }
             }
         }

@@ -162,6 +162,7 @@ pub struct Platform {
     pub database_url: String,
     shutdown: CancellationToken,
     ingest_task: JoinHandle<anyhow::Result<()>>,
+    _db: TestDb,
 }
 
 impl Platform {
@@ -217,6 +218,7 @@ impl Platform {
             database_url: db.url.clone(),
             shutdown,
             ingest_task,
+            _db: db,
         }
     }
 

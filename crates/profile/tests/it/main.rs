@@ -1076,7 +1076,7 @@ waymark_testkit::on_both_backends!(redis_restart_is_survived_and_the_cache_refil
 /// update in between must be seen, never overwritten from that memory.
 async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
     let sink = Sink::default();
-    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
 
     a.deliver(vec![event(
         EventType::Identify,
@@ -1214,7 +1214,7 @@ waymark_testkit::on_both_backends!(concurrent_deliveries_apply_each_event_once);
 /// applied, and the two land on different replicas: the batch still applies once.
 async fn one_batch_on_two_replicas_at_once_applies_once(backend: Backend) {
     let sink = Sink::default();
-    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     for round in 0..20 {
         let batch: Vec<_> = (0..50)
             .map(|i| {
@@ -1250,7 +1250,7 @@ waymark_testkit::on_both_backends!(one_batch_on_two_replicas_at_once_applies_onc
 /// event, and every event goes downstream once per consumer.
 async fn merges_across_batches_in_flight_leave_one_exact_profile(backend: Backend) {
     let sink = Sink::default();
-    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     const EVENTS: usize = 10;
     let batch = |user: &str, anon: &str, email: &str, at: i64| -> Vec<_> {
         (0..EVENTS)

@@ -263,7 +263,7 @@ waymark_testkit::on_both_backends!(erased_profiles_stay_erased);
 /// that one keeps the suppression list in memory.
 async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     let sink = Sink::default();
-    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let visit = |at: i64| {
         event(
             EventType::Track,

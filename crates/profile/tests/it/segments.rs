@@ -356,7 +356,7 @@ waymark_testkit::on_both_backends!(segments_follow_conditions);
 /// applies, with no sweep in between.
 async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Backend) {
     let sink = Sink::default();
-    let (a, b) = two_replicas(backend, &sink.start().await).await;
+    let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let now = waymark_kit::db::now_micros() / 1_000_000;
     let plan = |plan: &str| {
         event(
