@@ -485,9 +485,11 @@ impl Profiles {
             if lock.definitions != generation {
                 // A segment changed or went since these definitions were read: evaluating
                 // them now could put members back into a deleted segment. The change
-                // wakes the sweep again, with the definitions as they are.
+                // wakes the sweep again, with the definitions as they are; until then
+                // nothing is marked backfilled, as the pages after this one were not
+                // evaluated.
                 txn.rollback().await?;
-                break;
+                return Ok(changed);
             }
             let mut page = store::live_profiles(&txn, &after, SWEEP_PAGE).await?;
             let Some(last) = page.last() else {

@@ -370,3 +370,44 @@ async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Ba
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(a_segment_stored_on_one_replica_counts_on_the_other_at_once);
+
+/// Segments stored in a quick loop: each definition interrupts the backfill of the ones
+/// before it, and every one of them still ends backfilled with exactly its members.
+async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let customers = 40;
+    server
+        .deliver(
+            (0..customers)
+                .map(|n| {
+                    event(
+                        EventType::Identify,
+                        &format!("loop-{n}"),
+                        "",
+                        "",
+                        json!({ "n": n }),
+                        now,
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    let segments = 12;
+    for k in 0..segments {
+        server
+            .put_segment(&format!("at-least-{k}"), &format!("traits.n >= {k}.0"))
+            .await;
+    }
+    for k in 0..segments {
+        let id = format!("at-least-{k}");
+        let segment = wait_backfilled(&server, &id).await;
+        let expected = customers - k;
+        assert_eq!(segment.member_count, expected as u64, "{id}");
+        assert_eq!(members(&server, &id).await.len(), expected, "{id}");
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(segments_put_in_a_quick_loop_all_get_their_members);
