@@ -635,6 +635,36 @@ pub async fn owner_of<C: ConnectionTrait>(
     row.map(|r| r.try_get_by_index(0)).transpose()
 }
 
+/// Deletes the rows of identifiers their profiles gave up: they resolve to no profile.
+pub(crate) async fn delete_identities<C: ConnectionTrait>(
+    conn: &C,
+    idents: &[Ident],
+) -> Result<(), DbErr> {
+    if idents.is_empty() {
+        return Ok(());
+    }
+    if conn.get_database_backend() == DbBackend::Postgres {
+        execute(
+            conn,
+            "DELETE FROM identities i USING UNNEST(?::text[], ?::text[]) AS k(t, v)
+             WHERE i.id_type = k.t AND i.id_value = k.v",
+            ident_arrays(idents),
+        )
+        .await?;
+        return Ok(());
+    }
+    for chunk in idents.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
+        execute(
+            conn,
+            &format!("DELETE FROM identities WHERE (id_type, id_value) IN ({pairs})"),
+            values,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Writes profiles (upsert) from records, with when decay next moves each one's emotion
 /// label under `emotion` (merged-away profiles have none).
 pub async fn save_records(
@@ -707,6 +737,8 @@ fn profile_columns(
 pub struct BatchWrite {
     profiles: Vec<Column>,
     identities: Vec<Column>,
+    /// Identifiers given up, whose rows go.
+    evicted: Vec<Ident>,
     /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
     moved: Vec<(String, String)>,
     merges: Vec<Vec<Value>>,
@@ -779,6 +811,7 @@ impl BatchWrite {
             .collect();
         Self {
             profiles: profile_columns(&records, states, emotion, now_us),
+            evicted: set.evicted.keys().cloned().collect(),
             identities: vec![
                 Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
                 Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
@@ -807,6 +840,9 @@ impl BatchWrite {
         txn: &DatabaseTransaction,
         consumers: &[String],
     ) -> Result<u64, DbErr> {
+        // Disjoint from the identifiers the batch writes: one given up and used again in
+        // the same batch is no longer listed as given up.
+        delete_identities(txn, &self.evicted).await?;
         for (survivor, merged) in self.moved {
             execute(
                 txn,

@@ -421,6 +421,7 @@ impl Profiles {
             })
             .collect();
         self.inner.cache.put_encoded(&writes).await;
+        self.inner.cache.forget_identities(&changes.evicted).await;
     }
 }
 
@@ -454,6 +455,8 @@ struct CacheChanges {
     live: Vec<(ProfileHead, Vec<u8>, Vec<Identity>)>,
     /// Profiles merged away, with their last version.
     merged: Vec<(String, u64)>,
+    /// Identifiers their profiles gave up, whose keys go.
+    evicted: Vec<(String, String)>,
 }
 
 /// The little of a profile the cache write needs besides its encoding.
@@ -479,6 +482,7 @@ impl CacheChanges {
         let mut changes = CacheChanges {
             live: Vec::with_capacity(dirty.len()),
             merged: Vec::new(),
+            evicted: set.evicted.keys().cloned().collect(),
         };
         for (record, state) in dirty {
             let profile = &record.profile;
