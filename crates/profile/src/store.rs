@@ -843,14 +843,7 @@ impl BatchWrite {
         // Disjoint from the identifiers the batch writes: one given up and used again in
         // the same batch is no longer listed as given up.
         delete_identities(txn, &self.evicted).await?;
-        for (survivor, merged) in self.moved {
-            execute(
-                txn,
-                "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
-                [survivor.into(), merged.into()],
-            )
-            .await?;
-        }
+        move_timelines(txn, self.moved).await?;
         insert_rows(
             txn,
             "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
@@ -877,6 +870,38 @@ impl BatchWrite {
         waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
         Ok(timeline)
     }
+}
+
+/// Moves the timeline rows of each merged profile to its survivor ((survivor, merged)
+/// pairs; a profile is merged once, so each row moves at most once): on PostgreSQL in one
+/// statement, as a batch linking many visits to their customers merges many.
+async fn move_timelines(
+    txn: &DatabaseTransaction,
+    moved: Vec<(String, String)>,
+) -> Result<(), DbErr> {
+    if moved.is_empty() {
+        return Ok(());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let (survivors, merged): (Vec<String>, Vec<String>) = moved.into_iter().unzip();
+        execute(
+            txn,
+            "UPDATE timeline t SET profile_id = m.s FROM UNNEST(?::text[], ?::text[]) AS m(s, d)
+             WHERE t.profile_id = m.d",
+            [survivors.into(), merged.into()],
+        )
+        .await?;
+        return Ok(());
+    }
+    for (survivor, merged) in moved {
+        execute(
+            txn,
+            "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
+            [survivor.into(), merged.into()],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 const IDENTITIES_HEAD: &str = "INSERT INTO identities (id_type, id_value, profile_id)";

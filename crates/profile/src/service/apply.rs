@@ -202,9 +202,7 @@ impl Profiles {
             return Ok(Attempt::SeenBefore(again, outcome));
         }
         segments::save_transitions(&txn, &prepared.transitions, now).await?;
-        for merge in &batch.merges {
-            store::drop_memberships(&txn, &merge.merged_id).await?;
-        }
+        store::drop_memberships(&txn, &merged_away(&batch)).await?;
         // Should the commit fail, the batches on top of it take it as failed and start
         // from the database.
         txn.commit().await?;
@@ -371,9 +369,7 @@ impl Profiles {
             return Ok(Attempt::SeenBefore(again, outcome));
         }
         segments::save_transitions(&txn, &prepared.transitions, now).await?;
-        for merge in &set.merges {
-            store::drop_memberships(&txn, &merge.merged_id).await?;
-        }
+        store::drop_memberships(&txn, &merged_away(set)).await?;
         // Should the commit fail, it may have happened all the same; only the database
         // knows now, and the memory, never told it committed, forgets everything.
         txn.commit().await?;
@@ -423,6 +419,11 @@ impl Profiles {
         self.inner.cache.put_encoded(&writes).await;
         self.inner.cache.forget_identities(&changes.evicted).await;
     }
+}
+
+/// The profiles a batch merged away.
+fn merged_away(batch: &WorkingSet) -> Vec<String> {
+    batch.merges.iter().map(|m| m.merged_id.clone()).collect()
 }
 
 /// How long deliveries look their events up first after one held events applied before.

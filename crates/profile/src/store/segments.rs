@@ -201,15 +201,23 @@ pub async fn save_memberships(
     Ok(())
 }
 
-/// Drops every membership of a profile that was merged away: the survivor is evaluated
-/// afresh and holds the memberships from then on.
-pub async fn drop_memberships(txn: &DatabaseTransaction, profile_id: &str) -> Result<(), DbErr> {
-    execute(
-        txn,
-        "DELETE FROM segment_members WHERE profile_id = ?",
-        [profile_id.into()],
-    )
-    .await?;
+/// Drops every membership of profiles that were merged away, in one statement: each
+/// survivor is evaluated afresh and holds the memberships from then on.
+pub async fn drop_memberships(
+    txn: &DatabaseTransaction,
+    profile_ids: &[String],
+) -> Result<(), DbErr> {
+    for chunk in profile_ids.chunks(super::MAX_PARAMS) {
+        execute(
+            txn,
+            &format!(
+                "DELETE FROM segment_members WHERE profile_id IN ({})",
+                super::in_list(chunk.len())
+            ),
+            chunk.iter().map(|id| Value::from(id.as_str())),
+        )
+        .await?;
+    }
     Ok(())
 }
 
