@@ -64,8 +64,9 @@ struct Args {
     /// GetProfile calls in the profile benchmark.
     #[arg(long, default_value_t = 50_000)]
     reads: usize,
-    /// Events per run of the system benchmark (whole batches of 100).
-    #[arg(long, default_value_t = 100_000)]
+    /// Events per run of the system benchmark (whole batches of 100): enough for the hot
+    /// customer's history to grow as a day's would.
+    #[arg(long, default_value_t = 300_000)]
     system_events: usize,
     /// Customers in the system benchmark's stream.
     #[arg(long, default_value_t = 20_000)]
