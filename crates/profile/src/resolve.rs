@@ -81,8 +81,8 @@ pub struct WorkingSet {
     pub dirty: HashSet<String>,
     pub dirty_identities: HashMap<Ident, String>,
     /// Identifiers profiles gave up to stay within the limit of a type that keeps the most
-    /// recent ones, each with the profile that held it: they stop resolving.
-    pub evicted: HashMap<Ident, String>,
+    /// recent ones: they stop resolving.
+    pub evicted: HashSet<Ident>,
     pub merges: Vec<MergeRecord>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
@@ -296,7 +296,7 @@ impl WorkingSet {
         for ident in given_up {
             self.index.remove(&ident);
             self.dirty_identities.remove(&ident);
-            self.evicted.insert(ident, profile_id.to_owned());
+            self.evicted.insert(ident);
         }
     }
 

@@ -811,7 +811,7 @@ impl BatchWrite {
             .collect();
         Self {
             profiles: profile_columns(&records, states, emotion, now_us),
-            evicted: set.evicted.keys().cloned().collect(),
+            evicted: set.evicted.iter().cloned().collect(),
             identities: vec![
                 Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
                 Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),

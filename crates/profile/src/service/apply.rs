@@ -483,7 +483,7 @@ impl CacheChanges {
         let mut changes = CacheChanges {
             live: Vec::with_capacity(dirty.len()),
             merged: Vec::new(),
-            evicted: set.evicted.keys().cloned().collect(),
+            evicted: set.evicted.iter().cloned().collect(),
         };
         for (record, state) in dirty {
             let profile = &record.profile;
