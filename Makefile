@@ -31,6 +31,7 @@ test: services ## fmt check, clippy, every unit and integration test (PostgreSQL
 	fi
 
 bench: services ## throughput and latency benchmark (BENCH_ARGS=... passes options)
+	$(CARGO) build --release -p waymark-cli --bin waymark
 	$(CARGO) run --release -p waymark-bench --bin waymark-bench -- $(BENCH_ARGS)
 
 lint: ## buf lint of the protos, clippy, rustfmt check

@@ -2,10 +2,12 @@
 //! `/v1/batch` into PostgreSQL, next to the ceiling measured in the same run: the same
 //! rows (event log + outbox) inserted straight into PostgreSQL by as many clients, one
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
+//! The profile suite is `profile_bench`, the whole platform as processes `system_bench`.
 
 mod echo;
 mod lean;
 mod profile_bench;
+mod system_bench;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +48,7 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
-    /// Which benchmarks: ingest, profile or all.
+    /// Which benchmarks: ingest, profile, system or all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Redis for the profile cache.
@@ -62,11 +64,48 @@ struct Args {
     /// GetProfile calls in the profile benchmark.
     #[arg(long, default_value_t = 50_000)]
     reads: usize,
+    /// Events per run of the system benchmark (whole batches of 100): enough for the hot
+    /// customer's history to grow as a day's would.
+    #[arg(long, default_value_t = 300_000)]
+    system_events: usize,
+    /// Customers in the system benchmark's stream.
+    #[arg(long, default_value_t = 20_000)]
+    customers: usize,
+    /// The `waymark` binary the system benchmark runs (default: beside this one).
+    #[arg(long)]
+    waymark_bin: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        ["all", "ingest", "profile", "system"].contains(&args.suite.as_str()),
+        "--suite must be ingest, profile, system or all, not {:?}",
+        args.suite
+    );
+    anyhow::ensure!(
+        args.customers >= 100,
+        "--customers must be at least 100, not {}",
+        args.customers
+    );
+    if args.suite == "all" || args.suite == "system" {
+        let binary = args
+            .waymark_bin
+            .clone()
+            .unwrap_or_else(system_bench::default_binary);
+        system_bench::run(
+            &args.postgres,
+            &args.redis,
+            &binary,
+            args.system_events,
+            args.customers,
+        )
+        .await?;
+    }
+    if args.suite == "system" {
+        return Ok(());
+    }
     if args.suite == "all" || args.suite == "profile" {
         profile_bench::run(
             &args.postgres,

@@ -353,7 +353,7 @@ pub async fn run(
 
 /// Removes the run's cache keys, as its database is dropped: keys left by earlier runs
 /// would make each run's Redis larger and slower than the last.
-async fn drop_keys(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_keys(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
     let mut con = redis::Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;

@@ -24,7 +24,8 @@
 //!   without a plan: write `!has(traits.plan) || traits.plan != "pro"` to include them;
 //! - any other runtime failure (comparing a string with a number, a field of a string,
 //!   division by zero, a variable that was not set) and a result that is not a bool are
-//!   [`ConditionError::Evaluation`] errors, for the caller to log.
+//!   [`ConditionError::Evaluation`] errors, for the caller to log: they name the types of
+//!   the values involved, never the values, which are a customer's personal data.
 
 mod check;
 mod types;
@@ -178,8 +179,53 @@ impl Condition {
                 other.type_of()
             ))),
             Err(ExecutionError::NoSuchKey(_)) => Ok(false),
-            Err(e) => Err(ConditionError::Evaluation(e.to_string())),
+            Err(e) => Err(ConditionError::Evaluation(describe(&e))),
         }
+    }
+}
+
+/// What went wrong, by the types of the values involved and never the values: the
+/// variables are a customer's personal data, and the message ends up in logs.
+fn describe(error: &ExecutionError) -> String {
+    use ExecutionError as E;
+    let kinds = |values: &[&cel::Value]| {
+        values
+            .iter()
+            .map(|v| v.type_of().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    match error {
+        E::InvalidArgumentCount { expected, actual } => {
+            format!("a function expected {expected} arguments, got {actual}")
+        }
+        E::UnsupportedTargetType { target } => {
+            format!("a function does not apply to {}", kinds(&[target]))
+        }
+        E::NotSupportedAsMethod { method, target } => {
+            format!("{method} is not a method of {}", kinds(&[target]))
+        }
+        E::UnsupportedKeyType(key) => format!("{} cannot be a map key", kinds(&[key])),
+        E::UnexpectedType { got, want } => format!("got a {got} where a {want} was expected"),
+        // Function and argument types only.
+        E::NoSuchOverload(overload) => overload.to_string(),
+        E::UndeclaredReference(name) => format!("{name} is not set"),
+        E::MissingArgumentOrTarget => "a function is missing its argument or target".into(),
+        E::ValuesNotComparable(a, b) => format!("{} cannot be compared", kinds(&[a, b])),
+        E::UnsupportedBinaryOperator(op, a, b) => {
+            format!("{op} does not apply to {}", kinds(&[a, b]))
+        }
+        E::UnsupportedIndex(index, target) => {
+            format!("{} cannot index {}", kinds(&[index]), kinds(&[target]))
+        }
+        E::FunctionError { function, .. } => format!("{function} failed on its arguments"),
+        E::DivisionByZero(_) => "division by zero".into(),
+        E::RemainderByZero(_) => "remainder by zero".into(),
+        E::Overflow(op, a, b) => format!("{op} of {} overflows", kinds(&[a, b])),
+        E::IndexOutOfBounds(_) => "an index is out of bounds".into(),
+        E::DuplicateKey(key) => format!("a map repeats a {} key", kinds(&[key])),
+        E::NoSuchKey(_) => "a key is missing".into(),
+        _ => "the interpreter failed on this input".into(),
     }
 }
 

@@ -98,6 +98,36 @@ fn a_missing_key_makes_the_condition_false() {
 }
 
 #[test]
+fn runtime_failures_name_types_never_values() {
+    let mut vars = Variables::new();
+    vars.set(
+        "traits",
+        map([
+            ("email", "ada.secret@example.com".into()),
+            ("age", 41.0.into()),
+            ("tags", Value::List(vec!["secret-tag".into()])),
+        ]),
+    );
+    for source in [
+        "traits.email > 1",
+        "traits.email + 1 == 2",
+        "traits.age + traits.email == 1",
+        "traits.email.startsWith(traits.age)",
+        "traits.tags[traits.email] == 1",
+        "traits.email == traits.age || traits.email < traits.age",
+        "int(traits.email) == 1",
+    ] {
+        let result = Condition::compile(source, VARS).unwrap().evaluate(&vars);
+        let Err(ConditionError::Evaluation(message)) = result else {
+            panic!("{source}: {result:?}");
+        };
+        for secret in ["ada.secret", "secret-tag", "41"] {
+            assert!(!message.contains(secret), "{source}: {message}");
+        }
+    }
+}
+
+#[test]
 fn runtime_failures_are_errors() {
     for source in [
         "traits.plan > 1",

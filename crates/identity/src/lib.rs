@@ -1,6 +1,14 @@
 //! Customer identifiers: extraction from events, normalisation, blocked values, per-type
 //! limits and the priority order used when a merge would break a limit.
 //!
+//! A limit works one of two ways. Identifiers that name a person (user ids, e-mails,
+//! phones, custom types) *refuse*: an event or merge that would give a profile one too
+//! many leaves out its least trustworthy identifier instead. Identifiers that name a
+//! browser or a device ([`RECENT_TYPES`]: anonymous and device ids, which contact centres,
+//! e-mail links and shared devices mint afresh all the time) *keep the most recent*: the
+//! profile takes the new one and gives up the one it used least recently, which from then
+//! on resolves to no profile.
+//!
 //! Ingestion (to drop the events of erased customers) and the profile service (to resolve
 //! them) must agree exactly on what an event's identifiers are, so both use this crate.
 
@@ -245,6 +253,19 @@ fn walk_value(value: &prost_types::Value, depth: usize) -> Result<(), Found> {
 /// Identifier types every deployment has.
 pub const BUILT_IN_TYPES: [&str; 5] = ["user_id", "email", "phone", "device_id", "anonymous_id"];
 
+/// Types whose limit keeps a profile's most recently used identifiers rather than refusing
+/// a new one.
+pub const RECENT_TYPES: [&str; 2] = ["device_id", "anonymous_id"];
+
+/// The default limits per type.
+const DEFAULT_LIMITS: [(&str, usize); 5] = [
+    ("user_id", 1),
+    ("email", 5),
+    ("phone", 5),
+    ("device_id", 10),
+    ("anonymous_id", 25),
+];
+
 /// A setting of the identity rules that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RulesError {
@@ -281,7 +302,8 @@ impl Default for IdentityRules {
 
 impl IdentityRules {
     /// Rules with `custom_types` besides the built-in ones. `limits` overrides the default
-    /// limits per type (user_id 1, email 5, phone 5; 0 means unlimited). `priority` lists
+    /// limits per type (user_id 1, email 5, phone 5, device_id 10, anonymous_id 25; 0 means
+    /// unlimited). `priority` lists
     /// types most trustworthy first; types it leaves out follow in the default order
     /// (user_id, email, phone, the custom types as declared, device_id, anonymous_id).
     pub fn new(
@@ -306,7 +328,7 @@ impl IdentityRules {
             }
         }
         let known = |t: &str| BUILT_IN_TYPES.contains(&t) || custom_types.iter().any(|c| c == t);
-        let mut all_limits: HashMap<String, usize> = [("user_id", 1), ("email", 5), ("phone", 5)]
+        let mut all_limits: HashMap<String, usize> = DEFAULT_LIMITS
             .into_iter()
             .map(|(t, n)| (t.to_owned(), n))
             .collect();
@@ -360,6 +382,12 @@ impl IdentityRules {
     /// How many identifiers of a type one profile may hold.
     pub fn limit(&self, id_type: &str) -> usize {
         self.limits.get(id_type).copied().unwrap_or(usize::MAX)
+    }
+
+    /// Whether a profile over the type's limit gives up its least recently used identifier
+    /// of the type (anonymous and device ids) rather than refusing the new one.
+    pub fn keeps_recent(&self, id_type: &str) -> bool {
+        RECENT_TYPES.contains(&id_type) && self.limits.contains_key(id_type)
     }
 
     /// The type's rank: 0 is the most trustworthy; the highest rank gives way first when
@@ -601,7 +629,10 @@ mod tests {
         let defaults = IdentityRules::default();
         assert_eq!(defaults.limit("user_id"), 1);
         assert_eq!(defaults.limit("email"), 5);
-        assert_eq!(defaults.limit("anonymous_id"), usize::MAX);
+        assert_eq!(defaults.limit("anonymous_id"), 25);
+        assert_eq!(defaults.limit("device_id"), 10);
+        assert!(defaults.keeps_recent("anonymous_id") && defaults.keeps_recent("device_id"));
+        assert!(!defaults.keeps_recent("email") && !defaults.keeps_recent("user_id"));
         assert!(defaults.rank("user_id") < defaults.rank("email"));
         assert!(defaults.rank("device_id") < defaults.rank("anonymous_id"));
 
@@ -614,6 +645,13 @@ mod tests {
         .unwrap();
         assert_eq!(rules.limit("email"), 2);
         assert_eq!(rules.limit("phone"), usize::MAX, "0 is unlimited");
+        let unlimited = BTreeMap::from([("anonymous_id".to_owned(), 0)]);
+        let rules_unlimited = IdentityRules::new(Vec::new(), &unlimited, &[]).unwrap();
+        assert_eq!(rules_unlimited.limit("anonymous_id"), usize::MAX);
+        assert!(
+            !rules_unlimited.keeps_recent("anonymous_id"),
+            "nothing to give up"
+        );
         assert_eq!(rules.limit("user_id"), 1, "defaults stay for unnamed types");
         assert_eq!(rules.rank("loyalty_id"), 0);
         assert_eq!(rules.rank("user_id"), 1);

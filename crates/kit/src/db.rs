@@ -73,6 +73,19 @@ pub async fn ping(db: &DatabaseConnection) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
 }
 
+/// Begins a transaction that reads before it writes. On SQLite it takes the write lock at
+/// once (`BEGIN IMMEDIATE`): a deferred transaction that must upgrade from reading to
+/// writing while another connection writes fails at once instead of waiting. PostgreSQL
+/// ignores the mode.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+    use sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
+}
+
 /// `db.client.connection.count{state=idle|used}`, the OpenTelemetry semantic convention
 /// for a connection pool's use.
 pub struct PoolGauge(opentelemetry::metrics::Gauge<u64>);

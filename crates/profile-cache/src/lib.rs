@@ -474,6 +474,37 @@ impl ProfileCache {
         }
     }
 
+    /// Drops the keys of identifiers that resolve to no profile any more (their profile
+    /// gave them up). Whoever owns one next finds it missing and its owner in the
+    /// database, so dropping a key a newer write had set costs a read, never a wrong one.
+    pub async fn forget_identities(&self, identities: &[(String, String)]) {
+        if identities.is_empty() {
+            return;
+        }
+        match &self.backend {
+            Backend::Memory(m) => lock(m).forget_identities(identities),
+            Backend::Redis(r) => {
+                let keys = || {
+                    identities.iter().map(|(t, v)| {
+                        format!("{}{}", self.prefix, identity_key(&self.hasher, t, v))
+                    })
+                };
+                if !self.recovered(r).await {
+                    self.remember_missed(keys());
+                    return;
+                }
+                let mut pipe = redis::pipe();
+                for key in keys() {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                if let Err(error) = r.pipe(&pipe).await {
+                    self.failed("forget identities", &error);
+                    self.remember_missed(keys());
+                }
+            }
+        }
+    }
+
     fn remember_missed(&self, keys: impl Iterator<Item = String>) {
         lock(&self.missed).extend(keys);
     }
@@ -699,6 +730,12 @@ impl MemoryBackend {
         if self.resolve(id_type, value).is_none() {
             self.identities
                 .insert(key, (profile_id.to_owned(), Instant::now() + self.ttl));
+        }
+    }
+
+    fn forget_identities(&mut self, identities: &[(String, String)]) {
+        for key in identities {
+            self.identities.remove(key);
         }
     }
 

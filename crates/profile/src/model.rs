@@ -37,21 +37,33 @@ pub fn event_name(event: &Event) -> String {
     }
 }
 
+/// Distinct trait keys one profile holds (counting removed keys, whose time is kept so an
+/// older event cannot set them again): a key beyond it is ignored, the keys held keep
+/// updating.
+pub const MAX_TRAIT_KEYS: usize = 256;
+/// Distinct event names `event_counts` counts by name: events of a name beyond it are
+/// counted under [`OTHER_EVENTS`].
+pub const MAX_EVENT_NAMES: usize = 256;
+/// The name `event_counts` counts events under once [`MAX_EVENT_NAMES`] names are held.
+pub const OTHER_EVENTS: &str = "(other)";
+/// Distinct (channel, purpose) consent decisions one profile holds; see [`set_consent`]
+/// for a decision beyond it.
+pub const MAX_CONSENTS: usize = 64;
+
 /// A trait key and its old and new values.
 pub type TraitChange = (String, Option<Value>, Option<Value>);
 
-/// Sets traits observed at `at`; a key last set by a later event keeps its value. Returns
-/// the keys that changed.
+/// Sets traits observed at `at`; a key last set by a later event keeps its value, and a
+/// new key is ignored once the profile holds [`MAX_TRAIT_KEYS`]. Returns the keys that
+/// changed.
 pub fn set_traits(profile: &mut Profile, traits: &Struct, at: &Timestamp) -> Vec<TraitChange> {
     let mut changes = Vec::new();
     let current = profile.traits.get_or_insert_with(Struct::default);
     for (key, value) in &traits.fields {
-        if profile
-            .trait_times
-            .get(key)
-            .is_some_and(|t| micros(t) > micros(at))
-        {
-            continue;
+        match profile.trait_times.get(key) {
+            Some(t) if micros(t) > micros(at) => continue,
+            None if profile.trait_times.len() >= MAX_TRAIT_KEYS => continue,
+            _ => {}
         }
         profile.trait_times.insert(key.clone(), *at);
         let removing = matches!(value.kind, None | Some(Kind::NullValue(_)));
@@ -177,7 +189,7 @@ fn count_activity(profile: &mut Profile, event: &Event, at: &Timestamp) {
         computed.last_seen = Some(*at);
         computed.last_channel = event.channel;
     }
-    *computed.event_counts.entry(event_name(event)).or_default() += 1;
+    count_name(&mut computed.event_counts, event_name(event), 1);
     if !computed.channels.contains(&event.channel) && event.channel != Channel::Unspecified as i32 {
         computed.channels.push(event.channel);
     }
@@ -190,6 +202,18 @@ fn count_activity(profile: &mut Profile, event: &Event, at: &Timestamp) {
     }
 }
 
+/// Counts `n` events of `name`, under [`OTHER_EVENTS`] once [`MAX_EVENT_NAMES`] other
+/// names are counted.
+fn count_name(counts: &mut std::collections::HashMap<String, u64>, name: String, n: u64) {
+    let held = counts.len() - usize::from(counts.contains_key(OTHER_EVENTS));
+    let name = if counts.contains_key(&name) || held < MAX_EVENT_NAMES {
+        name
+    } else {
+        OTHER_EVENTS.to_owned()
+    };
+    *counts.entry(name).or_default() += n;
+}
+
 /// The timeline name of an event: the track event, the page or screen name, or nothing.
 pub fn timeline_name(event: &Event) -> &str {
     match event.r#type() {
@@ -200,16 +224,33 @@ pub fn timeline_name(event: &Event) -> &str {
 }
 
 /// Records a consent decision unless a later one for the same channel and purpose exists.
+///
+/// A profile holds at most [`MAX_CONSENTS`] decisions. Beyond that, a decision for a new
+/// channel and purpose takes the place of the oldest grant, and is not stored when every
+/// decision held is a denial. An absent decision reads as not granted (a condition on it
+/// is false), so the cap can only ever withdraw consent, never give it.
 pub fn set_consent(profile: &mut Profile, consent: Consent) {
     let at = consent.updated_at.as_ref().map_or(0, micros);
+    let updated = |c: &Consent| c.updated_at.as_ref().map_or(0, micros);
+    let held = profile.consents.len();
     match profile
         .consents
         .iter_mut()
         .find(|c| c.channel == consent.channel && c.purpose == consent.purpose)
     {
-        Some(existing) if existing.updated_at.as_ref().map_or(0, micros) > at => {}
+        Some(existing) if updated(existing) > at => {}
         Some(existing) => *existing = consent,
-        None => profile.consents.push(consent),
+        None if held < MAX_CONSENTS => profile.consents.push(consent),
+        None => {
+            if let Some(oldest_grant) = profile
+                .consents
+                .iter_mut()
+                .filter(|c| c.granted)
+                .min_by_key(|c| updated(c))
+            {
+                *oldest_grant = consent;
+            }
+        }
     }
 }
 
@@ -246,7 +287,7 @@ pub fn merge_into(survivor: &mut Profile, other: &Profile) {
             ours.last_channel = theirs.last_channel;
         }
         for (name, n) in &theirs.event_counts {
-            *ours.event_counts.entry(name.clone()).or_default() += n;
+            count_name(&mut ours.event_counts, name.clone(), *n);
         }
         for c in &theirs.channels {
             if !ours.channels.contains(c) {

@@ -80,6 +80,9 @@ pub struct WorkingSet {
     pub index: HashMap<Ident, String>,
     pub dirty: HashSet<String>,
     pub dirty_identities: HashMap<Ident, String>,
+    /// Identifiers profiles gave up to stay within the limit of a type that keeps the most
+    /// recent ones: they stop resolving.
+    pub evicted: HashSet<Ident>,
     pub merges: Vec<MergeRecord>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
@@ -133,6 +136,7 @@ impl WorkingSet {
             index: HashMap::new(),
             dirty: std::mem::take(&mut self.dirty),
             dirty_identities: std::mem::take(&mut self.dirty_identities),
+            evicted: std::mem::take(&mut self.evicted),
             merges: std::mem::take(&mut self.merges),
             applied: std::mem::take(&mut self.applied),
             synthetic: std::mem::take(&mut self.synthetic),
@@ -167,7 +171,9 @@ impl WorkingSet {
         let profile_id = loop {
             let matched = self.matching(&ids);
             if self.fits(&rules.identity, &ids, &matched) {
-                break self.resolve(&ids, matched, &event, &rules.aggregates, now_us);
+                let id = self.resolve(&ids, matched, &event, &rules.aggregates, now_us);
+                self.keep_recent(&rules.identity, &id, &ids);
+                break id;
             }
             // Leave out the event's lowest-priority identifier and try again.
             ids.pop();
@@ -221,7 +227,9 @@ impl WorkingSet {
         found
     }
 
-    /// Whether the profiles and the event's identifiers together stay within every limit.
+    /// Whether the profiles and the event's identifiers together stay within every limit
+    /// that refuses (a type that keeps the most recent identifiers gives up old ones
+    /// instead: [`Self::keep_recent`]).
     fn fits(&self, rules: &IdentityRules, ids: &[Ident], matched: &[(String, Vec<Ident>)]) -> bool {
         let mut all: HashSet<(&str, &str)> =
             ids.iter().map(|(t, v)| (t.as_str(), v.as_str())).collect();
@@ -239,7 +247,57 @@ impl WorkingSet {
         for (t, _) in all {
             *per_type.entry(t).or_default() += 1;
         }
-        per_type.into_iter().all(|(t, n)| n <= rules.limit(t))
+        per_type
+            .into_iter()
+            .all(|(t, n)| n <= rules.limit(t) || rules.keeps_recent(t))
+    }
+
+    /// Keeps `profile_id` within the limits of the types that keep the most recent
+    /// identifiers: the event's own identifiers (`ids`) of those types become the most
+    /// recently used, and the least recently used beyond the limit are given up. A given-up
+    /// identifier no longer resolves to the profile; an event carrying it alone later
+    /// starts a profile of its own.
+    fn keep_recent(&mut self, rules: &IdentityRules, profile_id: &str, ids: &[Ident]) {
+        let record = self
+            .records
+            .get_mut(profile_id)
+            .expect("resolved profile is loaded");
+        let identities = &mut record.profile.identities;
+        for (t, v) in ids.iter().filter(|(t, _)| rules.keeps_recent(t)) {
+            if let Some(at) = identities
+                .iter()
+                .position(|i| &i.r#type == t && &i.value == v)
+                && at + 1 < identities.len()
+            {
+                let used = identities.remove(at);
+                identities.push(used);
+            }
+        }
+        let mut given_up: Vec<Ident> = Vec::new();
+        for t in crate::identity::RECENT_TYPES {
+            if !rules.keeps_recent(t) {
+                continue;
+            }
+            let held = identities.iter().filter(|i| i.r#type == t).count();
+            let mut excess = held.saturating_sub(rules.limit(t));
+            if excess == 0 {
+                continue;
+            }
+            // Oldest first: identifiers are appended when added or used.
+            identities.retain(|i| {
+                if excess > 0 && i.r#type == t {
+                    excess -= 1;
+                    given_up.push((i.r#type.clone(), i.value.clone()));
+                    return false;
+                }
+                true
+            });
+        }
+        for ident in given_up {
+            self.index.remove(&ident);
+            self.dirty_identities.remove(&ident);
+            self.evicted.insert(ident);
+        }
     }
 
     fn resolve(
@@ -278,6 +336,7 @@ impl WorkingSet {
         }
         for ident in ids {
             if !self.index.contains_key(ident) {
+                self.evicted.remove(ident);
                 self.index.insert(ident.clone(), survivor.clone());
                 self.dirty_identities
                     .insert(ident.clone(), survivor.clone());

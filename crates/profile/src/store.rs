@@ -657,6 +657,36 @@ pub async fn owner_of<C: ConnectionTrait>(
     row.map(|r| r.try_get_by_index(0)).transpose()
 }
 
+/// Deletes the rows of identifiers their profiles gave up: they resolve to no profile.
+pub(crate) async fn delete_identities<C: ConnectionTrait>(
+    conn: &C,
+    idents: &[Ident],
+) -> Result<(), DbErr> {
+    if idents.is_empty() {
+        return Ok(());
+    }
+    if conn.get_database_backend() == DbBackend::Postgres {
+        execute(
+            conn,
+            "DELETE FROM identities i USING UNNEST(?::text[], ?::text[]) AS k(t, v)
+             WHERE i.id_type = k.t AND i.id_value = k.v",
+            ident_arrays(idents),
+        )
+        .await?;
+        return Ok(());
+    }
+    for chunk in idents.chunks(MAX_PARAMS / 2) {
+        let (pairs, values) = ident_pairs(chunk);
+        execute(
+            conn,
+            &format!("DELETE FROM identities WHERE (id_type, id_value) IN ({pairs})"),
+            values,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Writes profiles (upsert) from records, with when decay next moves each one's emotion
 /// label under `emotion` (merged-away profiles have none).
 pub async fn save_records(
@@ -729,6 +759,8 @@ fn profile_columns(
 pub struct BatchWrite {
     profiles: Vec<Column>,
     identities: Vec<Column>,
+    /// Identifiers given up, whose rows go.
+    evicted: Vec<Ident>,
     /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
     moved: Vec<(String, String)>,
     merges: Vec<Vec<Value>>,
@@ -801,6 +833,7 @@ impl BatchWrite {
             .collect();
         Self {
             profiles: profile_columns(&records, states, emotion, now_us),
+            evicted: set.evicted.iter().cloned().collect(),
             identities: vec![
                 Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
                 Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
@@ -829,14 +862,10 @@ impl BatchWrite {
         txn: &DatabaseTransaction,
         consumers: &[String],
     ) -> Result<u64, DbErr> {
-        for (survivor, merged) in self.moved {
-            execute(
-                txn,
-                "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
-                [survivor.into(), merged.into()],
-            )
-            .await?;
-        }
+        // Disjoint from the identifiers the batch writes: one given up and used again in
+        // the same batch is no longer listed as given up.
+        delete_identities(txn, &self.evicted).await?;
+        move_timelines(txn, self.moved).await?;
         insert_rows(
             txn,
             "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
@@ -863,6 +892,38 @@ impl BatchWrite {
         waymark_kit::outbox::enqueue(txn, consumers, &refs).await?;
         Ok(timeline)
     }
+}
+
+/// Moves the timeline rows of each merged profile to its survivor ((survivor, merged)
+/// pairs; a profile is merged once, so each row moves at most once): on PostgreSQL in one
+/// statement, as a batch linking many visits to their customers merges many.
+async fn move_timelines(
+    txn: &DatabaseTransaction,
+    moved: Vec<(String, String)>,
+) -> Result<(), DbErr> {
+    if moved.is_empty() {
+        return Ok(());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let (survivors, merged): (Vec<String>, Vec<String>) = moved.into_iter().unzip();
+        execute(
+            txn,
+            "UPDATE timeline t SET profile_id = m.s FROM UNNEST(?::text[], ?::text[]) AS m(s, d)
+             WHERE t.profile_id = m.d",
+            [survivors.into(), merged.into()],
+        )
+        .await?;
+        return Ok(());
+    }
+    for (survivor, merged) in moved {
+        execute(
+            txn,
+            "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
+            [survivor.into(), merged.into()],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 const IDENTITIES_HEAD: &str = "INSERT INTO identities (id_type, id_value, profile_id)";

@@ -220,9 +220,7 @@ impl Profiles {
             return Ok(Attempt::SeenBefore(again, outcome));
         }
         segments::save_transitions(&txn, &prepared.transitions, now).await?;
-        for merge in &batch.merges {
-            store::drop_memberships(&txn, &merge.merged_id).await?;
-        }
+        store::drop_memberships(&txn, &merged_away(&batch)).await?;
         // Should the commit fail, the batches on top of it take it as failed and start
         // from the database.
         txn.commit().await?;
@@ -394,9 +392,7 @@ impl Profiles {
             return Ok(Attempt::SeenBefore(again, outcome));
         }
         segments::save_transitions(&txn, &prepared.transitions, now).await?;
-        for merge in &set.merges {
-            store::drop_memberships(&txn, &merge.merged_id).await?;
-        }
+        store::drop_memberships(&txn, &merged_away(set)).await?;
         // Should the commit fail, it may have happened all the same; only the database
         // knows now, and the memory, never told it committed, forgets everything.
         txn.commit().await?;
@@ -444,6 +440,7 @@ impl Profiles {
             })
             .collect();
         self.inner.cache.put_encoded(&writes).await;
+        self.inner.cache.forget_identities(&changes.evicted).await;
     }
 }
 
@@ -478,6 +475,11 @@ fn refusal(
     })
 }
 
+/// The profiles a batch merged away.
+fn merged_away(batch: &WorkingSet) -> Vec<String> {
+    batch.merges.iter().map(|m| m.merged_id.clone()).collect()
+}
+
 /// How long deliveries look their events up first after one held events applied before.
 const LOOK_UP_AFTER_REDELIVERY: Duration = Duration::from_secs(60);
 
@@ -508,6 +510,8 @@ struct CacheChanges {
     live: Vec<(ProfileHead, Vec<u8>, Vec<Identity>)>,
     /// Profiles merged away, with their last version.
     merged: Vec<(String, u64)>,
+    /// Identifiers their profiles gave up, whose keys go.
+    evicted: Vec<(String, String)>,
 }
 
 /// The little of a profile the cache write needs besides its encoding.
@@ -533,6 +537,7 @@ impl CacheChanges {
         let mut changes = CacheChanges {
             live: Vec::with_capacity(dirty.len()),
             merged: Vec::new(),
+            evicted: set.evicted.iter().cloned().collect(),
         };
         for (record, state) in dirty {
             let profile = &record.profile;

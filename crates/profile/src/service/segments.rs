@@ -263,7 +263,17 @@ impl Profiles {
         let definition = validate_segment(&segment)
             .map_err(|(field, problem)| invalid(request_field(field), problem))?;
         let now = now_micros();
-        let txn = self.inner.db.begin().await?;
+        let txn = waymark_kit::db::begin_write(&self.inner.db).await?;
+        if store::segment(&txn, &definition.segment_id)
+            .await?
+            .is_none()
+            && store::has_members(&txn, &definition.segment_id).await?
+        {
+            return Err(ProfileError::FailedPrecondition(format!(
+                "segment {:?} is still being deleted: call DeleteSegment again to finish",
+                definition.segment_id
+            )));
+        }
         store::put_segment(
             &txn,
             &SegmentRow {
@@ -327,29 +337,50 @@ impl Profiles {
         Ok((ids, next))
     }
 
-    /// Deletes a segment; every member exits it.
+    /// Deletes a segment; every member exits it. The definition goes first, in a
+    /// transaction of its own, so no replica evaluates it any more; then the members exit
+    /// a page at a time, each page in its own transaction under the applier, which is
+    /// released between pages: deliveries never wait for a whole membership. Should it
+    /// stop half-way, the segment is gone but some profiles still list it; calling it
+    /// again finishes the job.
     pub async fn delete_segment(&self, segment_id: &str) -> Result<u64, ProfileError> {
-        self.get_segment(segment_id).await?;
-        let _guard = self.exclusive_applier().await;
-        let now = now_micros();
-        let txn = self.inner.db.begin().await?;
-        self.lock_applier(&txn).await?;
-        let name = self
-            .definitions()
-            .iter()
-            .find(|d| d.segment_id == segment_id)
-            .map(|d| d.name.clone())
-            .unwrap_or_default();
+        if segment_id.is_empty() {
+            return Err(invalid("segment_id", "is required"));
+        }
+        let name = {
+            let _guard = self.exclusive_applier().await;
+            let txn = self.inner.db.begin().await?;
+            self.lock_applier(&txn).await?;
+            match store::segment(&txn, segment_id).await? {
+                Some(row) => {
+                    store::delete_segment(&txn, segment_id).await?;
+                    store::bump_definitions(&txn).await?;
+                    txn.commit().await?;
+                    row.name
+                }
+                // A deletion that stopped half-way: its members still exit.
+                None if store::has_members(&txn, segment_id).await? => {
+                    txn.rollback().await?;
+                    String::new()
+                }
+                None => return Err(ProfileError::NotFound(format!("no segment {segment_id:?}"))),
+            }
+        };
+        self.reload_segments().await?;
         let mut exited = 0;
-        let mut written = Vec::new();
-        let mut all_events = Vec::new();
-        let mut after = String::new();
         loop {
-            let ids = store::members(&txn, segment_id, &after, SWEEP_PAGE).await?;
-            let Some(last) = ids.last() else { break };
-            after = last.clone();
+            let _guard = self.exclusive_applier().await;
+            let now = now_micros();
+            let txn = self.inner.db.begin().await?;
+            self.lock_applier(&txn).await?;
+            // Each page leaves the index, so the next one starts from the beginning.
+            let ids = store::members(&txn, segment_id, "", SWEEP_PAGE).await?;
+            if ids.is_empty() {
+                txn.rollback().await?;
+                break;
+            }
             let mut records = store::load_records(&txn, &ids).await?;
-            let mut events = Vec::new();
+            let mut events = Vec::with_capacity(records.len());
             for record in &mut records {
                 record.profile.segments.retain(|s| s != segment_id);
                 record.profile.version += 1;
@@ -362,30 +393,10 @@ impl Profiles {
                     now,
                 ));
             }
+            store::drop_members(&txn, segment_id, &ids).await?;
+            self.commit_page(txn, &records, &[], &events, now).await?;
             exited += records.len() as u64;
-            save_changed(
-                &txn,
-                &self.inner.consumers,
-                &self.inner.rules.emotion,
-                &records,
-                &[],
-                &events,
-                now,
-            )
-            .await?;
-            written.extend(records);
-            all_events.extend(events);
         }
-        if !store::delete_segment(&txn, segment_id).await? {
-            return Err(ProfileError::NotFound(format!("no segment {segment_id:?}")));
-        }
-        store::bump_definitions(&txn).await?;
-        txn.commit().await?;
-        self.inner.wakeup.notify();
-        self.inner.metrics.emitted(&all_events);
-        self.reload_segments().await?;
-        let profiles: Vec<&Profile> = written.iter().map(|r| &r.profile).collect();
-        self.inner.cache.put_many(&profiles).await;
         tracing::info!(segment_id, exited, "segment deleted");
         Ok(exited)
     }
@@ -485,9 +496,11 @@ impl Profiles {
             if lock.definitions != generation {
                 // A segment changed or went since these definitions were read: evaluating
                 // them now could put members back into a deleted segment. The change
-                // wakes the sweep again, with the definitions as they are.
+                // wakes the sweep again, with the definitions as they are; until then
+                // nothing is marked backfilled, as the pages after this one were not
+                // evaluated.
                 txn.rollback().await?;
-                break;
+                return Ok(changed);
             }
             let mut page = store::live_profiles(&txn, &after, SWEEP_PAGE).await?;
             let Some(last) = page.last() else {

@@ -95,14 +95,9 @@ pub async fn put_segment(
     Ok(())
 }
 
-/// Removes a segment definition and its membership index.
+/// Removes a segment definition; its membership index stays until every member has
+/// exited ([`drop_members`]).
 pub async fn delete_segment(txn: &DatabaseTransaction, segment_id: &str) -> Result<bool, DbErr> {
-    execute(
-        txn,
-        "DELETE FROM segment_members WHERE segment_id = ?",
-        [segment_id.into()],
-    )
-    .await?;
     let deleted = execute(
         txn,
         "DELETE FROM segments WHERE segment_id = ?",
@@ -110,6 +105,39 @@ pub async fn delete_segment(txn: &DatabaseTransaction, segment_id: &str) -> Resu
     )
     .await?;
     Ok(deleted > 0)
+}
+
+/// Whether the membership index lists anyone in the segment.
+pub async fn has_members<C: ConnectionTrait>(conn: &C, segment_id: &str) -> Result<bool, DbErr> {
+    let row = query_one(
+        conn,
+        "SELECT 1 FROM segment_members WHERE segment_id = ? LIMIT 1",
+        [segment_id.into()],
+    )
+    .await?;
+    Ok(row.is_some())
+}
+
+/// Removes `profile_ids` from the segment's membership index.
+pub async fn drop_members(
+    txn: &DatabaseTransaction,
+    segment_id: &str,
+    profile_ids: &[String],
+) -> Result<(), DbErr> {
+    for chunk in profile_ids.chunks(super::MAX_PARAMS - 1) {
+        let values = std::iter::once(Value::from(segment_id))
+            .chain(chunk.iter().map(|id| Value::from(id.as_str())));
+        execute(
+            txn,
+            &format!(
+                "DELETE FROM segment_members WHERE segment_id = ? AND profile_id IN ({})",
+                super::in_list(chunk.len())
+            ),
+            values,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Records that `generation` of a segment has been computed for every profile, unless
@@ -173,15 +201,23 @@ pub async fn save_memberships(
     Ok(())
 }
 
-/// Drops every membership of a profile that was merged away: the survivor is evaluated
-/// afresh and holds the memberships from then on.
-pub async fn drop_memberships(txn: &DatabaseTransaction, profile_id: &str) -> Result<(), DbErr> {
-    execute(
-        txn,
-        "DELETE FROM segment_members WHERE profile_id = ?",
-        [profile_id.into()],
-    )
-    .await?;
+/// Drops every membership of profiles that were merged away, in one statement: each
+/// survivor is evaluated afresh and holds the memberships from then on.
+pub async fn drop_memberships(
+    txn: &DatabaseTransaction,
+    profile_ids: &[String],
+) -> Result<(), DbErr> {
+    for chunk in profile_ids.chunks(super::MAX_PARAMS) {
+        execute(
+            txn,
+            &format!(
+                "DELETE FROM segment_members WHERE profile_id IN ({})",
+                super::in_list(chunk.len())
+            ),
+            chunk.iter().map(|id| Value::from(id.as_str())),
+        )
+        .await?;
+    }
     Ok(())
 }
 

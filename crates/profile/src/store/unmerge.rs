@@ -1,9 +1,12 @@
-//! What Unmerge reads and rewrites: one merge of the audit, identifier ownership and the
-//! timeline rows of the profiles being split back out.
+//! What Unmerge reads and rewrites: one merge of the audit, the events of both sides a page
+//! at a time, identifier ownership and the timeline rows of the profiles being split back
+//! out.
 
+use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_proto::common::v1::Event;
 
-use super::{execute, in_list, insert_rows, query_one};
+use super::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::identity::Ident;
 
 /// One merge of the audit.
@@ -94,4 +97,52 @@ pub async fn move_timeline(
         values,
     )
     .await
+}
+
+/// A page of the events first applied to any of `origins`, in replay order (event time,
+/// then id) after `after`, with their origin: [`super::events_of`] a page at a time.
+pub async fn events_page<C: ConnectionTrait>(
+    conn: &C,
+    origins: &[String],
+    after: &(i64, String),
+    limit: u32,
+) -> Result<Vec<(String, Event)>, DbErr> {
+    if origins.is_empty() {
+        return Ok(Vec::new());
+    }
+    if origins.len() > MAX_PARAMS / 2 - 8 {
+        return Err(DbErr::Custom(format!(
+            "a merge tree of {} profiles is too large to page through",
+            origins.len()
+        )));
+    }
+    // The two halves of `events_of`, each from where the last page ended.
+    let list = in_list(origins.len());
+    let text = format!(
+        "SELECT origin_profile_id, event, ts, event_id FROM timeline
+         WHERE profile_id IN ({list}) AND origin_profile_id = profile_id AND event IS NOT NULL
+           AND (ts > ? OR (ts = ? AND event_id > ?))
+         UNION ALL
+         SELECT origin_profile_id, event, ts, event_id FROM timeline
+         WHERE origin_profile_id IN ({list}) AND origin_profile_id <> profile_id
+           AND event IS NOT NULL AND (ts > ? OR (ts = ? AND event_id > ?))
+         ORDER BY 3, 4 LIMIT ?"
+    );
+    let (ts, id) = after;
+    let half = || {
+        origins.iter().map(|o| Value::from(o.as_str())).chain([
+            Value::from(*ts),
+            Value::from(*ts),
+            Value::from(id.as_str()),
+        ])
+    };
+    let values = half().chain(half()).chain([Value::from(i64::from(limit))]);
+    let mut events = Vec::new();
+    for row in query(conn, &text, values).await? {
+        let bytes: Vec<u8> = row.try_get_by_index(1)?;
+        let event = Event::decode(bytes.as_slice())
+            .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;
+        events.push((row.try_get_by_index(0)?, event));
+    }
+    Ok(events)
 }

@@ -396,3 +396,183 @@ async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Ba
     b.stop().await;
 }
 waymark_testkit::on_both_backends!(a_segment_stored_on_one_replica_counts_on_the_other_at_once);
+
+/// Segments stored in a quick loop: each definition interrupts the backfill of the ones
+/// before it, and every one of them still ends backfilled with exactly its members.
+async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let customers = 40;
+    server
+        .deliver(
+            (0..customers)
+                .map(|n| {
+                    event(
+                        EventType::Identify,
+                        &format!("loop-{n}"),
+                        "",
+                        "",
+                        json!({ "n": n }),
+                        now,
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    let segments = 12;
+    for k in 0..segments {
+        server
+            .put_segment(&format!("at-least-{k}"), &format!("traits.n >= {k}.0"))
+            .await;
+    }
+    for k in 0..segments {
+        let id = format!("at-least-{k}");
+        let segment = wait_backfilled(&server, &id).await;
+        let expected = customers - k;
+        assert_eq!(segment.member_count, expected as u64, "{id}");
+        assert_eq!(members(&server, &id).await.len(), expected, "{id}");
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(segments_put_in_a_quick_loop_all_get_their_members);
+
+fn gold(n: usize, at: i64) -> Event {
+    event(
+        EventType::Identify,
+        &format!("gold-{n}"),
+        "",
+        "",
+        json!({"tier": "gold"}),
+        at,
+    )
+}
+
+async fn delete(server: &TestProfile, id: &str) -> Result<u64, tonic::Status> {
+    server
+        .client()
+        .await
+        .delete_segment(admin(DeleteSegmentRequest {
+            segment_id: id.into(),
+        }))
+        .await
+        .map(|r| r.into_inner().exited)
+}
+
+/// Members exit a page at a time: more members than a page, deliveries to them while
+/// they exit, and each still exits exactly once and is never put back.
+async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let customers = 1_100;
+    for chunk in (0..customers).collect::<Vec<_>>().chunks(500) {
+        server
+            .deliver(chunk.iter().map(|&n| gold(n, now)).collect())
+            .await;
+    }
+    server.put_segment("gold", r#"traits.tier == "gold""#).await;
+    assert_eq!(
+        wait_backfilled(&server, "gold").await.member_count,
+        customers as u64
+    );
+    let (exited, ()) = tokio::join!(delete(&server, "gold"), async {
+        for n in (0..customers).step_by(100) {
+            server.deliver(vec![gold(n, now + 1)]).await;
+        }
+    });
+    assert_eq!(exited.unwrap(), customers as u64);
+    assert_eq!(
+        delete(&server, "gold").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    for n in (0..customers).step_by(100).chain([customers - 1]) {
+        let p = get(&server, by_identity("user_id", &format!("gold-{n}")))
+            .await
+            .unwrap();
+        assert!(p.segments.is_empty(), "gold-{n}: {:?}", p.segments);
+    }
+    for _ in 0..400 {
+        let exits = sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .filter(|e| e.event == "Segment Exited")
+            .map(|e| e.profile_id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        if exits == customers {
+            break;
+        }
+        assert!(exits < customers);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let distinct = sink
+        .received
+        .lock()
+        .await
+        .iter()
+        .filter(|e| e.event == "Segment Exited")
+        .map(|e| e.event_id.clone())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    assert_eq!(distinct, customers, "each member exits once");
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(a_large_segment_is_deleted_page_by_page);
+
+/// A deletion that stopped after removing the definition (the process died between
+/// pages): the segment is gone, a new one of that id is refused until the deletion is
+/// finished, and calling DeleteSegment again lets the remaining members exit.
+async fn a_deletion_stopped_half_way_finishes_when_called_again(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let settings = config(&db.url, &sink.start().await, Some(&redis_url()));
+    let database = settings.profile_database();
+    let server = TestProfile::start(settings).await;
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    server.deliver((0..3).map(|n| gold(n, now)).collect()).await;
+    server.put_segment("gold", r#"traits.tier == "gold""#).await;
+    assert_eq!(wait_backfilled(&server, "gold").await.member_count, 3);
+    // What the first step of a deletion commits on its own.
+    let conn = waymark_kit::db::connect(&database, "profile", 1)
+        .await
+        .unwrap();
+    let txn = sea_orm::TransactionTrait::begin(&conn).await.unwrap();
+    assert!(
+        waymark_profile::store::delete_segment(&txn, "gold")
+            .await
+            .unwrap()
+    );
+    waymark_profile::store::bump_definitions(&txn)
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+    conn.close().await.ok();
+
+    let refused = server
+        .client()
+        .await
+        .put_segment(admin(segment("gold", "true")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(delete(&server, "gold").await.unwrap(), 3);
+    for n in 0..3 {
+        let p = get(&server, by_identity("user_id", &format!("gold-{n}")))
+            .await
+            .unwrap();
+        assert!(p.segments.is_empty(), "gold-{n}: {:?}", p.segments);
+    }
+    assert_eq!(
+        delete(&server, "gold").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    server.put_segment("gold", r#"traits.tier == "gold""#).await;
+    assert_eq!(wait_backfilled(&server, "gold").await.member_count, 3);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(a_deletion_stopped_half_way_finishes_when_called_again);

@@ -198,3 +198,125 @@ async fn unmerge_restores_both_sides(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(unmerge_restores_both_sides);
+
+/// A merge of a long history split while the survivor keeps receiving events: both sides
+/// are replayed a page at a time outside the applier, the events that arrive meanwhile
+/// stay with the survivor, and nothing is lost or counted twice.
+async fn unmerge_of_a_long_timeline_while_events_arrive(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let kim = |n: i64| {
+        event(
+            EventType::Track,
+            "kim",
+            "",
+            "Product Viewed",
+            json!({}),
+            1_000 + n,
+        )
+    };
+    let history: i64 = 2_500;
+    for chunk in (0..history).collect::<Vec<_>>().chunks(500) {
+        server
+            .deliver(chunk.iter().map(|&n| kim(n)).collect())
+            .await;
+    }
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "kim",
+            "",
+            "",
+            json!({"email": "kim@example.com"}),
+            10,
+        )])
+        .await;
+    let other = (0..3)
+        .map(|n| {
+            event(
+                EventType::Track,
+                "",
+                "anon-b",
+                "Order Completed",
+                json!({"revenue": 10}),
+                20 + n,
+            )
+        })
+        .collect();
+    server.deliver(other).await;
+    let b = get(&server, by_identity("anonymous_id", "anon-b"))
+        .await
+        .unwrap();
+    // The wrong link.
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-b",
+            "",
+            json!({"email": "kim@example.com"}),
+            30,
+        )])
+        .await;
+    let a = get(&server, by_identity("user_id", "kim")).await.unwrap();
+    assert_ne!(a.profile_id, b.profile_id);
+    assert_eq!(
+        get(&server, by_id(&b.profile_id)).await.unwrap().profile_id,
+        a.profile_id
+    );
+    let merge_id = server
+        .client()
+        .await
+        .list_merges(admin(ListMergesRequest {
+            profile_id: a.profile_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .merges[0]
+        .merge_id
+        .clone();
+    let arriving: i64 = 20;
+    let (unmerged, ()) = tokio::join!(
+        async {
+            server
+                .client()
+                .await
+                .unmerge(admin(UnmergeRequest { merge_id }))
+                .await
+        },
+        async {
+            for n in 0..arriving {
+                server.deliver(vec![kim(history + n)]).await;
+            }
+        }
+    );
+    let response = unmerged.unwrap().into_inner();
+    assert_eq!(response.restored.unwrap().profile_id, b.profile_id);
+    let survivor = get(&server, by_id(&a.profile_id)).await.unwrap();
+    let restored = get(&server, by_id(&b.profile_id)).await.unwrap();
+    assert_eq!(restored.profile_id, b.profile_id, "split back out");
+    // Kim's history, the identify, the linking identify and every event that arrived.
+    assert_eq!(
+        survivor.computed.unwrap().total_events,
+        (history + 2 + arriving) as u64
+    );
+    let restored_computed = restored.computed.unwrap();
+    assert_eq!(
+        (
+            restored_computed.total_events,
+            restored_computed.lifetime_value
+        ),
+        (3, 30.0)
+    );
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-b"))
+            .await
+            .unwrap()
+            .profile_id,
+        b.profile_id
+    );
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(unmerge_of_a_long_timeline_while_events_arrive);
