@@ -64,6 +64,24 @@ impl Outbox {
         self.proxy.clone().expect("a PostgreSQL test")
     }
 
+    /// When the first delivery reaches `sink`, the relay's database goes away for 300 ms:
+    /// whatever the relay writes after that delivery (its release or acknowledgement)
+    /// fails.
+    fn cut_database_at_first_delivery(&self, sink: &Sink) {
+        let proxy = self.proxy();
+        let cut_once = std::sync::atomic::AtomicBool::new(false);
+        *sink.on_delivery.lock().unwrap() = Some(Box::new(move || {
+            if !cut_once.swap(true, Ordering::SeqCst) {
+                proxy.cut();
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    proxy.restore();
+                });
+            }
+        }));
+    }
+
     /// Queues events `ids` (message id and event id `o-{i}`) in one transaction: one pack.
     async fn queue(&self, ids: std::ops::Range<usize>) {
         let payloads: Vec<Vec<u8>> = ids.map(|i| event(i).encode_to_vec()).collect();
@@ -190,18 +208,7 @@ async fn a_failed_release_never_lets_a_later_ack_delete_undelivered_rows() {
     let outbox = Outbox::new(Backend::Postgres).await;
     let sink = Sink::default();
     sink.refusing.lock().await.insert("o-0".into());
-    let proxy = outbox.proxy();
-    let cut_once = std::sync::atomic::AtomicBool::new(false);
-    *sink.on_delivery.lock().unwrap() = Some(Box::new(move || {
-        if !cut_once.swap(true, Ordering::SeqCst) {
-            proxy.cut();
-            let proxy = proxy.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                proxy.restore();
-            });
-        }
-    }));
+    outbox.cut_database_at_first_delivery(&sink);
     outbox.queue(0..3).await;
     let relay = outbox.relay(relay_config(sink.start().await));
     until("the first delivery failed", async || {
@@ -225,18 +232,7 @@ async fn a_failed_release_never_lets_a_later_ack_delete_undelivered_rows() {
 async fn a_failed_ack_delivers_again() {
     let outbox = Outbox::new(Backend::Postgres).await;
     let sink = Sink::default();
-    let proxy = outbox.proxy();
-    let cut_once = std::sync::atomic::AtomicBool::new(false);
-    *sink.on_delivery.lock().unwrap() = Some(Box::new(move || {
-        if !cut_once.swap(true, Ordering::SeqCst) {
-            proxy.cut();
-            let proxy = proxy.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                proxy.restore();
-            });
-        }
-    }));
+    outbox.cut_database_at_first_delivery(&sink);
     outbox.queue(0..4).await;
     let relay = outbox.relay(relay_config(sink.start().await));
     until("the batch was delivered twice", async || {
