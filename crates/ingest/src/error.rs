@@ -36,10 +36,15 @@ impl From<IngestError> for tonic::Status {
     }
 }
 
-/// The HTTP status for an error; size limits get 413, the rest follow the kind.
-pub fn http_status(error: &IngestError, kind: ErrorKind) -> u16 {
-    match error {
-        IngestError::TooLarge(_) => 413,
-        _ => kind.http_status(),
-    }
+/// The caller-facing error and its HTTP status: size limits get 413 (gRPC has no such
+/// code, so the kind alone cannot say it), the rest follow the kind.
+pub fn for_http(error: IngestError) -> (u16, Error) {
+    let too_large = matches!(error, IngestError::TooLarge(_));
+    let error = Error::from(error);
+    let status = if too_large {
+        413
+    } else {
+        error.kind.http_status()
+    };
+    (status, error)
 }

@@ -231,14 +231,8 @@ impl Failure {
 
 impl From<IngestError> for Failure {
     fn from(error: IngestError) -> Self {
-        let too_large = matches!(error, IngestError::TooLarge(_));
-        let error = Error::from(error);
-        let status = if too_large {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else {
-            StatusCode::from_u16(error.kind.http_status())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-        };
+        let (status, error) = crate::error::for_http(error);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self {
             status,
             message: error.message,
