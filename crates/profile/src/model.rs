@@ -305,6 +305,28 @@ pub fn merge_into(survivor: &mut Profile, other: &Profile) {
     }
 }
 
+/// The profile's user id, if it has one (resolution keeps at most one).
+pub fn user_id_of(profile: &Profile) -> Option<&str> {
+    profile
+        .identities
+        .iter()
+        .find(|i| i.r#type == "user_id")
+        .map(|i| i.value.as_str())
+}
+
+/// Addresses an event the service emits about `profile`: downstream services find the
+/// customer by its profile id and, when the profile has one, its user id, whatever the
+/// event was sent with. Returns whether the event changed.
+pub fn address(event: &mut Event, profile_id: &str, profile: &Profile) -> bool {
+    let user_id = user_id_of(profile).unwrap_or(event.user_id.as_str());
+    if event.profile_id == profile_id && event.user_id == user_id {
+        return false;
+    }
+    event.user_id = user_id.to_owned();
+    event.profile_id = profile_id.to_owned();
+    true
+}
+
 /// The timeline entry of an event.
 pub fn timeline_entry(event: &Event) -> TimelineEntry {
     let name = timeline_name(event).to_owned();

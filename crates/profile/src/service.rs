@@ -1,11 +1,11 @@
 //! The profile core: applies delivered batches and serves reads through the cache. No
 //! tonic here; the adapter maps [`ProfileError`] in `error.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use prost_types::Struct;
-use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use waymark_kit::db::now_micros;
 use waymark_kit::outbox::Wakeup;
 use waymark_profile_cache::ProfileCache;
@@ -15,7 +15,7 @@ use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 use crate::applier::ApplierMemory;
 use crate::identity::{Ident, IdentHasher};
 use crate::metrics::Metrics;
-use crate::model::{TRUSTED_SOURCE_PREFIX, apply_event, from_micros};
+use crate::model::{TRUSTED_SOURCE_PREFIX, address, apply_event, from_micros};
 use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
@@ -83,6 +83,34 @@ pub(crate) fn notice(
     event.set_type(EventType::Track);
     event.set_channel(Channel::Other);
     event
+}
+
+/// Addresses each of `events` to its profile among `profiles` (see [`address`]) and
+/// queues them for every consumer in `txn`.
+pub(crate) async fn emit(
+    txn: &DatabaseTransaction,
+    consumers: &[String],
+    events: &mut [Event],
+    profiles: &[&Profile],
+) -> Result<(), DbErr> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let by_id: HashMap<&str, &Profile> = profiles
+        .iter()
+        .map(|p| (p.profile_id.as_str(), *p))
+        .collect();
+    let payloads: Vec<Vec<u8>> = events
+        .iter_mut()
+        .map(|event| {
+            if let Some(profile) = by_id.get(event.profile_id.as_str()) {
+                address(event, &profile.profile_id, profile);
+            }
+            prost::Message::encode_to_vec(event)
+        })
+        .collect();
+    let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    waymark_kit::outbox::enqueue(txn, consumers, &payloads).await
 }
 
 /// A string as a protobuf value.
@@ -443,11 +471,13 @@ impl Profiles {
         )
         .await?;
         segments::save_transitions(&txn, &transitions, now).await?;
-        let payloads: Vec<Vec<u8>> = emitted.iter().map(prost::Message::encode_to_vec).collect();
-        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        if !refs.is_empty() {
-            waymark_kit::outbox::enqueue(&txn, &self.inner.consumers, &refs).await?;
-        }
+        emit(
+            &txn,
+            &self.inner.consumers,
+            &mut emitted,
+            &[&record.profile],
+        )
+        .await?;
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.metrics.emitted(&emitted);

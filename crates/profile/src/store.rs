@@ -16,7 +16,7 @@ use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 use crate::aggregate::AggregateState;
 use crate::emotion::EmotionRules;
 use crate::identity::Ident;
-use crate::model::{from_micros, timeline_entry, timeline_name};
+use crate::model::{address, from_micros, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
 
 mod privacy;
@@ -813,23 +813,28 @@ impl BatchWrite {
                 encoded: bytes,
             })
             .collect();
-        let on_live = |event: &Event, owner: &str| {
+        // Downstream copies are addressed to the live profile, with its user id.
+        let addressed = |event: &Event, owner: &str| -> Option<Vec<u8>> {
+            let live = set.live(owner);
+            let profile = &set.records.get(live)?.profile;
             let mut event = event.clone();
-            event.profile_id = set.live(owner).to_owned();
-            event.encode_to_vec()
+            address(&mut event, live, profile).then(|| event.encode_to_vec())
         };
         let outbox = timeline
             .iter()
-            .map(|row| match row.owner == row.origin {
-                true => row.encoded.to_vec(),
-                false => on_live(row.event, row.origin),
-            })
-            .chain(
-                set.synthetic
-                    .iter()
-                    .map(|(event, owner)| on_live(event, owner)),
-            )
-            .chain(set.merged_away_exits.iter().map(Message::encode_to_vec))
+            .map(|row| addressed(row.event, row.origin).unwrap_or_else(|| row.encoded.to_vec()))
+            .chain(set.synthetic.iter().map(|(event, owner)| {
+                addressed(event, owner).unwrap_or_else(|| event.encode_to_vec())
+            }))
+            .chain(set.merged_away_exits.iter().map(|event| {
+                // About the merged profile itself, so it keeps that id; the user id is the
+                // one customer's, now held by the survivor.
+                let mut copy = event.clone();
+                if let Some(survivor) = set.records.get(set.live(&event.profile_id)) {
+                    address(&mut copy, &event.profile_id, &survivor.profile);
+                }
+                copy.encode_to_vec()
+            }))
             .collect();
         Self {
             profiles: profile_columns(&records, states, emotion, now_us),

@@ -394,7 +394,8 @@ impl Profiles {
                 ));
             }
             store::drop_members(&txn, segment_id, &ids).await?;
-            self.commit_page(txn, &records, &[], &events, now).await?;
+            self.commit_page(txn, &records, &[], &mut events, now)
+                .await?;
             exited += records.len() as u64;
         }
         tracing::info!(segment_id, exited, "segment deleted");
@@ -453,7 +454,7 @@ impl Profiles {
                 profile.updated_at = Some(from_micros(now));
                 records.push(record);
             }
-            self.commit_page(txn, &records, &transitions, &events, now)
+            self.commit_page(txn, &records, &transitions, &mut events, now)
                 .await?;
         }
         Ok(settled)
@@ -527,12 +528,12 @@ impl Profiles {
                     records.push(record);
                 }
             }
-            let events: Vec<Event> = transitions
+            let mut events: Vec<Event> = transitions
                 .iter()
                 .flat_map(|t| transition_events(t, &definitions, now))
                 .map(|(event, _)| event)
                 .collect();
-            self.commit_page(txn, &records, &transitions, &events, now)
+            self.commit_page(txn, &records, &transitions, &mut events, now)
                 .await?;
             changed += records.len();
         }
@@ -582,7 +583,7 @@ impl Profiles {
         txn: DatabaseTransaction,
         records: &[Record],
         transitions: &[Transition],
-        events: &[Event],
+        events: &mut [Event],
         now_us: i64,
     ) -> Result<(), ProfileError> {
         let inner = &self.inner;
@@ -600,7 +601,7 @@ impl Profiles {
         txn.commit().await?;
         if !events.is_empty() {
             inner.wakeup.notify();
-            inner.metrics.emitted(events);
+            inner.metrics.emitted(&*events);
         }
         let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
         inner.cache.put_many(&profiles).await;
@@ -615,17 +616,14 @@ async fn save_changed(
     emotion: &EmotionRules,
     records: &[Record],
     transitions: &[Transition],
-    events: &[Event],
+    events: &mut [Event],
     now_us: i64,
 ) -> Result<(), ProfileError> {
     let refs: Vec<&Record> = records.iter().collect();
     store::save_records(txn, &refs, emotion, now_us).await?;
     save_transitions(txn, transitions, now_us).await?;
-    let payloads: Vec<Vec<u8>> = events.iter().map(prost::Message::encode_to_vec).collect();
-    let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-    if !payloads.is_empty() {
-        waymark_kit::outbox::enqueue(txn, consumers, &payloads).await?;
-    }
+    let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
+    super::emit(txn, consumers, events, &profiles).await?;
     Ok(())
 }
 

@@ -184,9 +184,13 @@ impl Profiles {
         store::assign_identities(&txn, &moved_idents, &restored.profile.profile_id).await?;
         store::move_timeline(&txn, &moved, &restored.profile.profile_id).await?;
         store::mark_unmerged(&txn, &merge.merge_id, now).await?;
-        let payloads: Vec<Vec<u8>> = emitted.iter().map(prost::Message::encode_to_vec).collect();
-        let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        waymark_kit::outbox::enqueue(&txn, &self.inner.consumers, &payloads).await?;
+        super::emit(
+            &txn,
+            &self.inner.consumers,
+            &mut emitted,
+            &[&survivor.profile, &restored.profile],
+        )
+        .await?;
         txn.commit().await?;
         self.inner.wakeup.notify();
         self.inner.metrics.emitted(&emitted);

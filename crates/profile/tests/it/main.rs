@@ -1,6 +1,7 @@
 //! Integration tests of the profile service against real PostgreSQL, SQLite and Redis.
 
 mod cx;
+mod emitted;
 mod limits;
 mod privacy;
 mod segments;
