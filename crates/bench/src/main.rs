@@ -314,7 +314,7 @@ async fn through_service(url: &str, args: &Args, transport: Transport) -> anyhow
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
-    let service = waymark_ingest::IngestService::new(config).await?;
+    let service = waymark_ingest::IngestServer::new(config).await?;
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(service.serve(grpc, http, shutdown.clone()));
     let endpoint = format!("http://{grpc_addr}");

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
-use waymark_ingest::segment::{BatchDefaults, event_to_json, format_timestamp, parse_message};
+use waymark_ingest::wire::{BatchDefaults, event_to_json, format_timestamp, parse_message};
 use waymark_kit::config::Config;
 use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;

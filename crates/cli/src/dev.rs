@@ -37,7 +37,7 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
     let profile_migrations = profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
-    let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
+    let ingest = waymark_ingest::IngestServer::new(config.clone()).await?;
     let ingest_migrations = ingest.migrate().await?;
     let (source_id, write_key) = ingest
         .core()

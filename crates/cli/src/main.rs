@@ -116,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             waymark_kit::grpc::cancel_on_signal(shutdown.clone());
             let grpc = bind(config.ingest_grpc_addr).await?;
             let http = bind(config.ingest_http_addr).await?;
-            let service = waymark_ingest::IngestService::new(config).await?;
+            let service = waymark_ingest::IngestServer::new(config).await?;
             service.serve(grpc, http, shutdown).await
         }
         Command::Serve {
@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-migrate"))?;
-            let ingest = waymark_ingest::IngestService::new(config.clone()).await?;
+            let ingest = waymark_ingest::IngestServer::new(config.clone()).await?;
             println!("ingest: {} migration(s) applied", ingest.migrate().await?);
             let profile = waymark_profile::ProfileServer::new(config).await?;
             println!("profile: {} migration(s) applied", profile.migrate().await?);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use waymark_ingest::channel::channel_name;
-use waymark_ingest::segment::{format_timestamp, type_name};
+use waymark_ingest::wire::{format_timestamp, type_name};
 use waymark_profile::emotion::label_name;
 use waymark_proto::common::v1::{Channel, EventType, Identity};
 use waymark_proto::json::{struct_to_json, value_to_json};

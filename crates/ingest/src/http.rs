@@ -29,11 +29,11 @@ use waymark_kit::error::{Error, FieldViolation};
 use waymark_proto::common::v1::EventType;
 use waymark_proto::json::struct_from_json;
 
-use crate::segment::{BatchDefaults, parse_message, parse_timestamp};
 use crate::service::{AuthedSource, BatchMode, IngestError, Ingestor};
 use crate::validate::{
     MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_EVENT_BYTES, MAX_EXPANDED_BATCH_BYTES,
 };
+use crate::wire::{BatchDefaults, parse_message, parse_timestamp};
 
 /// The router's state: the core and how long a body may take to arrive.
 #[derive(Clone)]

@@ -8,10 +8,10 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 mod metrics;
-pub mod segment;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub const PROFILE_CONSUMER: &str = "profile";
 pub const GRPC_SERVICE: &str = "waymark.ingest.v1.IngestService";
 
 /// The ingestion service, connected but not yet serving.
-pub struct IngestService {
+pub struct IngestServer {
     config: Config,
     db: DatabaseConnection,
     core: Ingestor,
@@ -44,7 +44,7 @@ pub struct IngestService {
     relay: RelayConfig,
 }
 
-impl IngestService {
+impl IngestServer {
     /// Opens the database pool (lazily: the service starts even while it is down) and
     /// builds the core.
     pub async fn new(config: Config) -> anyhow::Result<Self> {

@@ -187,7 +187,7 @@ pub fn from_micros(us: i64) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::segment::parse_timestamp;
+    use crate::wire::parse_timestamp;
     use prost_types::Struct;
     use waymark_identity::MAX_KEY_BYTES;
 

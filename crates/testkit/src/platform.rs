@@ -188,7 +188,7 @@ impl Platform {
         let mut ingest_config = config(&db.url, sink, None);
         ingest_config.profile_endpoint = profile.url();
         ingest_config.custom_identity_types = custom_types;
-        let ingest = waymark_ingest::IngestService::new(ingest_config)
+        let ingest = waymark_ingest::IngestServer::new(ingest_config)
             .await
             .unwrap();
         let shutdown = CancellationToken::new();

@@ -575,7 +575,7 @@ async fn a_relay_without_the_admin_token_stops_the_service_at_start_up() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut config = config(&db.url, "http://127.0.0.1:9");
     config.admin_token = None;
-    let error = match waymark_ingest::IngestService::new(config).await {
+    let error = match waymark_ingest::IngestServer::new(config).await {
         Ok(_) => panic!("the service started without the token its relay needs"),
         Err(error) => format!("{error:#}"),
     };

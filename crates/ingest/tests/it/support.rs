@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Request;
 use tonic::transport::Channel;
-use waymark_ingest::{IngestService, Ingestor};
+use waymark_ingest::{IngestServer, Ingestor};
 use waymark_kit::CancellationToken;
 use waymark_kit::config::{Config, Secret};
 use waymark_proto::common::v1::Event;
@@ -48,7 +48,7 @@ impl TestServer {
         std::mem::forget(waymark_kit::telemetry::init(
             &config.telemetry("ingest-test"),
         ));
-        let service = IngestService::new(config).await.expect("service");
+        let service = IngestServer::new(config).await.expect("service");
         let core = service.core().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(service.serve(grpc, http, shutdown.clone()));

@@ -1,5 +1,6 @@
-//! Segment-spec JSON messages to `Event`s: the structural half of validation (types of
-//! fields, timestamp syntax). The semantic rules live in [`crate::validate`].
+//! The Segment wire format (which RudderStack SDKs speak too): JSON messages to `Event`s
+//! and back, for the CLI. This is the structural half of validation (types of fields,
+//! timestamp syntax); the semantic rules live in [`crate::validate`].
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use prost::Message;
