@@ -8,20 +8,23 @@
 //! to misses (counted and logged), never to errors; the cache refills once it is back.
 //! Without a Redis URL an in-process backend with the same semantics serves `waymark dev`.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use prost::Message;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use waymark_identity::IdentHasher;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
 
+mod memory;
 mod near;
+mod redis_backend;
+
+use memory::MemoryBackend;
 use near::Near;
+use redis_backend::{PUT_IF_NEWER, RedisBackend};
 
 /// Version of the key schema; bump when a value's encoding changes incompatibly.
 pub const KEY_SCHEMA: &str = "wm:v1";
@@ -39,40 +42,6 @@ pub fn identity_key(hasher: &IdentHasher, id_type: &str, value: &str) -> String 
         hasher.hash(id_type, value)
     )
 }
-
-/// Writes several profiles, each only when newer than the cached one. `ARGV[1]` is the
-/// TTL, `ARGV[2]` the channel where written versions are announced; then per profile four
-/// arguments: version, encoded profile (empty: a tombstone that makes reads miss and keeps
-/// older writes out), profile id, and how many identifier keys follow its profile key in
-/// `KEYS`. Those keys are pointed at the profile id. All keys get the TTL. The profiles
-/// written are announced in one message, a line each: `id version`, with ` dead` after a
-/// tombstone. Returns how many profiles were written.
-const PUT_IF_NEWER: &str = r"
-local ttl = ARGV[1]
-local k = 1
-local written = {}
-for i = 3, #ARGV, 4 do
-  local key, idents = KEYS[k], tonumber(ARGV[i + 3])
-  local current = redis.call('HGET', key, 'v')
-  if not current or tonumber(current) < tonumber(ARGV[i]) then
-    redis.call('HSET', key, 'v', ARGV[i], 'p', ARGV[i + 1])
-    redis.call('PEXPIRE', key, ttl)
-    for j = k + 1, k + idents do
-      redis.call('SET', KEYS[j], ARGV[i + 2], 'PX', ttl)
-    end
-    local line = ARGV[i + 2] .. ' ' .. ARGV[i]
-    if ARGV[i + 1] == '' then
-      line = line .. ' dead'
-    end
-    written[#written + 1] = line
-  end
-  k = k + 1 + idents
-end
-if #written > 0 then
-  redis.call('PUBLISH', ARGV[2], table.concat(written, '\n'))
-end
-return #written
-";
 
 /// The channel where writes are announced (before the deployment's prefix): the near
 /// caches of every process drop what they hold of an older version. Besides the script's
@@ -93,12 +62,6 @@ pub struct CacheWrite<'a> {
 /// Profiles per script call: a script blocks Redis while it runs, so a batch's writes go
 /// as several short calls in one pipeline rather than one long one.
 const PROFILES_PER_CALL: usize = 64;
-
-/// Redis calls taking longer than this count as Redis being down: a cache must be faster
-/// than the database it shields.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
-/// Pause between reconnection attempts while Redis is down.
-const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// The cache, backed by Redis or by process memory.
 pub struct ProfileCache {
@@ -567,264 +530,4 @@ fn decode(bytes: &[u8]) -> Option<Profile> {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct RedisBackend {
-    client: redis::Client,
-    /// The live connection; cloned per call without awaiting under the lock.
-    connection: Mutex<Option<ConnectionManager>>,
-    /// Held while connecting, so concurrent callers do not all dial Redis.
-    connecting: tokio::sync::Mutex<()>,
-    last_attempt: Mutex<Option<Instant>>,
-    script: redis::Script,
-}
-
-impl RedisBackend {
-    /// A connection, connecting first when needed (at most once per RECONNECT_EVERY).
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        if let Some(c) = lock(&self.connection).as_ref() {
-            return Ok(c.clone());
-        }
-        let _connecting = self.connecting.lock().await;
-        if let Some(c) = lock(&self.connection).as_ref() {
-            return Ok(c.clone());
-        }
-        {
-            let mut last = lock(&self.last_attempt);
-            if last.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "redis reconnect pending",
-                )));
-            }
-            *last = Some(Instant::now());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(RECONNECT_EVERY);
-        let manager = self
-            .client
-            .get_connection_manager_with_config(config)
-            .await?;
-        tracing::info!("profile cache connected to redis");
-        *lock(&self.connection) = Some(manager.clone());
-        Ok(manager)
-    }
-
-    async fn run(&self, cmd: &redis::Cmd) -> Result<Option<Vec<u8>>, redis::RedisError> {
-        let mut c = self.connection().await?;
-        cmd.query_async(&mut c).await
-    }
-
-    async fn run_string(&self, cmd: &redis::Cmd) -> Result<Option<String>, redis::RedisError> {
-        let mut c = self.connection().await?;
-        cmd.query_async(&mut c).await
-    }
-
-    async fn pipe(&self, pipe: &redis::Pipeline) -> Result<(), redis::RedisError> {
-        let mut c = self.connection().await?;
-        pipe.query_async::<()>(&mut c).await
-    }
-
-    async fn tombstone(
-        &self,
-        key: &str,
-        channel: &str,
-        profile_id: &str,
-        version: u64,
-        ttl_ms: u64,
-    ) -> Result<(), redis::RedisError> {
-        let mut c = self.connection().await?;
-        self.script
-            .key(key)
-            .arg(ttl_ms.max(1))
-            .arg(channel)
-            .arg(version)
-            .arg("")
-            .arg(profile_id)
-            .arg(0)
-            .invoke_async::<i64>(&mut c)
-            .await?;
-        Ok(())
-    }
-}
-
-/// A cached profile, or a tombstone (`None`) holding its last version.
-struct MemoryEntry {
-    version: u64,
-    profile: Option<Profile>,
-    expires: Instant,
-    /// Which write put it here; older slots in the write order are stale.
-    write: u64,
-}
-
-/// The in-process backend: Redis's semantics (versions never go back, TTL on every key)
-/// within a bounded number of entries, evicting the least recently written first.
-pub(crate) struct MemoryBackend {
-    capacity: usize,
-    ttl: Duration,
-    entries: HashMap<String, MemoryEntry>,
-    /// Identifier → (profile id, expiry).
-    identities: HashMap<(String, String), (String, Instant)>,
-    /// Profile ids in write order; a slot whose write number no longer matches its
-    /// entry's was superseded and is skipped, so each write costs O(1) amortised.
-    order: VecDeque<(u64, String)>,
-    writes: u64,
-}
-
-impl MemoryBackend {
-    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
-        Self {
-            capacity: capacity.max(1),
-            ttl,
-            entries: HashMap::new(),
-            identities: HashMap::new(),
-            order: VecDeque::new(),
-            writes: 0,
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.entries.clear();
-        self.identities.clear();
-        self.order.clear();
-    }
-
-    pub(crate) fn get_profile(&mut self, id: &str) -> Option<Profile> {
-        let entry = self.entries.get(id)?;
-        if entry.expires <= Instant::now() {
-            self.remove(id);
-            return None;
-        }
-        entry.profile.clone()
-    }
-
-    fn resolve(&mut self, id_type: &str, value: &str) -> Option<String> {
-        let key = (id_type.to_owned(), value.to_owned());
-        let (id, expires) = self.identities.get(&key)?;
-        if *expires <= Instant::now() {
-            self.identities.remove(&key);
-            return None;
-        }
-        Some(id.clone())
-    }
-
-    pub(crate) fn put(&mut self, profile: &Profile, identities: &[&Identity]) {
-        if !self.newer(&profile.profile_id, profile.version) {
-            return;
-        }
-        let expires = Instant::now() + self.ttl;
-        for identity in identities {
-            self.identities.insert(
-                (identity.r#type.clone(), identity.value.clone()),
-                (profile.profile_id.clone(), expires),
-            );
-        }
-        self.store(&profile.profile_id, profile.version, Some(profile.clone()));
-    }
-
-    fn remember_identity(&mut self, id_type: &str, value: &str, profile_id: &str) {
-        let key = (id_type.to_owned(), value.to_owned());
-        if self.resolve(id_type, value).is_none() {
-            self.identities
-                .insert(key, (profile_id.to_owned(), Instant::now() + self.ttl));
-        }
-    }
-
-    fn forget_identities(&mut self, identities: &[(String, String)]) {
-        for key in identities {
-            self.identities.remove(key);
-        }
-    }
-
-    pub(crate) fn invalidate(
-        &mut self,
-        profile_id: &str,
-        version: u64,
-        identities: &[(String, String)],
-    ) {
-        if !self.newer(profile_id, version) {
-            return;
-        }
-        for (t, v) in identities {
-            let key = (t.clone(), v.clone());
-            if self
-                .identities
-                .get(&key)
-                .is_some_and(|(id, _)| id == profile_id)
-            {
-                self.identities.remove(&key);
-            }
-        }
-        self.store(profile_id, version, None);
-    }
-
-    /// Makes `version` and every older one of `profile_id` stale, if it holds the profile:
-    /// a profile held at such a version becomes a tombstone, so later writes need a newer
-    /// version.
-    pub(crate) fn forget_up_to(&mut self, profile_id: &str, version: u64) {
-        if self
-            .entries
-            .get(profile_id)
-            .is_some_and(|e| e.expires > Instant::now() && e.version <= version)
-        {
-            self.remove(profile_id);
-            self.store(profile_id, version, None);
-        }
-    }
-
-    /// Whether `version` is newer than the live entry of `id` (expired ones count as gone).
-    fn newer(&self, id: &str, version: u64) -> bool {
-        self.entries
-            .get(id)
-            .is_none_or(|e| e.expires <= Instant::now() || e.version < version)
-    }
-
-    fn store(&mut self, id: &str, version: u64, profile: Option<Profile>) {
-        self.writes += 1;
-        let entry = MemoryEntry {
-            version,
-            profile,
-            expires: Instant::now() + self.ttl,
-            write: self.writes,
-        };
-        self.entries.insert(id.to_owned(), entry);
-        self.order.push_back((self.writes, id.to_owned()));
-        while self.entries.len() > self.capacity {
-            let Some((write, oldest)) = self.order.pop_front() else {
-                break;
-            };
-            if self.entries.get(&oldest).is_some_and(|e| e.write == write) {
-                self.remove(&oldest);
-            }
-        }
-        // Superseded slots pile up when the same profiles are rewritten; compact them.
-        if self.order.len() > 2 * self.capacity {
-            let entries = &self.entries;
-            self.order
-                .retain(|(write, id)| entries.get(id).is_some_and(|e| e.write == *write));
-        }
-    }
-
-    /// Drops an entry and the identifiers pointing at it.
-    pub(crate) fn remove(&mut self, id: &str) {
-        if let Some(MemoryEntry {
-            profile: Some(profile),
-            ..
-        }) = self.entries.remove(id)
-        {
-            for identity in &profile.identities {
-                let key = (identity.r#type.clone(), identity.value.clone());
-                if self
-                    .identities
-                    .get(&key)
-                    .is_some_and(|(owner, _)| owner == id)
-                {
-                    self.identities.remove(&key);
-                }
-            }
-        }
-    }
 }

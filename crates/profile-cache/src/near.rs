@@ -16,7 +16,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use waymark_proto::profile::v1::Profile;
 
-use crate::{MemoryBackend, RECONNECT_EVERY, lock};
+use crate::lock;
+use crate::memory::MemoryBackend;
+use crate::redis_backend::RECONNECT_EVERY;
 
 /// How often a quiet subscription checks whether its cache still exists.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
