@@ -19,7 +19,8 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use tokio::net::TcpListener;
 use waymark_ingest::store::{self, EventRow};
 use waymark_kit::CancellationToken;
-use waymark_kit::config::{Config, Secret};
+use waymark_kit::config::Config;
+use waymark_kit::secret::Secret;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
@@ -266,8 +267,8 @@ async fn raw_insert(db: &DatabaseConnection, args: &Args) -> anyhow::Result<Run>
                             event_type: e.r#type as i16,
                             user_id: e.user_id.clone(),
                             anonymous_id: String::new(),
-                            received_at: waymark_kit::db::now_micros(),
-                            event_time: waymark_kit::db::now_micros(),
+                            received_at: waymark_kit::time::now_micros(),
+                            event_time: waymark_kit::time::now_micros(),
                             payload: e.encode_to_vec(),
                         }
                     })

@@ -275,7 +275,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let auth = waymark_kit::grpc::bearer(&waymark_kit::config::Secret::new(args.write_key.clone()));
+    let auth = waymark_kit::grpc::bearer(&waymark_kit::secret::Secret::new(args.write_key.clone()));
     let (mut accepted, mut duplicates, mut suppressed, mut rejected) = (0u64, 0u64, 0u64, 0u64);
     for (chunk_index, chunk) in events.chunks(args.batch_size).enumerate() {
         let mut request = Request::new(IngestRequest {

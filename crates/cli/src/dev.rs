@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use waymark_kit::CancellationToken;
-use waymark_kit::config::{Config, Secret};
+use waymark_kit::config::Config;
+use waymark_kit::secret::Secret;
 
 pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-dev"))?;

@@ -11,7 +11,7 @@ use waymark_proto::ingest::v1::*;
 
 use crate::service::{AuthedSource, BatchMode, Ingestor};
 use crate::store::{Counters, EventFilter, SourceRow};
-use crate::validate::{from_micros, micros};
+use waymark_kit::time::{from_micros, micros};
 
 /// The method that checks a write key.
 const INGEST_METHOD: &str = "/waymark.ingest.v1.IngestService/Ingest";

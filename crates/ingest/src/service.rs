@@ -13,15 +13,15 @@ use rand::RngCore;
 use sea_orm::{DatabaseConnection, DbErr, SqlErr, TransactionTrait};
 use sha2::{Digest, Sha256};
 use waymark_identity::{IdentHasher, IdentityRules, is_hash, normalise};
-use waymark_kit::db::now_micros;
 use waymark_kit::error::FieldViolation;
 use waymark_kit::outbox::{self, Backlog, Wakeup};
+use waymark_kit::time::{duration_micros, from_micros, micros, now_micros};
 use waymark_proto::common::v1::Event;
 
 use crate::committer::{CommitError, Committer};
 use crate::metrics::{EventMetrics, reason};
 use crate::store::{self, Counters, EventFilter, EventRow, SourceRow};
-use crate::validate::{MAX_BATCH_MESSAGES, from_micros, micros, prepare, validate};
+use crate::validate::{MAX_BATCH_MESSAGES, prepare, validate};
 
 /// What went wrong in an ingestion operation.
 #[derive(Debug, thiserror::Error)]
@@ -583,7 +583,7 @@ impl Ingestor {
         }
         let all = store::load_suppressions(&self.inner.db).await?;
         self.inner.suppressions.replace(all);
-        let since = now_micros() - RECENT_SUPPRESSIONS.as_micros() as i64;
+        let since = now_micros() - duration_micros(RECENT_SUPPRESSIONS);
         let recent: HashSet<(String, String)> = store::suppressed_since(&self.inner.db, since)
             .await?
             .into_iter()
@@ -596,7 +596,7 @@ impl Ingestor {
         let rules = &self.inner.settings.identity;
         let (erased, removed) = store::erase_recently_suppressed(
             &self.inner.db,
-            since - RECENT_SUPPRESSIONS.as_micros() as i64,
+            since - duration_micros(RECENT_SUPPRESSIONS),
             |event| carries(&recent, rules, hasher, event),
         )
         .await?;
@@ -613,8 +613,8 @@ impl Ingestor {
     /// Applies retention now; returns (payloads erased, rows deleted).
     pub async fn sweep(&self) -> Result<(u64, u64), IngestError> {
         let now = now_micros();
-        let retention = self.inner.settings.retention.as_micros() as i64;
-        let keys = retention.max(self.inner.settings.dedupe_window.as_micros() as i64);
+        let retention = duration_micros(self.inner.settings.retention);
+        let keys = retention.max(duration_micros(self.inner.settings.dedupe_window));
         Ok(store::sweep(&self.inner.db, now - retention, now - keys).await?)
     }
 }

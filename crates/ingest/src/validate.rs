@@ -174,16 +174,6 @@ fn from_nanos(n: i128) -> Timestamp {
     }
 }
 
-/// Microseconds since the epoch, the stored form of times.
-pub fn micros(t: &Timestamp) -> i64 {
-    (nanos(t) / 1000) as i64
-}
-
-/// A timestamp from stored microseconds.
-pub fn from_micros(us: i64) -> Timestamp {
-    from_nanos(i128::from(us) * 1000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,11 +357,5 @@ mod tests {
         e.event = "x".repeat(40 * 1024);
         let err = validate(&e, &rules()).unwrap_err();
         assert!(err.description.contains("32 KB"));
-    }
-
-    #[test]
-    fn micros_round_trip() {
-        let t = ts("2026-01-01T00:00:00.123456Z");
-        assert_eq!(from_micros(micros(&t)), t);
     }
 }

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use crate::time::now_micros;
+
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
@@ -285,15 +287,6 @@ pub fn sql(backend: DbBackend, text: &str) -> String {
         }
     }
     out
-}
-
-/// Microseconds since the Unix epoch: every stored time uses this integer form, which
-/// sorts and indexes the same on both backends.
-pub fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.as_micros() as i64
 }
 
 /// After an erasure on SQLite, copies the write-ahead log into the database file and

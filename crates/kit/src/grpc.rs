@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::telemetry::GrpcTelemetryLayer;
 
 /// Largest gRPC message accepted or sent: room for a few thousand events per batch.

@@ -5,7 +5,9 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod outbox;
+pub mod secret;
 pub mod sink;
 pub mod telemetry;
+pub mod time;
 
 pub use tokio_util::sync::CancellationToken;

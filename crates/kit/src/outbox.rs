@@ -15,9 +15,10 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use tokio::sync::Notify;
 
-pub use relay::{RawDeliverRequest, RelayConfig, run_relay};
+pub use relay::{RelayConfig, run_relay};
 
-use crate::db::{Migration, now_micros, sql};
+use crate::db::{Migration, sql};
+use crate::time::now_micros;
 
 /// The outbox table; each service lists it among its own migrations.
 pub const fn migration(version: i64) -> Migration {
@@ -105,15 +106,8 @@ fn joined_links(links: &[String]) -> Option<String> {
     (!distinct.is_empty()).then(|| distinct.join(","))
 }
 
-/// Several encoded events in one outbox payload: a repeated bytes field, so unpacking
-/// copies the events without decoding them.
-#[derive(Clone, PartialEq, prost::Message)]
-struct EventPack {
-    #[prost(bytes = "vec", repeated, tag = "1")]
-    events: Vec<Vec<u8>>,
-}
-
-/// `payloads` encoded as an [`EventPack`], without copying them into owned buffers first.
+/// `payloads` encoded as an `EventPack` (`waymark.common.v1`), without copying them into
+/// owned buffers first.
 pub(crate) fn pack(payloads: &[&[u8]]) -> Vec<u8> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let len = payloads
@@ -132,6 +126,7 @@ pub(crate) fn pack(payloads: &[&[u8]]) -> Vec<u8> {
 /// The events of a claimed row: its pack, or its one event.
 pub(crate) fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec<u8>>, DbErr> {
     use prost::Message;
+    use waymark_proto::common::v1::EventPack;
     match pack_size {
         None => Ok(vec![payload]),
         Some(_) => EventPack::decode(payload.as_slice())

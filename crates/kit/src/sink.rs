@@ -12,9 +12,7 @@ use std::task::{Context, Poll};
 use prost::Message;
 use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
-use waymark_proto::common::v1::{DeliverResponse, Event, RejectedEvent};
-
-use crate::outbox::RawDeliverRequest;
+use waymark_proto::common::v1::{DeliverResponse, EncodedDeliverRequest, Event, RejectedEvent};
 
 /// A service that takes delivered events.
 #[tonic::async_trait]
@@ -52,11 +50,11 @@ impl<T> tonic::server::NamedService for EventSinkServer<T> {
 
 struct Deliver<T>(Arc<T>);
 
-impl<T: EventConsumer> tonic::server::UnaryService<RawDeliverRequest> for Deliver<T> {
+impl<T: EventConsumer> tonic::server::UnaryService<EncodedDeliverRequest> for Deliver<T> {
     type Response = DeliverResponse;
     type Future = BoxFuture<Response<DeliverResponse>, Status>;
 
-    fn call(&mut self, request: Request<RawDeliverRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<EncodedDeliverRequest>) -> Self::Future {
         let consumer = self.0.clone();
         Box::pin(async move {
             let raw = request.into_inner();
@@ -130,7 +128,8 @@ where
             });
         }
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<DeliverResponse, RawDeliverRequest>::default();
+            let codec =
+                tonic_prost::ProstCodec::<DeliverResponse, EncodedDeliverRequest>::default();
             let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(
                 Some(crate::grpc::MAX_MESSAGE_BYTES),
                 Some(crate::grpc::MAX_MESSAGE_BYTES),

@@ -46,7 +46,8 @@ use serde::{Deserialize, Deserializer};
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::json::value_to_json;
 
-use crate::model::{event_name, micros};
+use crate::model::event_name;
+use waymark_kit::time::micros;
 
 /// Distinct values remembered per aggregate.
 pub const MAX_DISTINCT: usize = 10_000;
@@ -515,7 +516,7 @@ mod tests {
         let mut e = Event {
             event: "Order Completed".into(),
             properties: Some(struct_from_json(m)),
-            timestamp: Some(crate::model::from_micros(at_us)),
+            timestamp: Some(waymark_kit::time::from_micros(at_us)),
             ..Event::default()
         };
         e.set_type(EventType::Track);
@@ -847,7 +848,7 @@ mod tests {
             };
             let mut e = Event {
                 traits: Some(struct_from_json(m)),
-                received_at: Some(crate::model::from_micros(1)),
+                received_at: Some(waymark_kit::time::from_micros(1)),
                 ..Event::default()
             };
             e.set_type(EventType::Identify);

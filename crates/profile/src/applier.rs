@@ -18,8 +18,8 @@
 
 use tokio::sync::watch;
 
-use crate::model::micros;
 use crate::resolve::{Record, WorkingSet};
+use waymark_kit::time::micros;
 
 /// What the applier remembers between batches; lives inside the applier lock.
 #[derive(Debug)]
@@ -289,8 +289,8 @@ mod tests {
 
     use super::*;
     use crate::identity::Ident;
-    use crate::model::from_micros;
     use crate::resolve::MergeRecord;
+    use waymark_kit::time::from_micros;
 
     fn record(id: &str, written_us: i64, idents: &[(&str, &str)]) -> Record {
         Record {

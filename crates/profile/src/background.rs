@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 use waymark_kit::CancellationToken;
-use waymark_kit::config::Secret;
+use waymark_kit::secret::Secret;
 use waymark_proto::ingest::v1::SuppressIdentitiesRequest;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 

@@ -25,7 +25,8 @@ use prost_types::value::Kind;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::profile::v1::{Emotion, EmotionLabel, EmotionSignal};
 
-use crate::model::{micros, number};
+use crate::model::number;
+use waymark_kit::time::micros;
 
 /// Tunables of the emotion model.
 #[derive(Debug, Clone, PartialEq)]
@@ -567,7 +568,7 @@ mod tests {
     const DAY_US: i64 = 86_400_000_000;
 
     fn at(us: i64) -> Option<Timestamp> {
-        Some(crate::model::from_micros(us))
+        Some(waymark_kit::time::from_micros(us))
     }
 
     fn props(json: serde_json::Value) -> Option<Struct> {

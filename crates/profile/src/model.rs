@@ -6,23 +6,9 @@ use prost_types::{Struct, Timestamp, Value};
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{ComputedTraits, Consent, Profile, TimelineEntry};
 
+use waymark_kit::time::micros;
+
 use crate::emotion::{self, EmotionChange, EmotionRules};
-
-/// Orders timestamps.
-pub fn micros(t: &Timestamp) -> i64 {
-    // Saturating: a timestamp from a request may be anything, and must not overflow.
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos / 1000))
-}
-
-/// A timestamp from microseconds.
-pub fn from_micros(us: i64) -> Timestamp {
-    Timestamp {
-        seconds: us.div_euclid(1_000_000),
-        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
 
 /// The name an event is counted and shown under.
 pub fn event_name(event: &Event) -> String {

@@ -12,7 +12,8 @@ use waymark_proto::profile::v1::{ComputedTraits, Profile};
 use crate::aggregate::{self, AggregateSpec, AggregateState};
 use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
-use crate::model::{TraitChange, apply_event, from_micros, merge_into, micros, trusted_source};
+use crate::model::{TraitChange, apply_event, merge_into, trusted_source};
+use waymark_kit::time::{from_micros, micros};
 
 /// Everything configurable about what events do to profiles.
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,7 @@ use waymark_proto::common::v1::Channel;
 use waymark_proto::profile::v1::{ComputedTraits, Emotion, Profile, Segment};
 
 use crate::emotion::EmotionRules;
-use crate::model::micros;
+use waymark_kit::time::micros;
 
 /// The variables a segment condition can read, with their types (see [`variables`]):
 /// conditions are type-checked against them when they are saved. Traits are whatever the
@@ -289,7 +289,7 @@ mod tests {
     use waymark_proto::profile::v1::{Consent, EmotionLabel};
 
     use super::*;
-    use crate::model::from_micros;
+    use waymark_kit::time::from_micros;
 
     const DAY_US: i64 = 86_400_000_000;
     const NOW_US: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use prost_types::Struct;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
-use waymark_kit::db::now_micros;
 use waymark_kit::outbox::Wakeup;
+use waymark_kit::time::{duration_micros, now_micros};
 use waymark_profile_cache::ProfileCache;
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
@@ -15,10 +15,11 @@ use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 use crate::applier::ApplierMemory;
 use crate::identity::{Ident, IdentHasher};
 use crate::metrics::Metrics;
-use crate::model::{TRUSTED_SOURCE_PREFIX, address, apply_event, from_micros};
+use crate::model::{TRUSTED_SOURCE_PREFIX, address, apply_event};
 use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
+use waymark_kit::time::from_micros;
 
 mod apply;
 mod privacy;
@@ -294,7 +295,7 @@ impl Profiles {
         if lock.suppressions != generation {
             // The list only grows: what was added since the latest entry held is enough,
             // with a margin for replicas whose clocks run behind.
-            let since = latest.saturating_sub(SUPPRESSION_CLOCK_MARGIN.as_micros() as i64);
+            let since = latest.saturating_sub(duration_micros(SUPPRESSION_CLOCK_MARGIN));
             let added = store::suppressed_since(txn, since).await?;
             let mut guard = self
                 .inner

@@ -16,8 +16,9 @@ use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 use crate::aggregate::AggregateState;
 use crate::emotion::EmotionRules;
 use crate::identity::Ident;
-use crate::model::{address, from_micros, timeline_entry, timeline_name};
+use crate::model::{address, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
+use waymark_kit::time::from_micros;
 
 mod privacy;
 mod segments;

@@ -957,7 +957,7 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
             [
                 "profile".into(),
                 encoded(i).into(),
-                waymark_kit::db::now_micros().into(),
+                waymark_kit::time::now_micros().into(),
             ],
         ))
         .await
@@ -982,7 +982,7 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
                 "ingest",
                 "profile",
                 endpoint,
-                waymark_kit::config::Secret::new(ADMIN_TOKEN),
+                waymark_kit::secret::Secret::new(ADMIN_TOKEN),
             )
         },
         Wakeup::default(),

@@ -13,9 +13,9 @@ use prost::Message;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::task::JoinHandle;
 use waymark_kit::CancellationToken;
-use waymark_kit::config::Secret;
 use waymark_kit::outbox::dead_letters::{self, Selection};
 use waymark_kit::outbox::{self, RelayConfig, Wakeup};
+use waymark_kit::secret::Secret;
 use waymark_proto::common::v1::Event;
 use waymark_proto::common::v1::outbox_service_client::OutboxServiceClient;
 use waymark_proto::common::v1::{

@@ -8,7 +8,8 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait, Value,
 };
 
-use crate::db::{Migration, now_micros, sql};
+use crate::db::{Migration, sql};
+use crate::time::now_micros;
 
 /// The dead-letter table of an outbox, and the index the relay's ordering rule reads (rows
 /// waiting to be retried after a failure; new rows have no attempts, so it costs the

@@ -26,12 +26,13 @@ use rand::Rng;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use waymark_proto::common::v1::DeliverResponse;
+use waymark_proto::common::v1::{DeliverResponse, EncodedDeliverRequest};
 
 use super::dead_letters::{self, Rejected};
 use super::{Wakeup, unpack};
-use crate::config::Secret;
-use crate::db::{now_micros, sql};
+use crate::db::sql;
+use crate::secret::Secret;
+use crate::time::{duration_micros, now_micros};
 
 /// Where and how one consumer is delivered to.
 #[derive(Debug, Clone)]
@@ -86,17 +87,6 @@ impl RelayConfig {
             dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
-}
-
-/// The request as the relay sends it: wire-identical to `waymark.common.v1.DeliverRequest`
-/// (a repeated message field and a repeated bytes field encode the same way), so stored
-/// payloads go out without being decoded and re-encoded.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RawDeliverRequest {
-    #[prost(string, tag = "1")]
-    pub producer: String,
-    #[prost(bytes = "vec", repeated, tag = "2")]
-    pub events: Vec<Vec<u8>>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -181,7 +171,7 @@ async fn sweep_expired(
         config.retention.as_secs()
     );
     loop {
-        let cutoff = now_micros() - config.retention.as_micros() as i64;
+        let cutoff = now_micros() - duration_micros(config.retention);
         match dead_letters::expire(&db, &config.consumer, cutoff, &reason).await {
             Ok(0) => {}
             Ok(events) => {
@@ -192,7 +182,7 @@ async fn sweep_expired(
                 tracing::warn!(consumer = %config.consumer, %error, "outbox retention sweep failed");
             }
         }
-        let cutoff = now_micros() - config.dead_letter_retention.as_micros() as i64;
+        let cutoff = now_micros() - duration_micros(config.dead_letter_retention);
         match dead_letters::purge_older_than(&db, cutoff).await {
             Ok(0) => {}
             Ok(events) => tracing::info!(events, "dead letters past their retention deleted"),
@@ -345,7 +335,7 @@ impl Worker {
         let backend = self.db.get_database_backend();
         let now = now_micros();
         let token = uuid::Uuid::now_v7().to_string();
-        let lease_until = now + self.config.lease.as_micros() as i64;
+        let lease_until = now.saturating_add(duration_micros(self.config.lease));
         let skip_locked = if backend == DbBackend::Postgres {
             " FOR UPDATE SKIP LOCKED"
         } else {
@@ -456,7 +446,7 @@ impl Worker {
         let mut parts = vec![(0, claim.events.len())];
         while let Some((start, end)) = parts.pop() {
             // Never deliver what could not be acknowledged under this lease.
-            let timeout = self.config.delivery_timeout.as_micros() as i64;
+            let timeout = duration_micros(self.config.delivery_timeout);
             if now_micros() + timeout > claim.lease_until {
                 return Delivery::Failed(tonic::Status::deadline_exceeded(
                     "the claim's lease would expire before the batch is split to the end",
@@ -520,7 +510,7 @@ impl Worker {
             grpc.ready()
                 .await
                 .map_err(|e| tonic::Status::unavailable(format!("consumer not ready: {e}")))?;
-            let mut request = tonic::Request::new(RawDeliverRequest {
+            let mut request = tonic::Request::new(EncodedDeliverRequest {
                 producer: self.config.producer.clone(),
                 events: events.to_vec(),
             });
@@ -537,7 +527,8 @@ impl Worker {
                 .metadata_mut()
                 .insert("authorization", crate::grpc::bearer(&self.config.token));
             let path = http::uri::PathAndQuery::from_static("/waymark.common.v1.EventSink/Deliver");
-            let codec = tonic_prost::ProstCodec::<RawDeliverRequest, DeliverResponse>::default();
+            let codec =
+                tonic_prost::ProstCodec::<EncodedDeliverRequest, DeliverResponse>::default();
             grpc.unary(request, path, codec).await
         }
         .instrument(span)
@@ -640,13 +631,13 @@ impl Worker {
                          WHERE lease_owner = ?",
                     ),
                     [
-                        (now_micros() + delay.as_micros() as i64).into(),
+                        now_micros().saturating_add(duration_micros(delay)).into(),
                         claim.token.as_str().into(),
                     ],
                 ))
                 .await;
             let Err(error) = result else { return };
-            if now_micros() + pause.as_micros() as i64 >= claim.lease_until {
+            if now_micros().saturating_add(duration_micros(pause)) >= claim.lease_until {
                 tracing::warn!(consumer = %self.config.consumer, %error, "outbox release failed; the lease will expire");
                 return;
             }
@@ -720,7 +711,7 @@ mod tests {
             event: "Signed Up".into(),
             ..Event::default()
         };
-        let raw = RawDeliverRequest {
+        let raw = EncodedDeliverRequest {
             producer: "ingest".into(),
             events: vec![event.encode_to_vec()],
         };

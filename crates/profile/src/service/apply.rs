@@ -16,7 +16,7 @@ use std::time::Duration;
 use prost::Message;
 use sea_orm::{DbErr, TransactionTrait};
 use tokio::sync::MutexGuard;
-use waymark_kit::db::now_micros;
+use waymark_kit::time::{duration_micros, now_micros};
 use waymark_profile_cache::CacheWrite;
 use waymark_proto::common::v1::{Event, Identity};
 
@@ -81,7 +81,8 @@ impl Profiles {
                     });
                 }
                 Attempt::SeenBefore(again, so_far) => {
-                    let until = now_micros() + LOOK_UP_AFTER_REDELIVERY.as_micros() as i64;
+                    let until =
+                        now_micros().saturating_add(duration_micros(LOOK_UP_AFTER_REDELIVERY));
                     self.inner
                         .look_up_applied_until
                         .store(until, Ordering::Relaxed);

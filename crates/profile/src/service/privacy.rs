@@ -4,7 +4,7 @@
 use prost_types::value::Kind;
 use prost_types::{ListValue, Value};
 use sea_orm::TransactionTrait;
-use waymark_kit::db::now_micros;
+use waymark_kit::time::now_micros;
 use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::{Merge, Profile, Segment, TimelineEntry};
 

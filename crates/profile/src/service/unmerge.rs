@@ -10,16 +10,17 @@
 use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
-use waymark_kit::db::now_micros;
+use waymark_kit::time::now_micros;
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::Profile;
 
 use super::{ProfileError, Profiles, invalid, notice, segments, string_value};
 use crate::aggregate::AggregateState;
 use crate::identity::Ident;
-use crate::model::{apply_event, from_micros};
+use crate::model::apply_event;
 use crate::resolve::{Record, Rules};
 use crate::store;
+use waymark_kit::time::from_micros;
 
 /// A profile to rebuild from scratch: id, creation time, version and the memberships it is
 /// listed with kept (so segment changes come out as transitions), everything else from

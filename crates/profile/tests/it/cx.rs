@@ -67,7 +67,7 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
     let db = TestDb::new(backend).await;
     let config = with_aggregates(config(&db.url, &sink.start().await, Some(&redis_url())));
     let server = TestProfile::start(config).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     server
         .put_segment(
             "call-back",
@@ -192,8 +192,8 @@ async fn upset_customers_calm_down_with_time(backend: Backend) {
         0,
     );
     // To the microsecond: decay is measured from the signal's time.
-    csat.timestamp = Some(waymark_profile::model::from_micros(
-        waymark_kit::db::now_micros(),
+    csat.timestamp = Some(waymark_kit::time::from_micros(
+        waymark_kit::time::now_micros(),
     ));
     server.deliver(vec![csat]).await;
     let upset = get(&server, by_identity("user_id", "cx-2")).await.unwrap();

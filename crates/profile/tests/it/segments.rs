@@ -97,7 +97,7 @@ async fn segments_follow_conditions(backend: Backend) {
     let mut config = config(&db.url, &sink.start().await, Some(&redis_url()));
     config.segment_sweep_secs = 1;
     let server = TestProfile::start(config).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     server
         .deliver(vec![
             event(
@@ -357,7 +357,7 @@ waymark_testkit::on_both_backends!(segments_follow_conditions);
 async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Backend) {
     let sink = Sink::default();
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     let plan = |plan: &str| {
         event(
             EventType::Identify,
@@ -403,7 +403,7 @@ async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     let customers = 40;
     server
         .deliver(
@@ -466,7 +466,7 @@ async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     let customers = 1_100;
     for chunk in (0..customers).collect::<Vec<_>>().chunks(500) {
         server
@@ -533,7 +533,7 @@ async fn a_deletion_stopped_half_way_finishes_when_called_again(backend: Backend
     let settings = config(&db.url, &sink.start().await, Some(&redis_url()));
     let database = settings.profile_database();
     let server = TestProfile::start(settings).await;
-    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let now = waymark_kit::time::now_micros() / 1_000_000;
     server.deliver((0..3).map(|n| gold(n, now)).collect()).await;
     server.put_segment("gold", r#"traits.tier == "gold""#).await;
     assert_eq!(wait_backfilled(&server, "gold").await.member_count, 3);
