@@ -239,7 +239,7 @@ impl ApplierMemory {
         let batch = self.set.take_batch();
         // Their identifiers already point at the survivors.
         for merge in &batch.merges {
-            self.set.records.remove(&merge.merged_id);
+            self.set.forget(&merge.merged_id);
         }
         batch
     }
@@ -248,7 +248,7 @@ impl ApplierMemory {
     /// per many batches rather than bookkeeping per profile. Profiles of batches in
     /// flight stay: the database may not hold them yet.
     fn evict(&mut self) {
-        let records = &mut self.set.records;
+        let records = &self.set.records;
         if records.len() <= self.capacity {
             return;
         }
@@ -265,7 +265,7 @@ impl ApplierMemory {
         by_write.sort_unstable();
         let excess = records.len() - self.capacity + self.capacity / 10;
         for (_, id) in by_write.into_iter().take(excess) {
-            let Some(record) = records.remove(&id) else {
+            let Some(record) = self.set.forget(&id) else {
                 continue;
             };
             for identity in &record.profile.identities {

@@ -73,6 +73,16 @@ pub struct MergeRecord {
     pub at_us: i64,
 }
 
+/// An event whose identifiers pointed at profiles kept apart: it went to `profile_id`,
+/// and the identifiers the others own (`left_out`) stayed with them.
+#[derive(Debug, Clone)]
+pub struct KeptApart {
+    pub event_id: String,
+    pub profile_id: String,
+    pub apart: Vec<String>,
+    pub left_out: Vec<Ident>,
+}
+
 /// Everything a batch changed.
 #[derive(Debug, Default)]
 pub struct WorkingSet {
@@ -84,6 +94,14 @@ pub struct WorkingSet {
     /// recent ones: they stop resolving.
     pub evicted: HashSet<Ident>,
     pub merges: Vec<MergeRecord>,
+    /// For each live profile held that an Unmerge keeps apart from others, those others
+    /// (a pair is listed on the side of each profile held; either side tells).
+    pub apart: HashMap<String, HashSet<String>>,
+    /// (merged, survivor) of the merges whose merged profile was kept apart from others:
+    /// its pairs passed to the survivor.
+    pub apart_moved: Vec<(String, String)>,
+    /// Events whose identifiers pointed at profiles kept apart.
+    pub kept_apart: Vec<KeptApart>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
     /// Synthetic events (Profile Merged, Trait Changed, Emotion Changed, Segment Entered
@@ -119,6 +137,33 @@ impl WorkingSet {
         }
     }
 
+    /// Adds loaded pairs of live profiles an Unmerge keeps apart, on the side of each
+    /// profile held (add the profiles first).
+    pub fn keep_apart(&mut self, pairs: impl IntoIterator<Item = (String, String)>) {
+        for (a, b) in pairs {
+            for (side, other) in [(&a, &b), (&b, &a)] {
+                if self.records.contains_key(side) {
+                    self.apart
+                        .entry(side.clone())
+                        .or_default()
+                        .insert(other.clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets a profile (no longer held) and the pairs listed on its side.
+    pub fn forget(&mut self, id: &str) -> Option<Record> {
+        self.apart.remove(id);
+        self.records.remove(id)
+    }
+
+    /// Whether an Unmerge keeps the live profiles `a` and `b` apart.
+    fn kept_apart_pair(&self, a: &str, b: &str) -> bool {
+        let listed = |x: &str, y: &str| self.apart.get(x).is_some_and(|others| others.contains(y));
+        listed(a, b) || listed(b, a)
+    }
+
     /// Those of `idents` no profile in the set holds.
     pub fn unknown(&self, idents: &[Ident]) -> Vec<Ident> {
         idents
@@ -128,8 +173,8 @@ impl WorkingSet {
             .collect()
     }
 
-    /// Moves out what the batch changed (everything but the profiles and their index),
-    /// leaving the set ready for the next batch.
+    /// Moves out what the batch changed (everything but the profiles, their index and
+    /// their pairs kept apart), leaving the set ready for the next batch.
     pub fn take_batch(&mut self) -> WorkingSet {
         WorkingSet {
             records: HashMap::new(),
@@ -138,6 +183,9 @@ impl WorkingSet {
             dirty_identities: std::mem::take(&mut self.dirty_identities),
             evicted: std::mem::take(&mut self.evicted),
             merges: std::mem::take(&mut self.merges),
+            apart: HashMap::new(),
+            apart_moved: std::mem::take(&mut self.apart_moved),
+            kept_apart: std::mem::take(&mut self.kept_apart),
             applied: std::mem::take(&mut self.applied),
             synthetic: std::mem::take(&mut self.synthetic),
             merged_away_exits: std::mem::take(&mut self.merged_away_exits),
@@ -168,8 +216,15 @@ impl WorkingSet {
             self.unattributed.push(event);
             return;
         }
+        let mut kept_apart: Option<KeptApart> = None;
         let profile_id = loop {
             let matched = self.matching(&ids);
+            if let Some(kept) = self.split_apart(&event, &ids, &matched) {
+                // Leave out the identifiers of the profiles kept apart and resolve again.
+                ids.retain(|ident| !kept.left_out.contains(ident));
+                kept_apart = Some(kept);
+                continue;
+            }
             if self.fits(&rules.identity, &ids, &matched) {
                 let id = self.resolve(&ids, matched, &event, &rules.aggregates, now_us);
                 self.keep_recent(&rules.identity, &id, &ids);
@@ -201,6 +256,10 @@ impl WorkingSet {
             self.synthetic
                 .push((emotion_changed_event(&event, change), profile_id.clone()));
         }
+        if let Some(mut kept) = kept_apart {
+            kept.profile_id = profile_id.clone();
+            self.kept_apart.push(kept);
+        }
         event.profile_id = profile_id.clone();
         self.applied.push((event, profile_id));
     }
@@ -225,6 +284,51 @@ impl WorkingSet {
             )
         });
         found
+    }
+
+    /// When `matched` holds profiles an Unmerge keeps apart: the profile owning the
+    /// event's highest-priority identifier (`ids` come highest first) stays, then each
+    /// other one in the order of the best identifier it owns, unless it is kept apart from
+    /// one that stays. Returns the profiles that do not stay and the identifiers they own,
+    /// to leave out (the event then goes to those that stay, merged as usual).
+    fn split_apart(
+        &self,
+        event: &Event,
+        ids: &[Ident],
+        matched: &[(String, Vec<Ident>)],
+    ) -> Option<KeptApart> {
+        if self.apart.is_empty() || matched.len() < 2 {
+            return None;
+        }
+        // Each profile's evidence lists its identifiers in the order of `ids`.
+        let best = |evidence: &[Ident]| {
+            evidence
+                .first()
+                .and_then(|first| ids.iter().position(|i| i == first))
+        };
+        let mut by_priority: Vec<&(String, Vec<Ident>)> = matched.iter().collect();
+        by_priority.sort_by_key(|(_, evidence)| best(evidence));
+        let mut staying: Vec<&str> = Vec::new();
+        let mut apart = Vec::new();
+        let mut left_out = Vec::new();
+        for (id, evidence) in by_priority {
+            if staying.iter().any(|s| self.kept_apart_pair(s, id)) {
+                apart.push(id.clone());
+                left_out.extend(evidence.iter().cloned());
+            } else {
+                staying.push(id);
+            }
+        }
+        if apart.is_empty() {
+            return None;
+        }
+        Some(KeptApart {
+            event_id: event.event_id.clone(),
+            // Known once the event is resolved.
+            profile_id: String::new(),
+            apart,
+            left_out,
+        })
     }
 
     /// Whether the profiles and the event's identifiers together stay within every limit
@@ -362,6 +466,21 @@ impl WorkingSet {
         let Some(mut merged) = self.records.remove(other) else {
             return;
         };
+        // The survivor now holds the merged profile's pairs kept apart.
+        if let Some(others) = self.apart.remove(other) {
+            for o in &others {
+                if let Some(theirs) = self.apart.get_mut(o) {
+                    theirs.remove(other);
+                    theirs.insert(survivor.to_owned());
+                }
+            }
+            self.apart
+                .entry(survivor.to_owned())
+                .or_default()
+                .extend(others);
+            self.apart_moved
+                .push((other.to_owned(), survivor.to_owned()));
+        }
         for identity in &merged.profile.identities {
             let ident = (identity.r#type.clone(), identity.value.clone());
             self.index.insert(ident.clone(), survivor.to_owned());
