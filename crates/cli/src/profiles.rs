@@ -196,6 +196,8 @@ struct ExportView<'a> {
     profile: Option<ProfileView<'a>>,
     timeline: Vec<TimelineEntryView<'a>>,
     merges: Vec<MergeView<'a>>,
+    #[serde(rename = "doNotMerge")]
+    do_not_merge: Vec<DoNotMergeView<'a>>,
     segments: Vec<SegmentView<'a>>,
 }
 
@@ -320,6 +322,7 @@ pub async fn profiles(
                 profile: export.profile.as_ref().map(ProfileView::from),
                 timeline: all(&timeline),
                 merges: all(&export.merges),
+                do_not_merge: all(&export.do_not_merge),
                 segments: all(&export.segments),
             })
         }

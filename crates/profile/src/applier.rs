@@ -413,6 +413,22 @@ mod tests {
     }
 
     #[test]
+    fn evicted_profiles_take_their_pairs_kept_apart_with_them() {
+        let mut memory = ApplierMemory::new(1);
+        let set = memory.begin(1);
+        set.add([
+            record("old", 1, &[("user_id", "u1")]),
+            record("new", 2, &[("user_id", "u2")]),
+        ]);
+        set.keep_apart([("old".to_owned(), "new".to_owned())]);
+        memory.committed(1);
+        let set = memory.begin(2);
+        assert!(!set.records.contains_key("old"));
+        assert!(!set.apart.contains_key("old"), "gone with its profile");
+        assert!(set.apart["new"].contains("old"), "still kept apart from it");
+    }
+
+    #[test]
     fn capacity_zero_remembers_nothing() {
         let mut memory = ApplierMemory::new(0);
         memory.begin(1).add([record("p1", 1, &[("user_id", "u1")])]);

@@ -210,6 +210,7 @@ impl ProfileService for ProfileGrpc {
             profile: export.profile,
             timeline: export.timeline,
             merges: export.merges,
+            do_not_merge: export.do_not_merge,
             segments: export.segments,
             next_page_token: export.next_page_token,
         }))

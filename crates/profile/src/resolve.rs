@@ -466,20 +466,24 @@ impl WorkingSet {
         let Some(mut merged) = self.records.remove(other) else {
             return;
         };
-        // The survivor now holds the merged profile's pairs kept apart.
-        if let Some(others) = self.apart.remove(other) {
-            for o in &others {
-                if let Some(theirs) = self.apart.get_mut(o) {
-                    theirs.remove(other);
-                    theirs.insert(survivor.to_owned());
+        // The survivor now holds the merged profile's pairs kept apart. Every side listing
+        // it is looked at, not only those it lists: a profile read from the database while
+        // a batch merging its partner away was still writing lists the partner's old id,
+        // and only the partner's survivor, held here, lists it.
+        if !self.apart.is_empty() {
+            for others in self.apart.values_mut() {
+                if others.remove(other) {
+                    others.insert(survivor.to_owned());
                 }
             }
-            self.apart
-                .entry(survivor.to_owned())
-                .or_default()
-                .extend(others);
-            self.apart_moved
-                .push((other.to_owned(), survivor.to_owned()));
+            if let Some(others) = self.apart.remove(other) {
+                self.apart
+                    .entry(survivor.to_owned())
+                    .or_default()
+                    .extend(others);
+                self.apart_moved
+                    .push((other.to_owned(), survivor.to_owned()));
+            }
         }
         for identity in &merged.profile.identities {
             let ident = (identity.r#type.clone(), identity.value.clone());
@@ -707,6 +711,90 @@ mod tests {
         let u2 = set.index[&("user_id".into(), "u-2".into())].clone();
         assert_ne!(u1, u2);
         assert_eq!(set.applied.last().unwrap().1, u2);
+    }
+
+    fn owner(set: &WorkingSet, t: &str, v: &str) -> String {
+        set.live(&set.index[&(t.to_owned(), v.to_owned())])
+            .to_owned()
+    }
+
+    #[test]
+    fn profiles_kept_apart_never_merge_and_the_event_goes_to_its_strongest_identifier() {
+        let mut set = WorkingSet::default();
+        apply(&mut set, event("", "anon-a", Some("a@x.io")), 1);
+        apply(&mut set, event("", "anon-b", None), 2);
+        let (a, b) = (
+            owner(&set, "email", "a@x.io"),
+            owner(&set, "anonymous_id", "anon-b"),
+        );
+        set.keep_apart([(a.clone(), b.clone())]);
+        let linking = event("", "anon-b", Some("a@x.io"));
+        let linking_id = linking.event_id.clone();
+        apply(&mut set, linking, 3);
+        assert!(set.merges.is_empty());
+        assert_eq!(owner(&set, "anonymous_id", "anon-b"), b, "not moved");
+        assert_eq!(set.applied.last().unwrap().1, a, "the e-mail outranks");
+        assert_eq!(set.kept_apart.len(), 1);
+        let kept = &set.kept_apart[0];
+        assert_eq!(
+            (&kept.event_id, &kept.profile_id, &kept.apart),
+            (&linking_id, &a, &vec![b.clone()])
+        );
+        assert_eq!(kept.left_out, [("anonymous_id".into(), "anon-b".into())]);
+    }
+
+    #[test]
+    fn a_pair_passes_to_the_profile_a_side_is_merged_into() {
+        let mut set = WorkingSet::default();
+        apply(&mut set, event("", "anon-c", None), 1);
+        apply(&mut set, event("", "anon-a", Some("a@x.io")), 2);
+        apply(&mut set, event("", "anon-b", None), 3);
+        let (a, b, c) = (
+            owner(&set, "email", "a@x.io"),
+            owner(&set, "anonymous_id", "anon-b"),
+            owner(&set, "anonymous_id", "anon-c"),
+        );
+        set.keep_apart([(a.clone(), b.clone())]);
+        // b and c are not kept apart: b merges into c, the older, which takes the pair.
+        apply(&mut set, event("", "anon-c", Some("b@x.io")), 4);
+        apply(&mut set, event("", "anon-b", Some("b@x.io")), 5);
+        assert_eq!(owner(&set, "anonymous_id", "anon-b"), c);
+        assert_eq!(set.apart_moved, [(b.clone(), c.clone())]);
+        assert!(set.apart[&c].contains(&a) && set.apart[&a].contains(&c));
+        apply(&mut set, event("", "anon-c", Some("a@x.io")), 6);
+        assert_eq!(set.merges.len(), 1, "only b into c");
+        assert_eq!(owner(&set, "anonymous_id", "anon-c"), c);
+        assert_eq!(set.applied.last().unwrap().1, a);
+    }
+
+    #[test]
+    fn a_pair_read_before_its_partner_was_merged_away_still_holds() {
+        let mut set = WorkingSet::default();
+        for (n, anon) in ["anon-z", "anon-y", "anon-x", "anon-p"].iter().enumerate() {
+            apply(&mut set, event("", anon, None), n as i64 + 1);
+        }
+        let [z, y, x, p] =
+            ["anon-z", "anon-y", "anon-x", "anon-p"].map(|a| owner(&set, "anonymous_id", a));
+        // p is not held when x, kept apart from it, merges into y (the older): y takes the
+        // pair, and the merged x is forgotten, as the applier does once the batch is done.
+        let p_record = set.forget(&p).unwrap();
+        set.index
+            .remove(&("anonymous_id".to_owned(), "anon-p".to_owned()));
+        set.keep_apart([(x.clone(), p.clone())]);
+        apply(&mut set, event("", "anon-y", Some("x@x.io")), 5);
+        apply(&mut set, event("", "anon-x", Some("x@x.io")), 6);
+        assert_eq!(owner(&set, "anonymous_id", "anon-x"), y);
+        set.forget(&x);
+        // p is read from the database before that merge is written: its pair names x.
+        set.add([p_record]);
+        set.keep_apart([(p.clone(), x.clone())]);
+        // p merges into z (the older), which y is then kept apart from.
+        apply(&mut set, event("", "anon-z", Some("p@x.io")), 7);
+        apply(&mut set, event("", "anon-p", Some("p@x.io")), 8);
+        assert_eq!(owner(&set, "anonymous_id", "anon-p"), z);
+        apply(&mut set, event("", "anon-y", Some("p@x.io")), 9);
+        assert_eq!(set.merges.len(), 2, "x into y and p into z only");
+        assert_eq!(owner(&set, "anonymous_id", "anon-y"), y);
     }
 
     #[test]

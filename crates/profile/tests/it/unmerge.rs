@@ -568,6 +568,47 @@ async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
             .iter()
             .all(|m| m.merged_id != third.profile_id && m.survivor_id != third.profile_id)
     );
+
+    // Undoing the visitor's merge into the third profile passes the pair back to the
+    // visitor, and keeps the visitor and the third one apart in turn.
+    let merged_in = list_merges(&server, "anon-c")
+        .await
+        .merges
+        .into_iter()
+        .find(|m| m.merged_id == visitor.profile_id && m.unmerged_at.is_none())
+        .expect("the visitor's merge into the third profile");
+    server
+        .client()
+        .await
+        .unmerge(admin(UnmergeRequest {
+            merge_id: merged_in.merge_id.clone(),
+        }))
+        .await
+        .unwrap();
+    let on_visitor: Vec<String> = list_merges(&server, "anon-b")
+        .await
+        .do_not_merge
+        .into_iter()
+        .map(|d| d.merge_id)
+        .collect();
+    assert_eq!(on_visitor, [merge_id.clone(), merged_in.merge_id.clone()]);
+    let on_third: Vec<String> = list_merges(&server, "anon-c")
+        .await
+        .do_not_merge
+        .into_iter()
+        .map(|d| d.merge_id)
+        .collect();
+    assert_eq!(on_third, [merged_in.merge_id]);
+    // Kim's e-mail on the visitor's device again: still kept apart from Kim.
+    server.deliver(vec![wrong_link(800)]).await;
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-b"))
+            .await
+            .unwrap()
+            .profile_id,
+        visitor.profile_id
+    );
+    assert_eq!(total_events(&server, &kim.profile_id).await, kim_events + 2);
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(a_pair_holds_for_the_profile_a_side_is_merged_into);
@@ -581,6 +622,17 @@ async fn an_erasure_removes_the_pair(backend: Backend) {
     let (_, visitor, merge_id) = wrongly_merged_then_unmerged(&server).await;
     assert_eq!(list_merges(&server, "anon-a").await.do_not_merge.len(), 1);
     let mut client = server.client().await;
+    // What is held about the visitor includes the pair.
+    let export = client
+        .export_profile(admin(ExportProfileRequest {
+            profile_id: visitor.profile_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(export.do_not_merge.len(), 1);
+    assert_eq!(export.do_not_merge[0].merge_id, merge_id);
     client
         .delete_profile(admin(DeleteProfileRequest {
             profile_id: visitor.profile_id.clone(),
