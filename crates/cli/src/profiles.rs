@@ -13,7 +13,9 @@ use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use waymark_proto::profile::v1::*;
 
 use crate::client::{admin, rpc_error};
-use crate::render::{self, MergeView, ProfileView, SegmentView, TimelineEntryView, all};
+use crate::render::{
+    self, DoNotMergeView, MergeView, ProfileView, SegmentView, TimelineEntryView, all,
+};
 
 /// Which profile service to talk to.
 #[derive(Args)]
@@ -58,14 +60,23 @@ pub enum ProfilesCommand {
         #[arg(long)]
         yes: bool,
     },
-    /// Print the merges into a profile as JSON, oldest first.
+    /// Print the merges into a profile as JSON, oldest first, and the pairs of profiles
+    /// an unmerge keeps apart that hold for it.
     Merges {
         /// The surviving profile id.
         profile_id: String,
     },
-    /// Split a wrong merge back out; prints both profiles as JSON.
+    /// Split a wrong merge back out and keep the two profiles apart from then on; prints
+    /// both profiles as JSON.
     Unmerge {
         /// The `mergeId` from `waymark profiles merges`.
+        merge_id: String,
+    },
+    /// Lift the pair an unmerge keeps apart, so later evidence may merge the two profiles
+    /// again; prints the pair as JSON.
+    AllowMerge {
+        /// The `mergeId` of the undone merge, from `doNotMerge` in `waymark profiles
+        /// merges`.
         merge_id: String,
     },
 }
@@ -185,6 +196,8 @@ struct ExportView<'a> {
     profile: Option<ProfileView<'a>>,
     timeline: Vec<TimelineEntryView<'a>>,
     merges: Vec<MergeView<'a>>,
+    #[serde(rename = "doNotMerge")]
+    do_not_merge: Vec<DoNotMergeView<'a>>,
     segments: Vec<SegmentView<'a>>,
 }
 
@@ -195,6 +208,14 @@ struct DeletedView<'a> {
     profile_id: &'a str,
     suppressed: Vec<render::IdentityView<'a>>,
     timeline_entries: u64,
+}
+
+/// What `profiles merges` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MergesView<'a> {
+    merges: Vec<MergeView<'a>>,
+    do_not_merge: Vec<DoNotMergeView<'a>>,
 }
 
 /// What `profiles unmerge` prints.
@@ -301,6 +322,7 @@ pub async fn profiles(
                 profile: export.profile.as_ref().map(ProfileView::from),
                 timeline: all(&timeline),
                 merges: all(&export.merges),
+                do_not_merge: all(&export.do_not_merge),
                 segments: all(&export.segments),
             })
         }
@@ -319,13 +341,15 @@ pub async fn profiles(
             })
         }
         ProfilesCommand::Merges { profile_id } => {
-            let merges = client
+            let listed = client
                 .list_merges(admin(config, ListMergesRequest { profile_id })?)
                 .await
                 .map_err(fail)?
-                .into_inner()
-                .merges;
-            print(&all::<_, MergeView>(&merges))
+                .into_inner();
+            print(&MergesView {
+                merges: all(&listed.merges),
+                do_not_merge: all(&listed.do_not_merge),
+            })
         }
         ProfilesCommand::Unmerge { merge_id } => {
             let split = client
@@ -337,6 +361,15 @@ pub async fn profiles(
                 survivor: split.survivor.as_ref().map(ProfileView::from),
                 restored: split.restored.as_ref().map(ProfileView::from),
             })
+        }
+        ProfilesCommand::AllowMerge { merge_id } => {
+            let allowed = client
+                .allow_merge(admin(config, AllowMergeRequest { merge_id })?)
+                .await
+                .map_err(fail)?
+                .into_inner()
+                .allowed;
+            print(&allowed.as_ref().map(DoNotMergeView::from))
         }
     }
 }

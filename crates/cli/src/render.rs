@@ -14,8 +14,8 @@ use waymark_profile::emotion::label_name;
 use waymark_proto::common::v1::{Channel, EventType, Identity};
 use waymark_proto::json::{struct_to_json, value_to_json};
 use waymark_proto::profile::v1::{
-    ComputedTraits, Consent, Emotion, EmotionLabel, EmotionSignal, Merge, Profile, Segment,
-    TimelineEntry,
+    ComputedTraits, Consent, DoNotMerge, Emotion, EmotionLabel, EmotionSignal, Merge, Profile,
+    Segment, TimelineEntry,
 };
 
 #[derive(Serialize)]
@@ -219,6 +219,29 @@ impl<'a> From<&'a Merge> for MergeView<'a> {
             evidence: m.evidence.iter().map(IdentityView::from).collect(),
             merged_at: time(m.merged_at.as_ref()),
             unmerged_at: time(m.unmerged_at.as_ref()),
+        }
+    }
+}
+
+/// A pair of profiles an unmerge keeps apart.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DoNotMergeView<'a> {
+    merge_id: &'a str,
+    survivor_id: &'a str,
+    restored_id: &'a str,
+    evidence: Vec<IdentityView<'a>>,
+    unmerged_at: Option<String>,
+}
+
+impl<'a> From<&'a DoNotMerge> for DoNotMergeView<'a> {
+    fn from(d: &'a DoNotMerge) -> Self {
+        Self {
+            merge_id: &d.merge_id,
+            survivor_id: &d.survivor_id,
+            restored_id: &d.restored_id,
+            evidence: d.evidence.iter().map(IdentityView::from).collect(),
+            unmerged_at: time(d.unmerged_at.as_ref()),
         }
     }
 }

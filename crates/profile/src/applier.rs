@@ -239,7 +239,7 @@ impl ApplierMemory {
         let batch = self.set.take_batch();
         // Their identifiers already point at the survivors.
         for merge in &batch.merges {
-            self.set.records.remove(&merge.merged_id);
+            self.set.forget(&merge.merged_id);
         }
         batch
     }
@@ -248,7 +248,7 @@ impl ApplierMemory {
     /// per many batches rather than bookkeeping per profile. Profiles of batches in
     /// flight stay: the database may not hold them yet.
     fn evict(&mut self) {
-        let records = &mut self.set.records;
+        let records = &self.set.records;
         if records.len() <= self.capacity {
             return;
         }
@@ -265,7 +265,7 @@ impl ApplierMemory {
         by_write.sort_unstable();
         let excess = records.len() - self.capacity + self.capacity / 10;
         for (_, id) in by_write.into_iter().take(excess) {
-            let Some(record) = records.remove(&id) else {
+            let Some(record) = self.set.forget(&id) else {
                 continue;
             };
             for identity in &record.profile.identities {
@@ -410,6 +410,22 @@ mod tests {
         assert!(known.len() <= 10, "{} remembered", known.len());
         assert!(known.contains(&ident("user_id", "u19")), "the latest stays");
         assert!(!known.contains(&ident("user_id", "u0")), "the oldest went");
+    }
+
+    #[test]
+    fn evicted_profiles_take_their_pairs_kept_apart_with_them() {
+        let mut memory = ApplierMemory::new(1);
+        let set = memory.begin(1);
+        set.add([
+            record("old", 1, &[("user_id", "u1")]),
+            record("new", 2, &[("user_id", "u2")]),
+        ]);
+        set.keep_apart([("old".to_owned(), "new".to_owned())]);
+        memory.committed(1);
+        let set = memory.begin(2);
+        assert!(!set.records.contains_key("old"));
+        assert!(!set.apart.contains_key("old"), "gone with its profile");
+        assert!(set.apart["new"].contains("old"), "still kept apart from it");
     }
 
     #[test]

@@ -149,8 +149,11 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<ListMergesRequest>,
     ) -> Result<Response<ListMergesResponse>, Status> {
-        let merges = self.core.merges(&request.into_inner().profile_id).await?;
-        Ok(Response::new(ListMergesResponse { merges }))
+        let (merges, do_not_merge) = self.core.merges(&request.into_inner().profile_id).await?;
+        Ok(Response::new(ListMergesResponse {
+            merges,
+            do_not_merge,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(merge_id = %request.get_ref().merge_id))]
@@ -162,6 +165,20 @@ impl ProfileService for ProfileGrpc {
         Ok(Response::new(UnmergeResponse {
             survivor: Some(survivor),
             restored: Some(restored),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(merge_id = %request.get_ref().merge_id))]
+    async fn allow_merge(
+        &self,
+        request: Request<AllowMergeRequest>,
+    ) -> Result<Response<AllowMergeResponse>, Status> {
+        let allowed = self
+            .core
+            .allow_merge(&request.into_inner().merge_id)
+            .await?;
+        Ok(Response::new(AllowMergeResponse {
+            allowed: Some(allowed),
         }))
     }
 
@@ -193,6 +210,7 @@ impl ProfileService for ProfileGrpc {
             profile: export.profile,
             timeline: export.timeline,
             merges: export.merges,
+            do_not_merge: export.do_not_merge,
             segments: export.segments,
             next_page_token: export.next_page_token,
         }))

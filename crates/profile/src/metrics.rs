@@ -14,6 +14,9 @@ pub(crate) struct Metrics {
     emitted: Counter<u64>,
     /// Identifiers of delivered events that break their type's rule, by type and rule.
     identifiers_dropped: Counter<u64>,
+    /// Events whose identifiers pointed at profiles an Unmerge keeps apart: applied to
+    /// one, without merging.
+    kept_apart: Counter<u64>,
 }
 
 impl Metrics {
@@ -32,6 +35,18 @@ impl Metrics {
                 .u64_counter("profile.identifiers_dropped")
                 .with_description("identifiers that break their type's rule, by type and rule")
                 .build(),
+            kept_apart: meter
+                .u64_counter("profile.merges_kept_apart")
+                .with_description(
+                    "events linking profiles an unmerge keeps apart, applied without merging",
+                )
+                .build(),
+        }
+    }
+
+    pub(crate) fn kept_apart(&self, count: usize) {
+        if count > 0 {
+            self.kept_apart.add(count as u64, &[]);
         }
     }
 

@@ -74,6 +74,16 @@ pub struct MergeRecord {
     pub at_us: i64,
 }
 
+/// An event whose identifiers pointed at profiles kept apart: it went to `profile_id`,
+/// and the identifiers the others own (`left_out`) stayed with them.
+#[derive(Debug, Clone)]
+pub struct KeptApart {
+    pub event_id: String,
+    pub profile_id: String,
+    pub apart: Vec<String>,
+    pub left_out: Vec<Ident>,
+}
+
 /// Everything a batch changed.
 #[derive(Debug, Default)]
 pub struct WorkingSet {
@@ -85,6 +95,14 @@ pub struct WorkingSet {
     /// recent ones: they stop resolving.
     pub evicted: HashSet<Ident>,
     pub merges: Vec<MergeRecord>,
+    /// For each live profile held that an Unmerge keeps apart from others, those others
+    /// (a pair is listed on the side of each profile held; either side tells).
+    pub apart: HashMap<String, HashSet<String>>,
+    /// (merged, survivor) of the merges whose merged profile was kept apart from others:
+    /// its pairs passed to the survivor.
+    pub apart_moved: Vec<(String, String)>,
+    /// Events whose identifiers pointed at profiles kept apart.
+    pub kept_apart: Vec<KeptApart>,
     /// (event, profile id at the time) of each applied event, in order.
     pub applied: Vec<(Event, String)>,
     /// Synthetic events (Profile Merged, Trait Changed, Emotion Changed, Segment Entered
@@ -120,6 +138,33 @@ impl WorkingSet {
         }
     }
 
+    /// Adds loaded pairs of live profiles an Unmerge keeps apart, on the side of each
+    /// profile held (add the profiles first).
+    pub fn keep_apart(&mut self, pairs: impl IntoIterator<Item = (String, String)>) {
+        for (a, b) in pairs {
+            for (side, other) in [(&a, &b), (&b, &a)] {
+                if self.records.contains_key(side) {
+                    self.apart
+                        .entry(side.clone())
+                        .or_default()
+                        .insert(other.clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets a profile (no longer held) and the pairs listed on its side.
+    pub fn forget(&mut self, id: &str) -> Option<Record> {
+        self.apart.remove(id);
+        self.records.remove(id)
+    }
+
+    /// Whether an Unmerge keeps the live profiles `a` and `b` apart.
+    fn kept_apart_pair(&self, a: &str, b: &str) -> bool {
+        let listed = |x: &str, y: &str| self.apart.get(x).is_some_and(|others| others.contains(y));
+        listed(a, b) || listed(b, a)
+    }
+
     /// Those of `idents` no profile in the set holds.
     pub fn unknown(&self, idents: &[Ident]) -> Vec<Ident> {
         idents
@@ -129,8 +174,8 @@ impl WorkingSet {
             .collect()
     }
 
-    /// Moves out what the batch changed (everything but the profiles and their index),
-    /// leaving the set ready for the next batch.
+    /// Moves out what the batch changed (everything but the profiles, their index and
+    /// their pairs kept apart), leaving the set ready for the next batch.
     pub fn take_batch(&mut self) -> WorkingSet {
         WorkingSet {
             records: HashMap::new(),
@@ -139,6 +184,9 @@ impl WorkingSet {
             dirty_identities: std::mem::take(&mut self.dirty_identities),
             evicted: std::mem::take(&mut self.evicted),
             merges: std::mem::take(&mut self.merges),
+            apart: HashMap::new(),
+            apart_moved: std::mem::take(&mut self.apart_moved),
+            kept_apart: std::mem::take(&mut self.kept_apart),
             applied: std::mem::take(&mut self.applied),
             synthetic: std::mem::take(&mut self.synthetic),
             merged_away_exits: std::mem::take(&mut self.merged_away_exits),
@@ -169,8 +217,15 @@ impl WorkingSet {
             self.unattributed.push(event);
             return;
         }
+        let mut kept_apart: Option<KeptApart> = None;
         let profile_id = loop {
             let matched = self.matching(&ids);
+            if let Some(kept) = self.split_apart(&event, &ids, &matched) {
+                // Leave out the identifiers of the profiles kept apart and resolve again.
+                ids.retain(|ident| !kept.left_out.contains(ident));
+                kept_apart = Some(kept);
+                continue;
+            }
             if self.fits(&rules.identity, &ids, &matched) {
                 let id = self.resolve(&ids, matched, &event, &rules.aggregates, now_us);
                 self.keep_recent(&rules.identity, &id, &ids);
@@ -202,6 +257,10 @@ impl WorkingSet {
             self.synthetic
                 .push((emotion_changed_event(&event, change), profile_id.clone()));
         }
+        if let Some(mut kept) = kept_apart {
+            kept.profile_id = profile_id.clone();
+            self.kept_apart.push(kept);
+        }
         event.profile_id = profile_id.clone();
         self.applied.push((event, profile_id));
     }
@@ -226,6 +285,51 @@ impl WorkingSet {
             )
         });
         found
+    }
+
+    /// When `matched` holds profiles an Unmerge keeps apart: the profile owning the
+    /// event's highest-priority identifier (`ids` come highest first) stays, then each
+    /// other one in the order of the best identifier it owns, unless it is kept apart from
+    /// one that stays. Returns the profiles that do not stay and the identifiers they own,
+    /// to leave out (the event then goes to those that stay, merged as usual).
+    fn split_apart(
+        &self,
+        event: &Event,
+        ids: &[Ident],
+        matched: &[(String, Vec<Ident>)],
+    ) -> Option<KeptApart> {
+        if self.apart.is_empty() || matched.len() < 2 {
+            return None;
+        }
+        // Each profile's evidence lists its identifiers in the order of `ids`.
+        let best = |evidence: &[Ident]| {
+            evidence
+                .first()
+                .and_then(|first| ids.iter().position(|i| i == first))
+        };
+        let mut by_priority: Vec<&(String, Vec<Ident>)> = matched.iter().collect();
+        by_priority.sort_by_key(|(_, evidence)| best(evidence));
+        let mut staying: Vec<&str> = Vec::new();
+        let mut apart = Vec::new();
+        let mut left_out = Vec::new();
+        for (id, evidence) in by_priority {
+            if staying.iter().any(|s| self.kept_apart_pair(s, id)) {
+                apart.push(id.clone());
+                left_out.extend(evidence.iter().cloned());
+            } else {
+                staying.push(id);
+            }
+        }
+        if apart.is_empty() {
+            return None;
+        }
+        Some(KeptApart {
+            event_id: event.event_id.clone(),
+            // Known once the event is resolved.
+            profile_id: String::new(),
+            apart,
+            left_out,
+        })
     }
 
     /// Whether the profiles and the event's identifiers together stay within every limit
@@ -363,6 +467,25 @@ impl WorkingSet {
         let Some(mut merged) = self.records.remove(other) else {
             return;
         };
+        // The survivor now holds the merged profile's pairs kept apart. Every side listing
+        // it is looked at, not only those it lists: a profile read from the database while
+        // a batch merging its partner away was still writing lists the partner's old id,
+        // and only the partner's survivor, held here, lists it.
+        if !self.apart.is_empty() {
+            for others in self.apart.values_mut() {
+                if others.remove(other) {
+                    others.insert(survivor.to_owned());
+                }
+            }
+            if let Some(others) = self.apart.remove(other) {
+                self.apart
+                    .entry(survivor.to_owned())
+                    .or_default()
+                    .extend(others);
+                self.apart_moved
+                    .push((other.to_owned(), survivor.to_owned()));
+            }
+        }
         for identity in &merged.profile.identities {
             let ident = (identity.r#type.clone(), identity.value.clone());
             self.index.insert(ident.clone(), survivor.to_owned());
@@ -589,6 +712,90 @@ mod tests {
         let u2 = set.index[&("user_id".into(), "u-2".into())].clone();
         assert_ne!(u1, u2);
         assert_eq!(set.applied.last().unwrap().1, u2);
+    }
+
+    fn owner(set: &WorkingSet, t: &str, v: &str) -> String {
+        set.live(&set.index[&(t.to_owned(), v.to_owned())])
+            .to_owned()
+    }
+
+    #[test]
+    fn profiles_kept_apart_never_merge_and_the_event_goes_to_its_strongest_identifier() {
+        let mut set = WorkingSet::default();
+        apply(&mut set, event("", "anon-a", Some("a@x.io")), 1);
+        apply(&mut set, event("", "anon-b", None), 2);
+        let (a, b) = (
+            owner(&set, "email", "a@x.io"),
+            owner(&set, "anonymous_id", "anon-b"),
+        );
+        set.keep_apart([(a.clone(), b.clone())]);
+        let linking = event("", "anon-b", Some("a@x.io"));
+        let linking_id = linking.event_id.clone();
+        apply(&mut set, linking, 3);
+        assert!(set.merges.is_empty());
+        assert_eq!(owner(&set, "anonymous_id", "anon-b"), b, "not moved");
+        assert_eq!(set.applied.last().unwrap().1, a, "the e-mail outranks");
+        assert_eq!(set.kept_apart.len(), 1);
+        let kept = &set.kept_apart[0];
+        assert_eq!(
+            (&kept.event_id, &kept.profile_id, &kept.apart),
+            (&linking_id, &a, &vec![b.clone()])
+        );
+        assert_eq!(kept.left_out, [("anonymous_id".into(), "anon-b".into())]);
+    }
+
+    #[test]
+    fn a_pair_passes_to_the_profile_a_side_is_merged_into() {
+        let mut set = WorkingSet::default();
+        apply(&mut set, event("", "anon-c", None), 1);
+        apply(&mut set, event("", "anon-a", Some("a@x.io")), 2);
+        apply(&mut set, event("", "anon-b", None), 3);
+        let (a, b, c) = (
+            owner(&set, "email", "a@x.io"),
+            owner(&set, "anonymous_id", "anon-b"),
+            owner(&set, "anonymous_id", "anon-c"),
+        );
+        set.keep_apart([(a.clone(), b.clone())]);
+        // b and c are not kept apart: b merges into c, the older, which takes the pair.
+        apply(&mut set, event("", "anon-c", Some("b@x.io")), 4);
+        apply(&mut set, event("", "anon-b", Some("b@x.io")), 5);
+        assert_eq!(owner(&set, "anonymous_id", "anon-b"), c);
+        assert_eq!(set.apart_moved, [(b.clone(), c.clone())]);
+        assert!(set.apart[&c].contains(&a) && set.apart[&a].contains(&c));
+        apply(&mut set, event("", "anon-c", Some("a@x.io")), 6);
+        assert_eq!(set.merges.len(), 1, "only b into c");
+        assert_eq!(owner(&set, "anonymous_id", "anon-c"), c);
+        assert_eq!(set.applied.last().unwrap().1, a);
+    }
+
+    #[test]
+    fn a_pair_read_before_its_partner_was_merged_away_still_holds() {
+        let mut set = WorkingSet::default();
+        for (n, anon) in ["anon-z", "anon-y", "anon-x", "anon-p"].iter().enumerate() {
+            apply(&mut set, event("", anon, None), n as i64 + 1);
+        }
+        let [z, y, x, p] =
+            ["anon-z", "anon-y", "anon-x", "anon-p"].map(|a| owner(&set, "anonymous_id", a));
+        // p is not held when x, kept apart from it, merges into y (the older): y takes the
+        // pair, and the merged x is forgotten, as the applier does once the batch is done.
+        let p_record = set.forget(&p).unwrap();
+        set.index
+            .remove(&("anonymous_id".to_owned(), "anon-p".to_owned()));
+        set.keep_apart([(x.clone(), p.clone())]);
+        apply(&mut set, event("", "anon-y", Some("x@x.io")), 5);
+        apply(&mut set, event("", "anon-x", Some("x@x.io")), 6);
+        assert_eq!(owner(&set, "anonymous_id", "anon-x"), y);
+        set.forget(&x);
+        // p is read from the database before that merge is written: its pair names x.
+        set.add([p_record]);
+        set.keep_apart([(p.clone(), x.clone())]);
+        // p merges into z (the older), which y is then kept apart from.
+        apply(&mut set, event("", "anon-z", Some("p@x.io")), 7);
+        apply(&mut set, event("", "anon-p", Some("p@x.io")), 8);
+        assert_eq!(owner(&set, "anonymous_id", "anon-p"), z);
+        apply(&mut set, event("", "anon-y", Some("p@x.io")), 9);
+        assert_eq!(set.merges.len(), 2, "x into y and p into z only");
+        assert_eq!(owner(&set, "anonymous_id", "anon-y"), y);
     }
 
     #[test]

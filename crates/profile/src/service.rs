@@ -10,7 +10,7 @@ use waymark_kit::outbox::Wakeup;
 use waymark_kit::time::{duration_micros, now_micros};
 use waymark_profile_cache::ProfileCache;
 use waymark_proto::common::v1::{Channel, Event, EventType};
-use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
+use waymark_proto::profile::v1::{DoNotMerge, Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
 use crate::identity::{Ident, IdentHasher};
@@ -572,9 +572,17 @@ impl Profiles {
         self.apply_trusted(profile_id, change).await
     }
 
-    /// The merge history of the live profile `profile_id` is or was merged into.
-    pub async fn merges(&self, profile_id: &str) -> Result<Vec<Merge>, ProfileError> {
+    /// The merge history of the live profile `profile_id` is or was merged into, and the
+    /// pairs kept apart that hold for it.
+    pub async fn merges(
+        &self,
+        profile_id: &str,
+    ) -> Result<(Vec<Merge>, Vec<DoNotMerge>), ProfileError> {
         let live = self.get(profile_id).await?;
-        Ok(store::merges(&self.inner.db, &live.profile_id).await?)
+        let db = &self.inner.db;
+        Ok((
+            store::merges(db, &live.profile_id).await?,
+            store::kept_apart_from(db, &live.profile_id).await?,
+        ))
     }
 }

@@ -142,7 +142,29 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     waymark_kit::outbox::dead_letters::migration(14),
     waymark_kit::outbox::trace_links(15),
+    Migration {
+        version: 16,
+        name: "profiles an Unmerge keeps apart",
+        postgres: DO_NOT_MERGE,
+        sqlite: DO_NOT_MERGE,
+    },
 ];
+
+/// One row per undone merge: the two profiles as the Unmerge left them, and the live
+/// profiles holding each now (a side merged into a third profile later passes the pair on
+/// to it), which is what resolution checks, from either side.
+const DO_NOT_MERGE: &str = "
+    CREATE TABLE do_not_merge (
+        merge_id TEXT PRIMARY KEY,
+        survivor_id TEXT NOT NULL,
+        restored_id TEXT NOT NULL,
+        live_survivor TEXT NOT NULL,
+        live_restored TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        unmerged_at BIGINT NOT NULL
+    );
+    CREATE INDEX do_not_merge_survivor ON do_not_merge (live_survivor);
+    CREATE INDEX do_not_merge_restored ON do_not_merge (live_restored);";
 
 const PENDING_TOMBSTONES: &str = "
     CREATE TABLE pending_tombstones (
@@ -555,21 +577,29 @@ pub(crate) fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
     })
 }
 
-/// The live profiles owning any of `idents`.
+/// The live profiles owning any of `idents`, with the pairs of live profiles an Unmerge
+/// keeps apart that name any of them (each pair once per side loaded).
 pub async fn load_owners<C: ConnectionTrait>(
     conn: &C,
     idents: &[Ident],
-) -> Result<Vec<Record>, DbErr> {
+) -> Result<(Vec<Record>, Vec<(String, String)>), DbErr> {
     if idents.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     if conn.get_database_backend() == DbBackend::Postgres {
         let rows = query(
             conn,
             &format!(
                 // An array rather than `IN (subquery)`: the planner then probes the
-                // primary key per owner instead of hashing the whole profiles table.
-                "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id = ANY(ARRAY(
+                // primary key per owner instead of hashing the whole profiles table. The
+                // pairs come in the same statement, an index probe per side and profile,
+                // so the applier pays no round trip for them.
+                "SELECT {RECORD_COLUMNS}, ARRAY(
+                     SELECT d.live_restored FROM do_not_merge d
+                     WHERE d.live_survivor = p.profile_id
+                     UNION ALL SELECT d.live_survivor FROM do_not_merge d
+                     WHERE d.live_restored = p.profile_id)
+                 FROM profiles p WHERE profile_id = ANY(ARRAY(
                      SELECT i.profile_id FROM identities i
                      JOIN UNNEST(?::text[], ?::text[]) AS k(t, v)
                        ON i.id_type = k.t AND i.id_value = k.v))"
@@ -577,7 +607,16 @@ pub async fn load_owners<C: ConnectionTrait>(
             ident_arrays(idents),
         )
         .await?;
-        return rows.iter().map(record_from).collect();
+        let mut records = Vec::with_capacity(rows.len());
+        let mut apart = Vec::new();
+        for row in &rows {
+            let record = record_from(row)?;
+            let others: Vec<String> = row.try_get_by_index(5)?;
+            let id = &record.profile.profile_id;
+            apart.extend(others.into_iter().map(|other| (id.clone(), other)));
+            records.push(record);
+        }
+        return Ok((records, apart));
     }
     let mut owners: HashSet<String> = HashSet::new();
     for chunk in idents.chunks(MAX_PARAMS / 2) {
@@ -590,7 +629,29 @@ pub async fn load_owners<C: ConnectionTrait>(
         }
     }
     let ids: Vec<String> = owners.into_iter().collect();
-    load_records(conn, &ids).await
+    let records = load_records(conn, &ids).await?;
+    Ok((records, kept_apart(conn, &ids).await?))
+}
+
+/// The pairs of live profiles kept apart that name any of `ids`.
+async fn kept_apart<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[String],
+) -> Result<Vec<(String, String)>, DbErr> {
+    let mut apart = Vec::new();
+    for chunk in ids.chunks(MAX_PARAMS / 2) {
+        let list = in_list(chunk.len());
+        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
+        let text = format!(
+            "SELECT live_survivor, live_restored FROM do_not_merge
+             WHERE live_survivor IN ({list}) OR live_restored IN ({list})"
+        );
+        for row in query(conn, &text, values.iter().chain(&values).cloned()).await? {
+            let pair: (String, String) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+            apart.push(pair);
+        }
+    }
+    Ok(apart)
 }
 
 /// Profiles by id (live or merged).
@@ -765,6 +826,9 @@ pub struct BatchWrite {
     /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
     moved: Vec<(String, String)>,
     merges: Vec<Vec<Value>>,
+    /// (merged, survivor) of the merges whose merged profile was kept apart from others:
+    /// its pairs pass to the survivor.
+    apart_moved: Vec<(String, String)>,
     timeline: Vec<Column>,
     /// Every event the batch emits, encoded.
     outbox: Vec<Vec<u8>>,
@@ -856,6 +920,11 @@ impl BatchWrite {
                 .map(|m| (set.live(&m.survivor_id).to_owned(), m.merged_id.clone()))
                 .collect(),
             merges,
+            apart_moved: set
+                .apart_moved
+                .iter()
+                .map(|(merged, survivor)| (merged.clone(), set.live(survivor).to_owned()))
+                .collect(),
             timeline: timeline_columns(&timeline),
             outbox,
         }
@@ -879,6 +948,9 @@ impl BatchWrite {
             self.merges,
         )
         .await?;
+        for (merged, survivor) in &self.apart_moved {
+            pass_kept_apart(txn, merged, survivor).await?;
+        }
         let refs: Vec<&[u8]> = self.outbox.iter().map(Vec::as_slice).collect();
         if txn.get_database_backend() == DbBackend::Postgres {
             return write_in_one_statement(
@@ -926,6 +998,19 @@ async fn move_timelines(
             txn,
             "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
             [survivor.into(), merged.into()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points the pairs kept apart that hold for `from` at `to`, which now holds it.
+async fn pass_kept_apart<C: ConnectionTrait>(conn: &C, from: &str, to: &str) -> Result<(), DbErr> {
+    for column in ["live_survivor", "live_restored"] {
+        execute(
+            conn,
+            &format!("UPDATE do_not_merge SET {column} = ? WHERE {column} = ?"),
+            [to.into(), from.into()],
         )
         .await?;
     }

@@ -171,9 +171,10 @@ impl Profiles {
         // Identifiers the memory does not hold were not touched by the batches still
         // writing (theirs are all in memory), so the committed rows are current for them.
         let unknown = applier.set().unknown(idents);
-        let owners = store::load_owners(&self.inner.db, &unknown).await?;
+        let (owners, apart) = store::load_owners(&self.inner.db, &unknown).await?;
         let set = applier.set();
         set.add(owners);
+        set.keep_apart(apart);
         let prepared = self.resolve_batch(set, fresh, now);
         let Reserved {
             batch,
@@ -327,6 +328,17 @@ impl Profiles {
         metrics.delivered("duplicate", outcome.duplicates as usize);
         metrics.delivered("suppressed", outcome.suppressed as usize);
         metrics.delivered("unattributed", batch.unattributed.len());
+        metrics.kept_apart(batch.kept_apart.len());
+        for kept in &batch.kept_apart {
+            let left_out: Vec<&str> = kept.left_out.iter().map(|(t, _)| t.as_str()).collect();
+            tracing::info!(
+                event_id = %kept.event_id,
+                profile_id = %kept.profile_id,
+                kept_apart = ?kept.apart,
+                left_out = ?left_out,
+                "event linked profiles an unmerge keeps apart; applied without merging"
+            );
+        }
         metrics.emitted(
             batch
                 .synthetic
@@ -373,7 +385,9 @@ impl Profiles {
         // memory knows to forget everything at the next batch.
         let set = applier.begin(epoch);
         let unknown = set.unknown(idents);
-        set.add(store::load_owners(&txn, &unknown).await?);
+        let (owners, apart) = store::load_owners(&txn, &unknown).await?;
+        set.add(owners);
+        set.keep_apart(apart);
         let prepared = self.resolve_batch(set, fresh, now);
         let taken = prepared.write.execute(&txn, &self.inner.consumers).await?;
         if taken < set.applied.len() as u64 {

@@ -6,7 +6,7 @@ use prost_types::{ListValue, Value};
 use sea_orm::TransactionTrait;
 use waymark_kit::time::now_micros;
 use waymark_proto::common::v1::{Event, Identity};
-use waymark_proto::profile::v1::{Merge, Profile, Segment, TimelineEntry};
+use waymark_proto::profile::v1::{DoNotMerge, Merge, Profile, Segment, TimelineEntry};
 
 use super::{ProfileError, Profiles, invalid};
 use crate::identity::Ident;
@@ -27,12 +27,13 @@ pub struct Deleted {
 }
 
 /// Everything held about one person, a page of the timeline at a time: the profile,
-/// merges and segments come with the first page only.
+/// merges, the pairs kept apart and segments come with the first page only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Export {
     pub profile: Option<Profile>,
     pub timeline: Vec<TimelineEntry>,
     pub merges: Vec<Merge>,
+    pub do_not_merge: Vec<DoNotMerge>,
     pub segments: Vec<Segment>,
     /// Empty on the last page.
     pub next_page_token: String,
@@ -205,11 +206,13 @@ impl Profiles {
                 profile: None,
                 timeline,
                 merges: Vec::new(),
+                do_not_merge: Vec::new(),
                 segments: Vec::new(),
                 next_page_token,
             });
         }
         let merges = store::merges(db, &live_id).await?;
+        let do_not_merge = store::kept_apart_from(db, &live_id).await?;
         let mut segments = Vec::new();
         for segment_id in &record.profile.segments {
             if let Some(row) = store::segment(db, segment_id).await? {
@@ -220,6 +223,7 @@ impl Profiles {
             profile: Some(record.profile),
             timeline,
             merges,
+            do_not_merge,
             segments,
             next_page_token,
         })

@@ -5,14 +5,15 @@
 //! event belongs to the profile it was first applied to (its origin): events applied to
 //! the survivor after the merge stay with the survivor, even if they carried one of the
 //! merged profile's identifiers. Identifiers go back to the side that held them at the
-//! time of the merge. The next event linking both sides again merges them again.
+//! time of the merge. The two are then kept apart (`do_not_merge`): the operator said they
+//! are two people, so no later event merges them again until AllowMerge lifts the pair.
 
 use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use waymark_kit::time::now_micros;
 use waymark_proto::common::v1::Event;
-use waymark_proto::profile::v1::Profile;
+use waymark_proto::profile::v1::{DoNotMerge, Profile};
 
 use super::{ProfileError, Profiles, invalid, notice, segments, string_value};
 use crate::aggregate::AggregateState;
@@ -185,6 +186,15 @@ impl Profiles {
         store::assign_identities(&txn, &moved_idents, &restored.profile.profile_id).await?;
         store::move_timeline(&txn, &moved, &restored.profile.profile_id).await?;
         store::mark_unmerged(&txn, &merge.merge_id, now).await?;
+        store::restore_kept_apart(&txn, &moved, &restored.profile.profile_id).await?;
+        store::keep_apart(
+            &txn,
+            &merge,
+            &survivor.profile.profile_id,
+            &restored.profile.profile_id,
+            now,
+        )
+        .await?;
         super::emit(
             &txn,
             &self.inner.consumers,
@@ -206,6 +216,30 @@ impl Profiles {
             "merge undone"
         );
         Ok((survivor.profile, restored.profile))
+    }
+
+    /// Lifts the pair recorded by undoing `merge_id`, so later evidence may merge the two
+    /// again; returns it.
+    pub async fn allow_merge(&self, merge_id: &str) -> Result<DoNotMerge, ProfileError> {
+        if merge_id.is_empty() {
+            return Err(invalid("merge_id", "is required"));
+        }
+        // Under the applier, whose memory holds the pairs of the profiles it remembers:
+        // the lock's counter makes every replica's memory forget them.
+        let _guard = self.exclusive_applier().await;
+        let txn = self.inner.db.begin().await?;
+        self.lock_applier(&txn).await?;
+        let allowed = store::allow_merge(&txn, merge_id).await?.ok_or_else(|| {
+            ProfileError::NotFound(format!("no profiles kept apart by merge {merge_id:?}"))
+        })?;
+        txn.commit().await?;
+        tracing::info!(
+            merge_id,
+            survivor = %allowed.survivor_id,
+            restored = %allowed.restored_id,
+            "profiles no longer kept apart"
+        );
+        Ok(allowed)
     }
 
     /// Reads the merge and both sides through `conn`, and rebuilds them.

@@ -42,7 +42,8 @@ pub struct Erased {
 }
 
 /// Erases the profiles of `tree` (a live profile and those merged into it) with their
-/// identifiers, timeline, merge audit and segment memberships.
+/// identifiers, timeline, merge audit, the pairs kept apart holding for them and segment
+/// memberships.
 pub async fn erase(
     txn: &DatabaseTransaction,
     tree: &[String],
@@ -72,6 +73,15 @@ pub async fn erase(
         execute(
             txn,
             &format!("DELETE FROM merges WHERE survivor_id IN ({list}) OR merged_id IN ({list})"),
+            ids.iter().chain(&ids).cloned(),
+        )
+        .await?;
+        // A pair names the profiles and the identifiers that once linked them.
+        execute(
+            txn,
+            &format!(
+                "DELETE FROM do_not_merge WHERE live_survivor IN ({list}) OR live_restored IN ({list})"
+            ),
             ids.iter().chain(&ids).cloned(),
         )
         .await?;

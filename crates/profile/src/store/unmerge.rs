@@ -1,10 +1,11 @@
 //! What Unmerge reads and rewrites: one merge of the audit, the events of both sides a page
 //! at a time, identifier ownership and the timeline rows of the profiles being split back
-//! out.
+//! out; and the pairs of profiles it keeps apart (`do_not_merge`), which AllowMerge lifts.
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_proto::common::v1::Event;
+use waymark_proto::common::v1::{Event, Identity};
+use waymark_proto::profile::v1::DoNotMerge;
 
 use super::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::identity::Ident;
@@ -17,6 +18,8 @@ pub struct MergeRow {
     pub merged_id: String,
     pub merged_at: i64,
     pub unmerged_at: Option<i64>,
+    /// The identifiers that linked the two, as the audit stores them (JSON).
+    pub evidence: String,
 }
 
 /// A merge by its audit id.
@@ -26,7 +29,8 @@ pub async fn merge_by_id<C: ConnectionTrait>(
 ) -> Result<Option<MergeRow>, DbErr> {
     let row = query_one(
         conn,
-        "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at FROM merges WHERE merge_id = ?",
+        "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at, evidence
+         FROM merges WHERE merge_id = ?",
         [merge_id.into()],
     )
     .await?;
@@ -37,6 +41,7 @@ pub async fn merge_by_id<C: ConnectionTrait>(
             merged_id: r.try_get_by_index(2)?,
             merged_at: r.try_get_by_index(3)?,
             unmerged_at: r.try_get_by_index(4)?,
+            evidence: r.try_get_by_index(5)?,
         })
     })
     .transpose()
@@ -145,4 +150,117 @@ pub async fn events_page<C: ConnectionTrait>(
         events.push((row.try_get_by_index(0)?, event));
     }
     Ok(events)
+}
+
+/// Records that `survivor` and `restored`, split apart by undoing `merge`, are two people:
+/// resolution never merges them again.
+pub async fn keep_apart(
+    txn: &DatabaseTransaction,
+    merge: &MergeRow,
+    survivor: &str,
+    restored: &str,
+    now_us: i64,
+) -> Result<(), DbErr> {
+    execute(
+        txn,
+        "INSERT INTO do_not_merge (merge_id, survivor_id, restored_id, live_survivor,
+             live_restored, evidence, unmerged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            merge.merge_id.as_str().into(),
+            survivor.into(),
+            restored.into(),
+            survivor.into(),
+            restored.into(),
+            merge.evidence.as_str().into(),
+            now_us.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// After an unmerge restored `owner` with the profiles of `origins` inside it: the pairs
+/// naming any of them hold for `owner` again rather than for the profile it left.
+pub async fn restore_kept_apart(
+    txn: &DatabaseTransaction,
+    origins: &[String],
+    owner: &str,
+) -> Result<(), DbErr> {
+    for chunk in origins.chunks(MAX_PARAMS / 2) {
+        let list = in_list(chunk.len());
+        for (live, named) in [
+            ("live_survivor", "survivor_id"),
+            ("live_restored", "restored_id"),
+        ] {
+            let values = std::iter::once(Value::from(owner))
+                .chain(chunk.iter().map(|o| Value::from(o.as_str())));
+            execute(
+                txn,
+                &format!("UPDATE do_not_merge SET {live} = ? WHERE {named} IN ({list})"),
+                values,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+const DO_NOT_MERGE_COLUMNS: &str = "merge_id, survivor_id, restored_id, evidence, unmerged_at";
+
+fn do_not_merge_from(r: &sea_orm::QueryResult) -> Result<DoNotMerge, DbErr> {
+    let evidence: String = r.try_get_by_index(3)?;
+    let evidence: Vec<serde_json::Value> = serde_json::from_str(&evidence).unwrap_or_default();
+    Ok(DoNotMerge {
+        merge_id: r.try_get_by_index(0)?,
+        survivor_id: r.try_get_by_index(1)?,
+        restored_id: r.try_get_by_index(2)?,
+        evidence: evidence
+            .iter()
+            .map(|e| Identity {
+                r#type: e["type"].as_str().unwrap_or_default().to_owned(),
+                value: e["value"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect(),
+        unmerged_at: Some(waymark_kit::time::from_micros(r.try_get_by_index(4)?)),
+    })
+}
+
+/// The pairs kept apart that hold for the live profile `live_id`, oldest first.
+pub async fn kept_apart_from<C: ConnectionTrait>(
+    conn: &C,
+    live_id: &str,
+) -> Result<Vec<DoNotMerge>, DbErr> {
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT {DO_NOT_MERGE_COLUMNS} FROM do_not_merge
+             WHERE live_survivor = ? OR live_restored = ? ORDER BY unmerged_at, merge_id"
+        ),
+        [live_id.into(), live_id.into()],
+    )
+    .await?;
+    rows.iter().map(do_not_merge_from).collect()
+}
+
+/// Lifts the pair recorded by undoing `merge_id`; returns it, or None when there is none.
+pub async fn allow_merge(
+    txn: &DatabaseTransaction,
+    merge_id: &str,
+) -> Result<Option<DoNotMerge>, DbErr> {
+    let row = query_one(
+        txn,
+        &format!("SELECT {DO_NOT_MERGE_COLUMNS} FROM do_not_merge WHERE merge_id = ?"),
+        [merge_id.into()],
+    )
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    execute(
+        txn,
+        "DELETE FROM do_not_merge WHERE merge_id = ?",
+        [merge_id.into()],
+    )
+    .await?;
+    do_not_merge_from(&row).map(Some)
 }

@@ -320,3 +320,332 @@ async fn unmerge_of_a_long_timeline_while_events_arrive(backend: Backend) {
     server.stop().await;
 }
 waymark_testkit::on_both_backends!(unmerge_of_a_long_timeline_while_events_arrive);
+
+/// Kim (anonymous `anon-a`, her e-mail) and a second visitor (`anon-b`, a phone), merged
+/// wrongly by `anon-b` claiming Kim's e-mail, then split by Unmerge: (Kim, the visitor,
+/// the undone merge's id).
+async fn wrongly_merged_then_unmerged(server: &TestProfile) -> (Profile, Profile, String) {
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-a",
+            "",
+            json!({"email": "kim@example.com"}),
+            100,
+        )])
+        .await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-b",
+            "",
+            json!({"phone": "+44 20 7946 0958"}),
+            200,
+        )])
+        .await;
+    server.deliver(vec![wrong_link(300)]).await;
+    let merges = list_merges(server, "anon-a").await;
+    assert_eq!(merges.merges.len(), 1);
+    let merge_id = merges.merges[0].merge_id.clone();
+    let split = server
+        .client()
+        .await
+        .unmerge(admin(UnmergeRequest {
+            merge_id: merge_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    (split.survivor.unwrap(), split.restored.unwrap(), merge_id)
+}
+
+/// The identify that linked the two: `anon-b` with Kim's e-mail.
+fn wrong_link(at_secs: i64) -> waymark_proto::common::v1::Event {
+    event(
+        EventType::Identify,
+        "",
+        "anon-b",
+        "",
+        json!({"email": "kim@example.com"}),
+        at_secs,
+    )
+}
+
+/// ListMerges of the profile holding an anonymous id.
+async fn list_merges(server: &TestProfile, anonymous_id: &str) -> ListMergesResponse {
+    let live = get(server, by_identity("anonymous_id", anonymous_id))
+        .await
+        .unwrap();
+    server
+        .client()
+        .await
+        .list_merges(admin(ListMergesRequest {
+            profile_id: live.profile_id,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn total_events(server: &TestProfile, id: &str) -> u64 {
+    let profile = get(server, by_id(id)).await.unwrap();
+    profile.computed.unwrap().total_events
+}
+
+/// After an Unmerge the same evidence no longer merges the two: the event goes to the
+/// profile owning its strongest identifier (the e-mail: Kim's), `anon-b` stays with the
+/// visitor, and ListMerges shows the pair on both sides, until AllowMerge lifts it.
+async fn an_unmerge_sticks_until_allow_merge(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let (kim, visitor, merge_id) = wrongly_merged_then_unmerged(&server).await;
+    let (kim_events, visitor_events) = (
+        total_events(&server, &kim.profile_id).await,
+        total_events(&server, &visitor.profile_id).await,
+    );
+    // Twice: first loading both profiles from the database, then from the applier's
+    // memory of them.
+    for n in 1..=2 {
+        server.deliver(vec![wrong_link(400 + n)]).await;
+        for (request, owner) in [
+            (by_identity("anonymous_id", "anon-b"), &visitor.profile_id),
+            (by_identity("email", "kim@example.com"), &kim.profile_id),
+            (by_id(&visitor.profile_id), &visitor.profile_id),
+        ] {
+            assert_eq!(&get(&server, request).await.unwrap().profile_id, owner);
+        }
+        assert_eq!(
+            total_events(&server, &kim.profile_id).await,
+            kim_events + n as u64
+        );
+        assert_eq!(
+            total_events(&server, &visitor.profile_id).await,
+            visitor_events
+        );
+    }
+    for side in ["anon-a", "anon-b"] {
+        let listed = list_merges(&server, side).await;
+        assert_eq!(listed.do_not_merge.len(), 1, "{side}");
+        let pair = &listed.do_not_merge[0];
+        assert_eq!(pair.merge_id, merge_id);
+        assert_eq!(
+            (pair.survivor_id.as_str(), pair.restored_id.as_str()),
+            (kim.profile_id.as_str(), visitor.profile_id.as_str())
+        );
+        assert!(pair.unmerged_at.is_some());
+        assert!(
+            pair.evidence
+                .iter()
+                .any(|i| i.r#type == "email" && i.value == "kim@example.com")
+        );
+    }
+    let merges = list_merges(&server, "anon-a").await.merges;
+    assert_eq!(merges.len(), 1, "no new merge");
+
+    let mut client = server.client().await;
+    let error = client
+        .allow_merge(admin(AllowMergeRequest {
+            merge_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    let details =
+        tonic_types::StatusExt::get_details_bad_request(&error).expect("field violations");
+    assert_eq!(details.field_violations[0].field, "merge_id");
+    let error = client
+        .allow_merge(admin(AllowMergeRequest {
+            merge_id: "nope".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let allowed = client
+        .allow_merge(admin(AllowMergeRequest {
+            merge_id: merge_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .allowed
+        .unwrap();
+    assert_eq!(allowed.merge_id, merge_id);
+    assert!(list_merges(&server, "anon-b").await.do_not_merge.is_empty());
+    let again = client
+        .allow_merge(admin(AllowMergeRequest {
+            merge_id: merge_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+
+    // The same evidence merges them again, under a new merge.
+    server.deliver(vec![wrong_link(500)]).await;
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-b"))
+            .await
+            .unwrap()
+            .profile_id,
+        kim.profile_id
+    );
+    let merges = list_merges(&server, "anon-a").await.merges;
+    assert_eq!(merges.len(), 2);
+    assert!(merges[1].unmerged_at.is_none());
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_unmerge_sticks_until_allow_merge);
+
+/// A side of a pair merged into a third profile later passes the pair on to it: the
+/// third profile and the other side are kept apart too.
+async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    // A third visitor, older than the other two but Kim.
+    server
+        .deliver(vec![event(
+            EventType::Track,
+            "",
+            "anon-c",
+            "Page Viewed",
+            json!({}),
+            50,
+        )])
+        .await;
+    let third = get(&server, by_identity("anonymous_id", "anon-c"))
+        .await
+        .unwrap();
+    let (kim, visitor, merge_id) = wrongly_merged_then_unmerged(&server).await;
+    // The visitor turns out to be the third one (the visitor's phone on its device):
+    // merged into it, the older.
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-c",
+            "",
+            json!({"phone": "+44 20 7946 0958"}),
+            610,
+        )])
+        .await;
+    assert_eq!(
+        get(&server, by_id(&visitor.profile_id))
+            .await
+            .unwrap()
+            .profile_id,
+        third.profile_id
+    );
+    let listed = list_merges(&server, "anon-c").await;
+    assert_eq!(listed.do_not_merge.len(), 1);
+    assert_eq!(listed.do_not_merge[0].merge_id, merge_id);
+    // Kim's e-mail on the third profile's device: kept apart, the event goes to Kim.
+    let kim_events = total_events(&server, &kim.profile_id).await;
+    server
+        .deliver(vec![event(
+            EventType::Identify,
+            "",
+            "anon-c",
+            "",
+            json!({"email": "kim@example.com"}),
+            700,
+        )])
+        .await;
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-c"))
+            .await
+            .unwrap()
+            .profile_id,
+        third.profile_id
+    );
+    assert_eq!(total_events(&server, &kim.profile_id).await, kim_events + 1);
+    assert!(
+        list_merges(&server, "anon-a")
+            .await
+            .merges
+            .iter()
+            .all(|m| m.merged_id != third.profile_id && m.survivor_id != third.profile_id)
+    );
+
+    // Undoing the visitor's merge into the third profile passes the pair back to the
+    // visitor, and keeps the visitor and the third one apart in turn.
+    let merged_in = list_merges(&server, "anon-c")
+        .await
+        .merges
+        .into_iter()
+        .find(|m| m.merged_id == visitor.profile_id && m.unmerged_at.is_none())
+        .expect("the visitor's merge into the third profile");
+    server
+        .client()
+        .await
+        .unmerge(admin(UnmergeRequest {
+            merge_id: merged_in.merge_id.clone(),
+        }))
+        .await
+        .unwrap();
+    let on_visitor: Vec<String> = list_merges(&server, "anon-b")
+        .await
+        .do_not_merge
+        .into_iter()
+        .map(|d| d.merge_id)
+        .collect();
+    assert_eq!(on_visitor, [merge_id.clone(), merged_in.merge_id.clone()]);
+    let on_third: Vec<String> = list_merges(&server, "anon-c")
+        .await
+        .do_not_merge
+        .into_iter()
+        .map(|d| d.merge_id)
+        .collect();
+    assert_eq!(on_third, [merged_in.merge_id]);
+    // Kim's e-mail on the visitor's device again: still kept apart from Kim.
+    server.deliver(vec![wrong_link(800)]).await;
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-b"))
+            .await
+            .unwrap()
+            .profile_id,
+        visitor.profile_id
+    );
+    assert_eq!(total_events(&server, &kim.profile_id).await, kim_events + 2);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(a_pair_holds_for_the_profile_a_side_is_merged_into);
+
+/// Erasing either side removes the pair: it names the person and the identifiers that
+/// linked them.
+async fn an_erasure_removes_the_pair(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let (_, visitor, merge_id) = wrongly_merged_then_unmerged(&server).await;
+    assert_eq!(list_merges(&server, "anon-a").await.do_not_merge.len(), 1);
+    let mut client = server.client().await;
+    // What is held about the visitor includes the pair.
+    let export = client
+        .export_profile(admin(ExportProfileRequest {
+            profile_id: visitor.profile_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(export.do_not_merge.len(), 1);
+    assert_eq!(export.do_not_merge[0].merge_id, merge_id);
+    client
+        .delete_profile(admin(DeleteProfileRequest {
+            profile_id: visitor.profile_id.clone(),
+            reason: "ticket 7".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(list_merges(&server, "anon-a").await.do_not_merge.is_empty());
+    let error = client
+        .allow_merge(admin(AllowMergeRequest { merge_id }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(an_erasure_removes_the_pair);
