@@ -13,7 +13,9 @@ use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use waymark_proto::profile::v1::*;
 
 use crate::client::{admin, rpc_error};
-use crate::render::{self, MergeView, ProfileView, SegmentView, TimelineEntryView, all};
+use crate::render::{
+    self, AggregateStatusView, MergeView, ProfileView, SegmentView, TimelineEntryView, all,
+};
 
 /// Which profile service to talk to.
 #[derive(Args)]
@@ -68,6 +70,9 @@ pub enum ProfilesCommand {
         /// The `mergeId` from `waymark profiles merges`.
         merge_id: String,
     },
+    /// Print each configured aggregate as JSON, by name, with whether its backfill from
+    /// the stored timelines is done (after it was added or changed) and its progress.
+    Aggregates,
 }
 
 /// Exactly one way to find the profile.
@@ -337,6 +342,14 @@ pub async fn profiles(
                 survivor: split.survivor.as_ref().map(ProfileView::from),
                 restored: split.restored.as_ref().map(ProfileView::from),
             })
+        }
+        ProfilesCommand::Aggregates => {
+            let status = client
+                .get_aggregate_status(admin(config, GetAggregateStatusRequest {})?)
+                .await
+                .map_err(fail)?
+                .into_inner();
+            print(&all::<_, AggregateStatusView>(&status.aggregates))
         }
     }
 }

@@ -20,11 +20,13 @@ use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
 
+mod aggregates;
 mod apply;
 mod privacy;
 mod segments;
 mod unmerge;
 
+pub use aggregates::AGGREGATE_BACKFILL_PAGE;
 pub use privacy::{Deleted, Export, identity};
 
 /// What went wrong.

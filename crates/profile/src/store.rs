@@ -19,10 +19,12 @@ use crate::identity::Ident;
 use crate::model::{from_micros, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
 
+mod aggregates;
 mod privacy;
 mod segments;
 mod unmerge;
 
+pub use aggregates::*;
 pub use privacy::*;
 pub use segments::*;
 pub use unmerge::*;
@@ -141,6 +143,12 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     waymark_kit::outbox::dead_letters::migration(14),
     waymark_kit::outbox::trace_links(15),
+    Migration {
+        version: 17,
+        name: "what each aggregate was last computed for, and its backfill",
+        postgres: aggregates::AGGREGATE_SPECS,
+        sqlite: aggregates::AGGREGATE_SPECS,
+    },
 ];
 
 const PENDING_TOMBSTONES: &str = "
