@@ -316,3 +316,40 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
     assert_eq!(aggregate(&merged, "orders"), Some(6.0));
 }
 waymark_testkit::on_both_backends!(events_during_a_backfill_count_once);
+
+/// The same through the running service: orders delivered while the background backfill
+/// goes through 300 profiles (three pages) leave each profile with exactly its orders. How
+/// many deliveries overlap the backfill depends on the machine; the message says.
+async fn orders_delivered_while_the_service_backfills_count_once(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let base = config(&db.url, &sink.start().await, Some(&redis_url()));
+    let users: Vec<String> = (0..300).map(|n| format!("busy-{n:03}")).collect();
+    let now = waymark_kit::db::now_micros() / 1_000_000;
+    let orders = |at: i64| -> Vec<Event> { users.iter().map(|u| order(u, "", 1, at)).collect() };
+    let server = TestProfile::start(base.clone()).await;
+    server.deliver(orders(now - 2)).await;
+    server.deliver(orders(now - 1)).await;
+    server.stop().await;
+
+    let server = TestProfile::start(with_aggregates(&base, &[ORDERS])).await;
+    let mut during = 0;
+    // Newest profiles first: their pages come last, so their orders arrive before them.
+    let mut third = orders(now);
+    third.reverse();
+    for chunk in third.chunks(30) {
+        during += usize::from(!status(&server).await[0].backfilled);
+        server.deliver(chunk.to_vec()).await;
+    }
+    let done = wait_backfilled(&server).await;
+    assert_eq!(done[0].profiles_backfilled, 300);
+    for user in &users {
+        assert_eq!(
+            aggregate(&buyer(&server, user).await, "orders"),
+            Some(3.0),
+            "{user} ({during} of 10 deliveries during the backfill)"
+        );
+    }
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(orders_delivered_while_the_service_backfills_count_once);
