@@ -14,7 +14,8 @@ use waymark_proto::profile::v1::*;
 
 use crate::client::{admin, rpc_error};
 use crate::render::{
-    self, DoNotMergeView, MergeView, ProfileView, SegmentView, TimelineEntryView, all,
+    self, AggregateStatusView, DoNotMergeView, MergeView, ProfileView, SegmentView,
+    TimelineEntryView, all,
 };
 
 /// Which profile service to talk to.
@@ -79,6 +80,9 @@ pub enum ProfilesCommand {
         /// merges`.
         merge_id: String,
     },
+    /// Print each configured aggregate as JSON, by name, with whether its backfill from
+    /// the stored timelines is done (after it was added or changed) and its progress.
+    Aggregates,
 }
 
 /// Exactly one way to find the profile.
@@ -370,6 +374,14 @@ pub async fn profiles(
                 .into_inner()
                 .allowed;
             print(&allowed.as_ref().map(DoNotMergeView::from))
+        }
+        ProfilesCommand::Aggregates => {
+            let status = client
+                .get_aggregate_status(admin(config, GetAggregateStatusRequest {})?)
+                .await
+                .map_err(fail)?
+                .into_inner();
+            print(&all::<_, AggregateStatusView>(&status.aggregates))
         }
     }
 }

@@ -14,8 +14,8 @@ use waymark_profile::emotion::label_name;
 use waymark_proto::common::v1::{Channel, EventType, Identity};
 use waymark_proto::json::{struct_to_json, value_to_json};
 use waymark_proto::profile::v1::{
-    ComputedTraits, Consent, DoNotMerge, Emotion, EmotionLabel, EmotionSignal, Merge, Profile,
-    Segment, TimelineEntry,
+    AggregateStatus, ComputedTraits, Consent, DoNotMerge, Emotion, EmotionLabel, EmotionSignal,
+    Merge, Profile, Segment, TimelineEntry,
 };
 
 #[derive(Serialize)]
@@ -270,6 +270,28 @@ impl<'a> From<&'a Segment> for SegmentView<'a> {
             updated_at: time(s.updated_at.as_ref()),
             member_count: s.member_count,
             backfilled: s.backfilled,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AggregateStatusView<'a> {
+    name: &'a str,
+    definition: &'a str,
+    removed: bool,
+    backfilled: bool,
+    profiles_backfilled: u64,
+}
+
+impl<'a> From<&'a AggregateStatus> for AggregateStatusView<'a> {
+    fn from(a: &'a AggregateStatus) -> Self {
+        Self {
+            name: &a.name,
+            definition: &a.definition,
+            removed: a.removed,
+            backfilled: a.backfilled,
+            profiles_backfilled: a.profiles_backfilled,
         }
     }
 }

@@ -35,7 +35,9 @@
 //!   so a window busier than that under-counts.
 //! - Changing a spec (function, event, property or window) under the same name restarts
 //!   that aggregate from scratch: its old state is ignored and replaced on the next
-//!   matching event; history is not replayed.
+//!   matching event. History is replayed by the service, not here: at start-up it
+//!   backfills new and changed aggregates from each profile's stored timeline
+//!   (`service::aggregates`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -140,8 +142,10 @@ impl AggregateSpec {
         Ok(())
     }
 
-    /// Identifies what the state was computed for, so a changed spec starts afresh.
-    fn key(&self) -> String {
+    /// Identifies what the state was computed for (`function|event|property|window in
+    /// microseconds`), so a changed spec starts afresh; stored to tell, at start-up, which
+    /// aggregates are new or changed and need their backfill.
+    pub fn fingerprint(&self) -> String {
         format!(
             "{:?}|{}|{}|{}",
             self.function,
@@ -280,7 +284,7 @@ pub fn merge(into: &mut AggregateState, other: &AggregateState, specs: &[Aggrega
         let Some(theirs) = other
             .aggregates
             .get(&spec.name)
-            .filter(|a| a.spec == spec.key())
+            .filter(|a| a.spec == spec.fingerprint())
         else {
             continue;
         };
@@ -326,7 +330,7 @@ pub fn values(
         let Some(acc) = state
             .aggregates
             .get(&spec.name)
-            .filter(|a| a.spec == spec.key())
+            .filter(|a| a.spec == spec.fingerprint())
         else {
             continue;
         };
@@ -356,7 +360,7 @@ pub fn prune(state: &mut AggregateState, specs: &[AggregateSpec], now_us: i64) {
         let Some(spec) = specs.iter().find(|s| &s.name == name) else {
             return false;
         };
-        if acc.spec != spec.key() {
+        if acc.spec != spec.fingerprint() {
             return false;
         }
         if let Some(window) = spec.window {
@@ -369,7 +373,7 @@ pub fn prune(state: &mut AggregateState, specs: &[AggregateSpec], now_us: i64) {
 
 /// The accumulator of `spec`, fresh when missing or computed for another spec.
 fn accumulator<'a>(state: &'a mut AggregateState, spec: &AggregateSpec) -> &'a mut Accumulator {
-    let key = spec.key();
+    let key = spec.fingerprint();
     let acc = state.aggregates.entry(spec.name.clone()).or_default();
     if acc.spec != key {
         *acc = Accumulator {

@@ -1,5 +1,6 @@
 //! The profile service's background work while serving: pushing suppressions to
-//! ingestion, and the segment sweeper (backfills and time-based conditions).
+//! ingestion, the segment sweeper (backfills and time-based conditions) and the backfill
+//! of aggregates new or changed in the configuration.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use waymark_kit::secret::Secret;
 use waymark_proto::ingest::v1::SuppressIdentitiesRequest;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 
-use crate::service::{ProfileError, Profiles, identity};
+use crate::service::{AGGREGATE_BACKFILL_PAGE, ProfileError, Profiles, identity};
 
 /// Suppressions per `SuppressIdentities` call.
 const PUSH_BATCH: u32 = 500;
@@ -147,6 +148,26 @@ pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: Cancellat
                     tracing::warn!(%error, "reloading segments failed");
                 }
             }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Backfills the aggregates start-up found new, changed or removed, a page of profiles at
+/// a time, until none is left; retries after failures. A process stopped half-way leaves
+/// them not backfilled, and the next start goes on from the last page committed.
+pub async fn backfill_aggregates(core: Profiles, shutdown: CancellationToken) {
+    loop {
+        let pause = match core.backfill_aggregates(AGGREGATE_BACKFILL_PAGE).await {
+            Ok(true) => Duration::ZERO,
+            Ok(false) => return,
+            Err(error) => {
+                tracing::warn!(%error, "aggregate backfill failed; retrying");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
             () = shutdown.cancelled() => return,
         }
     }

@@ -301,4 +301,13 @@ impl ProfileService for ProfileGrpc {
             next_page_token,
         }))
     }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_aggregate_status(
+        &self,
+        _request: Request<GetAggregateStatusRequest>,
+    ) -> Result<Response<GetAggregateStatusResponse>, Status> {
+        let aggregates = self.core.aggregate_status().await?;
+        Ok(Response::new(GetAggregateStatusResponse { aggregates }))
+    }
 }

@@ -190,6 +190,14 @@ impl ProfileServer {
                 background::sweep_segments(core, every, shutdown).await;
             });
         }
+        {
+            let (core, shutdown, readiness) =
+                (self.core.clone(), shutdown.clone(), readiness.clone());
+            tasks.spawn(async move {
+                readiness.wait_serving(&shutdown).await;
+                background::backfill_aggregates(core, shutdown).await;
+            });
+        }
         let adapter = grpc::ProfileGrpc::new(self.core.clone());
         let limit = waymark_kit::grpc::MAX_MESSAGE_BYTES;
         let routes = tonic::service::Routes::new(

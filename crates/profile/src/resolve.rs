@@ -61,6 +61,62 @@ impl Record {
         computed.aggregates = values;
         true
     }
+
+    /// Replaces what the replayed aggregates remember with what `replay` computed from the
+    /// profile's whole history, drops the state of aggregates no longer in `specs`, and
+    /// recomputes the values as of `now_us`.
+    pub fn install_replay(
+        &mut self,
+        replay: AggregateReplay,
+        specs: &[AggregateSpec],
+        now_us: i64,
+    ) -> Installed {
+        let before = self.aggregates.clone();
+        for spec in &replay.specs {
+            self.aggregates.aggregates.remove(&spec.name);
+        }
+        self.aggregates.aggregates.extend(replay.state.aggregates);
+        let values = self.refresh_aggregates(specs, now_us);
+        Installed {
+            state: values || self.aggregates != before,
+            values,
+        }
+    }
+}
+
+/// What [`Record::install_replay`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    /// Something stored changed: the profile needs writing.
+    pub state: bool,
+    /// `computed.aggregates` changed: segments may see the profile differently.
+    pub values: bool,
+}
+
+/// Some aggregates computed afresh from a profile's stored events, oldest first, as
+/// [`Record::observe_aggregates`] would have computed them had they been configured all
+/// along (a trusted service's changes do not count).
+#[derive(Debug, Clone)]
+pub struct AggregateReplay {
+    specs: Vec<AggregateSpec>,
+    state: AggregateState,
+}
+
+impl AggregateReplay {
+    /// A replay of `specs`, before any event.
+    pub fn new(specs: Vec<AggregateSpec>) -> Self {
+        Self {
+            specs,
+            state: AggregateState::default(),
+        }
+    }
+
+    /// Folds in the next stored event.
+    pub fn observe(&mut self, event: &Event) {
+        if trusted_source(event).is_none() {
+            aggregate::observe(&mut self.state, &self.specs, event);
+        }
+    }
 }
 
 /// One merge, for the audit log.
@@ -841,5 +897,63 @@ mod tests {
                 "signal_event_id": first.event_id,
             })
         );
+    }
+
+    #[test]
+    fn a_replay_replaces_what_the_aggregate_counted_since_it_was_configured() {
+        let spec = |name: &str| -> AggregateSpec {
+            serde_json::from_value(serde_json::json!(
+                {"name": name, "event": "Clicked", "function": "count"}
+            ))
+            .unwrap()
+        };
+        let (clicks, old) = (vec![spec("clicks")], vec![spec("gone")]);
+        let mut set = WorkingSet::default();
+        let history: Vec<Event> = (0..3).map(|_| event("u1", "", None)).collect();
+        for e in &history {
+            apply(&mut set, e.clone(), 1);
+        }
+        let record = set.records.values_mut().next().unwrap();
+        record.aggregates = AggregateState::default();
+        // One event applied with `clicks` configured counts 1, and `gone` is still stored.
+        let mut latest = event("u1", "", None);
+        latest.timestamp = Some(from_micros(1));
+        record.observe_aggregates(&[clicks.clone(), old].concat(), &latest, 1);
+        assert_eq!(
+            record.profile.computed.as_ref().unwrap().aggregates["clicks"],
+            number(1.0)
+        );
+        let mut trusted = latest.clone();
+        trusted.source_id = format!("{}svc", crate::model::TRUSTED_SOURCE_PREFIX);
+        let mut replay = AggregateReplay::new(clicks.clone());
+        for e in history.iter().chain([&latest, &trusted]) {
+            let mut e = e.clone();
+            e.timestamp = Some(from_micros(1));
+            replay.observe(&e);
+        }
+        let installed = record.install_replay(replay, &clicks, 1);
+        assert_eq!(
+            installed,
+            Installed {
+                state: true,
+                values: true
+            }
+        );
+        let computed = record.profile.computed.as_ref().unwrap();
+        assert_eq!(
+            computed.aggregates,
+            [("clicks".to_owned(), number(4.0))].into(),
+            "the whole history once, the trusted change not at all, `gone` dropped"
+        );
+        assert_eq!(
+            record.aggregates.aggregates.keys().collect::<Vec<_>>(),
+            ["clicks"]
+        );
+    }
+
+    fn number(n: f64) -> Value {
+        Value {
+            kind: Some(Kind::NumberValue(n)),
+        }
     }
 }

@@ -21,11 +21,13 @@ use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
 use waymark_kit::time::from_micros;
 
+mod aggregates;
 mod apply;
 mod privacy;
 mod segments;
 mod unmerge;
 
+pub use aggregates::AGGREGATE_BACKFILL_PAGE;
 pub use privacy::{Deleted, Export, identity};
 
 /// What went wrong.

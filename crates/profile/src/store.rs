@@ -20,10 +20,12 @@ use crate::model::{address, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
 use waymark_kit::time::from_micros;
 
+mod aggregates;
 mod privacy;
 mod segments;
 mod unmerge;
 
+pub use aggregates::*;
 pub use privacy::*;
 pub use segments::*;
 pub use unmerge::*;
@@ -147,6 +149,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "profiles an Unmerge keeps apart",
         postgres: DO_NOT_MERGE,
         sqlite: DO_NOT_MERGE,
+    },
+    Migration {
+        version: 17,
+        name: "what each aggregate was last computed for, and its backfill",
+        postgres: aggregates::AGGREGATE_SPECS,
+        sqlite: aggregates::AGGREGATE_SPECS,
     },
 ];
 

@@ -369,6 +369,10 @@ impl Profiles {
             );
         }
         self.settle_tombstones().await?;
+        let pending = self.reconcile_aggregates().await?;
+        if pending > 0 {
+            tracing::info!(pending, "aggregates await their backfill");
+        }
         Ok(())
     }
 

@@ -61,7 +61,7 @@ fn segment_event(name: &str, profile_id: &str, segment: &str, label: &str, now_u
 
 /// Re-evaluates `only` (or every segment when `None`) for `profile`, updating its
 /// membership list. Segments outside `only` keep their membership.
-fn reevaluate(
+pub(super) fn reevaluate(
     profile: &mut Profile,
     definitions: &[SegmentDefinition],
     only: Option<&HashSet<String>>,
@@ -550,7 +550,7 @@ impl Profiles {
 }
 
 /// The events of one transition, each with the profile it belongs to.
-fn transition_events(
+pub(super) fn transition_events(
     t: &Transition,
     definitions: &[SegmentDefinition],
     now_us: i64,
@@ -578,7 +578,7 @@ fn transition_events(
 impl Profiles {
     /// Commits a sweep's page of changed profiles (their rows, membership index and
     /// events), then wakes the relays, counts the events and writes the cache.
-    async fn commit_page(
+    pub(super) async fn commit_page(
         &self,
         txn: DatabaseTransaction,
         records: &[Record],

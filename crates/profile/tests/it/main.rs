@@ -1,5 +1,6 @@
 //! Integration tests of the profile service against real PostgreSQL, SQLite and Redis.
 
+mod aggregates;
 mod cx;
 mod emitted;
 mod limits;

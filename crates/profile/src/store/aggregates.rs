@@ -1,0 +1,178 @@
+//! What the configured aggregates were last computed for, and how far their backfill from
+//! the stored timelines has come: one row per aggregate name, shared by every replica.
+
+use prost::Message;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_proto::common::v1::Event;
+
+use super::{RECORD_COLUMNS, execute, in_list, query, record_from};
+use crate::resolve::Record;
+
+/// Migration 17. `done_through` is the last profile id whose backfill page committed ('' before
+/// the first), so an interrupted backfill resumes after it.
+pub(crate) const AGGREGATE_SPECS: &str = "
+    CREATE TABLE aggregate_specs (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        removed BOOLEAN NOT NULL,
+        backfilled BOOLEAN NOT NULL,
+        done_through TEXT NOT NULL,
+        profiles_done BIGINT NOT NULL,
+        started_at BIGINT NOT NULL
+    );";
+
+/// One aggregate as last configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateRow {
+    pub name: String,
+    /// The fingerprint of its definition (`AggregateSpec::fingerprint`).
+    pub definition: String,
+    /// No longer configured: the backfill drops it from every profile, then the row goes.
+    pub removed: bool,
+    /// Every profile's state covers its whole stored timeline (or, when removed, no
+    /// profile holds it any more).
+    pub backfilled: bool,
+    /// The last profile id the backfill finished; '' before the first page.
+    pub done_through: String,
+    /// Profiles the backfill went through so far.
+    pub profiles_done: u64,
+    /// When the definition took effect (Unix microseconds): merges from then on may have
+    /// joined a backfilled profile to one not yet backfilled.
+    pub started_at: i64,
+}
+
+/// Every row, by name.
+pub async fn aggregate_rows<C: ConnectionTrait>(conn: &C) -> Result<Vec<AggregateRow>, DbErr> {
+    let rows = query(
+        conn,
+        "SELECT name, definition, removed, backfilled, done_through, profiles_done, started_at
+         FROM aggregate_specs ORDER BY name",
+        [],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(AggregateRow {
+                name: r.try_get_by_index(0)?,
+                definition: r.try_get_by_index(1)?,
+                removed: r.try_get_by_index(2)?,
+                backfilled: r.try_get_by_index(3)?,
+                done_through: r.try_get_by_index(4)?,
+                profiles_done: r.try_get_by_index::<i64>(5)?.max(0) as u64,
+                started_at: r.try_get_by_index(6)?,
+            })
+        })
+        .collect()
+}
+
+/// Writes a row (insert or replace).
+pub async fn put_aggregate_row(txn: &DatabaseTransaction, row: &AggregateRow) -> Result<(), DbErr> {
+    execute(
+        txn,
+        "INSERT INTO aggregate_specs
+             (name, definition, removed, backfilled, done_through, profiles_done, started_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (name) DO UPDATE SET definition = excluded.definition,
+             removed = excluded.removed, backfilled = excluded.backfilled,
+             done_through = excluded.done_through, profiles_done = excluded.profiles_done,
+             started_at = excluded.started_at",
+        [
+            row.name.as_str().into(),
+            row.definition.as_str().into(),
+            row.removed.into(),
+            row.backfilled.into(),
+            row.done_through.as_str().into(),
+            (row.profiles_done as i64).into(),
+            row.started_at.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes a row.
+pub async fn delete_aggregate_row(txn: &DatabaseTransaction, name: &str) -> Result<(), DbErr> {
+    execute(
+        txn,
+        "DELETE FROM aggregate_specs WHERE name = ?",
+        [name.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A page of profiles, live and merged away, ascending by id after `after`.
+pub async fn profiles_after<C: ConnectionTrait>(
+    conn: &C,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<Record>, DbErr> {
+    let rows = query(
+        conn,
+        &format!(
+            "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id > ?
+             ORDER BY profile_id LIMIT ?"
+        ),
+        [after.into(), i64::from(limit).into()],
+    )
+    .await?;
+    rows.iter().map(record_from).collect()
+}
+
+/// Those of `merged_ids` merged away at or after `since_us` (by a merge still standing).
+pub async fn merged_since<C: ConnectionTrait>(
+    conn: &C,
+    merged_ids: &[String],
+    since_us: i64,
+) -> Result<Vec<String>, DbErr> {
+    if merged_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = format!(
+        "SELECT DISTINCT merged_id FROM merges
+         WHERE merged_id IN ({}) AND merged_at >= ? AND unmerged_at IS NULL",
+        in_list(merged_ids.len())
+    );
+    let values = merged_ids
+        .iter()
+        .map(|s| Value::from(s.as_str()))
+        .chain([Value::from(since_us)]);
+    query(conn, &text, values)
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index(0))
+        .collect()
+}
+
+/// A page of the events on a live profile's timeline (its own and those of every profile
+/// merged into it), oldest first, after `after` (ts, event_id). Rows written before schema
+/// version 3 hold no event and are left out.
+pub async fn history_page<C: ConnectionTrait>(
+    conn: &C,
+    profile_id: &str,
+    after: &(i64, String),
+    limit: u32,
+) -> Result<Vec<Event>, DbErr> {
+    let (ts, id) = after;
+    let rows = query(
+        conn,
+        "SELECT event FROM timeline
+         WHERE profile_id = ? AND event IS NOT NULL AND (ts > ? OR (ts = ? AND event_id > ?))
+         ORDER BY ts, event_id LIMIT ?",
+        [
+            profile_id.into(),
+            (*ts).into(),
+            (*ts).into(),
+            id.as_str().into(),
+            i64::from(limit).into(),
+        ],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let bytes: Vec<u8> = row.try_get_by_index(0)?;
+            Event::decode(bytes.as_slice())
+                .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))
+        })
+        .collect()
+}
