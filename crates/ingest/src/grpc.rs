@@ -6,12 +6,12 @@ use base64::Engine;
 use futures::future::BoxFuture;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use waymark_kit::time::{from_micros, micros};
 use waymark_proto::ingest::v1::ingest_service_server::IngestService;
 use waymark_proto::ingest::v1::*;
 
 use crate::service::{AuthedSource, BatchMode, Ingestor};
 use crate::store::{Counters, EventFilter, SourceRow};
-use waymark_kit::time::{from_micros, micros};
 
 /// The method that checks a write key.
 const INGEST_METHOD: &str = "/waymark.ingest.v1.IngestService/Ingest";

@@ -45,11 +45,11 @@ use std::time::Duration;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 use serde::{Deserialize, Deserializer};
+use waymark_kit::time::micros;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::json::value_to_json;
 
 use crate::model::event_name;
-use waymark_kit::time::micros;
 
 /// Distinct values remembered per aggregate.
 pub const MAX_DISTINCT: usize = 10_000;

@@ -17,9 +17,9 @@
 //! the database's older copy.
 
 use tokio::sync::watch;
+use waymark_kit::time::micros;
 
 use crate::resolve::{Record, WorkingSet};
-use waymark_kit::time::micros;
 
 /// What the applier remembers between batches; lives inside the applier lock.
 #[derive(Debug)]

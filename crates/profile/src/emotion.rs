@@ -22,11 +22,11 @@
 use std::time::Duration;
 
 use prost_types::value::Kind;
+use waymark_kit::time::micros;
 use waymark_proto::common::v1::{Event, EventType};
 use waymark_proto::profile::v1::{Emotion, EmotionLabel, EmotionSignal};
 
 use crate::model::number;
-use waymark_kit::time::micros;
 
 /// Tunables of the emotion model.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,13 +2,13 @@
 
 use tonic::{Request, Response, Status};
 use waymark_kit::sink::EventConsumer;
+use waymark_kit::time::{from_micros, micros};
 use waymark_proto::common::v1::{DeliverResponse, RejectedEvent};
 use waymark_proto::profile::v1::profile_service_server::ProfileService;
 use waymark_proto::profile::v1::*;
 
 use crate::service::{Profiles, identity};
 use crate::store::TimelineFilter;
-use waymark_kit::time::{from_micros, micros};
 
 /// Implements both services over the core.
 #[derive(Clone)]

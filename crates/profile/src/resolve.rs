@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
+use waymark_kit::time::{from_micros, micros};
 use waymark_proto::common::v1::{Event, EventType, Identity};
 use waymark_proto::profile::v1::{ComputedTraits, Profile};
 
@@ -13,7 +14,6 @@ use crate::aggregate::{self, AggregateSpec, AggregateState};
 use crate::emotion::{EmotionChange, EmotionRules, label_name};
 use crate::identity::{Ident, IdentityRules};
 use crate::model::{TraitChange, apply_event, merge_into, trusted_source};
-use waymark_kit::time::{from_micros, micros};
 
 /// Everything configurable about what events do to profiles.
 #[derive(Debug, Clone, Default)]

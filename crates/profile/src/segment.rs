@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use prost_types::value::Kind;
 use waymark_condition::{Condition, Type, Value, Variables};
+use waymark_kit::time::micros;
 use waymark_proto::common::v1::Channel;
 use waymark_proto::profile::v1::{ComputedTraits, Emotion, Profile, Segment};
 
 use crate::emotion::EmotionRules;
-use waymark_kit::time::micros;
 
 /// The variables a segment condition can read, with their types (see [`variables`]):
 /// conditions are type-checked against them when they are saved. Traits are whatever the

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use prost_types::Struct;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use waymark_kit::outbox::Wakeup;
-use waymark_kit::time::{duration_micros, now_micros};
+use waymark_kit::time::{duration_micros, from_micros, now_micros};
 use waymark_profile_cache::ProfileCache;
 use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{DoNotMerge, Merge, Profile, TimelineEntry};
@@ -19,7 +19,6 @@ use crate::model::{TRUSTED_SOURCE_PREFIX, address, apply_event};
 use crate::resolve::trait_changed_event;
 use crate::resolve::{Record, Rules};
 use crate::store::{self, TimelineFilter};
-use waymark_kit::time::from_micros;
 
 mod aggregates;
 mod apply;

@@ -10,6 +10,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Statement, Value,
 };
 use waymark_kit::db::{Migration, sql};
+use waymark_kit::time::from_micros;
 use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::{Merge, Profile, TimelineEntry};
 
@@ -18,7 +19,6 @@ use crate::emotion::EmotionRules;
 use crate::identity::Ident;
 use crate::model::{address, timeline_entry, timeline_name};
 use crate::resolve::{Record, WorkingSet, entry_time_us};
-use waymark_kit::time::from_micros;
 
 mod aggregates;
 mod privacy;

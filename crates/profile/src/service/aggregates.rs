@@ -25,7 +25,7 @@ use std::collections::HashSet;
 
 use sea_orm::TransactionTrait;
 
-use waymark_kit::time::now_micros;
+use waymark_kit::time::{from_micros, now_micros};
 use waymark_proto::profile::v1::AggregateStatus;
 
 use super::segments::{reevaluate, transition_events};
@@ -33,7 +33,6 @@ use super::{ProfileError, Profiles};
 use crate::aggregate::AggregateSpec;
 use crate::resolve::{AggregateReplay, Record, entry_time_us};
 use crate::store::{self, AggregateRow};
-use waymark_kit::time::from_micros;
 
 /// Profiles per backfill transaction: each is replayed from its whole timeline, so fewer
 /// than a segment sweep takes.

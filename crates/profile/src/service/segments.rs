@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use sea_orm::{DatabaseTransaction, TransactionTrait};
-use waymark_kit::time::now_micros;
+use waymark_kit::time::{from_micros, now_micros};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::{Profile, Segment};
 
@@ -20,7 +20,6 @@ use crate::emotion::{self, EmotionRules};
 use crate::resolve::{Record, WorkingSet, emotion_change_fields};
 use crate::segment::{SegmentDefinition, evaluate_memberships, validate_segment};
 use crate::store::{self, MembershipChange, SegmentRow};
-use waymark_kit::time::from_micros;
 
 /// Profiles per sweep transaction: short enough not to hold up event delivery long.
 const SWEEP_PAGE: u32 = 500;

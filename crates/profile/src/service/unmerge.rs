@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
-use waymark_kit::time::now_micros;
+use waymark_kit::time::{from_micros, now_micros};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::{DoNotMerge, Profile};
 
@@ -21,7 +21,6 @@ use crate::identity::Ident;
 use crate::model::apply_event;
 use crate::resolve::{Record, Rules};
 use crate::store;
-use waymark_kit::time::from_micros;
 
 /// A profile to rebuild from scratch: id, creation time, version and the memberships it is
 /// listed with kept (so segment changes come out as transitions), everything else from
