@@ -220,38 +220,28 @@ impl Config {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_database_url("database_url", &self.database_url)?;
-        if let Some(url) = &self.ingest_database_url {
-            check_database_url("ingest_database_url", url)?;
+        let databases = [
+            ("database_url", Some(&self.database_url)),
+            ("ingest_database_url", self.ingest_database_url.as_ref()),
+            ("profile_database_url", self.profile_database_url.as_ref()),
+        ];
+        for (setting, url) in databases {
+            if let Some(url) = url {
+                check_database_url(setting, url)?;
+            }
         }
-        if let Some(url) = &self.profile_database_url {
-            check_database_url("profile_database_url", url)?;
-        }
-        for (setting, endpoint) in [
-            ("orchestrator_endpoint", &self.orchestrator_endpoint),
-            ("analytics_endpoint", &self.analytics_endpoint),
-            ("ingest_endpoint", &self.ingest_endpoint),
-        ] {
-            if !endpoint.starts_with("http") {
+        let endpoints = [
+            ("orchestrator_endpoint", Some(&self.orchestrator_endpoint)),
+            ("analytics_endpoint", Some(&self.analytics_endpoint)),
+            ("ingest_endpoint", Some(&self.ingest_endpoint)),
+            ("profile_endpoint", Some(&self.profile_endpoint)),
+            ("otlp_endpoint", self.otlp_endpoint.as_ref()),
+        ];
+        for (setting, endpoint) in endpoints {
+            if endpoint.is_some_and(|e| !e.starts_with("http")) {
                 return Err(invalid(setting, "must be an http:// or https:// URL"));
             }
         }
-        if self.emotion_half_life_secs == 0 {
-            return Err(invalid("emotion_half_life_secs", "must be greater than 0"));
-        }
-        if self.segment_sweep_secs == 0 {
-            return Err(invalid("segment_sweep_secs", "must be greater than 0"));
-        }
-        if self.profile_near_cache_ttl_ms == 0 {
-            return Err(invalid(
-                "profile_near_cache_ttl_ms",
-                "must be greater than 0 (set profile_near_cache_capacity to 0 to turn the near cache off)",
-            ));
-        }
-        if self.profile_cache_ttl_secs == 0 {
-            return Err(invalid("profile_cache_ttl_secs", "must be greater than 0"));
-        }
-        self.identity_rules()?;
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -260,43 +250,44 @@ impl Config {
                 "must start with redis:// or rediss://",
             ));
         }
-        if let Some(endpoint) = &self.otlp_endpoint
-            && !endpoint.starts_with("http")
-        {
-            return Err(invalid(
-                "otlp_endpoint",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if !self.profile_endpoint.starts_with("http") {
-            return Err(invalid(
-                "profile_endpoint",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if self.database_max_connections == 0 {
-            return Err(invalid("database_max_connections", "must be at least 1"));
-        }
-        if self.dedupe_window_secs == 0 {
-            return Err(invalid("dedupe_window_secs", "must be greater than 0"));
-        }
-        if self.retention_secs == 0 {
-            return Err(invalid("retention_secs", "must be greater than 0"));
-        }
-        if self.default_rate_limit_per_second == 0 {
-            return Err(invalid(
+        let positive = [
+            ("emotion_half_life_secs", self.emotion_half_life_secs),
+            ("segment_sweep_secs", self.segment_sweep_secs),
+            ("profile_cache_ttl_secs", self.profile_cache_ttl_secs),
+            (
+                "database_max_connections",
+                self.database_max_connections.into(),
+            ),
+            ("dedupe_window_secs", self.dedupe_window_secs),
+            ("retention_secs", self.retention_secs),
+            (
                 "default_rate_limit_per_second",
-                "must be greater than 0",
-            ));
+                self.default_rate_limit_per_second.into(),
+            ),
+            ("ingest_read_timeout_secs", self.ingest_read_timeout_secs),
+            ("relay_max_attempts", self.relay_max_attempts.into()),
+            ("outbox_retention_secs", self.outbox_retention_secs),
+            (
+                "dead_letter_retention_secs",
+                self.dead_letter_retention_secs,
+            ),
+        ];
+        for (setting, value) in positive {
+            if value == 0 {
+                return Err(invalid(setting, "must be greater than 0"));
+            }
         }
-        if self.ingest_read_timeout_secs == 0 {
+        if self.profile_near_cache_ttl_ms == 0 {
             return Err(invalid(
-                "ingest_read_timeout_secs",
-                "must be greater than 0",
+                "profile_near_cache_ttl_ms",
+                "must be greater than 0 (set profile_near_cache_capacity to 0 to turn the near cache off)",
             ));
         }
         if !(1..=5000).contains(&self.relay_batch_size) {
             return Err(invalid("relay_batch_size", "must be between 1 and 5000"));
+        }
+        if self.relay_lease_secs < 3 {
+            return Err(invalid("relay_lease_secs", "must be at least 3"));
         }
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
             return Err(invalid("trace_sample_ratio", "must be between 0 and 1"));
@@ -304,23 +295,10 @@ impl Config {
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.trace_filter) {
             return Err(invalid("trace_filter", &error.to_string()));
         }
-        if self.relay_max_attempts == 0 {
-            return Err(invalid("relay_max_attempts", "must be at least 1"));
-        }
-        if self.relay_lease_secs < 3 {
-            return Err(invalid("relay_lease_secs", "must be at least 3"));
-        }
-        if self.outbox_retention_secs == 0 {
-            return Err(invalid("outbox_retention_secs", "must be greater than 0"));
-        }
-        if self.dead_letter_retention_secs == 0 {
-            return Err(invalid(
-                "dead_letter_retention_secs",
-                "must be greater than 0",
-            ));
-        }
-        if let Some(token) = &self.admin_token
-            && token.expose().len() < 16
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|token| token.expose().len() < 16)
         {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
@@ -331,6 +309,7 @@ impl Config {
                 "must be at least 32 characters",
             ));
         }
+        self.identity_rules()?;
         Ok(())
     }
 
