@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 use waymark_kit::CancellationToken;
 use waymark_kit::config::Config;
 use waymark_kit::grpc::{Readiness, ServeOptions};
-use waymark_kit::outbox::admin::OutboxAdmin;
 use waymark_kit::outbox::{RelayConfig, Wakeup};
+use waymark_kit::service::{Runtime, Schema};
 use waymark_proto::ingest::v1::ingest_service_server::IngestServiceServer;
 
 pub use service::{IngestSettings, Ingestor};
@@ -96,73 +96,39 @@ impl IngestServer {
         http: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let readiness = Readiness::new(reporter, &[GRPC_SERVICE]).await;
-        let mut tasks = tokio::task::JoinSet::new();
-
-        let (db, core, auto_migrate) =
-            (self.db.clone(), self.core.clone(), self.config.auto_migrate);
-        tasks.spawn(waymark_kit::grpc::watch_database(
+        let core = self.core.clone();
+        let mut runtime = Runtime::start(
             self.db.clone(),
-            readiness.clone(),
-            Duration::from_secs(1),
-            shutdown.clone(),
+            SCHEMA,
+            self.config.auto_migrate,
+            &[GRPC_SERVICE],
+            shutdown,
             move || {
-                let (db, core) = (db.clone(), core.clone());
-                async move {
-                    if auto_migrate {
-                        migrate(&db).await?;
-                    } else {
-                        let pending =
-                            waymark_kit::db::pending(&db, SERVICE, store::MIGRATIONS).await?;
-                        anyhow::ensure!(
-                            pending.is_empty(),
-                            "schema versions {pending:?} not applied; run `waymark migrate`"
-                        );
-                    }
-                    core.refresh_suppressions().await?;
-                    Ok(())
-                }
+                let core = core.clone();
+                async move { Ok(core.refresh_suppressions().await?) }
             },
-        ));
-
-        let relay = self.relay;
-        tasks.spawn({
-            let (db, wakeup, shutdown) = (self.db.clone(), self.wakeup.clone(), shutdown.clone());
-            let readiness = readiness.clone();
-            async move {
-                readiness.wait_serving(&shutdown).await;
-                if let Err(error) =
-                    waymark_kit::outbox::run_relay(db, relay, wakeup, shutdown).await
-                {
-                    tracing::error!(error = %format!("{error:#}"), "relay stopped");
-                }
-            }
-        });
-        tasks.spawn(housekeeping(
-            self.core.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        ));
+        )
+        .await;
+        runtime.relay(vec![self.relay], &self.wakeup);
+        let (core, readiness) = (self.core.clone(), runtime.readiness().clone());
+        runtime.spawn_when_serving(move |shutdown| housekeeping(core, readiness, shutdown));
 
         let read_timeout = Duration::from_secs(self.config.ingest_read_timeout_secs);
+        let drain = Duration::from_secs(self.config.drain_secs);
+        let readiness = runtime.readiness().clone();
         let http_app = http::router(self.core.clone(), read_timeout).route(
             "/health",
-            get({
-                let readiness = readiness.clone();
-                move || async move {
-                    if readiness.is_serving() {
-                        (axum::http::StatusCode::OK, "serving")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not serving")
-                    }
+            get(move || async move {
+                if readiness.is_serving() {
+                    (axum::http::StatusCode::OK, "serving")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not serving")
                 }
             }),
         );
         tracing::info!(addr = ?http.local_addr().ok(), "http server listening");
         let http_server = http::serve(http, http_app, read_timeout, {
-            let shutdown = shutdown.clone();
-            let drain = Duration::from_secs(self.config.drain_secs);
+            let shutdown = runtime.shutdown().clone();
             async move {
                 shutdown.cancelled().await;
                 tokio::time::sleep(drain).await;
@@ -179,36 +145,28 @@ impl IngestServer {
         let options = ServeOptions {
             public_methods: grpc::PUBLIC_METHODS.to_vec(),
             admin_token: self.config.admin_token.clone(),
-            drain: Duration::from_secs(self.config.drain_secs),
+            drain,
         };
-        let grpc_server = waymark_kit::grpc::serve(
-            grpc,
-            tonic::service::Routes::new(grpc::WriteKeyAuth::new(self.core.clone(), grpc_service))
-                .add_service(OutboxAdmin::server(self.db.clone())),
-            health,
-            readiness,
-            options,
-            shutdown.clone(),
-        );
-        let (http_result, grpc_result) = tokio::join!(
-            async {
+        let routes =
+            tonic::service::Routes::new(grpc::WriteKeyAuth::new(self.core.clone(), grpc_service));
+        runtime
+            .serve(grpc, routes, options, async {
                 http_server.await;
-                anyhow::Ok(())
-            },
-            grpc_server
-        );
-        shutdown.cancel();
-        while tasks.join_next().await.is_some() {}
-        http_result?;
-        grpc_result
+                Ok(())
+            })
+            .await
     }
 }
 
+/// The ingestion service's schema.
+pub const SCHEMA: Schema = Schema {
+    service: SERVICE,
+    migrations: store::MIGRATIONS,
+};
+
 /// Applies the ingestion service's pending migrations to `db`.
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<usize> {
-    waymark_kit::db::migrate(db, SERVICE, store::MIGRATIONS)
-        .await
-        .context("migrating the ingest database")
+    SCHEMA.migrate(db).await
 }
 
 /// Retention every minute and suppression refresh every ten seconds, while serving.

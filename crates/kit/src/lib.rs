@@ -6,6 +6,7 @@ pub mod error;
 pub mod grpc;
 pub mod outbox;
 pub mod secret;
+pub mod service;
 pub mod sink;
 pub mod telemetry;
 pub mod time;

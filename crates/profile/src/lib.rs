@@ -28,9 +28,9 @@ use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
 use waymark_kit::CancellationToken;
 use waymark_kit::config::Config;
-use waymark_kit::grpc::{Readiness, ServeOptions};
-use waymark_kit::outbox::admin::OutboxAdmin;
+use waymark_kit::grpc::ServeOptions;
 use waymark_kit::outbox::{RelayConfig, Wakeup};
+use waymark_kit::service::{Runtime, Schema};
 use waymark_kit::sink::EventSinkServer;
 use waymark_profile_cache::ProfileCache;
 use waymark_proto::profile::v1::profile_service_server::ProfileServiceServer;
@@ -116,88 +116,39 @@ impl ProfileServer {
     /// Serves gRPC (ProfileService and EventSink) on `grpc` until `shutdown`, relaying
     /// resolved events to the orchestrator and analytics.
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let readiness =
-            Readiness::new(reporter, &[GRPC_SERVICE, "waymark.common.v1.EventSink"]).await;
-        let mut tasks = tokio::task::JoinSet::new();
-        let (db, core, auto_migrate) =
-            (self.db.clone(), self.core.clone(), self.config.auto_migrate);
-        tasks.spawn(waymark_kit::grpc::watch_database(
+        let core = self.core.clone();
+        let mut runtime = Runtime::start(
             self.db.clone(),
-            readiness.clone(),
-            Duration::from_secs(1),
-            shutdown.clone(),
+            SCHEMA,
+            self.config.auto_migrate,
+            &[GRPC_SERVICE, "waymark.common.v1.EventSink"],
+            shutdown,
             move || {
-                let (db, core) = (db.clone(), core.clone());
-                async move {
-                    if auto_migrate {
-                        migrate(&db).await?;
-                    } else {
-                        let pending =
-                            waymark_kit::db::pending(&db, SERVICE, store::MIGRATIONS).await?;
-                        anyhow::ensure!(
-                            pending.is_empty(),
-                            "schema versions {pending:?} not applied; run `waymark migrate`"
-                        );
-                    }
-                    core.prepare().await?;
-                    Ok(())
-                }
+                let core = core.clone();
+                async move { Ok(core.prepare().await?) }
             },
-        ));
-        for relay in self.relays {
-            let (db, wakeup, shutdown, readiness) = (
-                self.db.clone(),
-                self.wakeup.clone(),
-                shutdown.clone(),
-                readiness.clone(),
-            );
-            tasks.spawn(async move {
-                readiness.wait_serving(&shutdown).await;
-                if let Err(error) =
-                    waymark_kit::outbox::run_relay(db, relay, wakeup, shutdown).await
-                {
-                    tracing::error!(error = %format!("{error:#}"), "relay stopped");
-                }
-            });
-        }
-        {
-            let (core, shutdown, readiness) =
-                (self.core.clone(), shutdown.clone(), readiness.clone());
-            let (endpoint, token) = (
-                self.config.ingest_endpoint.clone(),
-                self.config.admin_token.clone(),
-            );
-            tasks.spawn(async move {
-                readiness.wait_serving(&shutdown).await;
-                background::push_suppressions(core, endpoint, token, shutdown).await;
-            });
-        }
-        {
-            let (core, shutdown, readiness) =
-                (self.core.clone(), shutdown.clone(), readiness.clone());
-            tasks.spawn(async move {
-                readiness.wait_serving(&shutdown).await;
-                background::settle_tombstones(core, shutdown).await;
-            });
-        }
-        {
-            let (core, shutdown, readiness) =
-                (self.core.clone(), shutdown.clone(), readiness.clone());
-            let every = Duration::from_secs(self.config.segment_sweep_secs);
-            tasks.spawn(async move {
-                readiness.wait_serving(&shutdown).await;
-                background::sweep_segments(core, every, shutdown).await;
-            });
-        }
-        {
-            let (core, shutdown, readiness) =
-                (self.core.clone(), shutdown.clone(), readiness.clone());
-            tasks.spawn(async move {
-                readiness.wait_serving(&shutdown).await;
-                background::backfill_aggregates(core, shutdown).await;
-            });
-        }
+        )
+        .await;
+        runtime.relay(self.relays, &self.wakeup);
+        let (core, endpoint, token) = (
+            self.core.clone(),
+            self.config.ingest_endpoint.clone(),
+            self.config.admin_token.clone(),
+        );
+        runtime.spawn_when_serving(move |shutdown| {
+            background::push_suppressions(core, endpoint, token, shutdown)
+        });
+        let core = self.core.clone();
+        runtime.spawn_when_serving(move |shutdown| background::settle_tombstones(core, shutdown));
+        let (core, every) = (
+            self.core.clone(),
+            Duration::from_secs(self.config.segment_sweep_secs),
+        );
+        runtime
+            .spawn_when_serving(move |shutdown| background::sweep_segments(core, every, shutdown));
+        let core = self.core.clone();
+        runtime.spawn_when_serving(move |shutdown| background::backfill_aggregates(core, shutdown));
+
         let adapter = grpc::ProfileGrpc::new(self.core.clone());
         let limit = waymark_kit::grpc::MAX_MESSAGE_BYTES;
         let routes = tonic::service::Routes::new(
@@ -205,19 +156,13 @@ impl ProfileServer {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
-        .add_service(EventSinkServer::new(std::sync::Arc::new(adapter)))
-        .add_service(OutboxAdmin::server(self.db.clone()));
+        .add_service(EventSinkServer::new(std::sync::Arc::new(adapter)));
         let options = ServeOptions {
             public_methods: Vec::new(),
             admin_token: self.config.admin_token.clone(),
             drain: Duration::from_secs(self.config.drain_secs),
         };
-        let result =
-            waymark_kit::grpc::serve(grpc, routes, health, readiness, options, shutdown.clone())
-                .await;
-        shutdown.cancel();
-        while tasks.join_next().await.is_some() {}
-        result
+        runtime.serve(grpc, routes, options, async { Ok(()) }).await
     }
 }
 
@@ -235,9 +180,13 @@ pub fn rules(config: &Config) -> anyhow::Result<resolve::Rules> {
     })
 }
 
+/// The profile service's schema.
+pub const SCHEMA: Schema = Schema {
+    service: SERVICE,
+    migrations: store::MIGRATIONS,
+};
+
 /// Applies the profile service's pending migrations to `db`.
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<usize> {
-    waymark_kit::db::migrate(db, SERVICE, store::MIGRATIONS)
-        .await
-        .context("migrating the profile database")
+    SCHEMA.migrate(db).await
 }
