@@ -1,133 +1,70 @@
 //! The write of a delivered batch: everything it changed, computed ahead of its
 //! transaction, then written with one statement for the bulk rows on PostgreSQL.
 
-use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
-use waymark_proto::common::v1::Event;
 
-use super::merges::{move_timelines, pass_kept_apart};
+use super::merges::{insert_merges, merge_rows, move_timelines, pass_kept_apart};
 use super::records::{
-    IDENTITIES_HEAD, IDENTITIES_SUFFIX, PROFILES_HEAD, PROFILES_SUFFIX, delete_identities,
-    profile_columns,
+    IDENTITIES_HEAD, IDENTITIES_SUFFIX, PROFILES_HEAD, PROFILES_SUFFIX, ProfileRow,
+    delete_identities, profile_columns,
 };
-use super::sql::{Column, insert_columns, insert_rows, unnest_insert};
+use super::sql::{Column, insert_columns, unnest_insert};
 use super::timeline::{TIMELINE_HEAD, TIMELINE_SUFFIX, TimelineRow, timeline_columns};
-use crate::emotion::EmotionRules;
 use crate::identity::Ident;
-use crate::model::address;
-use crate::resolve::{Record, WorkingSet};
+use crate::resolve::MergeRecord;
 
-/// Everything a batch writes, computed ahead of its transaction: it can be built while
-/// the previous batch's transaction runs.
+/// What a delivered batch changed, as the core worked it out: every profile id is the
+/// live one unless said otherwise.
+pub struct BatchRows<'a> {
+    /// The profiles it changed, merged-away ones included.
+    pub profiles: Vec<ProfileRow<'a>>,
+    /// The identifiers it added or moved, each with the profile owning it.
+    pub identities: Vec<(&'a Ident, &'a str)>,
+    /// Identifiers given up, whose rows go.
+    pub evicted: Vec<Ident>,
+    /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
+    pub moved: Vec<(String, String)>,
+    /// Its merges, for the audit.
+    pub merges: &'a [MergeRecord],
+    /// (merged, survivor) of the merges whose merged profile was kept apart from others:
+    /// its pairs pass to the survivor.
+    pub apart_moved: Vec<(String, String)>,
+    /// The events it applied.
+    pub timeline: Vec<TimelineRow<'a>>,
+    /// Every event it sends downstream, encoded.
+    pub outbox: Vec<Vec<u8>>,
+}
+
+/// Everything a batch writes, as columns ready to bind: built ahead of its transaction,
+/// while the previous batch's transaction runs.
 pub struct BatchWrite {
     profiles: Vec<Column>,
     identities: Vec<Column>,
-    /// Identifiers given up, whose rows go.
     evicted: Vec<Ident>,
-    /// (survivor, merged) pairs: the merged profile's timeline moves to the survivor.
     moved: Vec<(String, String)>,
     merges: Vec<Vec<Value>>,
-    /// (merged, survivor) of the merges whose merged profile was kept apart from others:
-    /// its pairs pass to the survivor.
     apart_moved: Vec<(String, String)>,
     timeline: Vec<Column>,
-    /// Every event the batch emits, encoded.
     outbox: Vec<Vec<u8>>,
 }
 
 impl BatchWrite {
-    /// What `set` changed; `dirty` holds its changed profiles, each with its encoded state.
-    pub fn new(
-        set: &WorkingSet,
-        dirty: &[(&Record, Vec<u8>)],
-        emotion: &EmotionRules,
-        now_us: i64,
-    ) -> Self {
-        let records: Vec<&Record> = dirty.iter().map(|(record, _)| *record).collect();
-        let states = dirty.iter().map(|(_, state)| state.clone()).collect();
-        let identities = &set.dirty_identities;
-        let merges = set
-            .merges
-            .iter()
-            .map(|m| {
-                let evidence: Vec<serde_json::Value> = m
-                    .evidence
-                    .iter()
-                    .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
-                    .collect();
-                vec![
-                    m.merge_id.as_str().into(),
-                    m.survivor_id.as_str().into(),
-                    m.merged_id.as_str().into(),
-                    m.event_id.as_str().into(),
-                    serde_json::Value::Array(evidence).to_string().into(),
-                    m.at_us.into(),
-                ]
-            })
-            .collect();
-        // Each applied event is encoded once: the timeline's copy is also what goes
-        // downstream, unless a later merge in the batch moved it to another profile.
-        let encoded: Vec<Vec<u8>> = set.applied.iter().map(|(e, _)| e.encode_to_vec()).collect();
-        let timeline: Vec<TimelineRow<'_>> = set
-            .applied
-            .iter()
-            .zip(&encoded)
-            .map(|((event, owner), bytes)| TimelineRow {
-                event,
-                owner: set.live(owner).to_owned(),
-                origin: owner,
-                encoded: bytes,
-            })
-            .collect();
-        // Downstream copies are addressed to the live profile, with its user id.
-        let addressed = |event: &Event, owner: &str| -> Option<Vec<u8>> {
-            let live = set.live(owner);
-            let profile = &set.records.get(live)?.profile;
-            let mut event = event.clone();
-            address(&mut event, live, profile).then(|| event.encode_to_vec())
-        };
-        let outbox = timeline
-            .iter()
-            .map(|row| addressed(row.event, row.origin).unwrap_or_else(|| row.encoded.to_vec()))
-            .chain(set.synthetic.iter().map(|(event, owner)| {
-                addressed(event, owner).unwrap_or_else(|| event.encode_to_vec())
-            }))
-            .chain(set.merged_away_exits.iter().map(|event| {
-                // About the merged profile itself, so it keeps that id; the user id is the
-                // one customer's, now held by the survivor.
-                let mut copy = event.clone();
-                if let Some(survivor) = set.records.get(set.live(&event.profile_id)) {
-                    address(&mut copy, &event.profile_id, &survivor.profile);
-                }
-                copy.encode_to_vec()
-            }))
-            .collect();
+    /// The write of `rows`, its profiles updated at `now_us`.
+    pub fn new(rows: BatchRows<'_>, now_us: i64) -> Self {
+        let identities = &rows.identities;
         Self {
-            profiles: profile_columns(&records, states, emotion, now_us),
-            evicted: set.evicted.iter().cloned().collect(),
             identities: vec![
-                Column::Text(identities.keys().map(|(t, _)| t.clone()).collect()),
-                Column::Text(identities.keys().map(|(_, v)| v.clone()).collect()),
-                Column::Text(
-                    identities
-                        .values()
-                        .map(|owner| set.live(owner).to_owned())
-                        .collect(),
-                ),
+                Column::Text(identities.iter().map(|((t, _), _)| t.clone()).collect()),
+                Column::Text(identities.iter().map(|((_, v), _)| v.clone()).collect()),
+                Column::Text(identities.iter().map(|(_, p)| (*p).to_owned()).collect()),
             ],
-            moved: set
-                .merges
-                .iter()
-                .map(|m| (set.live(&m.survivor_id).to_owned(), m.merged_id.clone()))
-                .collect(),
-            merges,
-            apart_moved: set
-                .apart_moved
-                .iter()
-                .map(|(merged, survivor)| (merged.clone(), set.live(survivor).to_owned()))
-                .collect(),
-            timeline: timeline_columns(&timeline),
-            outbox,
+            profiles: profile_columns(rows.profiles, now_us),
+            evicted: rows.evicted,
+            moved: rows.moved,
+            merges: merge_rows(rows.merges),
+            apart_moved: rows.apart_moved,
+            timeline: timeline_columns(&rows.timeline),
+            outbox: rows.outbox,
         }
     }
 
@@ -142,13 +79,7 @@ impl BatchWrite {
         // the same batch is no longer listed as given up.
         delete_identities(txn, &self.evicted).await?;
         move_timelines(txn, self.moved).await?;
-        insert_rows(
-            txn,
-            "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
-            "",
-            self.merges,
-        )
-        .await?;
+        insert_merges(txn, self.merges).await?;
         for (merged, survivor) in &self.apart_moved {
             pass_kept_apart(txn, merged, survivor).await?;
         }

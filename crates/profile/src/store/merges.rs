@@ -1,12 +1,50 @@
-//! What a merge does to the stored rows besides the profiles (the merged profile's
-//! timeline and the pairs kept apart pass to the survivor), and the merge history.
+//! The merge audit, and what a merge does to the stored rows besides the profiles (the
+//! merged profile's timeline and the pairs kept apart pass to the survivor).
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
 use waymark_kit::time::from_micros;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Merge;
 
-use super::sql::{execute, query};
+use super::sql::{execute, insert_rows, query};
+use crate::resolve::MergeRecord;
+
+/// The audit rows of `merges`, for [`insert_merges`].
+pub(super) fn merge_rows(merges: &[MergeRecord]) -> Vec<Vec<Value>> {
+    merges
+        .iter()
+        .map(|m| {
+            let evidence: Vec<serde_json::Value> = m
+                .evidence
+                .iter()
+                .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
+                .collect();
+            vec![
+                m.merge_id.as_str().into(),
+                m.survivor_id.as_str().into(),
+                m.merged_id.as_str().into(),
+                m.event_id.as_str().into(),
+                serde_json::Value::Array(evidence).to_string().into(),
+                m.at_us.into(),
+            ]
+        })
+        .collect()
+}
+
+/// Records merges in the audit (rows from [`merge_rows`]).
+pub(super) async fn insert_merges(
+    txn: &DatabaseTransaction,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), DbErr> {
+    insert_rows(
+        txn,
+        "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
+        "",
+        rows,
+    )
+    .await?;
+    Ok(())
+}
 
 /// Moves the timeline rows of each merged profile to its survivor ((survivor, merged)
 /// pairs; a profile is merged once, so each row moves at most once): on PostgreSQL in one

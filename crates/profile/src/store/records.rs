@@ -14,7 +14,6 @@ use super::sql::{
     Column, MAX_PARAMS, execute, ident_arrays, ident_pairs, in_list, insert_columns, query,
 };
 use crate::aggregate::AggregateState;
-use crate::emotion::EmotionRules;
 use crate::identity::Ident;
 use crate::resolve::Record;
 
@@ -208,27 +207,22 @@ pub(crate) async fn delete_identities<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Writes profiles (upsert) from records, with when decay next moves each one's emotion
-/// label under `emotion` (merged-away profiles have none).
-pub async fn save_records(
-    txn: &DatabaseTransaction,
-    records: &[&Record],
-    emotion: &EmotionRules,
-    now_us: i64,
-) -> Result<(), DbErr> {
-    let states = records.iter().map(|r| r.profile.encode_to_vec()).collect();
-    save_encoded(txn, records, states, emotion, now_us).await
+/// A profile row to write.
+pub struct ProfileRow<'a> {
+    pub record: &'a Record,
+    /// `record.profile` encoded.
+    pub state: Vec<u8>,
+    /// When decay next moves its emotion label; the settling pass reads profiles by it.
+    pub emotion_due_at: Option<i64>,
 }
 
-/// [`save_records`] with each profile already encoded (`states`, in the same order).
-pub async fn save_encoded(
+/// Writes profiles (upsert), as updated at `now_us`.
+pub async fn save_profiles(
     txn: &DatabaseTransaction,
-    records: &[&Record],
-    states: Vec<Vec<u8>>,
-    emotion: &EmotionRules,
+    rows: Vec<ProfileRow<'_>>,
     now_us: i64,
 ) -> Result<(), DbErr> {
-    let columns = profile_columns(records, states, emotion, now_us);
+    let columns = profile_columns(rows, now_us);
     insert_columns(txn, PROFILES_HEAD, PROFILES_SUFFIX, columns).await?;
     Ok(())
 }
@@ -238,39 +232,25 @@ pub(super) const PROFILES_SUFFIX: &str = "ON CONFLICT (profile_id) DO UPDATE SET
      updated_at = excluded.updated_at, version = excluded.version, state = excluded.state,
      aggregates = excluded.aggregates, emotion_due_at = excluded.emotion_due_at";
 
-/// The rows of `records` (with their encoded `states`), with when decay next moves each
-/// one's emotion label under `emotion` (merged-away profiles have none).
-pub(super) fn profile_columns(
-    records: &[&Record],
-    states: Vec<Vec<u8>>,
-    emotion: &EmotionRules,
-    now_us: i64,
-) -> Vec<Column> {
-    let emotion_due = records
-        .iter()
-        .map(|r| match (&r.merged_into, &r.profile.emotion) {
-            (None, Some(e)) => crate::emotion::next_change_at(e, emotion),
-            _ => None,
-        })
-        .collect();
+/// `rows` as the columns of [`PROFILES_HEAD`], as updated at `now_us`.
+pub(super) fn profile_columns(rows: Vec<ProfileRow<'_>>, now_us: i64) -> Vec<Column> {
+    let records = || rows.iter().map(|row| row.record);
+    let profile_ids = records().map(|r| r.profile.profile_id.clone()).collect();
+    let merged_into = records().map(|r| r.merged_into.clone()).collect();
+    let created = records().map(|r| r.created_us).collect();
+    let versions = records().map(|r| r.profile.version as i64).collect();
+    let aggregates = records().map(|r| r.aggregates.encode_to_vec()).collect();
+    let emotion_due = rows.iter().map(|row| row.emotion_due_at).collect();
+    let updated = vec![now_us; rows.len()];
+    let states = rows.into_iter().map(|row| row.state).collect();
     vec![
-        Column::Text(
-            records
-                .iter()
-                .map(|r| r.profile.profile_id.clone())
-                .collect(),
-        ),
-        Column::NullableText(records.iter().map(|r| r.merged_into.clone()).collect()),
-        Column::Int8(records.iter().map(|r| r.created_us).collect()),
-        Column::Int8(vec![now_us; records.len()]),
-        Column::Int8(records.iter().map(|r| r.profile.version as i64).collect()),
+        Column::Text(profile_ids),
+        Column::NullableText(merged_into),
+        Column::Int8(created),
+        Column::Int8(updated),
+        Column::Int8(versions),
         Column::Bytea(states),
-        Column::Bytea(
-            records
-                .iter()
-                .map(|r| r.aggregates.encode_to_vec())
-                .collect(),
-        ),
+        Column::Bytea(aggregates),
         Column::NullableInt8(emotion_due),
     ]
 }
