@@ -11,7 +11,7 @@ use waymark_proto::common::v1::{Event, EventType, Identity};
 use waymark_proto::profile::v1::{ComputedTraits, Profile};
 
 use crate::aggregate::{self, AggregateSpec, AggregateState};
-use crate::emotion::{EmotionChange, EmotionRules, label_name};
+use crate::emotion::{EmotionChange, EmotionRules, label_name, next_change_at};
 use crate::identity::{Ident, IdentityRules};
 use crate::model::{TraitChange, apply_event, merge_into, trusted_source};
 
@@ -36,6 +36,15 @@ pub struct Record {
 }
 
 impl Record {
+    /// When decay next moves its emotion label under `rules`: stored with the profile so
+    /// the settling pass finds it. None when nothing will, and for a merged-away profile.
+    pub fn emotion_due(&self, rules: &EmotionRules) -> Option<i64> {
+        match (&self.merged_into, &self.profile.emotion) {
+            (None, Some(emotion)) => next_change_at(emotion, rules),
+            _ => None,
+        }
+    }
+
     /// Observes an event for the configured aggregates and refreshes their values.
     pub fn observe_aggregates(&mut self, specs: &[AggregateSpec], event: &Event, now_us: i64) {
         if specs.is_empty() || trusted_source(event).is_some() {

@@ -13,6 +13,7 @@ use waymark_proto::common::v1::{Channel, Event, EventType};
 use waymark_proto::profile::v1::{DoNotMerge, Merge, Profile, TimelineEntry};
 
 use crate::applier::ApplierMemory;
+use crate::emotion::EmotionRules;
 use crate::identity::{Ident, IdentHasher};
 use crate::metrics::Metrics;
 use crate::model::{TRUSTED_SOURCE_PREFIX, address, apply_event};
@@ -113,6 +114,25 @@ pub(crate) async fn emit(
         .collect();
     let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     waymark_kit::outbox::enqueue(txn, consumers, &payloads).await
+}
+
+/// Writes `records` in `txn`, each encoded and with when decay next moves its emotion
+/// label under `emotion`.
+pub(crate) async fn save_profiles(
+    txn: &DatabaseTransaction,
+    records: &[&Record],
+    emotion: &EmotionRules,
+    now_us: i64,
+) -> Result<(), DbErr> {
+    let rows = records
+        .iter()
+        .map(|record| store::ProfileRow {
+            record,
+            state: prost::Message::encode_to_vec(&record.profile),
+            emotion_due_at: record.emotion_due(emotion),
+        })
+        .collect();
+    store::save_profiles(txn, rows, now_us).await
 }
 
 /// A string as a protobuf value.
@@ -461,7 +481,7 @@ impl Profiles {
         emitted.extend(segment_events);
         record.profile.version += 1;
         record.profile.updated_at = Some(at);
-        store::save_records(&txn, &[&record], &self.inner.rules.emotion, now).await?;
+        save_profiles(&txn, &[&record], &self.inner.rules.emotion, now).await?;
         store::insert_timeline(
             &txn,
             &[store::TimelineRow {

@@ -22,7 +22,9 @@ use waymark_proto::common::v1::{Event, Identity};
 
 use super::{Applied, ProfileError, Profiles, RejectedEvent, segments};
 use crate::applier::{ApplierMemory, Reserved};
+use crate::emotion::EmotionRules;
 use crate::identity::Ident;
+use crate::model::address;
 use crate::resolve::{Record, WorkingSet};
 use crate::store;
 
@@ -296,7 +298,7 @@ impl Profiles {
             .filter_map(|id| set.records.get(id))
             .map(|record| (record, record.profile.encode_to_vec()))
             .collect();
-        let write = store::BatchWrite::new(set, &dirty, &self.inner.rules.emotion, now);
+        let write = batch_write(set, &dirty, &self.inner.rules.emotion, now);
         let cache = CacheChanges::of(set, dirty);
         Prepared {
             transitions,
@@ -488,6 +490,89 @@ fn refusal(
             ),
         )
     })
+}
+
+/// What `set` writes; `dirty` holds its changed profiles, each with its encoded state.
+fn batch_write(
+    set: &WorkingSet,
+    dirty: &[(&Record, Vec<u8>)],
+    emotion: &EmotionRules,
+    now_us: i64,
+) -> store::BatchWrite {
+    // Each applied event is encoded once: the timeline's copy is also what goes
+    // downstream, unless a later merge in the batch moved it to another profile.
+    let encoded: Vec<Vec<u8>> = set.applied.iter().map(|(e, _)| e.encode_to_vec()).collect();
+    let rows = store::BatchRows {
+        profiles: dirty
+            .iter()
+            .map(|(record, state)| store::ProfileRow {
+                record,
+                state: state.clone(),
+                emotion_due_at: record.emotion_due(emotion),
+            })
+            .collect(),
+        identities: set
+            .dirty_identities
+            .iter()
+            .map(|(ident, owner)| (ident, set.live(owner)))
+            .collect(),
+        evicted: set.evicted.iter().cloned().collect(),
+        moved: set
+            .merges
+            .iter()
+            .map(|m| (set.live(&m.survivor_id).to_owned(), m.merged_id.clone()))
+            .collect(),
+        merges: &set.merges,
+        apart_moved: set
+            .apart_moved
+            .iter()
+            .map(|(merged, survivor)| (merged.clone(), set.live(survivor).to_owned()))
+            .collect(),
+        timeline: set
+            .applied
+            .iter()
+            .zip(&encoded)
+            .map(|((event, owner), bytes)| store::TimelineRow {
+                event,
+                owner: set.live(owner).to_owned(),
+                origin: owner,
+                encoded: bytes,
+            })
+            .collect(),
+        outbox: downstream(set, &encoded),
+    };
+    store::BatchWrite::new(rows, now_us)
+}
+
+/// Every event `set` sends downstream, encoded: its applied events (`encoded`, in order),
+/// then its synthetic events and the exits of profiles it merged away. Each is addressed
+/// to its live profile, with that profile's user id.
+fn downstream(set: &WorkingSet, encoded: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let addressed = |event: &Event, owner: &str| -> Option<Vec<u8>> {
+        let live = set.live(owner);
+        let profile = &set.records.get(live)?.profile;
+        let mut event = event.clone();
+        address(&mut event, live, profile).then(|| event.encode_to_vec())
+    };
+    set.applied
+        .iter()
+        .zip(encoded)
+        .map(|((event, origin), bytes)| addressed(event, origin).unwrap_or_else(|| bytes.clone()))
+        .chain(
+            set.synthetic.iter().map(|(event, owner)| {
+                addressed(event, owner).unwrap_or_else(|| event.encode_to_vec())
+            }),
+        )
+        .chain(set.merged_away_exits.iter().map(|event| {
+            // About the merged profile itself, so it keeps that id; the user id is the
+            // one customer's, now held by the survivor.
+            let mut copy = event.clone();
+            if let Some(survivor) = set.records.get(set.live(&event.profile_id)) {
+                address(&mut copy, &event.profile_id, &survivor.profile);
+            }
+            copy.encode_to_vec()
+        }))
+        .collect()
 }
 
 /// The profiles a batch merged away.

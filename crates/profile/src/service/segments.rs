@@ -619,7 +619,7 @@ async fn save_changed(
     now_us: i64,
 ) -> Result<(), ProfileError> {
     let refs: Vec<&Record> = records.iter().collect();
-    store::save_records(txn, &refs, emotion, now_us).await?;
+    super::save_profiles(txn, &refs, emotion, now_us).await?;
     save_transitions(txn, transitions, now_us).await?;
     let profiles: Vec<&Profile> = records.iter().map(|r| &r.profile).collect();
     super::emit(txn, consumers, events, &profiles).await?;

@@ -174,7 +174,7 @@ impl Profiles {
             transitions.extend(t);
             emitted.extend(events);
         }
-        store::save_records(
+        super::save_profiles(
             &txn,
             &[&survivor, &restored],
             &self.inner.rules.emotion,

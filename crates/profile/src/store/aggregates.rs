@@ -5,21 +5,9 @@ use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 use waymark_proto::common::v1::Event;
 
-use super::{RECORD_COLUMNS, execute, in_list, query, record_from};
+use super::records::{RECORD_COLUMNS, record_from};
+use super::sql::{execute, in_list, query};
 use crate::resolve::Record;
-
-/// Migration 17. `done_through` is the last profile id whose backfill page committed ('' before
-/// the first), so an interrupted backfill resumes after it.
-pub(crate) const AGGREGATE_SPECS: &str = "
-    CREATE TABLE aggregate_specs (
-        name TEXT PRIMARY KEY,
-        definition TEXT NOT NULL,
-        removed BOOLEAN NOT NULL,
-        backfilled BOOLEAN NOT NULL,
-        done_through TEXT NOT NULL,
-        profiles_done BIGINT NOT NULL,
-        started_at BIGINT NOT NULL
-    );";
 
 /// One aggregate as last configured.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
+use super::sql::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
 use crate::identity::Ident;
 
 /// The profile and every profile merged into it, directly or through earlier merges.

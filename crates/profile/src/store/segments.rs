@@ -4,7 +4,8 @@
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
-use super::{RECORD_COLUMNS, execute, insert_rows, query, query_one, record_from};
+use super::records::{RECORD_COLUMNS, record_from};
+use super::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::resolve::Record;
 
 /// A stored segment.
@@ -124,14 +125,14 @@ pub async fn drop_members(
     segment_id: &str,
     profile_ids: &[String],
 ) -> Result<(), DbErr> {
-    for chunk in profile_ids.chunks(super::MAX_PARAMS - 1) {
+    for chunk in profile_ids.chunks(MAX_PARAMS - 1) {
         let values = std::iter::once(Value::from(segment_id))
             .chain(chunk.iter().map(|id| Value::from(id.as_str())));
         execute(
             txn,
             &format!(
                 "DELETE FROM segment_members WHERE segment_id = ? AND profile_id IN ({})",
-                super::in_list(chunk.len())
+                in_list(chunk.len())
             ),
             values,
         )
@@ -207,12 +208,12 @@ pub async fn drop_memberships(
     txn: &DatabaseTransaction,
     profile_ids: &[String],
 ) -> Result<(), DbErr> {
-    for chunk in profile_ids.chunks(super::MAX_PARAMS) {
+    for chunk in profile_ids.chunks(MAX_PARAMS) {
         execute(
             txn,
             &format!(
                 "DELETE FROM segment_members WHERE profile_id IN ({})",
-                super::in_list(chunk.len())
+                in_list(chunk.len())
             ),
             chunk.iter().map(|id| Value::from(id.as_str())),
         )

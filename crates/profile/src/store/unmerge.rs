@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 use waymark_proto::common::v1::{Event, Identity};
 use waymark_proto::profile::v1::DoNotMerge;
 
-use super::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
+use super::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::identity::Ident;
 
 /// One merge of the audit.

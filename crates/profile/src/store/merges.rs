@@ -1,0 +1,136 @@
+//! The merge audit, and what a merge does to the stored rows besides the profiles (the
+//! merged profile's timeline and the pairs kept apart pass to the survivor).
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
+use waymark_kit::time::from_micros;
+use waymark_proto::common::v1::Identity;
+use waymark_proto::profile::v1::Merge;
+
+use super::sql::{execute, insert_rows, query};
+use crate::resolve::MergeRecord;
+
+/// The audit rows of `merges`, for [`insert_merges`].
+pub(super) fn merge_rows(merges: &[MergeRecord]) -> Vec<Vec<Value>> {
+    merges
+        .iter()
+        .map(|m| {
+            let evidence: Vec<serde_json::Value> = m
+                .evidence
+                .iter()
+                .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
+                .collect();
+            vec![
+                m.merge_id.as_str().into(),
+                m.survivor_id.as_str().into(),
+                m.merged_id.as_str().into(),
+                m.event_id.as_str().into(),
+                serde_json::Value::Array(evidence).to_string().into(),
+                m.at_us.into(),
+            ]
+        })
+        .collect()
+}
+
+/// Records merges in the audit (rows from [`merge_rows`]).
+pub(super) async fn insert_merges(
+    txn: &DatabaseTransaction,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), DbErr> {
+    insert_rows(
+        txn,
+        "INSERT INTO merges (merge_id, survivor_id, merged_id, event_id, evidence, merged_at)",
+        "",
+        rows,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Moves the timeline rows of each merged profile to its survivor ((survivor, merged)
+/// pairs; a profile is merged once, so each row moves at most once): on PostgreSQL in one
+/// statement, as a batch linking many visits to their customers merges many.
+pub(super) async fn move_timelines(
+    txn: &DatabaseTransaction,
+    moved: Vec<(String, String)>,
+) -> Result<(), DbErr> {
+    if moved.is_empty() {
+        return Ok(());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let (survivors, merged): (Vec<String>, Vec<String>) = moved.into_iter().unzip();
+        execute(
+            txn,
+            "UPDATE timeline t SET profile_id = m.s FROM UNNEST(?::text[], ?::text[]) AS m(s, d)
+             WHERE t.profile_id = m.d",
+            [survivors.into(), merged.into()],
+        )
+        .await?;
+        return Ok(());
+    }
+    for (survivor, merged) in moved {
+        execute(
+            txn,
+            "UPDATE timeline SET profile_id = ? WHERE profile_id = ?",
+            [survivor.into(), merged.into()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points the pairs kept apart that hold for `from` at `to`, which now holds it.
+pub(super) async fn pass_kept_apart<C: ConnectionTrait>(
+    conn: &C,
+    from: &str,
+    to: &str,
+) -> Result<(), DbErr> {
+    for column in ["live_survivor", "live_restored"] {
+        execute(
+            conn,
+            &format!("UPDATE do_not_merge SET {column} = ? WHERE {column} = ?"),
+            [to.into(), from.into()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The merge history of `live_id`, oldest first: merges into it and, through merges not
+/// undone, into every profile it absorbed (A into B, then B into C: both show for C).
+pub async fn merges<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<Merge>, DbErr> {
+    let rows = query(
+        conn,
+        "WITH RECURSIVE tree(profile_id) AS (
+             SELECT ?
+             UNION SELECT m.merged_id FROM merges m JOIN tree t ON m.survivor_id = t.profile_id
+                   WHERE m.unmerged_at IS NULL
+         )
+         SELECT merge_id, survivor_id, merged_id, event_id, evidence, merged_at, unmerged_at
+         FROM merges WHERE survivor_id IN (SELECT profile_id FROM tree)
+         ORDER BY merged_at, merge_id",
+        [live_id.into()],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let evidence: String = r.try_get_by_index(4)?;
+            let evidence: Vec<serde_json::Value> =
+                serde_json::from_str(&evidence).unwrap_or_default();
+            Ok(Merge {
+                merge_id: r.try_get_by_index(0)?,
+                survivor_id: r.try_get_by_index(1)?,
+                merged_id: r.try_get_by_index(2)?,
+                event_id: r.try_get_by_index(3)?,
+                evidence: evidence
+                    .iter()
+                    .map(|e| Identity {
+                        r#type: e["type"].as_str().unwrap_or_default().to_owned(),
+                        value: e["value"].as_str().unwrap_or_default().to_owned(),
+                    })
+                    .collect(),
+                merged_at: Some(from_micros(r.try_get_by_index(5)?)),
+                unmerged_at: r.try_get_by_index::<Option<i64>>(6)?.map(from_micros),
+            })
+        })
+        .collect()
+}
