@@ -9,22 +9,38 @@ use waymark_proto::profile::v1::Merge;
 use super::sql::{execute, insert_rows, query};
 use crate::resolve::MergeRecord;
 
+/// A merge's evidence as stored: `[{"type": ..., "value": ...}]`.
+pub(super) fn evidence_json(evidence: &[Identity]) -> String {
+    let entries: Vec<serde_json::Value> = evidence
+        .iter()
+        .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
+        .collect();
+    serde_json::Value::Array(entries).to_string()
+}
+
+/// Stored evidence read back; what does not parse reads as no evidence.
+pub(super) fn evidence_from_json(text: &str) -> Vec<Identity> {
+    let entries: Vec<serde_json::Value> = serde_json::from_str(text).unwrap_or_default();
+    entries
+        .iter()
+        .map(|e| Identity {
+            r#type: e["type"].as_str().unwrap_or_default().to_owned(),
+            value: e["value"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
 /// The audit rows of `merges`, for [`insert_merges`].
 pub(super) fn merge_rows(merges: &[MergeRecord]) -> Vec<Vec<Value>> {
     merges
         .iter()
         .map(|m| {
-            let evidence: Vec<serde_json::Value> = m
-                .evidence
-                .iter()
-                .map(|i| serde_json::json!({"type": i.r#type, "value": i.value}))
-                .collect();
             vec![
                 m.merge_id.as_str().into(),
                 m.survivor_id.as_str().into(),
                 m.merged_id.as_str().into(),
                 m.event_id.as_str().into(),
-                serde_json::Value::Array(evidence).to_string().into(),
+                evidence_json(&m.evidence).into(),
                 m.at_us.into(),
             ]
         })
@@ -113,21 +129,12 @@ pub async fn merges<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<M
     .await?;
     rows.iter()
         .map(|r| {
-            let evidence: String = r.try_get_by_index(4)?;
-            let evidence: Vec<serde_json::Value> =
-                serde_json::from_str(&evidence).unwrap_or_default();
             Ok(Merge {
                 merge_id: r.try_get_by_index(0)?,
                 survivor_id: r.try_get_by_index(1)?,
                 merged_id: r.try_get_by_index(2)?,
                 event_id: r.try_get_by_index(3)?,
-                evidence: evidence
-                    .iter()
-                    .map(|e| Identity {
-                        r#type: e["type"].as_str().unwrap_or_default().to_owned(),
-                        value: e["value"].as_str().unwrap_or_default().to_owned(),
-                    })
-                    .collect(),
+                evidence: evidence_from_json(&r.try_get_by_index::<String>(4)?),
                 merged_at: Some(from_micros(r.try_get_by_index(5)?)),
                 unmerged_at: r.try_get_by_index::<Option<i64>>(6)?.map(from_micros),
             })

@@ -4,7 +4,7 @@
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_proto::common::v1::{Event, Identity};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::DoNotMerge;
 
 use super::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
@@ -208,19 +208,11 @@ pub async fn restore_kept_apart(
 const DO_NOT_MERGE_COLUMNS: &str = "merge_id, survivor_id, restored_id, evidence, unmerged_at";
 
 fn do_not_merge_from(r: &sea_orm::QueryResult) -> Result<DoNotMerge, DbErr> {
-    let evidence: String = r.try_get_by_index(3)?;
-    let evidence: Vec<serde_json::Value> = serde_json::from_str(&evidence).unwrap_or_default();
     Ok(DoNotMerge {
         merge_id: r.try_get_by_index(0)?,
         survivor_id: r.try_get_by_index(1)?,
         restored_id: r.try_get_by_index(2)?,
-        evidence: evidence
-            .iter()
-            .map(|e| Identity {
-                r#type: e["type"].as_str().unwrap_or_default().to_owned(),
-                value: e["value"].as_str().unwrap_or_default().to_owned(),
-            })
-            .collect(),
+        evidence: super::merges::evidence_from_json(&r.try_get_by_index::<String>(3)?),
         unmerged_at: Some(waymark_kit::time::from_micros(r.try_get_by_index(4)?)),
     })
 }
