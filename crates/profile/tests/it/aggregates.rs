@@ -7,7 +7,7 @@ use prost_types::value::Kind;
 use serde_json::json;
 use waymark_kit::config::Config;
 use waymark_profile::ProfileServer;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -34,14 +34,12 @@ fn with_aggregates(base: &Config, specs: &[&str]) -> Config {
 }
 
 fn order(user_id: &str, anonymous_id: &str, revenue: i64, at: i64) -> Event {
-    event(
-        EventType::Track,
-        user_id,
-        anonymous_id,
-        "Order Completed",
-        json!({ "revenue": revenue }),
-        at,
-    )
+    EventBuilder::track("Order Completed")
+        .user(user_id)
+        .anonymous(anonymous_id)
+        .properties(json!({ "revenue": revenue }))
+        .at(at)
+        .build()
 }
 
 fn aggregate(profile: &Profile, name: &str) -> Option<f64> {

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::EventType;
 use waymark_proto::ingest::v1::GetStatsRequest;
 use waymark_proto::profile::v1::*;
 
@@ -163,7 +162,7 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     );
 
     // An event committed by ingestion before the erasure reached it: dropped here.
-    let in_flight = event(EventType::Track, "gdpr-1", "", "Clicked", json!({}), 50);
+    let in_flight = EventBuilder::track("Clicked").user("gdpr-1").at(50).build();
     let outcome = platform.profile.deliver(vec![in_flight]).await;
     assert_eq!((outcome.applied, outcome.suppressed), (0, 1));
 
@@ -265,14 +264,11 @@ async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     let sink = Sink::default();
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let visit = |at: i64| {
-        event(
-            EventType::Track,
-            "gone-1",
-            "",
-            "Visited",
-            serde_json::json!({}),
-            at,
-        )
+        EventBuilder::track("Visited")
+            .user("gone-1")
+            .properties(serde_json::json!({}))
+            .at(at)
+            .build()
     };
     // B has loaded the (empty) list before the erasure.
     b.deliver(vec![visit(1)]).await;
@@ -318,14 +314,13 @@ async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
     let prefix = config.profile_cache_key_prefix.clone();
     let server = TestProfile::start(config.clone()).await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "gone-away",
-            "",
-            "",
-            json!({"email": "away@example.org"}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("gone-away")
+                .traits(json!({"email": "away@example.org"}))
+                .at(1)
+                .build(),
+        ])
         .await;
     let p = get(&server, by_identity("user_id", "gone-away"))
         .await
@@ -388,25 +383,20 @@ async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Bac
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
     let visit = |user: &str, at: i64| {
-        event(
-            EventType::Track,
-            user,
-            "family-tablet",
-            "Visited",
-            json!({}),
-            at,
-        )
+        EventBuilder::track("Visited")
+            .user(user)
+            .anonymous("family-tablet")
+            .at(at)
+            .build()
     };
     server
         .deliver(vec![
-            event(
-                EventType::Identify,
-                "alone-a",
-                "family-tablet",
-                "",
-                json!({"email": "a@example.org"}),
-                1,
-            ),
+            EventBuilder::identify()
+                .user("alone-a")
+                .anonymous("family-tablet")
+                .traits(json!({"email": "a@example.org"}))
+                .at(1)
+                .build(),
             // One user id per profile: the tablet's id stays with A, B gets a profile.
             visit("other-b", 2),
         ])
@@ -456,14 +446,9 @@ async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Bac
         .unwrap();
     assert_eq!(b.computed.unwrap().total_events, 2);
     let back = server
-        .deliver(vec![event(
-            EventType::Track,
-            "alone-a",
-            "",
-            "Visited",
-            json!({}),
-            4,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Visited").user("alone-a").at(4).build(),
+        ])
         .await;
     assert_eq!((back.applied, back.suppressed), (0, 1));
     server.stop().await;
@@ -483,14 +468,11 @@ async fn an_export_larger_than_one_message_comes_in_pages(backend: Backend) {
         let events = batch
             .iter()
             .map(|i| {
-                event(
-                    EventType::Track,
-                    "big-history",
-                    "",
-                    "Note Taken",
-                    json!({"note": note, "n": i}),
-                    1_000 + i,
-                )
+                EventBuilder::track("Note Taken")
+                    .user("big-history")
+                    .properties(json!({"note": note, "n": i}))
+                    .at(1_000 + i)
+                    .build()
             })
             .collect();
         server.deliver(events).await;
@@ -589,14 +571,13 @@ async fn clear_suppressions_are_hashed_at_start_up(backend: Backend) {
         .collect();
     assert_eq!(listed, [("email".to_owned(), hash, 7, true)]);
     let back = server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "old-anon",
-            "",
-            json!({"email": "Old@Example.org"}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("old-anon")
+                .traits(json!({"email": "Old@Example.org"}))
+                .at(1)
+                .build(),
+        ])
         .await;
     assert_eq!((back.applied, back.suppressed), (0, 1));
     server.stop().await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -100,46 +100,31 @@ async fn segments_follow_conditions(backend: Backend) {
     let now = waymark_kit::time::now_micros() / 1_000_000;
     server
         .deliver(vec![
-            event(
-                EventType::Identify,
-                "vip-a",
-                "",
-                "",
-                json!({"plan": "pro"}),
-                now,
-            ),
-            event(
-                EventType::Track,
-                "vip-a",
-                "",
-                "Order Completed",
-                json!({"revenue": 150}),
-                now,
-            ),
-            event(
-                EventType::Identify,
-                "vip-b",
-                "",
-                "",
-                json!({"plan": "free"}),
-                now,
-            ),
-            event(
-                EventType::Identify,
-                "vip-c",
-                "",
-                "",
-                json!({"plan": "pro"}),
-                now,
-            ),
-            event(
-                EventType::Track,
-                "vip-c",
-                "",
-                "Order Completed",
-                json!({"revenue": 20}),
-                now,
-            ),
+            EventBuilder::identify()
+                .user("vip-a")
+                .traits(json!({"plan": "pro"}))
+                .at(now)
+                .build(),
+            EventBuilder::track("Order Completed")
+                .user("vip-a")
+                .properties(json!({"revenue": 150}))
+                .at(now)
+                .build(),
+            EventBuilder::identify()
+                .user("vip-b")
+                .traits(json!({"plan": "free"}))
+                .at(now)
+                .build(),
+            EventBuilder::identify()
+                .user("vip-c")
+                .traits(json!({"plan": "pro"}))
+                .at(now)
+                .build(),
+            EventBuilder::track("Order Completed")
+                .user("vip-c")
+                .properties(json!({"revenue": 20}))
+                .at(now)
+                .build(),
         ])
         .await;
     let a = get(&server, by_identity("user_id", "vip-a")).await.unwrap();
@@ -214,14 +199,13 @@ async fn segments_follow_conditions(backend: Backend) {
 
     // An event moves a profile in.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "vip-c",
-            "",
-            "Order Completed",
-            json!({"revenue": 200}),
-            now,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Order Completed")
+                .user("vip-c")
+                .properties(json!({"revenue": 200}))
+                .at(now)
+                .build(),
+        ])
         .await;
     let c_now = get(&server, by_identity("user_id", "vip-c")).await.unwrap();
     assert_eq!(c_now.segments, ["vip"]);
@@ -249,14 +233,11 @@ async fn segments_follow_conditions(backend: Backend) {
     assert_eq!(members(&server, "vip").await, [c.profile_id.as_str()]);
 
     // A redelivered batch changes nothing: no second Segment Entered.
-    let again = event(
-        EventType::Track,
-        "vip-c",
-        "",
-        "Order Completed",
-        json!({"revenue": 1}),
-        now,
-    );
+    let again = EventBuilder::track("Order Completed")
+        .user("vip-c")
+        .properties(json!({"revenue": 1}))
+        .at(now)
+        .build();
     server.deliver(vec![again.clone()]).await;
     server.deliver(vec![again]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -287,28 +268,25 @@ async fn segments_follow_conditions(backend: Backend) {
     // A profile merged away exits its segments under its own id; the survivor keeps its
     // own membership.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "",
-            "anon-z",
-            "Page Viewed",
-            json!({}),
-            now - 60,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Page Viewed")
+                .anonymous("anon-z")
+                .at(now - 60)
+                .build(),
+        ])
         .await;
     let z = get(&server, by_identity("anonymous_id", "anon-z"))
         .await
         .unwrap();
     wait_segment_event(&sink, "Segment Entered", &z.profile_id, "quiet").await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "vip-c",
-            "anon-z",
-            "",
-            json!({}),
-            now - 60,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("vip-c")
+                .anonymous("anon-z")
+                .at(now - 60)
+                .build(),
+        ])
         .await;
     wait_segment_event(&sink, "Segment Exited", &z.profile_id, "quiet").await;
     let quiet = members(&server, "quiet").await;
@@ -359,14 +337,11 @@ async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Ba
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let now = waymark_kit::time::now_micros() / 1_000_000;
     let plan = |plan: &str| {
-        event(
-            EventType::Identify,
-            "rep-1",
-            "",
-            "",
-            json!({ "plan": plan }),
-            now,
-        )
+        EventBuilder::identify()
+            .user("rep-1")
+            .traits(json!({ "plan": plan }))
+            .at(now)
+            .build()
     };
     b.deliver(vec![plan("free")]).await;
     a.put_segment("enterprise", r#"traits.plan == "enterprise""#)
@@ -409,14 +384,11 @@ async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
         .deliver(
             (0..customers)
                 .map(|n| {
-                    event(
-                        EventType::Identify,
-                        &format!("loop-{n}"),
-                        "",
-                        "",
-                        json!({ "n": n }),
-                        now,
-                    )
+                    EventBuilder::identify()
+                        .user(&format!("loop-{n}"))
+                        .traits(json!({ "n": n }))
+                        .at(now)
+                        .build()
                 })
                 .collect(),
         )
@@ -439,14 +411,11 @@ async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
 waymark_testkit::on_both_backends!(segments_put_in_a_quick_loop_all_get_their_members);
 
 fn gold(n: usize, at: i64) -> Event {
-    event(
-        EventType::Identify,
-        &format!("gold-{n}"),
-        "",
-        "",
-        json!({"tier": "gold"}),
-        at,
-    )
+    EventBuilder::identify()
+        .user(&format!("gold-{n}"))
+        .traits(json!({"tier": "gold"}))
+        .at(at)
+        .build()
 }
 
 async fn delete(server: &TestProfile, id: &str) -> Result<u64, tonic::Status> {
