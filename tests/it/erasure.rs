@@ -58,14 +58,15 @@ async fn an_erased_customer_stays_erased(backend: Backend) {
     .collect();
     assert_eq!(suppressed, expected);
 
-    eventually("the suppressions pushed to ingestion", async || {
+    let what = "the suppressions pushed to ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        (page.suppressions.len() == 3 && page.suppressions.iter().all(|s| s.synced_to_ingest))
-            .then_some(())
+        let synced = page.suppressions.iter().all(|s| s.synced_to_ingest);
+        page.suppressions.len() == 3 && synced
     })
     .await;
 
@@ -167,14 +168,15 @@ async fn erasure_leaves_no_copy(backend: Backend) {
         }))
         .await
         .unwrap();
-    eventually("the suppressions pushed to ingestion", async || {
+    let what = "the suppressions pushed to ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        (!page.suppressions.is_empty() && page.suppressions.iter().all(|s| s.synced_to_ingest))
-            .then_some(())
+        let synced = page.suppressions.iter().all(|s| s.synced_to_ingest);
+        !page.suppressions.is_empty() && synced
     })
     .await;
 

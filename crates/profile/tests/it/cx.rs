@@ -1,8 +1,6 @@
 //! Emotion from CX signals and configured aggregates, through the service, feeding a
 //! segment: the "upset repeat buyer" an agent should call back.
 
-use std::time::Duration;
-
 use prost_types::value::Kind;
 use serde_json::json;
 use waymark_kit::config::Config;
@@ -138,14 +136,15 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
     );
     assert!(happy.segments.is_empty());
 
-    let mut labels = Vec::new();
-    for _ in 0..100 {
-        labels = emotion_changes(&sink, &happy.profile_id).await;
+    let mut labels = eventually("two Emotion Changed events", PATIENCE, async || {
+        let labels = emotion_changes(&sink, &happy.profile_id).await;
         if labels.len() == 2 {
-            break;
+            Ok(labels)
+        } else {
+            Err(labels)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     labels.sort();
     assert_eq!(
         labels,
@@ -186,14 +185,15 @@ async fn upset_customers_calm_down_with_time(backend: Backend) {
 
     // -1 reaches -0.6 after 0.74 s and -0.2 after 2.3 s; the sweep runs every second, so
     // it normally sees the unhappy step, but a stalled machine may skip straight on.
-    let mut changes = Vec::new();
-    for _ in 0..200 {
-        changes = emotion_changes(&sink, &upset.profile_id).await;
+    let changes = eventually("the emotion to decay to neutral", PATIENCE, async || {
+        let changes = emotion_changes(&sink, &upset.profile_id).await;
         if changes.last().is_some_and(|l| l == "neutral") {
-            break;
+            Ok(changes)
+        } else {
+            Err(changes)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(
         changes == ["upset", "unhappy", "neutral"] || changes == ["upset", "neutral"],
         "{changes:?}"

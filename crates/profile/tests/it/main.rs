@@ -9,8 +9,6 @@ mod segments;
 mod support;
 mod unmerge;
 
-use std::time::Duration;
-
 use prost_types::value::Kind;
 use serde_json::json;
 use support::*;
@@ -72,17 +70,13 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     ]});
     assert_eq!(platform.post_batch(batch).await, 200);
 
-    let mut found = None;
-    for _ in 0..200 {
-        if let Ok(p) = get(profile, by_identity("email", " ADA@example.com")).await
-            && p.computed.as_ref().is_some_and(|c| c.total_events == 4)
-        {
-            found = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let customer = found.expect("all four events reach one profile");
+    let customer = eventually("all four events on one profile", PATIENCE, async || {
+        get(profile, by_identity("email", " ADA@example.com"))
+            .await
+            .ok()
+            .filter(|p| p.computed.as_ref().is_some_and(|c| c.total_events == 4))
+    })
+    .await;
     for (t, v) in [
         ("anonymous_id", "web-anon-1"),
         ("user_id", "cust-42"),
@@ -141,9 +135,8 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     assert_eq!(only_calls[0].name, "Call Started");
 
     // Downstream: each of the four applied events, with its profile id.
-    let mut applied = std::collections::HashMap::new();
-    for _ in 0..200 {
-        applied = sink
+    let applied = eventually("the four applied events downstream", PATIENCE, async || {
+        let applied: std::collections::HashMap<_, _> = sink
             .received
             .lock()
             .await
@@ -152,11 +145,12 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
             .map(|e| (e.event_id.clone(), e.clone()))
             .collect();
         if applied.len() == 4 {
-            break;
+            Ok(applied)
+        } else {
+            Err(applied)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(applied.len(), 4, "{applied:?}");
+    })
+    .await;
     assert!(applied.values().all(|e| !e.profile_id.is_empty()));
     let call = applied
         .values()
@@ -705,7 +699,11 @@ async fn a_batch_partly_applied_before_applies_only_its_new_events(backend: Back
 
     // Downstream gets each applied event once per consumer (both relay to this sink): the
     // first delivery's event, then the batch's two new ones and its Trait Changed.
-    let received = sink.wait_for(8).await;
+    sink.wait_for(8).await;
+    // A marker behind them: a third copy of any would have arrived before it.
+    let marker = EventBuilder::track("Marker").user("u-6").at(400).build();
+    deliver_marker(&server, &sink, marker).await;
+    let received = sink.received.lock().await.clone();
     for id in &ids {
         let copies = received.iter().filter(|e| &e.event_id == id).count();
         assert_eq!(copies, 2, "{id} emitted {copies} times");
@@ -890,7 +888,8 @@ async fn cached_version(redis_url: &str, prefix: &str, profile_id: &str) -> Opti
 
 /// Polls until Redis holds `version` of the profile (the cache reconnects on its own).
 async fn wait_cached(redis_url: &str, prefix: &str, server: &TestProfile, id: &str, version: u64) {
-    for _ in 0..100 {
+    let what = format!("the cache to hold version {version} of {id}");
+    eventually(&what, PATIENCE, async || {
         // Reads find Redis back (one attempt per reconnect pause) and refill it on a miss.
         let read = get(
             server,
@@ -902,12 +901,12 @@ async fn wait_cached(redis_url: &str, prefix: &str, server: &TestProfile, id: &s
         .await
         .unwrap();
         assert_eq!(read.version, version, "reads never go back");
-        if cached_version(redis_url, prefix, id).await == Some(version) {
-            return;
+        match cached_version(redis_url, prefix, id).await {
+            Some(cached) if cached == version => Ok(()),
+            cached => Err(cached),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the cache never held version {version} of {id}");
+    })
+    .await;
 }
 
 /// A network partition from Redis (which keeps its now stale keys): the service keeps

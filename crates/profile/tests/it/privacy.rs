@@ -1,7 +1,5 @@
 //! The right to be forgotten and the right of access, through the real ingestion service.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tonic::Code;
 use waymark_proto::ingest::v1::GetStatsRequest;
@@ -11,17 +9,18 @@ use crate::support::*;
 use crate::{by_identity, get, redis_url};
 
 async fn wait_for_events(platform: &Platform, email: &str, events: u64) -> Profile {
-    for _ in 0..200 {
-        if let Ok(p) = get(&platform.profile, by_identity("email", email)).await
-            && p.computed
-                .as_ref()
-                .is_some_and(|c| c.total_events == events)
-        {
-            return p;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{events} events never reached the profile of {email}");
+    let what = format!("{events} events on the profile of {email}");
+    eventually(&what, PATIENCE, async || {
+        get(&platform.profile, by_identity("email", email))
+            .await
+            .ok()
+            .filter(|p| {
+                p.computed
+                    .as_ref()
+                    .is_some_and(|c| c.total_events == events)
+            })
+    })
+    .await
 }
 
 /// Export everything, erase, and make sure nothing comes back: not through ingestion
@@ -42,18 +41,11 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         ),
     ] {
         assert_eq!(platform.post_batch(json!({ "batch": [batch] })).await, 200);
-        let mut found = false;
-        for _ in 0..200 {
-            if get(&platform.profile, by_identity(identity.0, identity.1))
-                .await
-                .is_ok()
-            {
-                found = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(found, "{identity:?} reaches the profile service");
+        let what = format!("{identity:?} to reach the profile service");
+        eventually(&what, PATIENCE, async || {
+            get(&platform.profile, by_identity(identity.0, identity.1)).await
+        })
+        .await;
     }
     let visitor = get(&platform.profile, by_identity("anonymous_id", "gdpr-anon"))
         .await
@@ -167,21 +159,17 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     assert_eq!((outcome.applied, outcome.suppressed), (0, 1));
 
     // Ingestion learns the suppressions from the profile service.
-    let mut synced = false;
-    for _ in 0..200 {
+    let what = "every suppression to reach ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(page.suppressions.len(), 4);
-        if page.suppressions.iter().all(|s| s.synced_to_ingest) {
-            synced = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(synced, "every suppression reaches ingestion");
+        page.suppressions.iter().all(|s| s.synced_to_ingest)
+    })
+    .await;
     let status = platform
         .post_batch(json!({"batch": [
             {"type": "identify", "anonymousId": "fresh-device", "traits": {"email": "forget@me.io"}},
@@ -200,7 +188,15 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         2,
         "dropped and counted at ingestion, custom identifier types too"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker sent after them: once it has reached the profile service, so would have
+    // anything ingestion let through before it.
+    let marker = json!({"type": "track", "userId": "after-erasure", "event": "Marker"});
+    assert_eq!(platform.post_batch(json!({ "batch": [marker] })).await, 200);
+    let what = "the marker to reach the profile service";
+    eventually(what, PATIENCE, async || {
+        get(&platform.profile, by_identity("user_id", "after-erasure")).await
+    })
+    .await;
     let error = get(&platform.profile, by_identity("email", "forget@me.io"))
         .await
         .unwrap_err();
@@ -360,15 +356,16 @@ async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
     };
     not_found(by_id.clone()).await;
     not_found(by_identity("user_id", "gone-away")).await;
-    let mut tombstoned = false;
-    for _ in 0..100 {
-        if crate::cached_version(&redis_url(), &prefix, &p.profile_id).await == Some(u64::MAX) {
-            tombstoned = true;
-            break;
+    let what = "the tombstone to reach Redis once it is back";
+    eventually(what, PATIENCE, async || {
+        let cached = crate::cached_version(&redis_url(), &prefix, &p.profile_id).await;
+        if cached == Some(u64::MAX) {
+            Ok(())
+        } else {
+            Err(cached)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(tombstoned, "the tombstone reaches Redis once it is back");
+    })
+    .await;
     not_found(by_id).await;
     not_found(by_identity("email", "away@example.org")).await;
     server.stop().await;

@@ -1,8 +1,6 @@
 //! Segments: CEL conditions, backfill, membership on events and trusted updates, the
 //! periodic sweep of time-based conditions, deletion, and the events they emit.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tonic::Code;
 use waymark_proto::common::v1::Event;
@@ -47,7 +45,7 @@ async fn members(server: &TestProfile, id: &str) -> Vec<String> {
 }
 
 async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
-    for _ in 0..200 {
+    eventually(&format!("segment {id} backfilled"), PATIENCE, async || {
         let s = server
             .client()
             .await
@@ -59,12 +57,9 @@ async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
             .into_inner()
             .segment
             .unwrap();
-        if s.backfilled {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("segment {id} never backfilled");
+        if s.backfilled { Ok(s) } else { Err(s) }
+    })
+    .await
 }
 
 fn is_segment_event(e: &Event, name: &str, profile_id: &str, segment_id: &str) -> bool {
@@ -240,7 +235,8 @@ async fn segments_follow_conditions(backend: Backend) {
         .build();
     server.deliver(vec![again.clone()]).await;
     server.deliver(vec![again]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = EventBuilder::track("Marker").user("vip-c").at(now).build();
+    deliver_marker(&server, &sink, marker).await;
     assert_eq!(
         segment_events(&sink, "Segment Entered", &c.profile_id, "vip").await,
         1
@@ -255,15 +251,12 @@ async fn segments_follow_conditions(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(wait_backfilled(&server, "quiet").await.member_count, 0);
-    let mut lapsed = 0;
-    for _ in 0..100 {
-        lapsed = members(&server, "quiet").await.len();
-        if lapsed == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(lapsed, 3, "the sweep re-evaluates conditions that use now");
+    let what = "the sweep to re-evaluate conditions that use now: three lapsed";
+    eventually(what, PATIENCE, async || {
+        let lapsed = members(&server, "quiet").await.len();
+        if lapsed == 3 { Ok(()) } else { Err(lapsed) }
+    })
+    .await;
 
     // A profile merged away exits its segments under its own id; the survivor keeps its
     // own membership.
@@ -463,7 +456,7 @@ async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
             .unwrap();
         assert!(p.segments.is_empty(), "gold-{n}: {:?}", p.segments);
     }
-    for _ in 0..400 {
+    eventually("every member's Segment Exited", PATIENCE, async || {
         let exits = sink
             .received
             .lock()
@@ -473,12 +466,14 @@ async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
             .map(|e| e.profile_id.clone())
             .collect::<std::collections::HashSet<_>>()
             .len();
+        assert!(exits <= customers);
         if exits == customers {
-            break;
+            Ok(())
+        } else {
+            Err(exits)
         }
-        assert!(exits < customers);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     let distinct = sink
         .received
         .lock()
