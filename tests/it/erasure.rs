@@ -10,11 +10,11 @@ use serde_json::json;
 use tonic::Code;
 use waymark_kit::db::sql;
 use waymark_kit::time::now_micros;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::GetStatsRequest;
 use waymark_proto::profile::v1::{DeleteProfileRequest, ListSuppressionsRequest};
 use waymark_testkit::platform::Platform;
-use waymark_testkit::{Backend, admin, redis_url};
+use waymark_testkit::{Backend, EventBuilder, admin, redis_url};
 
 use crate::*;
 
@@ -58,14 +58,15 @@ async fn an_erased_customer_stays_erased(backend: Backend) {
     .collect();
     assert_eq!(suppressed, expected);
 
-    eventually("the suppressions pushed to ingestion", async || {
+    let what = "the suppressions pushed to ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        (page.suppressions.len() == 3 && page.suppressions.iter().all(|s| s.synced_to_ingest))
-            .then_some(())
+        let synced = page.suppressions.iter().all(|s| s.synced_to_ingest);
+        page.suppressions.len() == 3 && synced
     })
     .await;
 
@@ -146,8 +147,17 @@ async fn erasure_leaves_no_copy(backend: Backend) {
     // An event ingestion accepted but has not delivered yet (its delivery is backing off),
     // linked to Kim only by her e-mail, packed with another customer's event.
     let ingest_db = connect(&platform.database_url, "ingest").await;
-    let kiosk = event("m-1", "kiosk-5510", "kim.zed@example.org");
-    let other = event("m-2", "kiosk-other", "");
+    let kiosk = EventBuilder::track("Coupon Scanned")
+        .message_id("m-1")
+        .event_id("evt-m-1")
+        .anonymous("kiosk-5510")
+        .context(json!({"traits": {"email": "kim.zed@example.org"}}))
+        .build();
+    let other = EventBuilder::track("Coupon Scanned")
+        .message_id("m-2")
+        .event_id("evt-m-2")
+        .anonymous("kiosk-other")
+        .build();
     queue_in_ingest(&ingest_db, &[&kiosk, &other]).await;
 
     let mut client = platform.profile.client().await;
@@ -158,14 +168,15 @@ async fn erasure_leaves_no_copy(backend: Backend) {
         }))
         .await
         .unwrap();
-    eventually("the suppressions pushed to ingestion", async || {
+    let what = "the suppressions pushed to ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        (!page.suppressions.is_empty() && page.suppressions.iter().all(|s| s.synced_to_ingest))
-            .then_some(())
+        let synced = page.suppressions.iter().all(|s| s.synced_to_ingest);
+        !page.suppressions.is_empty() && synced
     })
     .await;
 
@@ -222,32 +233,6 @@ async fn erasure_leaves_no_copy(backend: Backend) {
     platform.stop().await;
 }
 waymark_testkit::on_both_backends!(erasure_leaves_no_copy);
-
-/// A track event as ingestion stores it, with `email` in `context.traits` when given.
-fn event(message_id: &str, anonymous_id: &str, email: &str) -> Event {
-    let mut context = prost_types_struct(json!({}));
-    if !email.is_empty() {
-        context = prost_types_struct(json!({"traits": {"email": email}}));
-    }
-    let mut e = Event {
-        event_id: format!("evt-{message_id}"),
-        message_id: message_id.into(),
-        anonymous_id: anonymous_id.into(),
-        event: "Coupon Scanned".into(),
-        source_id: "src".into(),
-        context: Some(context),
-        ..Event::default()
-    };
-    e.set_type(EventType::Track);
-    e
-}
-
-fn prost_types_struct(value: serde_json::Value) -> prost_types::Struct {
-    let serde_json::Value::Object(map) = value else {
-        panic!("an object")
-    };
-    waymark_proto::json::struct_from_json(map)
-}
 
 /// Commits `events` to ingestion's log and one outbox pack for the profile service that
 /// the relay will not claim for a day, as a delivery backing off leaves it.

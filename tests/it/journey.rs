@@ -188,7 +188,7 @@ async fn a_journey_across_channels_becomes_one_upset_customer(backend: Backend) 
     assert_eq!(segment.member_count, 1);
 
     // Downstream services hear about it.
-    eventually("Segment Entered at the consumer", async || {
+    eventually("Segment Entered at the consumer", PATIENCE, async || {
         let received = sink.received.lock().await;
         received
             .iter()

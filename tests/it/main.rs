@@ -7,13 +7,11 @@
 mod erasure;
 mod journey;
 
-use std::time::Duration;
-
 use tonic::Status;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::{GetProfileRequest, Profile};
 use waymark_testkit::platform::Platform;
-use waymark_testkit::{Backend, Sink, admin, redis_url};
+use waymark_testkit::{Backend, PATIENCE, Sink, admin, eventually, redis_url};
 
 /// The platform with a real `EventSink` consumer downstream of the profile service.
 async fn boot(backend: Backend) -> (Platform, Sink) {
@@ -32,17 +30,6 @@ async fn send(platform: &Platform, batch: serde_json::Value) {
         .post_batch(serde_json::json!({ "batch": batch }))
         .await;
     assert_eq!(status, 200, "the batch is accepted");
-}
-
-/// Checks every 50 ms until `check` gives a value, for at most 10 s.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..200 {
-        if let Some(value) = check().await {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("gave up waiting for {what}");
 }
 
 fn by_identity(t: &str, value: &str) -> GetProfileRequest {
@@ -78,7 +65,8 @@ async fn profile_with_events(
     request: GetProfileRequest,
     events: u64,
 ) -> Profile {
-    eventually(&format!("{events} events on one profile"), async || {
+    let what = format!("{events} events on one profile");
+    eventually(&what, PATIENCE, async || {
         get_profile(platform, request.clone())
             .await
             .ok()

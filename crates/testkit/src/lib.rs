@@ -1,9 +1,14 @@
 //! Shared integration-test harness: a fresh database per test (PostgreSQL or SQLite), a
 //! real `EventSink` server standing in for a downstream service, a TCP proxy that can
-//! cut a dependency off, a Redis server to stop and restart, and the real services booted
-//! in-process (`platform`).
+//! cut a dependency off, a Redis server to stop and restart, the real services booted
+//! in-process (`platform`), the one way tests wait (`poll`) and an event builder (`event`).
 
+pub mod event;
 pub mod platform;
+pub mod poll;
+
+pub use event::EventBuilder;
+pub use poll::{PATIENCE, eventually};
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -249,29 +254,32 @@ impl Sink {
 
     /// Waits until at least `n` events arrived; returns what arrived.
     pub async fn wait_for(&self, n: usize) -> Vec<Event> {
-        for _ in 0..400 {
-            {
-                let received = self.received.lock().await;
-                if received.len() >= n {
-                    return received.clone();
-                }
+        eventually(&format!("{n} events at the sink"), PATIENCE, async || {
+            let received = self.received.lock().await;
+            if received.len() >= n {
+                Ok(received.clone())
+            } else {
+                Err(format!("{} events", received.len()))
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let got = self.received.lock().await.len();
-        panic!("sink received {got} events, expected {n}");
+        })
+        .await
     }
 
-    /// Waits (ten seconds at most) for an event that satisfies `wanted`; `what` names it
-    /// in the failure.
+    /// Waits for an event that satisfies `wanted`; `what` names it in the failure.
     pub async fn wait_for_event(&self, what: &str, wanted: impl Fn(&Event) -> bool) -> Event {
-        for _ in 0..400 {
-            if let Some(found) = self.received.lock().await.iter().find(|e| wanted(e)) {
-                return found.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the sink never received {what}");
+        eventually(
+            &format!("the sink to receive {what}"),
+            PATIENCE,
+            async || {
+                self.received
+                    .lock()
+                    .await
+                    .iter()
+                    .find(|e| wanted(e))
+                    .cloned()
+            },
+        )
+        .await
     }
 }
 
@@ -426,18 +434,15 @@ impl RedisServer {
             .expect("redis-server on PATH (make services installs it)");
         self.child = Some(child);
         let client = redis::Client::open(self.url()).expect("redis url");
-        for _ in 0..200 {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("redis-server on port {} never answered PING", self.port);
+        let what = format!("redis-server on port {} to answer PING", self.port);
+        eventually(&what, PATIENCE, async || {
+            let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .ok()
+        })
+        .await;
     }
 }
 

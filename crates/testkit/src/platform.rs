@@ -3,7 +3,6 @@
 //! suite boot them.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -17,7 +16,7 @@ use waymark_proto::common::v1::{DeliverRequest, DeliverResponse, Event};
 use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use waymark_proto::profile::v1::{PutSegmentRequest, Segment};
 
-use crate::{ADMIN_TOKEN, Backend, TestDb, admin};
+use crate::{ADMIN_TOKEN, Backend, PATIENCE, TestDb, admin, eventually};
 
 /// Config for a profile test server relaying to `sink` (orchestrator and analytics).
 pub fn config(database_url: &str, sink: &str, redis_url: Option<&str>) -> Config {
@@ -125,27 +124,29 @@ impl Drop for TestProfile {
 /// Waits until a server's gRPC health reports SERVING: its migrations are applied.
 pub async fn wait_serving(url: &str) {
     let serving = tonic_health_serving();
-    for _ in 0..200 {
-        if let Ok(channel) = Channel::from_shared(url.to_owned())
+    eventually(&format!("{url} to be serving"), PATIENCE, async || {
+        let channel = Channel::from_shared(url.to_owned())
             .unwrap()
             .connect()
             .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let check = tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            };
-            if health
-                .check(check)
-                .await
-                .is_ok_and(|r| r.into_inner().status == serving)
-            {
-                return;
-            }
+            .map_err(|e| e.to_string())?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        let status = health
+            .check(check)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .status;
+        if status == serving {
+            Ok(())
+        } else {
+            Err(format!("health status {status}"))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never became serving");
+    })
+    .await;
 }
 
 fn tonic_health_serving() -> i32 {

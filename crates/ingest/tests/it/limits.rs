@@ -281,6 +281,7 @@ async fn slow_loris(addr: std::net::SocketAddr, patience: Duration) -> bool {
                 Ok(0) | Err(_) => return true,
                 Ok(_) => {}
             },
+            // The slow client's pace, a header byte every 100 ms, not a wait for anything.
             () = tokio::time::sleep(Duration::from_millis(100)) => {
                 if tcp.write_all(b"a").await.is_err() {
                     return true;
@@ -406,6 +407,7 @@ async fn hostile_requests_cost_bounded_memory(backend: Backend) {
     .unwrap();
     let mut response = Vec::new();
     let mut buf = [0u8; 1024];
+    // A byte every 100 ms for at most 20 s: the trickle, not a wait for anything.
     for _ in 0..200 {
         tokio::select! {
             read = tcp.read(&mut buf) => match read {

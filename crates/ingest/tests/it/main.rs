@@ -473,16 +473,10 @@ async fn relay_delivers_until_acknowledged(backend: Backend) {
     assert_eq!(response.accepted, 30);
 
     // The consumer is down: attempts are made and nothing is lost or acknowledged.
-    for _ in 0..200 {
-        if sink.attempts.load(std::sync::atomic::Ordering::SeqCst) >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
-        sink.attempts.load(std::sync::atomic::Ordering::SeqCst) >= 2,
-        "relay retries"
-    );
+    eventually("the relay to retry", PATIENCE, async || {
+        sink.attempts.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
     assert!(sink.received.lock().await.is_empty());
     let stats = server
         .client()
@@ -514,8 +508,8 @@ async fn relay_delivers_until_acknowledged(backend: Backend) {
             .collect::<Vec<_>>(),
         ["ingest"]
     );
-    let mut drained = false;
-    for _ in 0..100 {
+    let what = "acknowledged rows to leave the outbox";
+    eventually(what, PATIENCE, async || {
         let stats = server
             .client()
             .await
@@ -524,12 +518,12 @@ async fn relay_delivers_until_acknowledged(backend: Backend) {
             .unwrap()
             .into_inner();
         if stats.pending.is_empty() {
-            drained = true;
-            break;
+            Ok(())
+        } else {
+            Err(stats.pending)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(drained, "acknowledged rows leave the outbox");
+    })
+    .await;
 
     // Replay re-queues a time range for the consumer.
     let replay = server
@@ -592,11 +586,43 @@ async fn two_relays_on_one_database_do_not_double_send(backend: Backend) {
     }
     assert_eq!(accepted, 400);
     let received = sink.wait_for(400).await;
-    // Give any double send time to show up.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let received_now = sink.received.lock().await.len();
+    // A double send is a row claimed by both relays. Once nothing is pending no row is
+    // left to claim twice, and a marker through each server, sent after that, takes a
+    // whole relay round behind whatever was already on its way.
+    eventually("the outbox to drain", PATIENCE, async || {
+        let stats = a
+            .client()
+            .await
+            .get_stats(admin(GetStatsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if stats.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(stats.pending)
+        }
+    })
+    .await;
+    for (server, marker) in [(&a, "marker-a"), (&b, "marker-b")] {
+        let events = vec![track(marker, "u", "Marker")];
+        let mut client = server.client().await;
+        client.ingest(ingest_request(events, &key)).await.unwrap();
+    }
+    eventually("both markers at the sink", PATIENCE, async || {
+        let received = sink.received.lock().await;
+        received.iter().filter(|e| e.event == "Marker").count() == 2
+    })
+    .await;
+    let ticks = sink
+        .received
+        .lock()
+        .await
+        .iter()
+        .filter(|e| e.event == "Tick")
+        .count();
     assert_eq!(
-        received_now, 400,
+        ticks, 400,
         "each event delivered exactly once when nothing fails"
     );
     let distinct: std::collections::HashSet<_> =
@@ -719,6 +745,7 @@ async fn retention_sweep_erases_old_events(backend: Backend) {
         .ingest(ingest_request(vec![track("old-1", "u", "A")], &key))
         .await
         .unwrap();
+    // Waits out the one-second retention on purpose: too short a wait fails, never passes.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, deleted) = server.core.sweep().await.unwrap();
     assert_eq!(deleted, 1);
@@ -999,15 +1026,16 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     );
     shutdown.cancel();
     relay.await.unwrap().unwrap();
-    let mut drained = false;
-    for _ in 0..100 {
-        if outbox::backlog(&conn).await.unwrap().is_empty() {
-            drained = true;
-            break;
+    let what = "acknowledged rows to leave the outbox";
+    eventually(what, PATIENCE, async || {
+        let backlog = outbox::backlog(&conn).await.unwrap();
+        if backlog.is_empty() {
+            Ok(())
+        } else {
+            Err(backlog)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(drained, "acknowledged rows leave the outbox");
+    })
+    .await;
 }
 waymark_testkit::on_both_backends!(outbox_packs_go_out_in_order_within_the_batch_size);
 

@@ -75,6 +75,7 @@ impl Outbox {
                 proxy.cut();
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
+                    // The outage itself: the test waits for its effects, not for this.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     proxy.restore();
                 });
@@ -114,15 +115,15 @@ impl Outbox {
 
     /// Waits until nothing is pending; returns the dead letters' event count.
     async fn drained(&self) -> u64 {
-        let mut last = (0, 0);
-        for _ in 0..400 {
-            last = self.backlog().await;
-            if last.0 == 0 {
-                return last.1;
+        eventually("the outbox to drain", PATIENCE, async || {
+            let (pending, dead_letters) = self.backlog().await;
+            if pending == 0 {
+                Ok(dead_letters)
+            } else {
+                Err(format!("{pending} events pending"))
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the outbox never drained: {} events still pending", last.0);
+        })
+        .await
     }
 }
 
@@ -164,28 +165,18 @@ fn relay_config(endpoint: String) -> RelayConfig {
 /// times it received each.
 async fn received_all(sink: &Sink, ids: std::ops::Range<usize>) -> HashMap<String, usize> {
     let wanted: Vec<String> = ids.map(|i| format!("o-{i}")).collect();
-    for _ in 0..400 {
+    eventually("the sink to receive every event", PATIENCE, async || {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for e in sink.received.lock().await.iter() {
             *counts.entry(e.message_id.clone()).or_default() += 1;
         }
         if wanted.iter().all(|id| counts.contains_key(id)) {
-            return counts;
+            Ok(counts)
+        } else {
+            Err(format!("{} distinct events", counts.len()))
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let got = sink.received.lock().await.len();
-    panic!("the sink never received every event ({got} received)");
-}
-
-async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    for _ in 0..400 {
-        if done().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting until {what}");
+    })
+    .await
 }
 
 /// The claim commits but its reply is lost: the rows come back when the lease expires.
@@ -211,12 +202,12 @@ async fn a_failed_release_never_lets_a_later_ack_delete_undelivered_rows() {
     outbox.cut_database_at_first_delivery(&sink);
     outbox.queue(0..3).await;
     let relay = outbox.relay(relay_config(sink.start().await));
-    until("the first delivery failed", async || {
+    eventually("the first delivery failed", PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= 1
     })
     .await;
     outbox.queue(3..6).await;
-    until("the failed batch was retried", async || {
+    eventually("the failed batch was retried", PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= 3
     })
     .await;
@@ -235,7 +226,7 @@ async fn a_failed_ack_delivers_again() {
     outbox.cut_database_at_first_delivery(&sink);
     outbox.queue(0..4).await;
     let relay = outbox.relay(relay_config(sink.start().await));
-    until("the batch was delivered twice", async || {
+    eventually("the batch was delivered twice", PATIENCE, async || {
         sink.deliveries.lock().await.len() >= 2
     })
     .await;
@@ -265,7 +256,7 @@ async fn an_ack_after_the_lease_expired_deletes_nothing() {
         lease: Duration::from_millis(500),
         ..relay_config(endpoint.clone())
     });
-    until("the stalled delivery started", async || {
+    eventually("the stalled delivery started", PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= 1
     })
     .await;
@@ -273,7 +264,7 @@ async fn an_ack_after_the_lease_expired_deletes_nothing() {
     received_all(&sink, 0..3).await;
     other.stop().await;
     outbox.queue(3..6).await;
-    until("the stalled delivery ended", async || {
+    eventually("the stalled delivery ended", PATIENCE, async || {
         sink.deliveries.lock().await.len() >= 2
     })
     .await;
@@ -298,7 +289,7 @@ async fn a_relay_killed_mid_delivery_loses_nothing() {
         delivery_timeout: Duration::from_secs(5),
         ..relay_config(endpoint.clone())
     });
-    until("the delivery started", async || {
+    eventually("the delivery started", PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= 1
     })
     .await;
@@ -322,13 +313,14 @@ async fn later_rows_never_overtake_failed_ones(backend: Backend) {
         ..relay_config(sink.start().await)
     });
     // Its second attempt means the first failure is recorded.
-    until("the first batch failed and was retried", async || {
+    let what = "the first batch failed and was retried";
+    eventually(what, PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= 2
     })
     .await;
     outbox.queue(3..6).await;
     let attempts = sink.attempts.load(Ordering::SeqCst);
-    until("the relay tried again twice", async || {
+    eventually("the relay tried again twice", PATIENCE, async || {
         sink.attempts.load(Ordering::SeqCst) >= attempts + 2
     })
     .await;
@@ -475,16 +467,14 @@ async fn dead_letters_are_listed_retried_and_dropped_over_grpc(backend: Backend)
             .into_inner()
             .consumers
     };
-    for _ in 0..400 {
+    let what = "two dead letters and nothing pending";
+    eventually(what, PATIENCE, async || {
         let consumers = stats(&mut admin_client).await;
-        if consumers.len() == 1 && consumers[0].dead_letters == 2 && consumers[0].pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let consumers = stats(&mut admin_client).await;
-    assert_eq!(consumers.len(), 1);
-    assert_eq!((consumers[0].pending, consumers[0].dead_letters), (0, 2));
+        let settled =
+            consumers.len() == 1 && (consumers[0].pending, consumers[0].dead_letters) == (0, 2);
+        if settled { Ok(()) } else { Err(consumers) }
+    })
+    .await;
     let ingest_stats = server
         .client()
         .await

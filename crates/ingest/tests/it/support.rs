@@ -1,7 +1,6 @@
 //! The ingestion test server and request helpers; the shared harness is `waymark_testkit`.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -14,7 +13,9 @@ use waymark_kit::secret::Secret;
 use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
-pub use waymark_testkit::{ADMIN_TOKEN, Backend, Proxy, Sink, TestDb, admin, with_key};
+pub use waymark_testkit::{
+    ADMIN_TOKEN, Backend, PATIENCE, Proxy, Sink, TestDb, admin, eventually, with_key,
+};
 
 /// Config for a test server: loopback ports, auto-migration, no drain delay.
 pub fn config(database_url: &str, profile_endpoint: &str) -> Config {
@@ -67,17 +68,12 @@ impl TestServer {
     /// Waits until `/health` reports `serving` (or not).
     pub async fn wait_serving(&self, serving: bool) {
         let url = format!("http://{}/health", self.http_addr);
-        for _ in 0..200 {
+        let what = if serving { "serving" } else { "not serving" };
+        eventually(&format!("the server to be {what}"), PATIENCE, async || {
             let ok = matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success());
-            if ok == serving {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "server never became {}",
-            if serving { "serving" } else { "not serving" }
-        );
+            ok == serving
+        })
+        .await;
     }
 
     pub fn grpc_url(&self) -> String {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use waymark_profile_cache::{CacheWrite, ProfileCache};
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Profile;
+use waymark_testkit::{PATIENCE, eventually};
 
 fn redis_url() -> String {
     std::env::var("WAYMARK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -179,6 +180,7 @@ async fn in_process_entries_expire_like_redis_keys() {
     let cache = ProfileCache::in_memory(10, Duration::from_millis(20));
     cache.put(&profile("a", 3, "a@x.io")).await;
     assert!(cache.get("a").await.is_some());
+    // Waits out the TTL on purpose: too short a wait fails, never passes.
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(cache.get("a").await.is_none(), "past its TTL");
     assert!(cache.resolve("email", "a@x.io").await.is_none());
@@ -197,14 +199,13 @@ async fn unreachable_redis_means_misses_not_errors() {
 
 /// Polls `cache` until `id` reads as `version` (or as nothing); announcements between
 /// processes take a moment, up to seconds while the whole suite shares two cores.
-async fn eventually(cache: &ProfileCache, id: &str, version: Option<u64>) {
-    for _ in 0..1000 {
-        if cache.get(id).await.map(|p| p.version) == version {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{id} never read as {version:?}");
+async fn reads_as(cache: &ProfileCache, id: &str, version: Option<u64>) {
+    let what = format!("{id} to read as {version:?}");
+    eventually(&what, PATIENCE, async || {
+        let read = cache.get(id).await.map(|p| p.version);
+        if read == version { Ok(()) } else { Err(read) }
+    })
+    .await;
 }
 
 /// Writes straight into Redis, behind every cache's back: nothing is announced.
@@ -250,19 +251,16 @@ async fn near_caches_follow_every_write() {
     // B's near cache holds what it read once it follows the channel: a change made
     // behind its back then goes unseen, which shows the reads come from memory. Each try
     // writes a value never written before, so only a read from memory can miss it.
-    let mut from_memory = false;
-    for attempt in 0..1000 {
+    let mut attempt = 0;
+    eventually("B to serve from its near cache", PATIENCE, async || {
+        attempt += 1;
         let seen = b.get(&id).await;
         assert_eq!(seen.as_ref().map(|p| p.version), Some(1));
         let behind = format!("behind-{attempt}@x.io");
         write_unannounced(&prefix, &profile(&id, 1, &behind)).await;
-        if email(b.get(&id).await) == email(seen) {
-            from_memory = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(from_memory, "B never served from its near cache");
+        email(b.get(&id).await) == email(seen)
+    })
+    .await;
 
     a.put(&profile(&id, 2, "second@x.io")).await;
     assert_eq!(
@@ -270,10 +268,10 @@ async fn near_caches_follow_every_write() {
         Some("second@x.io"),
         "the writer reads its write"
     );
-    eventually(&b, &id, Some(2)).await;
+    reads_as(&b, &id, Some(2)).await;
     // Merged away: a tombstone everywhere.
     a.invalidate(&id, 3, &[]).await;
-    eventually(&b, &id, None).await;
+    reads_as(&b, &id, None).await;
     assert!(a.get(&id).await.is_none());
 }
 
@@ -288,27 +286,17 @@ async fn near_cache_goes_dark_without_its_subscription() {
         .with_near_cache(100, Duration::from_secs(60));
     let id = uuid::Uuid::new_v4().to_string();
     cache.put(&profile(&id, 1, "d@x.io")).await;
-    eventually(&cache, &id, Some(1)).await;
+    reads_as(&cache, &id, Some(1)).await;
     redis.stop();
-    for _ in 0..200 {
-        if cache.get(&id).await.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        cache.get(&id).await.is_none(),
-        "no answer from a near cache gone dark"
-    );
+    // The near cache goes dark once it notices the subscription is gone.
+    reads_as(&cache, &id, None).await;
     redis.restart().await;
     // The restarted Redis is empty; once the cache reconnects, a write lands there and
     // reads find it again.
-    for _ in 0..300 {
+    eventually("the cache to come back", PATIENCE, async || {
         cache.put(&profile(&id, 2, "d@x.io")).await;
-        if cache.get(&id).await.map(|p| p.version) == Some(2) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the cache never came back");
+        let read = cache.get(&id).await.map(|p| p.version);
+        if read == Some(2) { Ok(()) } else { Err(read) }
+    })
+    .await;
 }

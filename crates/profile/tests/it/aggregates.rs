@@ -7,7 +7,7 @@ use prost_types::value::Kind;
 use serde_json::json;
 use waymark_kit::config::Config;
 use waymark_profile::ProfileServer;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -34,14 +34,12 @@ fn with_aggregates(base: &Config, specs: &[&str]) -> Config {
 }
 
 fn order(user_id: &str, anonymous_id: &str, revenue: i64, at: i64) -> Event {
-    event(
-        EventType::Track,
-        user_id,
-        anonymous_id,
-        "Order Completed",
-        json!({ "revenue": revenue }),
-        at,
-    )
+    EventBuilder::track("Order Completed")
+        .user(user_id)
+        .anonymous(anonymous_id)
+        .properties(json!({ "revenue": revenue }))
+        .at(at)
+        .build()
 }
 
 fn aggregate(profile: &Profile, name: &str) -> Option<f64> {
@@ -71,15 +69,15 @@ async fn status(server: &TestProfile) -> Vec<AggregateStatus> {
 
 /// Waits until every aggregate listed is backfilled and none is being removed.
 async fn wait_backfilled(server: &TestProfile) -> Vec<AggregateStatus> {
-    let mut last = Vec::new();
-    for _ in 0..400 {
-        last = status(server).await;
-        if last.iter().all(|a| a.backfilled && !a.removed) {
-            return last;
+    eventually("every aggregate backfilled", PATIENCE, async || {
+        let all = status(server).await;
+        if all.iter().all(|a| a.backfilled && !a.removed) {
+            Ok(all)
+        } else {
+            Err(all)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("aggregates never backfilled: {last:?}");
+    })
+    .await
 }
 
 async fn buyer(server: &TestProfile, user_id: &str) -> Profile {
@@ -173,13 +171,11 @@ async fn a_changed_aggregate_is_recomputed_and_a_removed_one_dropped(backend: Ba
     server.stop().await;
 
     let server = TestProfile::start(base.clone()).await;
-    for _ in 0..400 {
-        if status(&server).await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(status(&server).await.is_empty(), "the removed row goes");
+    eventually("the removed aggregate's row to go", PATIENCE, async || {
+        let all = status(&server).await;
+        if all.is_empty() { Ok(()) } else { Err(all) }
+    })
+    .await;
     let p = buyer(&server, "changing").await;
     assert!(
         p.computed.as_ref().unwrap().aggregates.is_empty(),
@@ -270,6 +266,8 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
         server
             .deliver(vec![order("known", "", 1, now), order("known", "", 1, now)])
             .await;
+        // A millisecond later at least: the visitor's profile id (a UUIDv7) sorts after
+        // the known customer's, so the backfill pages reach them in that order.
         tokio::time::sleep(Duration::from_millis(5)).await;
         server
             .deliver((0..3).map(|_| order("", "visitor", 1, now)).collect())

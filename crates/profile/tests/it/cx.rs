@@ -1,12 +1,9 @@
 //! Emotion from CX signals and configured aggregates, through the service, feeding a
 //! segment: the "upset repeat buyer" an agent should call back.
 
-use std::time::Duration;
-
 use prost_types::value::Kind;
 use serde_json::json;
 use waymark_kit::config::Config;
-use waymark_proto::common::v1::EventType;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -76,24 +73,18 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
         .await;
 
     let order = |revenue: i64, at: i64| {
-        event(
-            EventType::Track,
-            "cx-1",
-            "",
-            "Order Completed",
-            json!({"revenue": revenue}),
-            at,
-        )
+        EventBuilder::track("Order Completed")
+            .user("cx-1")
+            .properties(json!({"revenue": revenue}))
+            .at(at)
+            .build()
     };
     let viewed = |product: &str| {
-        event(
-            EventType::Track,
-            "cx-1",
-            "",
-            "Product Viewed",
-            json!({"product_id": product}),
-            now,
-        )
+        EventBuilder::track("Product Viewed")
+            .user("cx-1")
+            .properties(json!({"product_id": product}))
+            .at(now)
+            .build()
     };
     server
         .deliver(vec![
@@ -116,14 +107,7 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
     assert!(bought.segments.is_empty(), "not upset yet");
 
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "cx-1",
-            "",
-            "Complaint Filed",
-            json!({"text": "I've been waiting two weeks and nobody answers, this is terrible"}),
-            now,
-        )])
+        .deliver(vec![EventBuilder::track("Complaint Filed").user("cx-1").properties(json!({"text": "I've been waiting two weeks and nobody answers, this is terrible"})).at(now).build()])
         .await;
     let upset = get(&server, by_identity("user_id", "cx-1")).await.unwrap();
     let emotion = upset
@@ -137,14 +121,13 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
 
     // A 5-star CSAT after the call-back makes them delighted, and they leave the segment.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "cx-1",
-            "",
-            "CSAT Submitted",
-            json!({"csat": 5}),
-            now + 60,
-        )])
+        .deliver(vec![
+            EventBuilder::track("CSAT Submitted")
+                .user("cx-1")
+                .properties(json!({"csat": 5}))
+                .at(now + 60)
+                .build(),
+        ])
         .await;
     let happy = get(&server, by_identity("user_id", "cx-1")).await.unwrap();
     assert_eq!(
@@ -153,14 +136,15 @@ async fn upset_repeat_buyers_are_found(backend: Backend) {
     );
     assert!(happy.segments.is_empty());
 
-    let mut labels = Vec::new();
-    for _ in 0..100 {
-        labels = emotion_changes(&sink, &happy.profile_id).await;
+    let mut labels = eventually("two Emotion Changed events", PATIENCE, async || {
+        let labels = emotion_changes(&sink, &happy.profile_id).await;
         if labels.len() == 2 {
-            break;
+            Ok(labels)
+        } else {
+            Err(labels)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     labels.sort();
     assert_eq!(
         labels,
@@ -183,14 +167,11 @@ async fn upset_customers_calm_down_with_time(backend: Backend) {
     server
         .put_segment("escalate", r#"emotion.label == "upset""#)
         .await;
-    let mut csat = event(
-        EventType::Track,
-        "cx-2",
-        "",
-        "CSAT Submitted",
-        json!({"csat": 1}),
-        0,
-    );
+    let mut csat = EventBuilder::track("CSAT Submitted")
+        .user("cx-2")
+        .properties(json!({"csat": 1}))
+        .at(0)
+        .build();
     // To the microsecond: decay is measured from the signal's time.
     csat.timestamp = Some(waymark_kit::time::from_micros(
         waymark_kit::time::now_micros(),
@@ -204,14 +185,15 @@ async fn upset_customers_calm_down_with_time(backend: Backend) {
 
     // -1 reaches -0.6 after 0.74 s and -0.2 after 2.3 s; the sweep runs every second, so
     // it normally sees the unhappy step, but a stalled machine may skip straight on.
-    let mut changes = Vec::new();
-    for _ in 0..200 {
-        changes = emotion_changes(&sink, &upset.profile_id).await;
+    let changes = eventually("the emotion to decay to neutral", PATIENCE, async || {
+        let changes = emotion_changes(&sink, &upset.profile_id).await;
         if changes.last().is_some_and(|l| l == "neutral") {
-            break;
+            Ok(changes)
+        } else {
+            Err(changes)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(
         changes == ["upset", "unhappy", "neutral"] || changes == ["upset", "neutral"],
         "{changes:?}"

@@ -2,7 +2,7 @@
 //! event: the live profile id and, once the profile has one, its user id.
 
 use serde_json::json;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::{ListMergesRequest, UnmergeRequest, UpdateTraitsRequest};
 
 use super::support::*;
@@ -27,53 +27,51 @@ async fn every_emitted_event_names_the_profile_and_its_user(backend: Backend) {
     server.put_segment("pros", r#"traits.plan == "pro""#).await;
 
     // An anonymous visit, before the profile has a user id.
-    let visit = event(EventType::Track, "", "anon-v", "Page Viewed", json!({}), 10);
+    let visit = EventBuilder::track("Page Viewed")
+        .anonymous("anon-v")
+        .at(10)
+        .build();
     let visit_id = visit.event_id.clone();
     server.deliver(vec![visit]).await;
-    let identify = event(
-        EventType::Identify,
-        "u-7",
-        "anon-v",
-        "",
-        json!({"email": "v@example.com", "plan": "pro"}),
-        20,
-    );
+    let identify = EventBuilder::identify()
+        .user("u-7")
+        .anonymous("anon-v")
+        .traits(json!({"email": "v@example.com", "plan": "pro"}))
+        .at(20)
+        .build();
     server.deliver(vec![identify]).await;
     let customer = get(&server, by_identity("user_id", "u-7")).await.unwrap();
     let p = customer.profile_id.as_str();
 
     // Later events from the browser carry only the anonymous id.
-    let cart = event(EventType::Track, "", "anon-v", "Cart Viewed", json!({}), 30);
+    let cart = EventBuilder::track("Cart Viewed")
+        .anonymous("anon-v")
+        .at(30)
+        .build();
     let cart_id = cart.event_id.clone();
-    let csat = event(
-        EventType::Track,
-        "",
-        "anon-v",
-        "CSAT Submitted",
-        json!({"csat": 1}),
-        40,
-    );
+    let csat = EventBuilder::track("CSAT Submitted")
+        .anonymous("anon-v")
+        .properties(json!({"csat": 1}))
+        .at(40)
+        .build();
     server.deliver(vec![cart, csat]).await;
     // A second device, anonymous until it gives the same e-mail: a merge.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "",
-            "anon-w",
-            "App Opened",
-            json!({}),
-            50,
-        )])
+        .deliver(vec![
+            EventBuilder::track("App Opened")
+                .anonymous("anon-w")
+                .at(50)
+                .build(),
+        ])
         .await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-w",
-            "",
-            json!({"email": "v@example.com"}),
-            60,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-w")
+                .traits(json!({"email": "v@example.com"}))
+                .at(60)
+                .build(),
+        ])
         .await;
     let mut client = server.client().await;
     let serde_json::Value::Object(tier) = json!({"tier": "gold"}) else {

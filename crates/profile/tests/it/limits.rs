@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use waymark_profile::model::{MAX_CONSENTS, MAX_EVENT_NAMES, MAX_TRAIT_KEYS, OTHER_EVENTS};
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -20,14 +20,11 @@ fn anonymous_ids(profile: &Profile) -> Vec<String> {
 }
 
 fn call(n: usize, at: i64) -> Event {
-    event(
-        EventType::Track,
-        "caller-1",
-        &format!("call-{n}"),
-        "Call Started",
-        json!({}),
-        at,
-    )
+    EventBuilder::track("Call Started")
+        .user("caller-1")
+        .anonymous(&format!("call-{n}"))
+        .at(at)
+        .build()
 }
 
 /// A contact centre mints an anonymous id per call: the profile keeps the 25 it used
@@ -87,14 +84,12 @@ async fn anonymous_ids_keep_the_most_recent(backend: Backend) {
     }
     // A given-up id alone is a stranger now.
     server
-        .deliver(vec![event(
-            EventType::Page,
-            "",
-            "call-3",
-            "Pricing",
-            json!({}),
-            200,
-        )])
+        .deliver(vec![
+            EventBuilder::page("Pricing")
+                .anonymous("call-3")
+                .at(200)
+                .build(),
+        ])
         .await;
     let stranger = get(&server, by_identity("anonymous_id", "call-3"))
         .await
@@ -122,12 +117,11 @@ async fn device_ids_keep_the_most_recent_within_the_configured_limit(backend: Ba
     settings.identity_limits = [("device_id".to_owned(), 2)].into();
     let server = TestProfile::start(settings).await;
     let on_device = |device: &str, at: i64| {
-        let mut e = event(EventType::Track, "owner-1", "", "App Opened", json!({}), at);
-        let serde_json::Value::Object(context) = json!({"device": {"id": device}}) else {
-            unreachable!()
-        };
-        e.context = Some(waymark_proto::json::struct_from_json(context));
-        e
+        EventBuilder::track("App Opened")
+            .user("owner-1")
+            .context(json!({"device": {"id": device}}))
+            .at(at)
+            .build()
     };
     for (n, device) in ["phone-a", "tablet-b", "watch-c"].into_iter().enumerate() {
         server.deliver(vec![on_device(device, n as i64)]).await;
@@ -164,18 +158,17 @@ async fn event_names_trait_keys_and_consents_are_capped(backend: Backend) {
     let extra = 10;
     let names = (0..MAX_EVENT_NAMES + extra)
         .map(|n| {
-            event(
-                EventType::Track,
-                "busy-1",
-                "",
-                &format!("Step {n:03}"),
-                json!({}),
-                n as i64,
-            )
+            EventBuilder::track(&format!("Step {n:03}"))
+                .user("busy-1")
+                .at(n as i64)
+                .build()
         })
         .collect();
     server.deliver(names).await;
-    let step_0 = event(EventType::Track, "busy-1", "", "Step 000", json!({}), 5000);
+    let step_0 = EventBuilder::track("Step 000")
+        .user("busy-1")
+        .at(5000)
+        .build();
     server.deliver(vec![step_0]).await;
     let p = get(&server, by_identity("user_id", "busy-1"))
         .await
@@ -194,24 +187,22 @@ async fn event_names_trait_keys_and_consents_are_capped(backend: Backend) {
         many.insert(format!("k{n:03}"), json!(n));
     }
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "busy-1",
-            "",
-            "",
-            serde_json::Value::Object(many),
-            6000,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("busy-1")
+                .traits(serde_json::Value::Object(many))
+                .at(6000)
+                .build(),
+        ])
         .await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "busy-1",
-            "",
-            "",
-            json!({"k000": "updated", "brand_new": true}),
-            6001,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("busy-1")
+                .traits(json!({"k000": "updated", "brand_new": true}))
+                .at(6001)
+                .build(),
+        ])
         .await;
     let p = get(&server, by_identity("user_id", "busy-1"))
         .await
@@ -226,14 +217,11 @@ async fn event_names_trait_keys_and_consents_are_capped(backend: Backend) {
     );
 
     let consent = |name: &str, channel: &str, at: i64| {
-        event(
-            EventType::Track,
-            "busy-1",
-            "",
-            name,
-            json!({ "channel": channel }),
-            at,
-        )
+        EventBuilder::track(name)
+            .user("busy-1")
+            .properties(json!({ "channel": channel }))
+            .at(at)
+            .build()
     };
     // One denial, then grants up to the cap.
     let mut decisions = vec![consent("Unsubscribed", "fax", 7000)];

@@ -9,14 +9,12 @@ mod segments;
 mod support;
 mod unmerge;
 
-use std::time::Duration;
-
 use prost_types::value::Kind;
 use serde_json::json;
 use support::*;
 use tonic::Code;
 use waymark_proto::common::v1::event_sink_client::EventSinkClient;
-use waymark_proto::common::v1::{Channel, DeliverRequest, EventType, Identity};
+use waymark_proto::common::v1::{Channel, DeliverRequest, Identity};
 use waymark_proto::profile::v1::*;
 
 fn trait_str(profile: &Profile, key: &str) -> Option<String> {
@@ -72,17 +70,13 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     ]});
     assert_eq!(platform.post_batch(batch).await, 200);
 
-    let mut found = None;
-    for _ in 0..200 {
-        if let Ok(p) = get(profile, by_identity("email", " ADA@example.com")).await
-            && p.computed.as_ref().is_some_and(|c| c.total_events == 4)
-        {
-            found = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let customer = found.expect("all four events reach one profile");
+    let customer = eventually("all four events on one profile", PATIENCE, async || {
+        get(profile, by_identity("email", " ADA@example.com"))
+            .await
+            .ok()
+            .filter(|p| p.computed.as_ref().is_some_and(|c| c.total_events == 4))
+    })
+    .await;
     for (t, v) in [
         ("anonymous_id", "web-anon-1"),
         ("user_id", "cust-42"),
@@ -141,9 +135,8 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
     assert_eq!(only_calls[0].name, "Call Started");
 
     // Downstream: each of the four applied events, with its profile id.
-    let mut applied = std::collections::HashMap::new();
-    for _ in 0..200 {
-        applied = sink
+    let applied = eventually("the four applied events downstream", PATIENCE, async || {
+        let applied: std::collections::HashMap<_, _> = sink
             .received
             .lock()
             .await
@@ -152,11 +145,12 @@ async fn one_customer_across_web_app_and_contact_centre(backend: Backend) {
             .map(|e| (e.event_id.clone(), e.clone()))
             .collect();
         if applied.len() == 4 {
-            break;
+            Ok(applied)
+        } else {
+            Err(applied)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(applied.len(), 4, "{applied:?}");
+    })
+    .await;
     assert!(applied.values().all(|e| !e.profile_id.is_empty()));
     let call = applied
         .values()
@@ -173,31 +167,24 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
     // The oldest of all, joined in last: a store visit with a loyalty phone number.
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "pos-7",
-            "",
-            json!({"phone": "+44 20 7946 0000"}),
-            50,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("pos-7")
+                .traits(json!({"phone": "+44 20 7946 0000"}))
+                .at(50)
+                .build(),
+        ])
         .await;
-    let older = event(
-        EventType::Identify,
-        "",
-        "anon-a",
-        "",
-        json!({"email": "kim@example.com", "plan": "free"}),
-        100,
-    );
-    let newer = event(
-        EventType::Identify,
-        "",
-        "anon-b",
-        "",
-        json!({"phone": "+44 20 7946 0958"}),
-        200,
-    );
+    let older = EventBuilder::identify()
+        .anonymous("anon-a")
+        .traits(json!({"email": "kim@example.com", "plan": "free"}))
+        .at(100)
+        .build();
+    let newer = EventBuilder::identify()
+        .anonymous("anon-b")
+        .traits(json!({"phone": "+44 20 7946 0958"}))
+        .at(200)
+        .build();
     server.deliver(vec![older]).await;
     server.deliver(vec![newer]).await;
     let a = get(&server, by_identity("anonymous_id", "anon-a"))
@@ -208,14 +195,11 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
         .unwrap();
     assert_ne!(a.profile_id, b.profile_id);
 
-    let link = event(
-        EventType::Identify,
-        "",
-        "anon-b",
-        "",
-        json!({"email": "KIM@example.com", "plan": "pro"}),
-        300,
-    );
+    let link = EventBuilder::identify()
+        .anonymous("anon-b")
+        .traits(json!({"email": "KIM@example.com", "plan": "pro"}))
+        .at(300)
+        .build();
     let link_id = link.event_id.clone();
     server.deliver(vec![link]).await;
     let merged = get(
@@ -306,14 +290,13 @@ async fn shared_email_merges_into_the_oldest_with_an_audit(backend: Backend) {
         .await
         .unwrap();
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "pos-7",
-            "",
-            json!({"email": "kim@example.com"}),
-            400,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("pos-7")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(400)
+                .build(),
+        ])
         .await;
     for id in [&store.profile_id, &a.profile_id, &b.profile_id] {
         let history = server
@@ -400,24 +383,22 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "u-1",
-            "undefined",
-            "A",
-            json!({}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::track("A")
+                .user("u-1")
+                .anonymous("undefined")
+                .at(1)
+                .build(),
+        ])
         .await;
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "u-2",
-            "undefined",
-            "B",
-            json!({}),
-            2,
-        )])
+        .deliver(vec![
+            EventBuilder::track("B")
+                .user("u-2")
+                .anonymous("undefined")
+                .at(2)
+                .build(),
+        ])
         .await;
     let one = get(&server, by_identity("user_id", "u-1")).await.unwrap();
     let two = get(&server, by_identity("user_id", "u-2")).await.unwrap();
@@ -427,49 +408,41 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
     );
     // Nothing but blocked values: acknowledged, attributed to nobody, and said so.
     let nobody = server
-        .deliver(vec![event(
-            EventType::Track,
-            "null",
-            "00000000-0000-0000-0000-000000000000",
-            "Ghost",
-            json!({}),
-            2,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Ghost")
+                .user("null")
+                .anonymous("00000000-0000-0000-0000-000000000000")
+                .at(2)
+                .build(),
+        ])
         .await;
     assert_eq!((nobody.applied, nobody.unattributed), (0, 1));
     // Without an event id a redelivery could not be recognised, and an event nested past
     // prost's recursion limit cannot be decoded: each is rejected on its own, by position,
     // and the rest of the batch is applied.
-    let mut anonymous = event(EventType::Track, "u-3", "", "X", json!({}), 2);
+    let mut anonymous = EventBuilder::track("X").user("u-3").at(2).build();
     anonymous.event_id.clear();
     let mut nested = json!("leaf");
     for _ in 0..60 {
         nested = json!({ "deeper": nested });
     }
-    let too_deep = event(
-        EventType::Track,
-        "u-4",
-        "",
-        "Deep",
-        json!({ "p": nested }),
-        2,
-    );
+    let too_deep = EventBuilder::track("Deep")
+        .user("u-4")
+        .properties(json!({ "p": nested }))
+        .at(2)
+        .build();
     // An identifier too long for the index would fail the whole batch's insert.
-    let too_long = event(
-        EventType::Track,
-        &"x".repeat(3000),
-        "",
-        "Long",
-        json!({}),
-        2,
-    );
+    let too_long = EventBuilder::track("Long")
+        .user(&"x".repeat(3000))
+        .at(2)
+        .build();
     let response = EventSinkClient::connect(server.url())
         .await
         .unwrap()
         .deliver(admin(DeliverRequest {
             producer: "test".into(),
             events: vec![
-                event(EventType::Track, "u-3", "", "Y", json!({}), 2),
+                EventBuilder::track("Y").user("u-3").at(2).build(),
                 anonymous,
                 too_deep,
                 too_long,
@@ -511,24 +484,22 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
 
     // A shared device would give one profile two user ids: the device id is left out.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "u-1",
-            "shared-device",
-            "C",
-            json!({}),
-            3,
-        )])
+        .deliver(vec![
+            EventBuilder::track("C")
+                .user("u-1")
+                .anonymous("shared-device")
+                .at(3)
+                .build(),
+        ])
         .await;
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "u-2",
-            "shared-device",
-            "D",
-            json!({}),
-            4,
-        )])
+        .deliver(vec![
+            EventBuilder::track("D")
+                .user("u-2")
+                .anonymous("shared-device")
+                .at(4)
+                .build(),
+        ])
         .await;
     let one = get(&server, by_identity("user_id", "u-1")).await.unwrap();
     let two = get(&server, by_identity("user_id", "u-2")).await.unwrap();
@@ -561,14 +532,13 @@ async fn blocked_values_and_limits_prevent_wrong_merges(backend: Backend) {
     // person gets a profile of their own.
     for (i, name) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
         server
-            .deliver(vec![event(
-                EventType::Identify,
-                "",
-                "family-tablet",
-                "",
-                json!({"email": format!("{name}@family.io")}),
-                10 + i as i64,
-            )])
+            .deliver(vec![
+                EventBuilder::identify()
+                    .anonymous("family-tablet")
+                    .traits(json!({"email": format!("{name}@family.io")}))
+                    .at(10 + i as i64)
+                    .build(),
+            ])
             .await;
     }
     let shared = get(&server, by_identity("email", "a@family.io"))
@@ -605,14 +575,11 @@ async fn configured_limits_and_priorities_hold(backend: Backend) {
     settings.identity_priority = vec!["loyalty_id".into()];
     let server = TestProfile::start(settings).await;
     let card = |user: &str, card: &str, t: i64| {
-        event(
-            EventType::Identify,
-            user,
-            "",
-            "",
-            json!({"loyalty_id": card}),
-            t,
-        )
+        EventBuilder::identify()
+            .user(user)
+            .traits(json!({"loyalty_id": card}))
+            .at(t)
+            .build()
     };
     server.deliver(vec![card("u-1", "L-1", 1)]).await;
     server.deliver(vec![card("u-2", "L-2", 2)]).await;
@@ -631,14 +598,13 @@ async fn configured_limits_and_priorities_hold(backend: Backend) {
     // E-mail is unlimited here: seven addresses on one profile.
     for i in 0..7 {
         server
-            .deliver(vec![event(
-                EventType::Identify,
-                "u-1",
-                "",
-                "",
-                json!({"email": format!("n{i}@x.io")}),
-                10 + i,
-            )])
+            .deliver(vec![
+                EventBuilder::identify()
+                    .user("u-1")
+                    .traits(json!({"email": format!("n{i}@x.io")}))
+                    .at(10 + i)
+                    .build(),
+            ])
             .await;
     }
     let u1 = get(&server, by_identity("user_id", "u-1")).await.unwrap();
@@ -654,22 +620,16 @@ async fn late_events_and_redelivery_change_nothing_they_should_not(backend: Back
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
-    let new_plan = event(
-        EventType::Identify,
-        "u-9",
-        "",
-        "",
-        json!({"plan": "enterprise"}),
-        500,
-    );
-    let order = event(
-        EventType::Track,
-        "u-9",
-        "",
-        "Order Completed",
-        json!({"revenue": 120.5}),
-        400,
-    );
+    let new_plan = EventBuilder::identify()
+        .user("u-9")
+        .traits(json!({"plan": "enterprise"}))
+        .at(500)
+        .build();
+    let order = EventBuilder::track("Order Completed")
+        .user("u-9")
+        .properties(json!({"revenue": 120.5}))
+        .at(400)
+        .build();
     let batch = vec![new_plan, order];
     assert_eq!(server.deliver(batch.clone()).await.applied, 2);
     let again = server.deliver(batch).await;
@@ -678,14 +638,11 @@ async fn late_events_and_redelivery_change_nothing_they_should_not(backend: Back
         (0, 2),
         "a redelivered batch changes nothing"
     );
-    let late = event(
-        EventType::Identify,
-        "u-9",
-        "",
-        "",
-        json!({"plan": "trial", "city": "Lyon"}),
-        100,
-    );
+    let late = EventBuilder::identify()
+        .user("u-9")
+        .traits(json!({"plan": "trial", "city": "Lyon"}))
+        .at(100)
+        .build();
     server.deliver(vec![late]).await;
     let p = get(&server, by_identity("user_id", "u-9")).await.unwrap();
     assert_eq!(
@@ -706,28 +663,25 @@ async fn a_batch_partly_applied_before_applies_only_its_new_events(backend: Back
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
-    let viewed = event(EventType::Track, "u-5", "", "Viewed", json!({}), 100);
+    let viewed = EventBuilder::track("Viewed").user("u-5").at(100).build();
     assert_eq!(server.deliver(vec![viewed.clone()]).await.applied, 1);
 
     // A fresh replica does not look events up first; the timeline tells, and the batch is
     // resolved again without the one it already holds.
-    let blocked = event(EventType::Track, "anonymous", "", "Viewed", json!({}), 150);
-    let order = event(
-        EventType::Track,
-        "u-5",
-        "",
-        "Order Completed",
-        json!({"revenue": 10.0}),
-        200,
-    );
-    let identify = event(
-        EventType::Identify,
-        "u-5",
-        "",
-        "",
-        json!({"plan": "pro"}),
-        300,
-    );
+    let blocked = EventBuilder::track("Viewed")
+        .user("anonymous")
+        .at(150)
+        .build();
+    let order = EventBuilder::track("Order Completed")
+        .user("u-5")
+        .properties(json!({"revenue": 10.0}))
+        .at(200)
+        .build();
+    let identify = EventBuilder::identify()
+        .user("u-5")
+        .traits(json!({"plan": "pro"}))
+        .at(300)
+        .build();
     let ids = [&viewed, &order, &identify].map(|e| e.event_id.clone());
     let outcome = server
         .deliver(vec![viewed.clone(), blocked, order, identify])
@@ -745,7 +699,11 @@ async fn a_batch_partly_applied_before_applies_only_its_new_events(backend: Back
 
     // Downstream gets each applied event once per consumer (both relay to this sink): the
     // first delivery's event, then the batch's two new ones and its Trait Changed.
-    let received = sink.wait_for(8).await;
+    sink.wait_for(8).await;
+    // A marker behind them: a third copy of any would have arrived before it.
+    let marker = EventBuilder::track("Marker").user("u-6").at(400).build();
+    deliver_marker(&server, &sink, marker).await;
+    let received = sink.received.lock().await.clone();
     for id in &ids {
         let copies = received.iter().filter(|e| &e.event_id == id).count();
         assert_eq!(copies, 2, "{id} emitted {copies} times");
@@ -759,14 +717,13 @@ async fn trusted_updates_consent_and_errors(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "u-5",
-            "",
-            "Unsubscribed",
-            json!({"channel": "email"}),
-            10,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Unsubscribed")
+                .user("u-5")
+                .properties(json!({"channel": "email"}))
+                .at(10)
+                .build(),
+        ])
         .await;
     let p = get(&server, by_identity("user_id", "u-5")).await.unwrap();
     assert_eq!(p.consents.len(), 1);
@@ -931,7 +888,8 @@ async fn cached_version(redis_url: &str, prefix: &str, profile_id: &str) -> Opti
 
 /// Polls until Redis holds `version` of the profile (the cache reconnects on its own).
 async fn wait_cached(redis_url: &str, prefix: &str, server: &TestProfile, id: &str, version: u64) {
-    for _ in 0..100 {
+    let what = format!("the cache to hold version {version} of {id}");
+    eventually(&what, PATIENCE, async || {
         // Reads find Redis back (one attempt per reconnect pause) and refill it on a miss.
         let read = get(
             server,
@@ -943,12 +901,12 @@ async fn wait_cached(redis_url: &str, prefix: &str, server: &TestProfile, id: &s
         .await
         .unwrap();
         assert_eq!(read.version, version, "reads never go back");
-        if cached_version(redis_url, prefix, id).await == Some(version) {
-            return;
+        match cached_version(redis_url, prefix, id).await {
+            Some(cached) if cached == version => Ok(()),
+            cached => Err(cached),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the cache never held version {version} of {id}");
+    })
+    .await;
 }
 
 /// A network partition from Redis (which keeps its now stale keys): the service keeps
@@ -965,14 +923,13 @@ async fn redis_partition_falls_back_to_the_database_and_refills(backend: Backend
     let prefix = config.profile_cache_key_prefix.clone();
     let server = TestProfile::start(config).await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "r-1",
-            "",
-            "",
-            json!({"tier": "gold"}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("r-1")
+                .traits(json!({"tier": "gold"}))
+                .at(1)
+                .build(),
+        ])
         .await;
     let p = get(&server, by_identity("user_id", "r-1")).await.unwrap();
     assert_eq!(
@@ -983,14 +940,13 @@ async fn redis_partition_falls_back_to_the_database_and_refills(backend: Backend
 
     proxy.cut();
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "r-1",
-            "",
-            "",
-            json!({"tier": "platinum"}),
-            2,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("r-1")
+                .traits(json!({"tier": "platinum"}))
+                .at(2)
+                .build(),
+        ])
         .await;
     let during = get(&server, by_identity("user_id", "r-1")).await.unwrap();
     assert_eq!(
@@ -1027,14 +983,11 @@ async fn redis_restart_is_survived_and_the_cache_refills(backend: Backend) {
     let prefix = config.profile_cache_key_prefix.clone();
     let server = TestProfile::start(config).await;
     let identify = |tier: &str, at: i64| {
-        event(
-            EventType::Identify,
-            "r-2",
-            "",
-            "",
-            json!({"tier": tier}),
-            at,
-        )
+        EventBuilder::identify()
+            .user("r-2")
+            .traits(json!({"tier": tier}))
+            .at(at)
+            .build()
     };
     server.deliver(vec![identify("gold", 1)]).await;
     let before = get(&server, by_identity("user_id", "r-2")).await.unwrap();
@@ -1081,33 +1034,26 @@ async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
     let sink = Sink::default();
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
 
-    a.deliver(vec![event(
-        EventType::Identify,
-        "u-1",
-        "a-1",
-        "",
-        json!({}),
-        10,
-    )])
+    a.deliver(vec![
+        EventBuilder::identify()
+            .user("u-1")
+            .anonymous("a-1")
+            .at(10)
+            .build(),
+    ])
     .await;
-    b.deliver(vec![event(
-        EventType::Identify,
-        "u-1",
-        "",
-        "",
-        json!({"email": "e@x.io", "plan": "pro"}),
-        20,
-    )])
+    b.deliver(vec![
+        EventBuilder::identify()
+            .user("u-1")
+            .traits(json!({"email": "e@x.io", "plan": "pro"}))
+            .at(20)
+            .build(),
+    ])
     .await;
     // A remembers u-1's profile from before B's write.
-    a.deliver(vec![event(
-        EventType::Track,
-        "u-1",
-        "",
-        "Clicked",
-        json!({}),
-        25,
-    )])
+    a.deliver(vec![
+        EventBuilder::track("Clicked").user("u-1").at(25).build(),
+    ])
     .await;
     let p = get(&a, by_identity("user_id", "u-1")).await.unwrap();
     assert_eq!(
@@ -1128,22 +1074,15 @@ async fn replicas_and_trusted_updates_see_each_others_writes(backend: Backend) {
         .await
         .unwrap();
     // Only replica B wrote the e-mail: A must not take it for a new customer.
-    let mut by_email = event(EventType::Track, "", "a-2", "Clicked", json!({}), 30);
-    by_email.context = Some(waymark_proto::json::struct_from_json(
-        json!({"traits": {"email": "e@x.io"}})
-            .as_object()
-            .unwrap()
-            .clone(),
-    ));
+    let by_email = EventBuilder::track("Clicked")
+        .anonymous("a-2")
+        .context(json!({"traits": {"email": "e@x.io"}}))
+        .at(30)
+        .build();
     a.deliver(vec![by_email]).await;
-    a.deliver(vec![event(
-        EventType::Track,
-        "u-1",
-        "",
-        "Clicked",
-        json!({}),
-        40,
-    )])
+    a.deliver(vec![
+        EventBuilder::track("Clicked").user("u-1").at(40).build(),
+    ])
     .await;
 
     let p = get(&b, by_identity("anonymous_id", "a-2")).await.unwrap();
@@ -1182,14 +1121,10 @@ async fn concurrent_deliveries_apply_each_event_once(backend: Backend) {
     let batch = |b: usize| -> Vec<_> {
         (0..50)
             .map(|i| {
-                event(
-                    EventType::Track,
-                    &format!("c-{}", i % 10),
-                    "",
-                    &format!("Step {b}"),
-                    json!({}),
-                    i as i64,
-                )
+                EventBuilder::track(&format!("Step {b}"))
+                    .user(&format!("c-{}", i % 10))
+                    .at(i as i64)
+                    .build()
             })
             .collect()
     };
@@ -1221,14 +1156,10 @@ async fn one_batch_on_two_replicas_at_once_applies_once(backend: Backend) {
     for round in 0..20 {
         let batch: Vec<_> = (0..50)
             .map(|i| {
-                event(
-                    EventType::Track,
-                    &format!("r-{}", i % 5),
-                    "",
-                    "Tick",
-                    json!({}),
-                    round * 100 + i,
-                )
+                EventBuilder::track("Tick")
+                    .user(&format!("r-{}", i % 5))
+                    .at(round * 100 + i)
+                    .build()
             })
             .collect();
         let (first, second) = tokio::join!(a.deliver(batch.clone()), b.deliver(batch));
@@ -1262,7 +1193,12 @@ async fn merges_across_batches_in_flight_leave_one_exact_profile(backend: Backen
                     "" => json!({}),
                     _ => json!({"email": email}),
                 };
-                event(EventType::Identify, user, anon, "", traits, at + i as i64)
+                EventBuilder::identify()
+                    .user(user)
+                    .anonymous(anon)
+                    .traits(traits)
+                    .at(at + i as i64)
+                    .build()
             })
             .collect()
     };

@@ -1,10 +1,7 @@
 //! The right to be forgotten and the right of access, through the real ingestion service.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::EventType;
 use waymark_proto::ingest::v1::GetStatsRequest;
 use waymark_proto::profile::v1::*;
 
@@ -12,17 +9,18 @@ use crate::support::*;
 use crate::{by_identity, get, redis_url};
 
 async fn wait_for_events(platform: &Platform, email: &str, events: u64) -> Profile {
-    for _ in 0..200 {
-        if let Ok(p) = get(&platform.profile, by_identity("email", email)).await
-            && p.computed
-                .as_ref()
-                .is_some_and(|c| c.total_events == events)
-        {
-            return p;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{events} events never reached the profile of {email}");
+    let what = format!("{events} events on the profile of {email}");
+    eventually(&what, PATIENCE, async || {
+        get(&platform.profile, by_identity("email", email))
+            .await
+            .ok()
+            .filter(|p| {
+                p.computed
+                    .as_ref()
+                    .is_some_and(|c| c.total_events == events)
+            })
+    })
+    .await
 }
 
 /// Export everything, erase, and make sure nothing comes back: not through ingestion
@@ -43,18 +41,11 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         ),
     ] {
         assert_eq!(platform.post_batch(json!({ "batch": [batch] })).await, 200);
-        let mut found = false;
-        for _ in 0..200 {
-            if get(&platform.profile, by_identity(identity.0, identity.1))
-                .await
-                .is_ok()
-            {
-                found = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(found, "{identity:?} reaches the profile service");
+        let what = format!("{identity:?} to reach the profile service");
+        eventually(&what, PATIENCE, async || {
+            get(&platform.profile, by_identity(identity.0, identity.1)).await
+        })
+        .await;
     }
     let visitor = get(&platform.profile, by_identity("anonymous_id", "gdpr-anon"))
         .await
@@ -163,26 +154,22 @@ async fn erased_profiles_stay_erased(backend: Backend) {
     );
 
     // An event committed by ingestion before the erasure reached it: dropped here.
-    let in_flight = event(EventType::Track, "gdpr-1", "", "Clicked", json!({}), 50);
+    let in_flight = EventBuilder::track("Clicked").user("gdpr-1").at(50).build();
     let outcome = platform.profile.deliver(vec![in_flight]).await;
     assert_eq!((outcome.applied, outcome.suppressed), (0, 1));
 
     // Ingestion learns the suppressions from the profile service.
-    let mut synced = false;
-    for _ in 0..200 {
+    let what = "every suppression to reach ingestion";
+    eventually(what, PATIENCE, async || {
         let page = client
             .list_suppressions(admin(ListSuppressionsRequest::default()))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(page.suppressions.len(), 4);
-        if page.suppressions.iter().all(|s| s.synced_to_ingest) {
-            synced = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(synced, "every suppression reaches ingestion");
+        page.suppressions.iter().all(|s| s.synced_to_ingest)
+    })
+    .await;
     let status = platform
         .post_batch(json!({"batch": [
             {"type": "identify", "anonymousId": "fresh-device", "traits": {"email": "forget@me.io"}},
@@ -201,7 +188,15 @@ async fn erased_profiles_stay_erased(backend: Backend) {
         2,
         "dropped and counted at ingestion, custom identifier types too"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker sent after them: once it has reached the profile service, so would have
+    // anything ingestion let through before it.
+    let marker = json!({"type": "track", "userId": "after-erasure", "event": "Marker"});
+    assert_eq!(platform.post_batch(json!({ "batch": [marker] })).await, 200);
+    let what = "the marker to reach the profile service";
+    eventually(what, PATIENCE, async || {
+        get(&platform.profile, by_identity("user_id", "after-erasure")).await
+    })
+    .await;
     let error = get(&platform.profile, by_identity("email", "forget@me.io"))
         .await
         .unwrap_err();
@@ -265,14 +260,11 @@ async fn an_erasure_on_one_replica_holds_on_the_other(backend: Backend) {
     let sink = Sink::default();
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let visit = |at: i64| {
-        event(
-            EventType::Track,
-            "gone-1",
-            "",
-            "Visited",
-            serde_json::json!({}),
-            at,
-        )
+        EventBuilder::track("Visited")
+            .user("gone-1")
+            .properties(serde_json::json!({}))
+            .at(at)
+            .build()
     };
     // B has loaded the (empty) list before the erasure.
     b.deliver(vec![visit(1)]).await;
@@ -318,14 +310,13 @@ async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
     let prefix = config.profile_cache_key_prefix.clone();
     let server = TestProfile::start(config.clone()).await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "gone-away",
-            "",
-            "",
-            json!({"email": "away@example.org"}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("gone-away")
+                .traits(json!({"email": "away@example.org"}))
+                .at(1)
+                .build(),
+        ])
         .await;
     let p = get(&server, by_identity("user_id", "gone-away"))
         .await
@@ -365,15 +356,16 @@ async fn an_erasure_while_redis_is_away_survives_a_restart(backend: Backend) {
     };
     not_found(by_id.clone()).await;
     not_found(by_identity("user_id", "gone-away")).await;
-    let mut tombstoned = false;
-    for _ in 0..100 {
-        if crate::cached_version(&redis_url(), &prefix, &p.profile_id).await == Some(u64::MAX) {
-            tombstoned = true;
-            break;
+    let what = "the tombstone to reach Redis once it is back";
+    eventually(what, PATIENCE, async || {
+        let cached = crate::cached_version(&redis_url(), &prefix, &p.profile_id).await;
+        if cached == Some(u64::MAX) {
+            Ok(())
+        } else {
+            Err(cached)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(tombstoned, "the tombstone reaches Redis once it is back");
+    })
+    .await;
     not_found(by_id).await;
     not_found(by_identity("email", "away@example.org")).await;
     server.stop().await;
@@ -388,25 +380,20 @@ async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Bac
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, None)).await;
     let visit = |user: &str, at: i64| {
-        event(
-            EventType::Track,
-            user,
-            "family-tablet",
-            "Visited",
-            json!({}),
-            at,
-        )
+        EventBuilder::track("Visited")
+            .user(user)
+            .anonymous("family-tablet")
+            .at(at)
+            .build()
     };
     server
         .deliver(vec![
-            event(
-                EventType::Identify,
-                "alone-a",
-                "family-tablet",
-                "",
-                json!({"email": "a@example.org"}),
-                1,
-            ),
+            EventBuilder::identify()
+                .user("alone-a")
+                .anonymous("family-tablet")
+                .traits(json!({"email": "a@example.org"}))
+                .at(1)
+                .build(),
             // One user id per profile: the tablet's id stays with A, B gets a profile.
             visit("other-b", 2),
         ])
@@ -456,14 +443,9 @@ async fn an_identifier_shared_with_another_person_is_not_suppressed(backend: Bac
         .unwrap();
     assert_eq!(b.computed.unwrap().total_events, 2);
     let back = server
-        .deliver(vec![event(
-            EventType::Track,
-            "alone-a",
-            "",
-            "Visited",
-            json!({}),
-            4,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Visited").user("alone-a").at(4).build(),
+        ])
         .await;
     assert_eq!((back.applied, back.suppressed), (0, 1));
     server.stop().await;
@@ -483,14 +465,11 @@ async fn an_export_larger_than_one_message_comes_in_pages(backend: Backend) {
         let events = batch
             .iter()
             .map(|i| {
-                event(
-                    EventType::Track,
-                    "big-history",
-                    "",
-                    "Note Taken",
-                    json!({"note": note, "n": i}),
-                    1_000 + i,
-                )
+                EventBuilder::track("Note Taken")
+                    .user("big-history")
+                    .properties(json!({"note": note, "n": i}))
+                    .at(1_000 + i)
+                    .build()
             })
             .collect();
         server.deliver(events).await;
@@ -589,14 +568,13 @@ async fn clear_suppressions_are_hashed_at_start_up(backend: Backend) {
         .collect();
     assert_eq!(listed, [("email".to_owned(), hash, 7, true)]);
     let back = server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "old-anon",
-            "",
-            json!({"email": "Old@Example.org"}),
-            1,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("old-anon")
+                .traits(json!({"email": "Old@Example.org"}))
+                .at(1)
+                .build(),
+        ])
         .await;
     assert_eq!((back.applied, back.suppressed), (0, 1));
     server.stop().await;

@@ -1,11 +1,9 @@
 //! Segments: CEL conditions, backfill, membership on events and trusted updates, the
 //! periodic sweep of time-based conditions, deletion, and the events they emit.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -47,7 +45,7 @@ async fn members(server: &TestProfile, id: &str) -> Vec<String> {
 }
 
 async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
-    for _ in 0..200 {
+    eventually(&format!("segment {id} backfilled"), PATIENCE, async || {
         let s = server
             .client()
             .await
@@ -59,12 +57,9 @@ async fn wait_backfilled(server: &TestProfile, id: &str) -> Segment {
             .into_inner()
             .segment
             .unwrap();
-        if s.backfilled {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("segment {id} never backfilled");
+        if s.backfilled { Ok(s) } else { Err(s) }
+    })
+    .await
 }
 
 fn is_segment_event(e: &Event, name: &str, profile_id: &str, segment_id: &str) -> bool {
@@ -100,46 +95,31 @@ async fn segments_follow_conditions(backend: Backend) {
     let now = waymark_kit::time::now_micros() / 1_000_000;
     server
         .deliver(vec![
-            event(
-                EventType::Identify,
-                "vip-a",
-                "",
-                "",
-                json!({"plan": "pro"}),
-                now,
-            ),
-            event(
-                EventType::Track,
-                "vip-a",
-                "",
-                "Order Completed",
-                json!({"revenue": 150}),
-                now,
-            ),
-            event(
-                EventType::Identify,
-                "vip-b",
-                "",
-                "",
-                json!({"plan": "free"}),
-                now,
-            ),
-            event(
-                EventType::Identify,
-                "vip-c",
-                "",
-                "",
-                json!({"plan": "pro"}),
-                now,
-            ),
-            event(
-                EventType::Track,
-                "vip-c",
-                "",
-                "Order Completed",
-                json!({"revenue": 20}),
-                now,
-            ),
+            EventBuilder::identify()
+                .user("vip-a")
+                .traits(json!({"plan": "pro"}))
+                .at(now)
+                .build(),
+            EventBuilder::track("Order Completed")
+                .user("vip-a")
+                .properties(json!({"revenue": 150}))
+                .at(now)
+                .build(),
+            EventBuilder::identify()
+                .user("vip-b")
+                .traits(json!({"plan": "free"}))
+                .at(now)
+                .build(),
+            EventBuilder::identify()
+                .user("vip-c")
+                .traits(json!({"plan": "pro"}))
+                .at(now)
+                .build(),
+            EventBuilder::track("Order Completed")
+                .user("vip-c")
+                .properties(json!({"revenue": 20}))
+                .at(now)
+                .build(),
         ])
         .await;
     let a = get(&server, by_identity("user_id", "vip-a")).await.unwrap();
@@ -214,14 +194,13 @@ async fn segments_follow_conditions(backend: Backend) {
 
     // An event moves a profile in.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "vip-c",
-            "",
-            "Order Completed",
-            json!({"revenue": 200}),
-            now,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Order Completed")
+                .user("vip-c")
+                .properties(json!({"revenue": 200}))
+                .at(now)
+                .build(),
+        ])
         .await;
     let c_now = get(&server, by_identity("user_id", "vip-c")).await.unwrap();
     assert_eq!(c_now.segments, ["vip"]);
@@ -249,17 +228,15 @@ async fn segments_follow_conditions(backend: Backend) {
     assert_eq!(members(&server, "vip").await, [c.profile_id.as_str()]);
 
     // A redelivered batch changes nothing: no second Segment Entered.
-    let again = event(
-        EventType::Track,
-        "vip-c",
-        "",
-        "Order Completed",
-        json!({"revenue": 1}),
-        now,
-    );
+    let again = EventBuilder::track("Order Completed")
+        .user("vip-c")
+        .properties(json!({"revenue": 1}))
+        .at(now)
+        .build();
     server.deliver(vec![again.clone()]).await;
     server.deliver(vec![again]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = EventBuilder::track("Marker").user("vip-c").at(now).build();
+    deliver_marker(&server, &sink, marker).await;
     assert_eq!(
         segment_events(&sink, "Segment Entered", &c.profile_id, "vip").await,
         1
@@ -274,41 +251,35 @@ async fn segments_follow_conditions(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(wait_backfilled(&server, "quiet").await.member_count, 0);
-    let mut lapsed = 0;
-    for _ in 0..100 {
-        lapsed = members(&server, "quiet").await.len();
-        if lapsed == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(lapsed, 3, "the sweep re-evaluates conditions that use now");
+    let what = "the sweep to re-evaluate conditions that use now: three lapsed";
+    eventually(what, PATIENCE, async || {
+        let lapsed = members(&server, "quiet").await.len();
+        if lapsed == 3 { Ok(()) } else { Err(lapsed) }
+    })
+    .await;
 
     // A profile merged away exits its segments under its own id; the survivor keeps its
     // own membership.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "",
-            "anon-z",
-            "Page Viewed",
-            json!({}),
-            now - 60,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Page Viewed")
+                .anonymous("anon-z")
+                .at(now - 60)
+                .build(),
+        ])
         .await;
     let z = get(&server, by_identity("anonymous_id", "anon-z"))
         .await
         .unwrap();
     wait_segment_event(&sink, "Segment Entered", &z.profile_id, "quiet").await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "vip-c",
-            "anon-z",
-            "",
-            json!({}),
-            now - 60,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("vip-c")
+                .anonymous("anon-z")
+                .at(now - 60)
+                .build(),
+        ])
         .await;
     wait_segment_event(&sink, "Segment Exited", &z.profile_id, "quiet").await;
     let quiet = members(&server, "quiet").await;
@@ -359,14 +330,11 @@ async fn a_segment_stored_on_one_replica_counts_on_the_other_at_once(backend: Ba
     let (a, b, _db) = two_replicas(backend, &sink.start().await).await;
     let now = waymark_kit::time::now_micros() / 1_000_000;
     let plan = |plan: &str| {
-        event(
-            EventType::Identify,
-            "rep-1",
-            "",
-            "",
-            json!({ "plan": plan }),
-            now,
-        )
+        EventBuilder::identify()
+            .user("rep-1")
+            .traits(json!({ "plan": plan }))
+            .at(now)
+            .build()
     };
     b.deliver(vec![plan("free")]).await;
     a.put_segment("enterprise", r#"traits.plan == "enterprise""#)
@@ -409,14 +377,11 @@ async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
         .deliver(
             (0..customers)
                 .map(|n| {
-                    event(
-                        EventType::Identify,
-                        &format!("loop-{n}"),
-                        "",
-                        "",
-                        json!({ "n": n }),
-                        now,
-                    )
+                    EventBuilder::identify()
+                        .user(&format!("loop-{n}"))
+                        .traits(json!({ "n": n }))
+                        .at(now)
+                        .build()
                 })
                 .collect(),
         )
@@ -439,14 +404,11 @@ async fn segments_put_in_a_quick_loop_all_get_their_members(backend: Backend) {
 waymark_testkit::on_both_backends!(segments_put_in_a_quick_loop_all_get_their_members);
 
 fn gold(n: usize, at: i64) -> Event {
-    event(
-        EventType::Identify,
-        &format!("gold-{n}"),
-        "",
-        "",
-        json!({"tier": "gold"}),
-        at,
-    )
+    EventBuilder::identify()
+        .user(&format!("gold-{n}"))
+        .traits(json!({"tier": "gold"}))
+        .at(at)
+        .build()
 }
 
 async fn delete(server: &TestProfile, id: &str) -> Result<u64, tonic::Status> {
@@ -494,7 +456,7 @@ async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
             .unwrap();
         assert!(p.segments.is_empty(), "gold-{n}: {:?}", p.segments);
     }
-    for _ in 0..400 {
+    eventually("every member's Segment Exited", PATIENCE, async || {
         let exits = sink
             .received
             .lock()
@@ -504,12 +466,14 @@ async fn a_large_segment_is_deleted_page_by_page(backend: Backend) {
             .map(|e| e.profile_id.clone())
             .collect::<std::collections::HashSet<_>>()
             .len();
+        assert!(exits <= customers);
         if exits == customers {
-            break;
+            Ok(())
+        } else {
+            Err(exits)
         }
-        assert!(exits < customers);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     let distinct = sink
         .received
         .lock()

@@ -1,9 +1,11 @@
-//! Events as ingestion delivers them; the servers and the shared harness are
+//! Two replicas sharing a database; the servers, events and the rest of the harness are
 //! `waymark_testkit`.
 
-use waymark_proto::common::v1::{Event, EventType};
+use waymark_proto::common::v1::Event;
 pub use waymark_testkit::platform::{Platform, TestProfile, config};
-pub use waymark_testkit::{Backend, Proxy, Sink, TestDb, admin, redis_url};
+pub use waymark_testkit::{
+    Backend, EventBuilder, PATIENCE, Proxy, Sink, TestDb, admin, eventually, redis_url,
+};
 
 /// Two profile replicas on one database sharing one Redis cache, as a deployment runs
 /// them, relaying downstream to `sink_url`; the database lives as long as the `TestDb`.
@@ -16,43 +18,27 @@ pub async fn two_replicas(backend: Backend, sink_url: &str) -> (TestProfile, Tes
     (a, b, db)
 }
 
-/// An event as ingestion would deliver it.
-pub fn event(
-    kind: EventType,
-    user_id: &str,
-    anonymous_id: &str,
-    name: &str,
-    json: serde_json::Value,
-    at_secs: i64,
-) -> Event {
-    let serde_json::Value::Object(map) = json else {
-        panic!("object")
-    };
-    let structure = Some(waymark_proto::json::struct_from_json(map));
-    let mut e = Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        message_id: uuid::Uuid::now_v7().to_string(),
-        user_id: user_id.into(),
-        anonymous_id: anonymous_id.into(),
-        timestamp: Some(prost_types::Timestamp {
-            seconds: at_secs,
-            nanos: 0,
-        }),
-        received_at: Some(prost_types::Timestamp {
-            seconds: at_secs,
-            nanos: 0,
-        }),
-        source_id: "src".into(),
-        ..Event::default()
-    };
-    e.set_type(kind);
-    match kind {
-        EventType::Track => {
-            e.event = name.into();
-            e.properties = structure;
+/// Delivers `marker` and waits until every consumer's relay has passed it on to `sink`.
+/// Each relay delivers in commit order, so whatever the server queued downstream before
+/// the marker has reached the sink by then: a "nothing else was sent" check after this
+/// cannot pass by luck.
+pub async fn deliver_marker(server: &TestProfile, sink: &Sink, marker: Event) {
+    let id = marker.event_id.clone();
+    server.deliver(vec![marker]).await;
+    let consumers = waymark_profile::CONSUMERS.len();
+    eventually("the marker from every consumer", PATIENCE, async || {
+        let copies = sink
+            .received
+            .lock()
+            .await
+            .iter()
+            .filter(|e| e.event_id == id)
+            .count();
+        if copies >= consumers {
+            Ok(())
+        } else {
+            Err(format!("{copies} of {consumers} copies"))
         }
-        EventType::Identify => e.traits = structure,
-        _ => e.name = name.into(),
-    }
-    e
+    })
+    .await;
 }

@@ -2,7 +2,6 @@
 
 use serde_json::json;
 use tonic::Code;
-use waymark_proto::common::v1::EventType;
 use waymark_proto::profile::v1::*;
 
 use crate::support::*;
@@ -35,33 +34,26 @@ async fn unmerge_restores_both_sides(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-a",
-            "",
-            json!({"email": "kim@example.com", "city": "Oslo"}),
-            100,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-a")
+                .traits(json!({"email": "kim@example.com", "city": "Oslo"}))
+                .at(100)
+                .build(),
+        ])
         .await;
     server
         .deliver(vec![
-            event(
-                EventType::Identify,
-                "",
-                "anon-b",
-                "",
-                json!({"phone": "+44 20 7946 0958", "plan": "pro"}),
-                200,
-            ),
-            event(
-                EventType::Track,
-                "",
-                "anon-b",
-                "Order Completed",
-                json!({"revenue": 50}),
-                210,
-            ),
+            EventBuilder::identify()
+                .anonymous("anon-b")
+                .traits(json!({"phone": "+44 20 7946 0958", "plan": "pro"}))
+                .at(200)
+                .build(),
+            EventBuilder::track("Order Completed")
+                .anonymous("anon-b")
+                .properties(json!({"revenue": 50}))
+                .at(210)
+                .build(),
         ])
         .await;
     let a = get(&server, by_identity("anonymous_id", "anon-a"))
@@ -72,14 +64,13 @@ async fn unmerge_restores_both_sides(backend: Backend) {
         .unwrap();
     // The wrong link: device b claims Kim's e-mail.
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-b",
-            "",
-            json!({"email": "kim@example.com"}),
-            300,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-b")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(300)
+                .build(),
+        ])
         .await;
     let merged = get(&server, by_id(&b.profile_id)).await.unwrap();
     assert_eq!(merged.profile_id, a.profile_id);
@@ -207,14 +198,10 @@ async fn unmerge_of_a_long_timeline_while_events_arrive(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
     let kim = |n: i64| {
-        event(
-            EventType::Track,
-            "kim",
-            "",
-            "Product Viewed",
-            json!({}),
-            1_000 + n,
-        )
+        EventBuilder::track("Product Viewed")
+            .user("kim")
+            .at(1_000 + n)
+            .build()
     };
     let history: i64 = 2_500;
     for chunk in (0..history).collect::<Vec<_>>().chunks(500) {
@@ -223,25 +210,21 @@ async fn unmerge_of_a_long_timeline_while_events_arrive(backend: Backend) {
             .await;
     }
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "kim",
-            "",
-            "",
-            json!({"email": "kim@example.com"}),
-            10,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .user("kim")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(10)
+                .build(),
+        ])
         .await;
     let other = (0..3)
         .map(|n| {
-            event(
-                EventType::Track,
-                "",
-                "anon-b",
-                "Order Completed",
-                json!({"revenue": 10}),
-                20 + n,
-            )
+            EventBuilder::track("Order Completed")
+                .anonymous("anon-b")
+                .properties(json!({"revenue": 10}))
+                .at(20 + n)
+                .build()
         })
         .collect();
     server.deliver(other).await;
@@ -250,14 +233,13 @@ async fn unmerge_of_a_long_timeline_while_events_arrive(backend: Backend) {
         .unwrap();
     // The wrong link.
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-b",
-            "",
-            json!({"email": "kim@example.com"}),
-            30,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-b")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(30)
+                .build(),
+        ])
         .await;
     let a = get(&server, by_identity("user_id", "kim")).await.unwrap();
     assert_ne!(a.profile_id, b.profile_id);
@@ -326,24 +308,22 @@ waymark_testkit::on_both_backends!(unmerge_of_a_long_timeline_while_events_arriv
 /// the undone merge's id).
 async fn wrongly_merged_then_unmerged(server: &TestProfile) -> (Profile, Profile, String) {
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-a",
-            "",
-            json!({"email": "kim@example.com"}),
-            100,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-a")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(100)
+                .build(),
+        ])
         .await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-b",
-            "",
-            json!({"phone": "+44 20 7946 0958"}),
-            200,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-b")
+                .traits(json!({"phone": "+44 20 7946 0958"}))
+                .at(200)
+                .build(),
+        ])
         .await;
     server.deliver(vec![wrong_link(300)]).await;
     let merges = list_merges(server, "anon-a").await;
@@ -363,14 +343,11 @@ async fn wrongly_merged_then_unmerged(server: &TestProfile) -> (Profile, Profile
 
 /// The identify that linked the two: `anon-b` with Kim's e-mail.
 fn wrong_link(at_secs: i64) -> waymark_proto::common::v1::Event {
-    event(
-        EventType::Identify,
-        "",
-        "anon-b",
-        "",
-        json!({"email": "kim@example.com"}),
-        at_secs,
-    )
+    EventBuilder::identify()
+        .anonymous("anon-b")
+        .traits(json!({"email": "kim@example.com"}))
+        .at(at_secs)
+        .build()
 }
 
 /// ListMerges of the profile holding an anonymous id.
@@ -506,14 +483,12 @@ async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
     let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
     // A third visitor, older than the other two but Kim.
     server
-        .deliver(vec![event(
-            EventType::Track,
-            "",
-            "anon-c",
-            "Page Viewed",
-            json!({}),
-            50,
-        )])
+        .deliver(vec![
+            EventBuilder::track("Page Viewed")
+                .anonymous("anon-c")
+                .at(50)
+                .build(),
+        ])
         .await;
     let third = get(&server, by_identity("anonymous_id", "anon-c"))
         .await
@@ -522,14 +497,13 @@ async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
     // The visitor turns out to be the third one (the visitor's phone on its device):
     // merged into it, the older.
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-c",
-            "",
-            json!({"phone": "+44 20 7946 0958"}),
-            610,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-c")
+                .traits(json!({"phone": "+44 20 7946 0958"}))
+                .at(610)
+                .build(),
+        ])
         .await;
     assert_eq!(
         get(&server, by_id(&visitor.profile_id))
@@ -544,14 +518,13 @@ async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
     // Kim's e-mail on the third profile's device: kept apart, the event goes to Kim.
     let kim_events = total_events(&server, &kim.profile_id).await;
     server
-        .deliver(vec![event(
-            EventType::Identify,
-            "",
-            "anon-c",
-            "",
-            json!({"email": "kim@example.com"}),
-            700,
-        )])
+        .deliver(vec![
+            EventBuilder::identify()
+                .anonymous("anon-c")
+                .traits(json!({"email": "kim@example.com"}))
+                .at(700)
+                .build(),
+        ])
         .await;
     assert_eq!(
         get(&server, by_identity("anonymous_id", "anon-c"))
