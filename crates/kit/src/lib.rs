@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod outbox;
 pub mod secret;
 pub mod sink;
+pub mod sql;
 pub mod telemetry;
 pub mod time;
 
