@@ -2,6 +2,7 @@
 
 mod limits;
 mod relay;
+mod sql;
 mod support;
 
 use std::time::Duration;
