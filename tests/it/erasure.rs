@@ -8,7 +8,7 @@ use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use serde_json::json;
 use tonic::Code;
-use waymark_kit::db::sql;
+use waymark_kit::sql;
 use waymark_kit::time::now_micros;
 use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::GetStatsRequest;
@@ -237,17 +237,13 @@ waymark_testkit::on_both_backends!(erasure_leaves_no_copy);
 /// Commits `events` to ingestion's log and one outbox pack for the profile service that
 /// the relay will not claim for a day, as a delivery backing off leaves it.
 async fn queue_in_ingest(db: &DatabaseConnection, events: &[&Event]) {
-    let backend = db.get_database_backend();
     let payloads: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
     let txn = db.begin().await.unwrap();
     for (event, payload) in events.iter().zip(&payloads) {
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload)
-                 VALUES (?, ?, ?, 1, '', ?, ?, ?, ?)",
-            ),
+        sql::execute(
+            &txn,
+            "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload)
+             VALUES (?, ?, ?, 1, '', ?, ?, ?, ?)",
             [
                 event.event_id.as_str().into(),
                 event.source_id.as_str().into(),
@@ -257,7 +253,7 @@ async fn queue_in_ingest(db: &DatabaseConnection, events: &[&Event]) {
                 now_micros().into(),
                 payload.clone().into(),
             ],
-        ))
+        )
         .await
         .unwrap();
     }
@@ -265,11 +261,11 @@ async fn queue_in_ingest(db: &DatabaseConnection, events: &[&Event]) {
     waymark_kit::outbox::enqueue(&txn, &["profile".to_owned()], &refs)
         .await
         .unwrap();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(backend, "UPDATE outbox SET available_at = ?"),
+    sql::execute(
+        &txn,
+        "UPDATE outbox SET available_at = ?",
         [(now_micros() + 86_400_000_000).into()],
-    ))
+    )
     .await
     .unwrap();
     txn.commit().await.unwrap();

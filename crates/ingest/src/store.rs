@@ -6,10 +6,11 @@
 use std::collections::{HashMap, HashSet};
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
-    Statement, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, FromQueryResult,
+    TransactionTrait, Value,
 };
-use waymark_kit::db::{Migration, sql};
+use waymark_kit::db::Migration;
+use waymark_kit::sql::{self, Column, Insert};
 use waymark_proto::common::v1::Event;
 
 /// Schema of the ingestion service, in order.
@@ -159,102 +160,41 @@ pub struct SourceRow {
     pub rate_limit: u32,
 }
 
-/// Rows per SQLite INSERT statement: 9 parameters each stays under its 32766 limit.
-const EVENT_ROWS_PER_INSERT: usize = 2000;
-
 /// Inserts the rows that are new; returns the (source_id, message_id) keys inserted.
 /// Rows whose key exists already are duplicates and are left untouched.
 pub async fn insert_events(
     txn: &DatabaseTransaction,
     rows: &[&EventRow],
 ) -> Result<HashSet<(String, String)>, DbErr> {
-    let backend = txn.get_database_backend();
-    let mut inserted = HashSet::with_capacity(rows.len());
-    let statements: Vec<Statement> = if backend == DbBackend::Postgres {
-        vec![insert_events_unnest(rows)]
-    } else {
-        rows.chunks(EVENT_ROWS_PER_INSERT)
-            .map(|chunk| insert_events_values(backend, chunk))
-            .collect()
-    };
-    for statement in statements {
-        for row in txn.query_all_raw(statement).await? {
-            inserted.insert((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
-        }
+    #[derive(FromQueryResult)]
+    struct Key {
+        source_id: String,
+        message_id: String,
     }
-    Ok(inserted)
-}
-
-const INSERT_EVENTS: &str = "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload) ";
-const ON_DUPLICATE: &str =
-    " ON CONFLICT (source_id, message_id) DO NOTHING RETURNING source_id, message_id";
-
-/// PostgreSQL: nine array parameters however many rows, so the server parses and plans
-/// one small statement instead of thousands of placeholders.
-fn insert_events_unnest(rows: &[&EventRow]) -> Statement {
-    let strings = |f: fn(&EventRow) -> &str| -> Value {
-        rows.iter()
-            .map(|r| f(r).to_owned())
-            .collect::<Vec<String>>()
-            .into()
-    };
-    let values = vec![
-        strings(|r| &r.event_id),
-        strings(|r| &r.source_id),
-        strings(|r| &r.message_id),
-        rows.iter()
-            .map(|r| r.event_type)
-            .collect::<Vec<i16>>()
-            .into(),
-        strings(|r| &r.user_id),
-        strings(|r| &r.anonymous_id),
-        rows.iter()
-            .map(|r| r.received_at)
-            .collect::<Vec<i64>>()
-            .into(),
-        rows.iter()
-            .map(|r| r.event_time)
-            .collect::<Vec<i64>>()
-            .into(),
-        rows.iter()
-            .map(|r| r.payload.clone())
-            .collect::<Vec<Vec<u8>>>()
-            .into(),
-    ];
-    Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        format!(
-            "{INSERT_EVENTS}SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[], $7::int8[], $8::int8[], $9::bytea[]){ON_DUPLICATE}"
-        ),
-        values,
+    let text =
+        |f: fn(&EventRow) -> &str| Column::Text(rows.iter().map(|r| f(r).to_owned()).collect());
+    let int8 = |f: fn(&EventRow) -> i64| Column::Int8(rows.iter().map(|r| f(r)).collect());
+    let inserted: Vec<Key> = Insert::new(
+        "INSERT INTO events (event_id, source_id, message_id, event_type, user_id, anonymous_id, received_at, event_time, payload)",
+        vec![
+            text(|r| &r.event_id),
+            text(|r| &r.source_id),
+            text(|r| &r.message_id),
+            Column::Int2(rows.iter().map(|r| r.event_type).collect()),
+            text(|r| &r.user_id),
+            text(|r| &r.anonymous_id),
+            int8(|r| r.received_at),
+            int8(|r| r.event_time),
+            Column::Bytea(rows.iter().map(|r| r.payload.clone()).collect()),
+        ],
     )
-}
-
-/// SQLite: a multi-row VALUES list.
-fn insert_events_values(backend: DbBackend, chunk: &[&EventRow]) -> Statement {
-    let mut text = String::with_capacity(256 + chunk.len() * 32);
-    text.push_str(INSERT_EVENTS);
-    text.push_str("VALUES ");
-    let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
-    for (i, row) in chunk.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
-        values.extend([
-            row.event_id.as_str().into(),
-            row.source_id.as_str().into(),
-            row.message_id.as_str().into(),
-            row.event_type.into(),
-            row.user_id.as_str().into(),
-            row.anonymous_id.as_str().into(),
-            row.received_at.into(),
-            row.event_time.into(),
-            row.payload.clone().into(),
-        ]);
-    }
-    text.push_str(ON_DUPLICATE);
-    Statement::from_sql_and_values(backend, sql(backend, &text), values)
+    .suffix("ON CONFLICT (source_id, message_id) DO NOTHING RETURNING source_id, message_id")
+    .returning(txn)
+    .await?;
+    Ok(inserted
+        .into_iter()
+        .map(|key| (key.source_id, key.message_id))
+        .collect())
 }
 
 /// Adds counters per source. Each committer writes its own `shard` row so concurrent
@@ -264,20 +204,16 @@ pub async fn add_counters(
     shard: i32,
     counters: &HashMap<String, Counters>,
 ) -> Result<(), DbErr> {
-    let backend = txn.get_database_backend();
     for (source_id, c) in counters {
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "INSERT INTO source_stats (source_id, shard, accepted, duplicates, rejected, suppressed)
-                 VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (source_id, shard) DO UPDATE SET
-                    accepted = source_stats.accepted + excluded.accepted,
-                    duplicates = source_stats.duplicates + excluded.duplicates,
-                    rejected = source_stats.rejected + excluded.rejected,
-                    suppressed = source_stats.suppressed + excluded.suppressed",
-            ),
+        sql::execute(
+            txn,
+            "INSERT INTO source_stats (source_id, shard, accepted, duplicates, rejected, suppressed)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (source_id, shard) DO UPDATE SET
+                accepted = source_stats.accepted + excluded.accepted,
+                duplicates = source_stats.duplicates + excluded.duplicates,
+                rejected = source_stats.rejected + excluded.rejected,
+                suppressed = source_stats.suppressed + excluded.suppressed",
             [
                 source_id.as_str().into(),
                 shard.into(),
@@ -286,7 +222,7 @@ pub async fn add_counters(
                 (c.rejected as i64).into(),
                 (c.suppressed as i64).into(),
             ],
-        ))
+        )
         .await?;
     }
     Ok(())
@@ -297,9 +233,20 @@ pub async fn read_counters(
     db: &DatabaseConnection,
     source_id: Option<&str>,
 ) -> Result<Vec<(String, Counters)>, DbErr> {
-    let backend = db.get_database_backend();
+    #[derive(FromQueryResult)]
+    struct Sums {
+        source_id: String,
+        accepted: i64,
+        duplicates: i64,
+        rejected: i64,
+        suppressed: i64,
+    }
     let mut text = String::from(
-        "SELECT source_id, CAST(SUM(accepted) AS BIGINT), CAST(SUM(duplicates) AS BIGINT), CAST(SUM(rejected) AS BIGINT), CAST(SUM(suppressed) AS BIGINT) FROM source_stats",
+        "SELECT source_id, CAST(SUM(accepted) AS BIGINT) AS accepted,
+                CAST(SUM(duplicates) AS BIGINT) AS duplicates,
+                CAST(SUM(rejected) AS BIGINT) AS rejected,
+                CAST(SUM(suppressed) AS BIGINT) AS suppressed
+         FROM source_stats",
     );
     let mut values: Vec<Value> = Vec::new();
     if let Some(id) = source_id {
@@ -307,31 +254,22 @@ pub async fn read_counters(
         values.push(id.into());
     }
     text.push_str(" GROUP BY source_id ORDER BY source_id");
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
-    rows.iter()
+    let rows: Vec<Sums> = sql::query_as(db, &text, values).await?;
+    let count = |n: i64| n.max(0) as u64;
+    Ok(rows
+        .into_iter()
         .map(|r| {
-            let n = |i| sum_at(r, i);
-            Ok((
-                r.try_get_by_index(0)?,
+            (
+                r.source_id,
                 Counters {
-                    accepted: n(1)?,
-                    duplicates: n(2)?,
-                    rejected: n(3)?,
-                    suppressed: n(4)?,
+                    accepted: count(r.accepted),
+                    duplicates: count(r.duplicates),
+                    rejected: count(r.rejected),
+                    suppressed: count(r.suppressed),
                 },
-            ))
+            )
         })
-        .collect()
-}
-
-fn sum_at(row: &QueryResult, index: usize) -> Result<u64, DbErr> {
-    Ok(row.try_get_by_index::<i64>(index)?.max(0) as u64)
+        .collect())
 }
 
 /// Creates a source with the hash of its write key.
@@ -340,13 +278,9 @@ pub async fn create_source(
     source: &SourceRow,
     key_hash: &str,
 ) -> Result<(), DbErr> {
-    let backend = db.get_database_backend();
-    db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "INSERT INTO sources (source_id, name, key_hash, created_at, revoked_at, rate_limit) VALUES (?, ?, ?, ?, NULL, ?)",
-        ),
+    sql::execute(
+        db,
+        "INSERT INTO sources (source_id, name, key_hash, created_at, revoked_at, rate_limit) VALUES (?, ?, ?, ?, NULL, ?)",
         [
             source.source_id.as_str().into(),
             source.name.as_str().into(),
@@ -354,7 +288,7 @@ pub async fn create_source(
             source.created_at.into(),
             i64::from(source.rate_limit).into(),
         ],
-    ))
+    )
     .await
     .map(|_| ())
 }
@@ -365,32 +299,37 @@ pub async fn rotate_key(
     name: &str,
     key_hash: &str,
 ) -> Result<bool, DbErr> {
-    let backend = db.get_database_backend();
-    let result = db
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "UPDATE sources SET key_hash = ? WHERE name = ? AND revoked_at IS NULL",
-            ),
-            [key_hash.into(), name.into()],
-        ))
-        .await?;
-    Ok(result.rows_affected() > 0)
+    let updated = sql::execute(
+        db,
+        "UPDATE sources SET key_hash = ? WHERE name = ? AND revoked_at IS NULL",
+        [key_hash.into(), name.into()],
+    )
+    .await?;
+    Ok(updated > 0)
 }
 
 const SOURCE_COLUMNS: &str = "source_id, name, created_at, revoked_at, rate_limit";
 
-fn source_from(row: &QueryResult) -> Result<SourceRow, DbErr> {
-    Ok(SourceRow {
-        source_id: row.try_get_by_index(0)?,
-        name: row.try_get_by_index(1)?,
-        created_at: row.try_get_by_index(2)?,
-        revoked_at: row.try_get_by_index(3)?,
-        rate_limit: row
-            .try_get_by_index::<i64>(4)?
-            .clamp(0, i64::from(u32::MAX)) as u32,
-    })
+/// A `sources` row as [`SOURCE_COLUMNS`] reads it.
+#[derive(FromQueryResult)]
+struct StoredSource {
+    source_id: String,
+    name: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+    rate_limit: i64,
+}
+
+impl From<StoredSource> for SourceRow {
+    fn from(row: StoredSource) -> Self {
+        SourceRow {
+            source_id: row.source_id,
+            name: row.name,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+            rate_limit: row.rate_limit.clamp(0, i64::from(u32::MAX)) as u32,
+        }
+    }
 }
 
 /// The live source whose key hashes to `key_hash`.
@@ -398,32 +337,24 @@ pub async fn find_live_source_by_key(
     db: &DatabaseConnection,
     key_hash: &str,
 ) -> Result<Option<SourceRow>, DbErr> {
-    let backend = db.get_database_backend();
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                &format!(
-                    "SELECT {SOURCE_COLUMNS} FROM sources WHERE key_hash = ? AND revoked_at IS NULL"
-                ),
-            ),
-            [key_hash.into()],
-        ))
-        .await?;
-    row.as_ref().map(source_from).transpose()
+    let row: Option<StoredSource> = sql::query_one_as(
+        db,
+        &format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE key_hash = ? AND revoked_at IS NULL"),
+        [key_hash.into()],
+    )
+    .await?;
+    Ok(row.map(SourceRow::from))
 }
 
 /// Every source, oldest first.
 pub async fn list_sources(db: &DatabaseConnection) -> Result<Vec<SourceRow>, DbErr> {
-    let backend = db.get_database_backend();
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            backend,
-            format!("SELECT {SOURCE_COLUMNS} FROM sources ORDER BY created_at, source_id"),
-        ))
-        .await?;
-    rows.iter().map(source_from).collect()
+    let rows: Vec<StoredSource> = sql::query_as(
+        db,
+        &format!("SELECT {SOURCE_COLUMNS} FROM sources ORDER BY created_at, source_id"),
+        [],
+    )
+    .await?;
+    Ok(rows.into_iter().map(SourceRow::from).collect())
 }
 
 /// Revokes a source; returns it, or None when it does not exist.
@@ -432,27 +363,19 @@ pub async fn revoke_source(
     source_id: &str,
     now: i64,
 ) -> Result<Option<SourceRow>, DbErr> {
-    let backend = db.get_database_backend();
-    db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "UPDATE sources SET revoked_at = ? WHERE source_id = ? AND revoked_at IS NULL",
-        ),
+    sql::execute(
+        db,
+        "UPDATE sources SET revoked_at = ? WHERE source_id = ? AND revoked_at IS NULL",
         [now.into(), source_id.into()],
-    ))
+    )
     .await?;
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                &format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE source_id = ?"),
-            ),
-            [source_id.into()],
-        ))
-        .await?;
-    row.as_ref().map(source_from).transpose()
+    let row: Option<StoredSource> = sql::query_one_as(
+        db,
+        &format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE source_id = ?"),
+        [source_id.into()],
+    )
+    .await?;
+    Ok(row.map(SourceRow::from))
 }
 
 /// Filters for reading the log back.
@@ -474,7 +397,11 @@ pub async fn list_events(
     db: &DatabaseConnection,
     filter: &EventFilter,
 ) -> Result<Vec<(i64, Vec<u8>)>, DbErr> {
-    let backend = db.get_database_backend();
+    #[derive(FromQueryResult)]
+    struct Logged {
+        seq: i64,
+        payload: Vec<u8>,
+    }
     let mut text = String::from("SELECT seq, payload FROM events WHERE payload IS NOT NULL");
     let mut values: Vec<Value> = Vec::new();
     let mut clause = |condition: &str, value: Value| {
@@ -502,16 +429,8 @@ pub async fn list_events(
     }
     text.push_str(" ORDER BY seq DESC LIMIT ?");
     values.push(i64::from(filter.limit).into());
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect()
+    let rows: Vec<Logged> = sql::query_as(db, &text, values).await?;
+    Ok(rows.into_iter().map(|r| (r.seq, r.payload)).collect())
 }
 
 /// Queues stored events of a time range for `consumer` again; returns how many.
@@ -523,7 +442,6 @@ pub async fn replay(
     source_id: Option<&str>,
     now: i64,
 ) -> Result<u64, DbErr> {
-    let backend = txn.get_database_backend();
     let mut text = String::from(
         "INSERT INTO outbox (consumer, payload, created_at, available_at)
          SELECT ?, payload, ?, ? FROM events
@@ -541,14 +459,7 @@ pub async fn replay(
         values.push(id.into());
     }
     text.push_str(" ORDER BY seq");
-    let result = txn
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
-    Ok(result.rows_affected())
+    sql::execute(txn, &text, values).await
 }
 
 /// Adds identifiers, as `(type, keyed hash)`, to the suppression list and, in the same
@@ -572,38 +483,31 @@ pub async fn add_suppressions(
     Ok((added, erased, removed))
 }
 
-/// Suppression rows per INSERT: three parameters each, far under SQLite's limit.
-const SUPPRESSIONS_PER_INSERT: usize = 1000;
-
 async fn insert_suppressions<C: ConnectionTrait>(
     conn: &C,
     hashed: &[(String, String)],
     now: i64,
 ) -> Result<u32, DbErr> {
-    let backend = conn.get_database_backend();
-    let mut added = 0;
-    for chunk in hashed.chunks(SUPPRESSIONS_PER_INSERT) {
-        let rows = vec!["(?, ?, ?, TRUE)"; chunk.len()].join(", ");
-        let values: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(t, h)| [t.as_str().into(), h.as_str().into(), now.into()])
-            .collect();
-        added += conn
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    &format!(
-                        "INSERT INTO suppressions (id_type, id_value, created_at, hashed) VALUES {rows}
-                         ON CONFLICT (id_type, id_value) DO NOTHING"
-                    ),
-                ),
-                values,
-            ))
-            .await?
-            .rows_affected() as u32;
-    }
-    Ok(added)
+    let added = Insert::new(
+        "INSERT INTO suppressions (id_type, id_value, created_at, hashed)",
+        vec![
+            Column::Text(hashed.iter().map(|(t, _)| t.clone()).collect()),
+            Column::Text(hashed.iter().map(|(_, h)| h.clone()).collect()),
+        ],
+    )
+    .constant(now)
+    .constant(true)
+    .suffix("ON CONFLICT (id_type, id_value) DO NOTHING")
+    .execute(conn)
+    .await?;
+    Ok(added as u32)
+}
+
+/// A suppression row as stored: a keyed hash, or (before schema 5) the identifier.
+#[derive(FromQueryResult)]
+struct Suppression {
+    id_type: String,
+    id_value: String,
 }
 
 /// Replaces suppression rows stored in clear (by releases before schema 5) with their
@@ -613,26 +517,27 @@ pub async fn hash_clear_suppressions(
     db: &DatabaseConnection,
     hash: impl Fn(&(String, String)) -> (String, String),
 ) -> Result<u64, DbErr> {
-    let backend = db.get_database_backend();
+    #[derive(FromQueryResult)]
+    struct Clear {
+        id_type: String,
+        id_value: String,
+        created_at: i64,
+    }
     let txn = db.begin().await?;
-    let rows = txn
-        .query_all_raw(Statement::from_string(
-            backend,
-            "SELECT id_type, id_value, created_at FROM suppressions WHERE NOT hashed",
-        ))
-        .await?;
+    let rows: Vec<Clear> = sql::query_as(
+        &txn,
+        "SELECT id_type, id_value, created_at FROM suppressions WHERE NOT hashed",
+        [],
+    )
+    .await?;
     for row in &rows {
-        let clear: (String, String) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
-        let created_at: i64 = row.try_get_by_index(2)?;
-        insert_suppressions(&txn, &[hash(&clear)], created_at).await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
-            ),
+        let clear = (row.id_type.clone(), row.id_value.clone());
+        insert_suppressions(&txn, &[hash(&clear)], row.created_at).await?;
+        sql::execute(
+            &txn,
+            "DELETE FROM suppressions WHERE id_type = ? AND id_value = ? AND NOT hashed",
             [clear.0.as_str().into(), clear.1.as_str().into()],
-        ))
+        )
         .await?;
     }
     txn.commit().await?;
@@ -653,7 +558,13 @@ async fn erase_carrying<C: ConnectionTrait>(
     carries: &impl Fn(&Event) -> bool,
 ) -> Result<u64, DbErr> {
     use prost::Message;
-    let backend = conn.get_database_backend();
+    #[derive(FromQueryResult)]
+    struct Logged {
+        seq: i64,
+        payload: Option<Vec<u8>>,
+        user_id: String,
+        anonymous_id: String,
+    }
     let mut after = 0i64;
     let mut erased = 0;
     loop {
@@ -668,47 +579,36 @@ async fn erase_carrying<C: ConnectionTrait>(
         }
         text.push_str(" ORDER BY seq LIMIT ?");
         values.push(SCAN_PAGE_ROWS.into());
-        let rows = conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?;
+        let rows: Vec<Logged> = sql::query_as(conn, &text, values).await?;
         let Some(last) = rows.last() else {
             return Ok(erased);
         };
-        after = last.try_get_by_index(0)?;
+        after = last.seq;
         let mut matched: Vec<Value> = Vec::new();
-        for row in &rows {
-            let event = match row.try_get_by_index::<Option<Vec<u8>>>(1)? {
+        for row in rows {
+            let event = match row.payload {
                 Some(payload) => Event::decode(payload.as_slice())
                     .map_err(|e| DbErr::Custom(format!("log event does not decode: {e}")))?,
                 None => Event {
-                    user_id: row.try_get_by_index(2)?,
-                    anonymous_id: row.try_get_by_index(3)?,
+                    user_id: row.user_id,
+                    anonymous_id: row.anonymous_id,
                     ..Event::default()
                 },
             };
             if carries(&event) {
-                matched.push(row.try_get_by_index::<i64>(0)?.into());
+                matched.push(row.seq.into());
             }
         }
         if !matched.is_empty() {
             let list = vec!["?"; matched.len()].join(", ");
-            erased += conn
-                .execute_raw(Statement::from_sql_and_values(
-                    backend,
-                    sql(
-                        backend,
-                        &format!(
-                            "UPDATE events SET payload = NULL, user_id = '', anonymous_id = '' WHERE seq IN ({list})"
-                        ),
-                    ),
-                    matched,
-                ))
-                .await?
-                .rows_affected();
+            erased += sql::execute(
+                conn,
+                &format!(
+                    "UPDATE events SET payload = NULL, user_id = '', anonymous_id = '' WHERE seq IN ({list})"
+                ),
+                matched,
+            )
+            .await?;
         }
     }
 }
@@ -718,20 +618,13 @@ pub async fn suppressed_since(
     db: &DatabaseConnection,
     since: i64,
 ) -> Result<Vec<(String, String)>, DbErr> {
-    let backend = db.get_database_backend();
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT id_type, id_value FROM suppressions WHERE created_at >= ?",
-            ),
-            [since.into()],
-        ))
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect()
+    let rows: Vec<Suppression> = sql::query_as(
+        db,
+        "SELECT id_type, id_value FROM suppressions WHERE created_at >= ?",
+        [since.into()],
+    )
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id_type, r.id_value)).collect())
 }
 
 /// Erases again what the service holds of identifiers suppressed recently: events that
@@ -756,15 +649,9 @@ pub async fn erase_recently_suppressed(
 
 /// The whole suppression list, as `(type, keyed hash)`.
 pub async fn load_suppressions(db: &DatabaseConnection) -> Result<Vec<(String, String)>, DbErr> {
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT id_type, id_value FROM suppressions",
-        ))
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect()
+    let rows: Vec<Suppression> =
+        sql::query_as(db, "SELECT id_type, id_value FROM suppressions", []).await?;
+    Ok(rows.into_iter().map(|r| (r.id_type, r.id_value)).collect())
 }
 
 /// Applies retention: payloads older than `payload_cutoff` are erased, and whole rows
@@ -774,26 +661,19 @@ pub async fn sweep(
     payload_cutoff: i64,
     key_cutoff: i64,
 ) -> Result<(u64, u64), DbErr> {
-    let backend = db.get_database_backend();
-    let deleted = db
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, "DELETE FROM events WHERE received_at < ?"),
-            [key_cutoff.into()],
-        ))
-        .await?
-        .rows_affected();
+    let deleted = sql::execute(
+        db,
+        "DELETE FROM events WHERE received_at < ?",
+        [key_cutoff.into()],
+    )
+    .await?;
     let erased = if payload_cutoff > key_cutoff {
-        db.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "UPDATE events SET payload = NULL WHERE received_at < ? AND payload IS NOT NULL",
-            ),
+        sql::execute(
+            db,
+            "UPDATE events SET payload = NULL WHERE received_at < ? AND payload IS NOT NULL",
             [payload_cutoff.into()],
-        ))
+        )
         .await?
-        .rows_affected()
     } else {
         0
     };

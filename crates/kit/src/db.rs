@@ -14,7 +14,7 @@ use crate::time::now_micros;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
     TransactionTrait,
 };
 
@@ -190,17 +190,13 @@ pub async fn migrate(
             txn.execute_unprepared("SELECT pg_advisory_xact_lock(7263542001)")
                 .await?;
         }
-        let done = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    "SELECT 1 FROM waymark_migrations WHERE service = ? AND version = ?",
-                ),
-                [service.into(), migration.version.into()],
-            ))
-            .await?
-            .is_some();
+        let done = crate::sql::query_one(
+            &txn,
+            "SELECT 1 FROM waymark_migrations WHERE service = ? AND version = ?",
+            [service.into(), migration.version.into()],
+        )
+        .await?
+        .is_some();
         if done {
             txn.rollback().await?;
             continue;
@@ -210,19 +206,16 @@ pub async fn migrate(
             _ => migration.sqlite,
         };
         txn.execute_unprepared(script).await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "INSERT INTO waymark_migrations (service, version, name, applied_at) VALUES (?, ?, ?, ?)",
-            ),
+        crate::sql::execute(
+            &txn,
+            "INSERT INTO waymark_migrations (service, version, name, applied_at) VALUES (?, ?, ?, ?)",
             [
                 service.into(),
                 migration.version.into(),
                 migration.name.into(),
                 now_micros().into(),
             ],
-        ))
+        )
         .await?;
         txn.commit().await?;
         tracing::debug!(
@@ -242,22 +235,18 @@ pub async fn pending(
     service: &str,
     migrations: &[Migration],
 ) -> Result<Vec<i64>, DbErr> {
-    let backend = db.get_database_backend();
-    let applied: Vec<i64> = match db
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT version FROM waymark_migrations WHERE service = ?",
-            ),
-            [service.into()],
-        ))
-        .await
+    #[derive(sea_orm::FromQueryResult)]
+    struct Applied {
+        version: i64,
+    }
+    let applied: Vec<i64> = match crate::sql::query_as::<Applied, _>(
+        db,
+        "SELECT version FROM waymark_migrations WHERE service = ?",
+        [service.into()],
+    )
+    .await
     {
-        Ok(rows) => rows
-            .iter()
-            .map(|r| r.try_get_by_index::<i64>(0))
-            .collect::<Result<_, _>>()?,
+        Ok(rows) => rows.into_iter().map(|r| r.version).collect(),
         // No migrations table yet: everything is pending.
         Err(e) if !is_unavailable(&e) => Vec::new(),
         Err(e) => return Err(e),
@@ -269,25 +258,9 @@ pub async fn pending(
         .collect())
 }
 
-/// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL. Statements here never
-/// contain a literal question mark.
-pub fn sql(backend: DbBackend, text: &str) -> String {
-    if backend != DbBackend::Postgres {
-        return text.to_owned();
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut n = 0;
-    for ch in text.chars() {
-        if ch == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
+/// The placeholder rewrite, under its former name until the profile service uses
+/// [`crate::sql`] directly.
+pub use crate::sql::placeholders as sql;
 
 /// After an erasure on SQLite, copies the write-ahead log into the database file and
 /// empties it: the log still holds the pages as they were before the erasure. Nothing to
@@ -298,18 +271,4 @@ pub async fn forget_overwritten(db: &DatabaseConnection) -> Result<(), DbErr> {
             .await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_for_postgres_only() {
-        assert_eq!(
-            sql(DbBackend::Postgres, "a = ? AND b = ?"),
-            "a = $1 AND b = $2"
-        );
-        assert_eq!(sql(DbBackend::Sqlite, "a = ? AND b = ?"), "a = ? AND b = ?");
-    }
 }

@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod secret;
 pub mod service;
 pub mod sink;
+pub mod sql;
 pub mod telemetry;
 pub mod time;
 

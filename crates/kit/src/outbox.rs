@@ -12,12 +12,13 @@ mod relay;
 
 use std::sync::Arc;
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
 use tokio::sync::Notify;
 
 pub use relay::{RelayConfig, run_relay};
 
-use crate::db::{Migration, sql};
+use crate::db::Migration;
+use crate::sql::{self, Column, Insert};
 use crate::time::now_micros;
 
 /// The outbox table; each service lists it among its own migrations.
@@ -162,59 +163,10 @@ pub async fn enqueue_linked<C: ConnectionTrait>(
     payloads: &[&[u8]],
     trace_links: &[String],
 ) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    let statement = if backend == DbBackend::Postgres {
-        postgres_insert_linked(consumers, payloads, trace_links, 1)
-    } else {
-        values_insert(consumers, payloads, trace_links)
-    };
-    let Some((text, values)) = statement else {
-        return Ok(());
-    };
-    // Each text is written for its backend already: `$n` on PostgreSQL, `?` on SQLite.
-    conn.execute_raw(Statement::from_sql_and_values(backend, text, values))
-        .await?;
+    if let Some(insert) = insert(consumers, payloads, trace_links) {
+        insert.execute(conn).await?;
+    }
     Ok(())
-}
-
-/// The rows [`enqueue`] writes, in id order: pack by pack, each for every consumer, so
-/// each consumer's rows get ids in the events' order.
-struct Rows {
-    consumers: Vec<String>,
-    packs: Vec<Vec<u8>>,
-    sizes: Vec<i32>,
-}
-
-impl Rows {
-    fn push(&mut self, consumer: &str, pack: Vec<u8>, size: i32) {
-        self.consumers.push(consumer.to_owned());
-        self.packs.push(pack);
-        self.sizes.push(size);
-    }
-}
-
-fn rows(consumers: &[String], payloads: &[&[u8]]) -> Option<Rows> {
-    if payloads.is_empty() {
-        return None;
-    }
-    let (last, others) = consumers.split_last()?;
-    let packs = split_into_packs(payloads);
-    let n = packs.len() * consumers.len();
-    let mut rows = Rows {
-        consumers: Vec::with_capacity(n),
-        packs: Vec::with_capacity(n),
-        sizes: Vec::with_capacity(n),
-    };
-    for chunk in packs {
-        // Encoded once; the last consumer's row takes it, the others a copy.
-        let packed = pack(chunk);
-        let size = chunk.len() as i32;
-        for consumer in others {
-            rows.push(consumer, packed.clone(), size);
-        }
-        rows.push(last, packed, size);
-    }
-    Some(rows)
 }
 
 /// [`enqueue`] on PostgreSQL as one `INSERT` with its parameters numbered from `$first`,
@@ -225,7 +177,10 @@ pub fn postgres_insert(
     payloads: &[&[u8]],
     first: usize,
 ) -> Option<(String, Vec<Value>)> {
-    postgres_insert_linked(consumers, payloads, &current_trace(), first)
+    // The columns are built the same length, which is all `postgres` checks.
+    insert(consumers, payloads, &current_trace())?
+        .postgres(first)
+        .ok()
 }
 
 /// The current span's `traceparent`, as the one trace link of what it queues.
@@ -235,60 +190,48 @@ fn current_trace() -> Vec<String> {
         .collect()
 }
 
-fn postgres_insert_linked(
-    consumers: &[String],
-    payloads: &[&[u8]],
-    trace_links: &[String],
-    first: usize,
-) -> Option<(String, Vec<Value>)> {
-    let rows = rows(consumers, payloads)?;
-    let (c, p, s, t, l) = (first, first + 1, first + 2, first + 3, first + 4);
-    // Ordered by position, so ids follow the events' order whatever the plan.
-    let text = format!(
-        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at, trace_links)
-         SELECT c, p, s, ${t}, ${t}, ${l}::text
-         FROM UNNEST(${c}::text[], ${p}::bytea[], ${s}::int4[]) WITH ORDINALITY AS q(c, p, s, n)
-         ORDER BY n"
-    );
-    let values = vec![
-        rows.consumers.into(),
-        rows.packs.into(),
-        rows.sizes.into(),
-        now_micros().into(),
-        joined_links(trace_links).into(),
-    ];
-    Some((text, values))
-}
-
-/// [`enqueue`] as a multi-row `VALUES` insert with `?` placeholders (SQLite).
-fn values_insert(
-    consumers: &[String],
-    payloads: &[&[u8]],
-    trace_links: &[String],
-) -> Option<(String, Vec<Value>)> {
-    let rows = rows(consumers, payloads)?;
-    let now = now_micros();
-    let links = joined_links(trace_links);
-    let mut text = String::from(
-        "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at, trace_links) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(rows.sizes.len() * 6);
-    let all = rows.consumers.into_iter().zip(rows.packs).zip(rows.sizes);
-    for (i, ((consumer, packed), size)) in all.enumerate() {
-        if i > 0 {
-            text.push_str(", ");
-        }
-        text.push_str("(?, ?, ?, ?, ?, ?)");
-        values.extend([
-            consumer.into(),
-            packed.into(),
-            size.into(),
-            now.into(),
-            now.into(),
-            links.clone().into(),
-        ]);
+/// The rows [`enqueue`] writes, in id order: pack by pack, each for every consumer, so
+/// each consumer's rows get ids in the events' order. None when there is nothing to queue.
+fn insert(consumers: &[String], payloads: &[&[u8]], trace_links: &[String]) -> Option<Insert> {
+    if payloads.is_empty() {
+        return None;
     }
-    Some((text, values))
+    let (last, others) = consumers.split_last()?;
+    let packs = split_into_packs(payloads);
+    let n = packs.len() * consumers.len();
+    let (mut names, mut packed, mut sizes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for chunk in packs {
+        // Encoded once; the last consumer's row takes it, the others a copy.
+        let pack = pack(chunk);
+        let size = chunk.len() as i32;
+        for consumer in others {
+            names.push(consumer.clone());
+            packed.push(pack.clone());
+            sizes.push(size);
+        }
+        names.push(last.clone());
+        packed.push(pack);
+        sizes.push(size);
+    }
+    let now = now_micros();
+    Some(
+        Insert::new(
+            "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at, trace_links)",
+            vec![
+                Column::Text(names),
+                Column::Bytea(packed),
+                Column::Int4(sizes),
+            ],
+        )
+        .constant(now)
+        .constant(now)
+        .constant(joined_links(trace_links))
+        .in_order(),
+    )
 }
 
 /// `payloads` in order, cut into packs within both limits.
@@ -334,22 +277,27 @@ pub struct Backlog {
 
 /// The backlog of every consumer with pending rows or dead letters, by consumer name.
 pub async fn backlog<C: ConnectionTrait>(conn: &C) -> Result<Vec<Backlog>, DbErr> {
-    let backend = conn.get_database_backend();
-    let rows = conn
-        .query_all_raw(Statement::from_string(
-            backend,
-            "SELECT consumer, SUM(COALESCE(pack_size, 1)), MIN(created_at) FROM outbox GROUP BY consumer",
-        ))
-        .await?;
+    #[derive(FromQueryResult)]
+    struct Queued {
+        consumer: String,
+        events: i64,
+        oldest: Option<i64>,
+    }
+    let rows: Vec<Queued> = sql::query_as(
+        conn,
+        "SELECT consumer, SUM(COALESCE(pack_size, 1)) AS events, MIN(created_at) AS oldest
+         FROM outbox GROUP BY consumer",
+        [],
+    )
+    .await?;
     let mut by_consumer = std::collections::BTreeMap::new();
     for row in rows {
-        let consumer: String = row.try_get_by_index(0)?;
         by_consumer.insert(
-            consumer.clone(),
+            row.consumer.clone(),
             Backlog {
-                consumer,
-                pending: row.try_get_by_index::<i64>(1)?.max(0) as u64,
-                oldest_micros: row.try_get_by_index(2)?,
+                consumer: row.consumer,
+                pending: row.events.max(0) as u64,
+                oldest_micros: row.oldest,
                 dead_letters: 0,
             },
         );
@@ -402,10 +350,13 @@ async fn scrub_table<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     use prost::Message;
     use waymark_proto::common::v1::Event;
-    let backend = conn.get_database_backend();
-    let statement = |text: &str, values: Vec<Value>| {
-        Statement::from_sql_and_values(backend, sql(backend, text), values)
-    };
+    #[derive(FromQueryResult)]
+    struct Stored {
+        consumer: String,
+        id: i64,
+        payload: Vec<u8>,
+        pack_size: Option<i32>,
+    }
     let mut removed = 0u64;
     let mut after: Option<(String, i64)> = None;
     loop {
@@ -421,23 +372,26 @@ async fn scrub_table<C: ConnectionTrait>(
             ),
         };
         values.push(SCRUB_PAGE_ROWS.into());
-        let rows = conn
-            .query_all_raw(statement(
-                &format!(
-                    "SELECT consumer, id, payload, pack_size FROM {table}{filter} ORDER BY consumer, id LIMIT ?"
-                ),
-                values,
-            ))
-            .await?;
+        let rows: Vec<Stored> = sql::query_as(
+            conn,
+            &format!(
+                "SELECT consumer, id, payload, pack_size FROM {table}{filter} ORDER BY consumer, id LIMIT ?"
+            ),
+            values,
+        )
+        .await?;
         let Some(last) = rows.last() else {
             return Ok(removed);
         };
-        after = Some((last.try_get_by_index(0)?, last.try_get_by_index(1)?));
-        for row in &rows {
-            let consumer: String = row.try_get_by_index(0)?;
-            let id: i64 = row.try_get_by_index(1)?;
-            let pack_size: Option<i32> = row.try_get_by_index(3)?;
-            let events = unpack(row.try_get_by_index(2)?, pack_size)?;
+        after = Some((last.consumer.clone(), last.id));
+        for Stored {
+            consumer,
+            id,
+            payload,
+            pack_size,
+        } in rows
+        {
+            let events = unpack(payload, pack_size)?;
             let before = events.len();
             let mut kept = Vec::with_capacity(before);
             for encoded in events {
@@ -453,10 +407,11 @@ async fn scrub_table<C: ConnectionTrait>(
             removed += (before - kept.len()) as u64;
             let key = vec![Value::from(consumer.as_str()), Value::from(id)];
             if kept.is_empty() {
-                conn.execute_raw(statement(
+                sql::execute(
+                    conn,
                     &format!("DELETE FROM {table} WHERE consumer = ? AND id = ?"),
                     key,
-                ))
+                )
                 .await?;
             } else {
                 let slices: Vec<&[u8]> = kept.iter().map(Vec::as_slice).collect();
@@ -465,12 +420,13 @@ async fn scrub_table<C: ConnectionTrait>(
                     Value::from(i32::try_from(kept.len()).unwrap_or(i32::MAX)),
                 ];
                 values.extend(key);
-                conn.execute_raw(statement(
+                sql::execute(
+                    conn,
                     &format!(
                         "UPDATE {table} SET payload = ?, pack_size = ? WHERE consumer = ? AND id = ?"
                     ),
                     values,
-                ))
+                )
                 .await?;
             }
         }

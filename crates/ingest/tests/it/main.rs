@@ -2,6 +2,7 @@
 
 mod limits;
 mod relay;
+mod sql;
 mod support;
 
 use std::time::Duration;
@@ -950,7 +951,7 @@ waymark_testkit::on_both_backends!(clear_suppressions_are_hashed_at_start_up);
 /// each delivery holding at most the batch size of events unless one pack alone is more.
 async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     use prost::Message;
-    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    use sea_orm::TransactionTrait;
     use waymark_kit::outbox::{self, RelayConfig, Wakeup};
 
     let db = TestDb::new(backend).await;
@@ -973,20 +974,16 @@ async fn outbox_packs_go_out_in_order_within_the_batch_size(backend: Backend) {
     };
     commit_pack(3).await;
     commit_pack(6).await;
-    let backend_kind = conn.get_database_backend();
     for i in 9..12 {
-        conn.execute_raw(Statement::from_sql_and_values(
-            backend_kind,
-            waymark_kit::db::sql(
-                backend_kind,
-                "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES (?, ?, ?, 0)",
-            ),
+        waymark_kit::sql::execute(
+            &conn,
+            "INSERT INTO outbox (consumer, payload, created_at, available_at) VALUES (?, ?, ?, 0)",
             [
                 "profile".into(),
                 encoded(i).into(),
                 waymark_kit::time::now_micros().into(),
             ],
-        ))
+        )
         .await
         .unwrap();
     }

@@ -5,10 +5,11 @@
 //! dead-letter retention.
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult, TransactionTrait, Value,
 };
 
-use crate::db::{Migration, sql};
+use crate::db::Migration;
+use crate::sql::{self, Column, Insert};
 use crate::time::now_micros;
 
 /// The dead-letter table of an outbox, and the index the relay's ordering rule reads (rows
@@ -60,34 +61,34 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     consumer: &str,
     rejected: Vec<Rejected>,
 ) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    let now = now_micros();
-    for chunk in rejected.chunks(500) {
-        let mut text = String::from(
-            "INSERT INTO outbox_dead_letters (consumer, payload, reason, attempts, created_at, dead_at) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 6);
-        for (i, r) in chunk.iter().enumerate() {
-            if i > 0 {
-                text.push_str(", ");
-            }
-            text.push_str("(?, ?, ?, ?, ?, ?)");
-            values.extend([
-                consumer.into(),
-                r.payload.clone().into(),
-                r.reason.clone().into(),
-                r.attempts.into(),
-                r.created_at.into(),
-                now.into(),
-            ]);
-        }
-        conn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+    let n = rejected.len();
+    let (mut payloads, mut reasons, mut attempts, mut created_at) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for r in rejected {
+        payloads.push(r.payload);
+        reasons.push(r.reason);
+        attempts.push(r.attempts);
+        created_at.push(r.created_at);
     }
+    let now = now_micros();
+    Insert::new(
+        "INSERT INTO outbox_dead_letters (payload, reason, attempts, created_at, consumer, dead_at)",
+        vec![
+            Column::Bytea(payloads),
+            Column::Text(reasons),
+            Column::Int4(attempts),
+            Column::Int8(created_at),
+        ],
+    )
+    .constant(consumer)
+    .constant(now)
+    .in_order()
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -100,33 +101,23 @@ pub(crate) async fn expire(
     reason: &str,
 ) -> Result<u64, DbErr> {
     let txn = db.begin().await?;
-    let backend = txn.get_database_backend();
     let now = now_micros();
-    let moved = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT COALESCE(SUM(COALESCE(pack_size, 1)), 0) FROM outbox
-                 WHERE consumer = ? AND created_at < ? AND lease_until <= ?",
-            ),
-            [consumer.into(), cutoff.into(), now.into()],
-        ))
-        .await?
-        .map(|row| row.try_get_by_index::<i64>(0))
-        .transpose()?
-        .unwrap_or(0);
+    let moved = sql::query_one_as::<Events, _>(
+        &txn,
+        "SELECT COALESCE(SUM(COALESCE(pack_size, 1)), 0) AS events FROM outbox
+         WHERE consumer = ? AND created_at < ? AND lease_until <= ?",
+        [consumer.into(), cutoff.into(), now.into()],
+    )
+    .await?
+    .map_or(0, |row| row.events);
     if moved == 0 {
         return Ok(0);
     }
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "INSERT INTO outbox_dead_letters (consumer, payload, pack_size, reason, attempts, created_at, dead_at)
-             SELECT consumer, payload, pack_size, ?, attempts, created_at, ? FROM outbox
-             WHERE consumer = ? AND created_at < ? AND lease_until <= ? ORDER BY id",
-        ),
+    sql::execute(
+        &txn,
+        "INSERT INTO outbox_dead_letters (consumer, payload, pack_size, reason, attempts, created_at, dead_at)
+         SELECT consumer, payload, pack_size, ?, attempts, created_at, ? FROM outbox
+         WHERE consumer = ? AND created_at < ? AND lease_until <= ? ORDER BY id",
         [
             reason.into(),
             now.into(),
@@ -134,16 +125,13 @@ pub(crate) async fn expire(
             cutoff.into(),
             now.into(),
         ],
-    ))
+    )
     .await?;
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            "DELETE FROM outbox WHERE consumer = ? AND created_at < ? AND lease_until <= ?",
-        ),
+    sql::execute(
+        &txn,
+        "DELETE FROM outbox WHERE consumer = ? AND created_at < ? AND lease_until <= ?",
         [consumer.into(), cutoff.into(), now.into()],
-    ))
+    )
     .await?;
     txn.commit().await?;
     Ok(moved.max(0) as u64)
@@ -151,33 +139,33 @@ pub(crate) async fn expire(
 
 /// Deletes dead letters set aside before `cutoff`; returns how many events went.
 pub async fn purge_older_than<C: ConnectionTrait>(conn: &C, cutoff: i64) -> Result<u64, DbErr> {
-    let backend = conn.get_database_backend();
     let events = count_where(conn, "dead_at < ?", vec![cutoff.into()]).await?;
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(backend, "DELETE FROM outbox_dead_letters WHERE dead_at < ?"),
+    sql::execute(
+        conn,
+        "DELETE FROM outbox_dead_letters WHERE dead_at < ?",
         [cutoff.into()],
-    ))
+    )
     .await?;
     Ok(events)
 }
 
 /// Events in dead letters per consumer.
 pub(crate) async fn counts<C: ConnectionTrait>(conn: &C) -> Result<Vec<(String, u64)>, DbErr> {
-    let rows = conn
-        .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT consumer, SUM(COALESCE(pack_size, 1)) FROM outbox_dead_letters GROUP BY consumer",
-        ))
-        .await?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                row.try_get_by_index(0)?,
-                row.try_get_by_index::<i64>(1)?.max(0) as u64,
-            ))
-        })
-        .collect()
+    #[derive(FromQueryResult)]
+    struct Count {
+        consumer: String,
+        events: i64,
+    }
+    let rows: Vec<Count> = sql::query_as(
+        conn,
+        "SELECT consumer, SUM(COALESCE(pack_size, 1)) AS events FROM outbox_dead_letters GROUP BY consumer",
+        [],
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.consumer, row.events.max(0) as u64))
+        .collect())
 }
 
 /// One dead letter as stored.
@@ -203,7 +191,17 @@ pub async fn list<C: ConnectionTrait>(
     after: i64,
     limit: u32,
 ) -> Result<Vec<DeadLetter>, DbErr> {
-    let backend = conn.get_database_backend();
+    #[derive(FromQueryResult)]
+    struct Stored {
+        id: i64,
+        consumer: String,
+        payload: Vec<u8>,
+        pack_size: Option<i32>,
+        reason: String,
+        attempts: i32,
+        created_at: i64,
+        dead_at: i64,
+    }
     let mut text = String::from(
         "SELECT id, consumer, payload, pack_size, reason, attempts, created_at, dead_at
          FROM outbox_dead_letters WHERE id > ?",
@@ -215,24 +213,17 @@ pub async fn list<C: ConnectionTrait>(
     }
     text.push_str(" ORDER BY id LIMIT ?");
     values.push(i64::from(limit).into());
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+    let rows: Vec<Stored> = sql::query_as(conn, &text, values).await?;
     rows.into_iter()
         .map(|row| {
-            let payload: Vec<u8> = row.try_get_by_index(2)?;
             Ok(DeadLetter {
-                id: row.try_get_by_index(0)?,
-                consumer: row.try_get_by_index(1)?,
-                events: super::unpack(payload, row.try_get_by_index(3)?)?,
-                reason: row.try_get_by_index(4)?,
-                attempts: row.try_get_by_index(5)?,
-                created_at: row.try_get_by_index(6)?,
-                dead_at: row.try_get_by_index(7)?,
+                id: row.id,
+                consumer: row.consumer,
+                events: super::unpack(row.payload, row.pack_size)?,
+                reason: row.reason,
+                attempts: row.attempts,
+                created_at: row.created_at,
+                dead_at: row.dead_at,
             })
         })
         .collect()
@@ -273,25 +264,21 @@ pub async fn retry(db: &DatabaseConnection, selection: &Selection) -> Result<u64
     }
     let (condition, values) = selection.condition();
     let txn = db.begin().await?;
-    let backend = txn.get_database_backend();
     let events = count_where(&txn, &condition, values.clone()).await?;
     let now = now_micros();
     let mut insert_values: Vec<Value> = vec![now.into(), now.into()];
     insert_values.extend(values.clone());
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            &format!(
-                "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at)
-                 SELECT consumer, payload, pack_size, ?, ? FROM outbox_dead_letters
-                 WHERE {condition} ORDER BY id"
-            ),
+    sql::execute(
+        &txn,
+        &format!(
+            "INSERT INTO outbox (consumer, payload, pack_size, created_at, available_at)
+             SELECT consumer, payload, pack_size, ?, ? FROM outbox_dead_letters
+             WHERE {condition} ORDER BY id"
         ),
         insert_values,
-    ))
+    )
     .await?;
-    delete_where(&txn, backend, &condition, values).await?;
+    delete_where(&txn, &condition, values).await?;
     txn.commit().await?;
     Ok(events)
 }
@@ -303,11 +290,16 @@ pub async fn drop(db: &DatabaseConnection, selection: &Selection) -> Result<u64,
     }
     let (condition, values) = selection.condition();
     let txn = db.begin().await?;
-    let backend = txn.get_database_backend();
     let events = count_where(&txn, &condition, values.clone()).await?;
-    delete_where(&txn, backend, &condition, values).await?;
+    delete_where(&txn, &condition, values).await?;
     txn.commit().await?;
     Ok(events)
+}
+
+/// A count of events, named so it is read by name.
+#[derive(FromQueryResult)]
+struct Events {
+    events: i64,
 }
 
 async fn count_where<C: ConnectionTrait>(
@@ -315,38 +307,25 @@ async fn count_where<C: ConnectionTrait>(
     condition: &str,
     values: Vec<Value>,
 ) -> Result<u64, DbErr> {
-    let backend = conn.get_database_backend();
     let text = format!(
-        "SELECT COALESCE(SUM(COALESCE(pack_size, 1)), 0) FROM outbox_dead_letters WHERE {condition}"
+        "SELECT COALESCE(SUM(COALESCE(pack_size, 1)), 0) AS events FROM outbox_dead_letters WHERE {condition}"
     );
-    let row = conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
-    Ok(row
-        .map(|r| r.try_get_by_index::<i64>(0))
-        .transpose()?
-        .unwrap_or(0)
-        .max(0) as u64)
+    let events = sql::query_one_as::<Events, _>(conn, &text, values)
+        .await?
+        .map_or(0, |row| row.events);
+    Ok(events.max(0) as u64)
 }
 
 async fn delete_where<C: ConnectionTrait>(
     conn: &C,
-    backend: DbBackend,
     condition: &str,
     values: Vec<Value>,
 ) -> Result<(), DbErr> {
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql(
-            backend,
-            &format!("DELETE FROM outbox_dead_letters WHERE {condition}"),
-        ),
+    sql::execute(
+        conn,
+        &format!("DELETE FROM outbox_dead_letters WHERE {condition}"),
         values,
-    ))
+    )
     .await
     .map(|_| ())
 }

@@ -23,15 +23,15 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use rand::Rng;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbBackend, DbErr, FromQueryResult, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use waymark_proto::common::v1::{DeliverResponse, EncodedDeliverRequest};
 
 use super::dead_letters::{self, Rejected};
 use super::{Wakeup, unpack};
-use crate::db::sql;
 use crate::secret::Secret;
+use crate::sql;
 use crate::time::{duration_micros, now_micros};
 
 /// Where and how one consumer is delivered to.
@@ -359,44 +359,38 @@ impl Worker {
         );
         let batch_size = i64::from(self.config.batch_size);
         let consumer = self.config.consumer.as_str();
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                [
-                    token.as_str().into(),
-                    lease_until.into(),
-                    consumer.into(),
-                    consumer.into(),
-                    now.into(),
-                    now.into(),
-                    consumer.into(),
-                    now.into(),
-                    now.into(),
-                    batch_size.into(),
-                    batch_size.into(),
-                ],
-            ))
-            .await?;
-        if rows.is_empty() {
+        #[derive(FromQueryResult)]
+        struct Claimed {
+            id: i64,
+            payload: Vec<u8>,
+            pack_size: Option<i32>,
+            attempts: i32,
+            created_at: i64,
+            trace_links: Option<String>,
+        }
+        let mut batch: Vec<Claimed> = sql::query_as(
+            &self.db,
+            &text,
+            [
+                token.as_str().into(),
+                lease_until.into(),
+                consumer.into(),
+                consumer.into(),
+                now.into(),
+                now.into(),
+                consumer.into(),
+                now.into(),
+                now.into(),
+                batch_size.into(),
+                batch_size.into(),
+            ],
+        )
+        .await?;
+        if batch.is_empty() {
             return Ok(None);
         }
-        let mut batch = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get_by_index::<i64>(0)?,
-                    r.try_get_by_index::<Vec<u8>>(1)?,
-                    r.try_get_by_index::<Option<i32>>(2)?,
-                    r.try_get_by_index::<i32>(3)?,
-                    r.try_get_by_index::<i64>(4)?,
-                    r.try_get_by_index::<Option<String>>(5)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, DbErr>>()?;
         // RETURNING does not promise order; deliver in commit order.
-        batch.sort_unstable_by_key(|row| row.0);
+        batch.sort_unstable_by_key(|row| row.id);
         let mut claim = Claim {
             token,
             lease_until,
@@ -406,8 +400,16 @@ impl Worker {
             attempts: 0,
             trace_links: Vec::new(),
         };
-        for (_, payload, pack_size, attempts, created_at, links) in batch {
-            for link in links.iter().flat_map(|l| l.split(',')) {
+        for Claimed {
+            payload,
+            pack_size,
+            attempts,
+            created_at,
+            trace_links,
+            ..
+        } in batch
+        {
+            for link in trace_links.iter().flat_map(|l| l.split(',')) {
                 let room = claim.trace_links.len() < crate::telemetry::MAX_TRACE_LINKS;
                 if room && !claim.trace_links.iter().any(|l| l == link) {
                     claim.trace_links.push(link.to_owned());
@@ -584,7 +586,6 @@ impl Worker {
         rejected: Vec<(usize, String)>,
     ) -> Result<bool, DbErr> {
         let txn = self.db.begin().await?;
-        let backend = txn.get_database_backend();
         let rejected = rejected
             .into_iter()
             .map(|(i, reason)| Rejected {
@@ -595,17 +596,12 @@ impl Worker {
             })
             .collect::<Vec<_>>();
         dead_letters::insert(&txn, &self.config.consumer, rejected).await?;
-        let deleted = txn
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    "DELETE FROM outbox WHERE lease_owner = ? AND lease_until > ?",
-                ),
-                [claim.token.as_str().into(), now_micros().into()],
-            ))
-            .await?
-            .rows_affected();
+        let deleted = sql::execute(
+            &txn,
+            "DELETE FROM outbox WHERE lease_owner = ? AND lease_until > ?",
+            [claim.token.as_str().into(), now_micros().into()],
+        )
+        .await?;
         if deleted != claim.rows {
             txn.rollback().await?;
             return Ok(false);
@@ -618,24 +614,18 @@ impl Worker {
     /// reached this is tried again (until the lease expires, which releases them anyway),
     /// so the failed rows keep blocking the rows behind them.
     async fn release(&self, claim: &Claim, delay: Duration, shutdown: &CancellationToken) {
-        let backend = self.db.get_database_backend();
         let mut pause = FIRST_BACKOFF;
         loop {
-            let result = self
-                .db
-                .execute_raw(Statement::from_sql_and_values(
-                    backend,
-                    sql(
-                        backend,
-                        "UPDATE outbox SET lease_owner = NULL, lease_until = 0, attempts = attempts + 1, available_at = ?
-                         WHERE lease_owner = ?",
-                    ),
-                    [
-                        now_micros().saturating_add(duration_micros(delay)).into(),
-                        claim.token.as_str().into(),
-                    ],
-                ))
-                .await;
+            let result = sql::execute(
+                &self.db,
+                "UPDATE outbox SET lease_owner = NULL, lease_until = 0, attempts = attempts + 1, available_at = ?
+                 WHERE lease_owner = ?",
+                [
+                    now_micros().saturating_add(duration_micros(delay)).into(),
+                    claim.token.as_str().into(),
+                ],
+            )
+            .await;
             let Err(error) = result else { return };
             if now_micros().saturating_add(duration_micros(pause)) >= claim.lease_until {
                 tracing::warn!(consumer = %self.config.consumer, %error, "outbox release failed; the lease will expire");
