@@ -258,10 +258,6 @@ pub async fn pending(
         .collect())
 }
 
-/// The placeholder rewrite, under its former name until the profile service uses
-/// [`crate::sql`] directly.
-pub use crate::sql::placeholders as sql;
-
 /// After an erasure on SQLite, copies the write-ahead log into the database file and
 /// empties it: the log still holds the pages as they were before the erasure. Nothing to
 /// do on PostgreSQL, whose dead rows are not readable through the database.

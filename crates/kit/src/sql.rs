@@ -37,6 +37,11 @@ pub fn placeholders(backend: DbBackend, text: &str) -> String {
     out
 }
 
+/// `?, ?, ...`: `n` placeholders for an `IN (...)` list.
+pub fn in_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
 /// A statement written with `?` placeholders, for `backend`.
 pub fn statement(
     backend: DbBackend,

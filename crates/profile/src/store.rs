@@ -6,12 +6,12 @@
 mod aggregates;
 mod applier;
 mod batch;
+mod idents;
 mod merges;
 mod migrations;
 mod privacy;
 mod records;
 mod segments;
-mod sql;
 mod timeline;
 mod unmerge;
 

@@ -39,7 +39,8 @@ use crate::store::{self, AggregateRow};
 pub const AGGREGATE_BACKFILL_PAGE: u32 = 100;
 /// Timeline events read per query while replaying one profile.
 const HISTORY_PAGE: u32 = 1000;
-/// How far behind another replica's clock may run when it stamps a merge.
+/// How far another replica's clock may run behind or ahead of this one's when it stamps
+/// a merge or creates a profile.
 const MERGE_CLOCK_MARGIN_US: i64 = 600 * 1_000_000;
 
 impl Profiles {
@@ -117,7 +118,12 @@ impl Profiles {
             txn.rollback().await?;
             return Ok(false);
         };
-        let page = store::profiles_after(&txn, &after, page_size).await?;
+        // A profile created after the backfill began has had every event observed under
+        // the new definitions: it needs no replay, and skipping it lets the backfill end
+        // under steady traffic. The margin covers replica clocks that run ahead.
+        let started = rows.iter().map(|r| r.started_at).min().unwrap_or(now);
+        let created_before = started.saturating_add(MERGE_CLOCK_MARGIN_US);
+        let page = store::profiles_after(&txn, &after, created_before, page_size).await?;
         let Some(last) = page.last().map(|r| r.profile.profile_id.clone()) else {
             for row in &mut rows {
                 if row.removed {

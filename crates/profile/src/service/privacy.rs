@@ -212,7 +212,13 @@ impl Profiles {
             });
         }
         let merges = store::merges(db, &live_id).await?;
-        let do_not_merge = store::kept_apart_from(db, &live_id).await?;
+        // A pair's evidence may name the other person's identifiers (the e-mail someone
+        // typed that was not theirs): the export shows only those this person holds.
+        let held = &record.profile.identities;
+        let mut do_not_merge = store::kept_apart_from(db, &live_id).await?;
+        for pair in &mut do_not_merge {
+            pair.evidence.retain(|identity| held.contains(identity));
+        }
         let mut segments = Vec::new();
         for segment_id in &record.profile.segments {
             if let Some(row) = store::segment(db, segment_id).await? {

@@ -273,9 +273,16 @@ impl Profiles {
             .into_iter()
             .filter(|id| !moved_set.contains(id))
             .collect();
-        let moved_idents = idents(&merged.profile);
+        // The merged profile's row keeps the identifiers it had when it was merged away;
+        // an Unmerge inside the holder since may have given some of them to a third
+        // profile. Only those the holder still has go back.
+        let holder_idents = idents(&holder.profile);
+        let moved_idents: Vec<Ident> = idents(&merged.profile)
+            .into_iter()
+            .filter(|i| holder_idents.contains(i))
+            .collect();
         let moved_ident_set: HashSet<&Ident> = moved_idents.iter().collect();
-        let staying_idents: Vec<Ident> = idents(&holder.profile)
+        let staying_idents: Vec<Ident> = holder_idents
             .into_iter()
             .filter(|i| !moved_ident_set.contains(i))
             .collect();

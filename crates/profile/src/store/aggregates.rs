@@ -3,10 +3,10 @@
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_kit::sql::{execute, in_list, query};
 use waymark_proto::common::v1::Event;
 
 use super::records::{RECORD_COLUMNS, record_from};
-use super::sql::{execute, in_list, query};
 use crate::resolve::Record;
 
 /// One aggregate as last configured.
@@ -89,19 +89,21 @@ pub async fn delete_aggregate_row(txn: &DatabaseTransaction, name: &str) -> Resu
     Ok(())
 }
 
-/// A page of profiles, live and merged away, ascending by id after `after`.
+/// A page of profiles, live and merged away, ascending by id after `after`, created
+/// before `created_before`.
 pub async fn profiles_after<C: ConnectionTrait>(
     conn: &C,
     after: &str,
+    created_before: i64,
     limit: u32,
 ) -> Result<Vec<Record>, DbErr> {
     let rows = query(
         conn,
         &format!(
-            "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id > ?
+            "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id > ? AND created_at < ?
              ORDER BY profile_id LIMIT ?"
         ),
-        [after.into(), i64::from(limit).into()],
+        [after.into(), created_before.into(), i64::from(limit).into()],
     )
     .await?;
     rows.iter().map(record_from).collect()

@@ -5,8 +5,7 @@
 use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
-
-use super::sql::{MAX_PARAMS, execute, in_list, query, query_one};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, query, query_one};
 
 /// What taking the applier lock tells the taker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,13 +2,13 @@
 //! transaction, then written with one statement for the bulk rows on PostgreSQL.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
+use waymark_kit::sql::{Column, insert_columns, unnest_insert};
 
 use super::merges::{insert_merges, merge_rows, move_timelines, pass_kept_apart};
 use super::records::{
     IDENTITIES_HEAD, IDENTITIES_SUFFIX, PROFILES_HEAD, PROFILES_SUFFIX, ProfileRow,
     delete_identities, profile_columns,
 };
-use super::sql::{Column, insert_columns, unnest_insert};
 use super::timeline::{TIMELINE_HEAD, TIMELINE_SUFFIX, TimelineRow, timeline_columns};
 use crate::identity::Ident;
 use crate::resolve::MergeRecord;
@@ -119,7 +119,7 @@ async fn write_in_one_statement(
     timeline: Vec<Column>,
     outbox: Option<(String, Vec<Value>)>,
 ) -> Result<u64, DbErr> {
-    let empty = |columns: &[Column]| columns.first().is_none_or(|c| c.len() == 0);
+    let empty = |columns: &[Column]| columns.first().is_none_or(Column::is_empty);
     if outbox.is_none() && empty(&timeline) && upserts.iter().all(|(_, _, c)| empty(c)) {
         return Ok(0);
     }
@@ -130,7 +130,7 @@ async fn write_in_one_statement(
     }
     for (i, (head, suffix, columns)) in upserts.into_iter().enumerate() {
         if !empty(&columns) {
-            let (text, part_values) = unnest_insert(head, suffix, columns, values.len() + 1);
+            let (text, part_values) = unnest_insert(head, suffix, columns, values.len() + 1)?;
             parts.push(format!("upsert{i} AS ({text})"));
             values.extend(part_values);
         }
@@ -140,7 +140,7 @@ async fn write_in_one_statement(
         TIMELINE_TAKEN_SUFFIX,
         timeline,
         values.len() + 1,
-    );
+    )?;
     parts.push(format!("taken AS ({text})"));
     values.extend(part_values);
     let text = format!("WITH {} SELECT count(*) FROM taken", parts.join(", "));

@@ -2,11 +2,11 @@
 //! merged profile's timeline and the pairs kept apart pass to the survivor).
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
+use waymark_kit::sql::{execute, insert_rows, query};
 use waymark_kit::time::from_micros;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Merge;
 
-use super::sql::{execute, insert_rows, query};
 use crate::resolve::MergeRecord;
 
 /// A merge's evidence as stored: `[{"type": ..., "value": ...}]`.

@@ -130,8 +130,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// One row per undone merge: the two profiles as the Unmerge left them, and the live
-/// profiles holding each now (a side merged into a third profile later passes the pair on
+/// One row per undone merge: the two profiles it had joined (`survivor_id` is the merge's
+/// own survivor), and the live profiles holding each now (a side merged into a third profile later passes the pair on
 /// to it), which is what resolution checks, from either side.
 const DO_NOT_MERGE: &str = "
     CREATE TABLE do_not_merge (

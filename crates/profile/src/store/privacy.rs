@@ -1,8 +1,9 @@
 //! Erasure, export and the suppression list.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query};
 
-use super::sql::{MAX_PARAMS, execute, ident_pairs, in_list, insert_rows, query};
+use super::idents::ident_pairs;
 use crate::identity::Ident;
 
 /// The profile and every profile merged into it, directly or through earlier merges.

@@ -4,15 +4,11 @@
 use std::collections::HashSet;
 
 use prost::Message;
-use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Statement, Value,
-};
-use waymark_kit::db::sql;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Value};
+use waymark_kit::sql::{Column, MAX_PARAMS, execute, in_list, insert_columns, query, query_one};
 use waymark_proto::profile::v1::Profile;
 
-use super::sql::{
-    Column, MAX_PARAMS, execute, ident_arrays, ident_pairs, in_list, insert_columns, query,
-};
+use super::idents::{ident_arrays, ident_pairs};
 use crate::aggregate::AggregateState;
 use crate::identity::Ident;
 use crate::resolve::Record;
@@ -117,22 +113,14 @@ pub async fn load_records<C: ConnectionTrait>(
     conn: &C,
     ids: &[String],
 ) -> Result<Vec<Record>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut records = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_PARAMS) {
         let text = format!(
             "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id IN ({})",
             in_list(chunk.len())
         );
-        let values: Vec<Value> = chunk.iter().map(|s| s.as_str().into()).collect();
-        for row in conn
-            .query_all_raw(Statement::from_sql_and_values(
-                backend,
-                sql(backend, &text),
-                values,
-            ))
-            .await?
-        {
+        let values = chunk.iter().map(|s| Value::from(s.as_str()));
+        for row in query(conn, &text, values).await? {
             records.push(record_from(&row)?);
         }
     }
@@ -163,17 +151,12 @@ pub async fn owner_of<C: ConnectionTrait>(
     id_type: &str,
     value: &str,
 ) -> Result<Option<String>, DbErr> {
-    let backend = conn.get_database_backend();
-    let row = conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql(
-                backend,
-                "SELECT profile_id FROM identities WHERE id_type = ? AND id_value = ?",
-            ),
-            [id_type.into(), value.into()],
-        ))
-        .await?;
+    let row = query_one(
+        conn,
+        "SELECT profile_id FROM identities WHERE id_type = ? AND id_value = ?",
+        [id_type.into(), value.into()],
+    )
+    .await?;
     row.map(|r| r.try_get_by_index(0)).transpose()
 }
 

@@ -3,9 +3,9 @@
 //! transaction so members can be listed and counted without reading every profile.
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 
 use super::records::{RECORD_COLUMNS, record_from};
-use super::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::resolve::Record;
 
 /// A stored segment.

@@ -2,12 +2,11 @@
 //! profile it was first applied to; read as entries newest first, or as events to replay.
 
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement, Value};
-use waymark_kit::db::sql;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_kit::sql::{Column, MAX_PARAMS, in_list, insert_columns, query};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::TimelineEntry;
 
-use super::sql::{Column, MAX_PARAMS, in_list, insert_columns, query};
 use crate::model::{timeline_entry, timeline_name};
 use crate::resolve::entry_time_us;
 
@@ -104,7 +103,6 @@ pub async fn timeline<C: ConnectionTrait>(
     conn: &C,
     f: &TimelineFilter,
 ) -> Result<Vec<(i64, String, TimelineEntry)>, DbErr> {
-    let backend = conn.get_database_backend();
     let mut text =
         String::from("SELECT ts, event_id, entry, event FROM timeline WHERE profile_id = ?");
     let mut values: Vec<Value> = vec![f.profile_id.as_str().into()];
@@ -134,13 +132,7 @@ pub async fn timeline<C: ConnectionTrait>(
     }
     text.push_str(" ORDER BY ts DESC, event_id DESC LIMIT ?");
     values.push(i64::from(f.limit).into());
-    let rows = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            sql(backend, &text),
-            values,
-        ))
-        .await?;
+    let rows = query(conn, &text, values).await?;
     rows.iter()
         .map(|r| {
             let entry = match r.try_get_by_index::<Option<Vec<u8>>>(3)? {

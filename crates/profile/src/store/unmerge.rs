@@ -4,10 +4,10 @@
 
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::DoNotMerge;
 
-use super::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
 use crate::identity::Ident;
 
 /// One merge of the audit.
@@ -152,12 +152,14 @@ pub async fn events_page<C: ConnectionTrait>(
     Ok(events)
 }
 
-/// Records that `survivor` and `restored`, split apart by undoing `merge`, are two people:
-/// resolution never merges them again.
+/// Records that the two profiles `merge` joined, split apart by undoing it, are two
+/// people: resolution never merges them again. The pair names the merge's own survivor
+/// (so undoing a later merge of that survivor hands the pair back to it) and holds, for
+/// now, for `holder`, the live profile the survivor lives in.
 pub async fn keep_apart(
     txn: &DatabaseTransaction,
     merge: &MergeRow,
-    survivor: &str,
+    holder: &str,
     restored: &str,
     now_us: i64,
 ) -> Result<(), DbErr> {
@@ -167,9 +169,9 @@ pub async fn keep_apart(
              live_restored, evidence, unmerged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
             merge.merge_id.as_str().into(),
-            survivor.into(),
+            merge.survivor_id.as_str().into(),
             restored.into(),
-            survivor.into(),
+            holder.into(),
             restored.into(),
             merge.evidence.as_str().into(),
             now_us.into(),

@@ -315,6 +315,56 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(events_during_a_backfill_count_once);
 
+/// Profiles created after the backfill began had every event counted as it arrived: the
+/// backfill passes over them, so steady traffic of new customers cannot keep it from
+/// finishing.
+async fn a_backfill_passes_over_profiles_created_after_it_began(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let base = config(&db.url, &sink.start().await, Some(&redis_url()));
+    three_buyers(&base).await;
+    let server = core(with_aggregates(&base, &[ORDERS])).await;
+    let profiles = server.core();
+    // As if the buyers had come an hour ago and the backfill had begun eleven minutes ago,
+    // past the clock margin.
+    let conn = waymark_kit::db::connect(&base.profile_database(), "profile", 1)
+        .await
+        .unwrap();
+    let minutes = |n: i64| n * 60 * 1_000_000;
+    for (table, column, by) in [
+        ("profiles", "created_at", minutes(60)),
+        ("aggregate_specs", "started_at", minutes(11)),
+    ] {
+        waymark_kit::sql::execute(
+            &conn,
+            &format!("UPDATE {table} SET {column} = {column} - ?"),
+            [by.into()],
+        )
+        .await
+        .unwrap();
+    }
+    let now = waymark_kit::time::now_micros() / 1_000_000;
+    profiles
+        .apply(vec![order("late", "", 1, now), order("late", "", 1, now)])
+        .await
+        .unwrap();
+    let mut pages = 0;
+    while profiles.backfill_aggregates(1).await.unwrap() {
+        pages += 1;
+    }
+    assert_eq!(pages, 3, "one page per buyer, none for the new customer");
+    let status = profiles.aggregate_status().await.unwrap();
+    assert_eq!(
+        (status[0].backfilled, status[0].profiles_backfilled),
+        (true, 3)
+    );
+    assert_eq!(count_of(&server, "late").await, Some(2.0));
+    for user in ["b-1", "b-2", "b-3"] {
+        assert_eq!(count_of(&server, user).await, Some(5.0), "{user}");
+    }
+}
+waymark_testkit::on_both_backends!(a_backfill_passes_over_profiles_created_after_it_began);
+
 /// The same through the running service: orders delivered while the background backfill
 /// goes through 300 profiles (three pages) leave each profile with exactly its orders. How
 /// many deliveries overlap the backfill depends on the machine; the message says.

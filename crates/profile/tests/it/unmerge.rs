@@ -586,6 +586,111 @@ async fn a_pair_holds_for_the_profile_a_side_is_merged_into(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(a_pair_holds_for_the_profile_a_side_is_merged_into);
 
+/// The pair names the two profiles the undone merge joined, even when that merge's
+/// survivor lived inside a third profile at the time: undoing the outer merge later hands
+/// the pair back to the inner survivor, which the same evidence then still cannot merge;
+/// and the identifiers the inner unmerge gave back stay with their profile.
+async fn a_pair_follows_the_inner_survivor_out_of_an_outer_merge(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let server = TestProfile::start(config(&db.url, &sink.start().await, Some(&redis_url()))).await;
+    let identify = |anonymous: &str, traits: serde_json::Value, at: i64| {
+        EventBuilder::identify()
+            .anonymous(anonymous)
+            .traits(traits)
+            .at(at)
+            .build()
+    };
+    // The oldest, H; then S with an e-mail and a phone; then M, a visitor.
+    server
+        .deliver(vec![identify("anon-h", json!({"city": "Oslo"}), 10)])
+        .await;
+    server
+        .deliver(vec![identify(
+            "anon-s",
+            json!({"email": "sam@example.com", "phone": "+44 20 7946 0111"}),
+            20,
+        )])
+        .await;
+    server
+        .deliver(vec![identify("anon-m", json!({"city": "Bergen"}), 30)])
+        .await;
+    let m = get(&server, by_identity("anonymous_id", "anon-m"))
+        .await
+        .unwrap();
+    let s = get(&server, by_identity("anonymous_id", "anon-s"))
+        .await
+        .unwrap();
+    // M into S by the e-mail (the wrong merge), then S into H by the phone.
+    server
+        .deliver(vec![identify(
+            "anon-m",
+            json!({"email": "sam@example.com"}),
+            40,
+        )])
+        .await;
+    server
+        .deliver(vec![identify(
+            "anon-h",
+            json!({"phone": "+44 20 7946 0111"}),
+            50,
+        )])
+        .await;
+    let merges = list_merges(&server, "anon-h").await.merges;
+    let inner = merges
+        .iter()
+        .find(|x| x.merged_id == m.profile_id)
+        .expect("M's merge into S")
+        .merge_id
+        .clone();
+    let outer = merges
+        .iter()
+        .find(|x| x.merged_id == s.profile_id)
+        .expect("S's merge into H")
+        .merge_id
+        .clone();
+    let mut client = server.client().await;
+    for merge_id in [inner.clone(), outer.clone()] {
+        client
+            .unmerge(admin(UnmergeRequest { merge_id }))
+            .await
+            .unwrap();
+    }
+    // S is kept apart from M (the inner merge's pair, S's again) and from H (the outer).
+    let on_s = list_merges(&server, "anon-s").await.do_not_merge;
+    let pair_ids = |pairs: &[DoNotMerge]| -> Vec<String> {
+        pairs.iter().map(|p| p.merge_id.clone()).collect()
+    };
+    assert_eq!(pair_ids(&on_s), [inner.clone(), outer.clone()]);
+    assert_eq!(on_s[0].survivor_id, s.profile_id);
+    let on_h = list_merges(&server, "anon-h").await.do_not_merge;
+    assert_eq!(pair_ids(&on_h), [outer], "H holds no pair of M's");
+    // The wrong merge's evidence again: S and M stay two people.
+    server
+        .deliver(vec![identify(
+            "anon-m",
+            json!({"email": "sam@example.com"}),
+            60,
+        )])
+        .await;
+    assert_eq!(
+        get(&server, by_identity("anonymous_id", "anon-m"))
+            .await
+            .unwrap()
+            .profile_id,
+        m.profile_id
+    );
+    assert_eq!(
+        get(&server, by_identity("email", "sam@example.com"))
+            .await
+            .unwrap()
+            .profile_id,
+        s.profile_id
+    );
+    server.stop().await;
+}
+waymark_testkit::on_both_backends!(a_pair_follows_the_inner_survivor_out_of_an_outer_merge);
+
 /// Erasing either side removes the pair: it names the person and the identifiers that
 /// linked them.
 async fn an_erasure_removes_the_pair(backend: Backend) {
@@ -606,6 +711,15 @@ async fn an_erasure_removes_the_pair(backend: Backend) {
         .into_inner();
     assert_eq!(export.do_not_merge.len(), 1);
     assert_eq!(export.do_not_merge[0].merge_id, merge_id);
+    // The evidence was Kim's e-mail: the visitor's export does not show it, the operator's
+    // ListMerges does.
+    let kims = |evidence: &[waymark_proto::common::v1::Identity]| {
+        evidence.iter().any(|i| i.value == "kim@example.com")
+    };
+    assert!(!kims(&export.do_not_merge[0].evidence));
+    assert!(kims(
+        &list_merges(&server, "anon-b").await.do_not_merge[0].evidence
+    ));
     client
         .delete_profile(admin(DeleteProfileRequest {
             profile_id: visitor.profile_id.clone(),
