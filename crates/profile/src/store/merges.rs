@@ -74,11 +74,14 @@ pub(super) async fn move_timelines(
     }
     if txn.get_database_backend() == DbBackend::Postgres {
         let (survivors, merged): (Vec<String>, Vec<String>) = moved.into_iter().unzip();
+        // `= ANY` on the merged ids, redundant with the join, gives the planner an index
+        // condition: without it, before the table's first ANALYZE (a new deployment) it
+        // estimates thousands of rows per profile and scans the whole timeline instead.
         execute(
             txn,
             "UPDATE timeline t SET profile_id = m.s FROM UNNEST(?::text[], ?::text[]) AS m(s, d)
-             WHERE t.profile_id = m.d",
-            [survivors.into(), merged.into()],
+             WHERE t.profile_id = m.d AND t.profile_id = ANY(?::text[])",
+            [survivors.into(), merged.clone().into(), merged.into()],
         )
         .await?;
         return Ok(());
