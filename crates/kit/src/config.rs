@@ -104,7 +104,8 @@ pub struct Config {
     pub ingest_read_timeout_secs: u64,
     /// Write key `waymark dev` gives its dev source; a fresh one is printed when unset.
     pub dev_write_key: Option<Secret>,
-    /// Events per delivery batch from the outbox relay.
+    /// Events per delivery from the outbox relay (deliveries also stay under
+    /// `outbox::MAX_DELIVERY_BYTES`).
     pub relay_batch_size: u32,
     /// Longest pause between delivery retries to a failing consumer, in milliseconds.
     pub relay_max_backoff_ms: u64,
@@ -165,7 +166,7 @@ impl Default for Config {
             default_rate_limit_per_second: 50_000,
             ingest_read_timeout_secs: 30,
             dev_write_key: None,
-            relay_batch_size: crate::outbox::MAX_PACK_EVENTS as u32,
+            relay_batch_size: crate::outbox::DEFAULT_BATCH_EVENTS,
             relay_max_backoff_ms: 30_000,
             relay_max_attempts: 8,
             relay_lease_secs: 60,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
 use tokio::sync::Notify;
 
-pub use relay::{RelayConfig, run_relay};
+pub use relay::{DEFAULT_BATCH_EVENTS, MAX_DELIVERY_BYTES, RelayConfig, run_relay};
 
 use crate::db::Migration;
 use crate::sql::{self, Column, Insert};
@@ -136,8 +136,8 @@ pub(crate) fn unpack(payload: Vec<u8>, pack_size: Option<i32>) -> Result<Vec<Vec
     }
 }
 
-/// Events per pack at most, and the relay's default batch (`relay_batch_size`): a
-/// delivery stays that size whatever the producer's transaction holds.
+/// Events per pack at most: a producer's large transaction still goes out in deliveries
+/// of the relay's batch size.
 pub const MAX_PACK_EVENTS: usize = 500;
 /// Bytes per pack at most (an event larger than this travels alone), well under the gRPC
 /// message limit.

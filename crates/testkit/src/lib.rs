@@ -243,7 +243,9 @@ impl Sink {
     pub async fn start(&self) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let service = EventSinkServer::new(self.clone());
+        // As large a request as a real consumer accepts.
+        let service = EventSinkServer::new(self.clone())
+            .max_decoding_message_size(waymark_kit::grpc::MAX_MESSAGE_BYTES);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)

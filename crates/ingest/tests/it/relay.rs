@@ -380,6 +380,43 @@ async fn a_batch_the_consumer_cannot_take_loses_only_the_event_at_fault(backend:
 }
 waymark_testkit::on_both_backends!(a_batch_the_consumer_cannot_take_loses_only_the_event_at_fault);
 
+/// However many events a delivery may carry, it stays under the byte limit consumers
+/// accept: large events go a few at a time.
+async fn deliveries_stay_under_the_message_limit(backend: Backend) {
+    let outbox = Outbox::new(backend).await;
+    let sink = Sink::default();
+    // Six events of 3 MiB: each its own pack, 18 MiB in all, past the gRPC limit.
+    let payloads: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            let mut big = event(i);
+            big.name = "x".repeat(3 * 1024 * 1024);
+            big.encode_to_vec()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    let txn = outbox.conn.begin().await.unwrap();
+    outbox::enqueue(&txn, &["profile".to_owned()], &refs)
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+    let relay = outbox.relay(RelayConfig {
+        batch_size: 5000,
+        ..relay_config(sink.start().await)
+    });
+    received_all(&sink, 0..6).await;
+    let deliveries = sink.deliveries.lock().await.clone();
+    // Half the gRPC limit, as documented: two of these events.
+    let per_delivery = waymark_kit::grpc::MAX_MESSAGE_BYTES / 2 / (3 * 1024 * 1024);
+    assert!(
+        deliveries.iter().all(|&n| n <= per_delivery),
+        "events per delivery: {deliveries:?}"
+    );
+    assert_eq!(deliveries.iter().sum::<usize>(), 6, "each once");
+    assert_eq!(outbox.drained().await, 0);
+    relay.stop().await;
+}
+waymark_testkit::on_both_backends!(deliveries_stay_under_the_message_limit);
+
 /// Events the consumer rejects one by one are dead letters at once; the rest of their
 /// batch is delivered in the same attempt.
 async fn rejected_events_are_dead_letters_at_once(backend: Backend) {
