@@ -2,11 +2,11 @@
 //! the stored timelines has come: one row per aggregate name, shared by every replica.
 
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_kit::sql::{execute, in_list, query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{execute, in_list, query, query_as};
 use waymark_proto::common::v1::Event;
 
-use super::records::{RECORD_COLUMNS, record_from};
+use super::records::{RECORD_COLUMNS, query_records};
 use crate::resolve::Record;
 
 /// One aggregate as last configured.
@@ -31,26 +31,35 @@ pub struct AggregateRow {
 
 /// Every row, by name.
 pub async fn aggregate_rows<C: ConnectionTrait>(conn: &C) -> Result<Vec<AggregateRow>, DbErr> {
-    let rows = query(
+    #[derive(FromQueryResult)]
+    struct Stored {
+        name: String,
+        definition: String,
+        removed: bool,
+        backfilled: bool,
+        done_through: String,
+        profiles_done: i64,
+        started_at: i64,
+    }
+    let rows: Vec<Stored> = query_as(
         conn,
         "SELECT name, definition, removed, backfilled, done_through, profiles_done, started_at
          FROM aggregate_specs ORDER BY name",
         [],
     )
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(AggregateRow {
-                name: r.try_get_by_index(0)?,
-                definition: r.try_get_by_index(1)?,
-                removed: r.try_get_by_index(2)?,
-                backfilled: r.try_get_by_index(3)?,
-                done_through: r.try_get_by_index(4)?,
-                profiles_done: r.try_get_by_index::<i64>(5)?.max(0) as u64,
-                started_at: r.try_get_by_index(6)?,
-            })
+    Ok(rows
+        .into_iter()
+        .map(|r| AggregateRow {
+            name: r.name,
+            definition: r.definition,
+            removed: r.removed,
+            backfilled: r.backfilled,
+            done_through: r.done_through,
+            profiles_done: r.profiles_done.max(0) as u64,
+            started_at: r.started_at,
         })
-        .collect()
+        .collect())
 }
 
 /// Writes a row (insert or replace).
@@ -97,7 +106,7 @@ pub async fn profiles_after<C: ConnectionTrait>(
     created_before: i64,
     limit: u32,
 ) -> Result<Vec<Record>, DbErr> {
-    let rows = query(
+    query_records(
         conn,
         &format!(
             "SELECT {RECORD_COLUMNS} FROM profiles WHERE profile_id > ? AND created_at < ?
@@ -105,8 +114,7 @@ pub async fn profiles_after<C: ConnectionTrait>(
         ),
         [after.into(), created_before.into(), i64::from(limit).into()],
     )
-    .await?;
-    rows.iter().map(record_from).collect()
+    .await
 }
 
 /// Those of `merged_ids` merged away at or after `since_us` (by a merge still standing).
@@ -130,7 +138,7 @@ pub async fn merged_since<C: ConnectionTrait>(
     query(conn, &text, values)
         .await?
         .iter()
-        .map(|r| r.try_get_by_index(0))
+        .map(|r| r.try_get("", "merged_id"))
         .collect()
 }
 
@@ -160,7 +168,7 @@ pub async fn history_page<C: ConnectionTrait>(
     .await?;
     rows.iter()
         .map(|row| {
-            let bytes: Vec<u8> = row.try_get_by_index(0)?;
+            let bytes: Vec<u8> = row.try_get("", "event")?;
             Event::decode(bytes.as_slice())
                 .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))
         })

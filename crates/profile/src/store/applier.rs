@@ -4,11 +4,11 @@
 
 use std::collections::HashSet;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
-use waymark_kit::sql::{MAX_PARAMS, execute, in_list, query, query_one};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, query, query_one, query_one_as};
 
-/// What taking the applier lock tells the taker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What taking the applier lock tells the taker: the counter row's columns, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromQueryResult)]
 pub struct ApplierLock {
     /// The counter this transaction advanced: whether anyone else wrote since the
     /// applier's own last commit.
@@ -39,14 +39,9 @@ pub async fn lock_applier(
         "UPDATE applier_epoch SET epoch = epoch + 1 WHERE id = 1
          RETURNING epoch, definitions, suppressions"
     };
-    let row = query_one(txn, text, [])
+    let lock: ApplierLock = query_one_as(txn, text, [])
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?;
-    let lock = ApplierLock {
-        epoch: row.try_get_by_index(0)?,
-        definitions: row.try_get_by_index(1)?,
-        suppressions: row.try_get_by_index(2)?,
-    };
     let applied = if event_ids.is_empty() {
         HashSet::new()
     } else {
@@ -86,7 +81,7 @@ pub async fn definitions_generation<C: ConnectionTrait>(conn: &C) -> Result<i64,
     )
     .await?
     .ok_or_else(|| DbErr::RecordNotFound("the applier counter row is missing".into()))?
-    .try_get_by_index(0)
+    .try_get("", "definitions")
 }
 
 /// The event ids of `ids` applied before: they are in the timeline.
@@ -101,7 +96,7 @@ async fn already_applied<C: ConnectionTrait>(
             [ids.to_vec().into()],
         )
         .await?;
-        return rows.iter().map(|row| row.try_get_by_index(0)).collect();
+        return rows.iter().map(|row| row.try_get("", "event_id")).collect();
     }
     let mut found = HashSet::new();
     for chunk in ids.chunks(MAX_PARAMS) {
@@ -111,7 +106,7 @@ async fn already_applied<C: ConnectionTrait>(
         );
         let values = chunk.iter().map(|s| Value::from(s.as_str()));
         for row in query(conn, &text, values).await? {
-            found.insert(row.try_get_by_index(0)?);
+            found.insert(row.try_get("", "event_id")?);
         }
     }
     Ok(found)

@@ -143,7 +143,10 @@ async fn write_in_one_statement(
     )?;
     parts.push(format!("taken AS ({text})"));
     values.extend(part_values);
-    let text = format!("WITH {} SELECT count(*) FROM taken", parts.join(", "));
+    let text = format!(
+        "WITH {} SELECT count(*) AS taken FROM taken",
+        parts.join(", ")
+    );
     let row = txn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -152,5 +155,5 @@ async fn write_in_one_statement(
         ))
         .await?
         .ok_or_else(|| DbErr::Custom("the batch's write returned no row".into()))?;
-    Ok(row.try_get_by_index::<i64>(0)?.max(0) as u64)
+    Ok(row.try_get::<i64>("", "taken")?.max(0) as u64)
 }

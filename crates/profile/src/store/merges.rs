@@ -1,8 +1,8 @@
 //! The merge audit, and what a merge does to the stored rows besides the profiles (the
 //! merged profile's timeline and the pairs kept apart pass to the survivor).
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
-use waymark_kit::sql::{execute, insert_rows, query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{execute, insert_rows, query_as};
 use waymark_kit::time::from_micros;
 use waymark_proto::common::v1::Identity;
 use waymark_proto::profile::v1::Merge;
@@ -117,7 +117,17 @@ pub(super) async fn pass_kept_apart<C: ConnectionTrait>(
 /// The merge history of `live_id`, oldest first: merges into it and, through merges not
 /// undone, into every profile it absorbed (A into B, then B into C: both show for C).
 pub async fn merges<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<Merge>, DbErr> {
-    let rows = query(
+    #[derive(FromQueryResult)]
+    struct Stored {
+        merge_id: String,
+        survivor_id: String,
+        merged_id: String,
+        event_id: String,
+        evidence: String,
+        merged_at: i64,
+        unmerged_at: Option<i64>,
+    }
+    let rows: Vec<Stored> = query_as(
         conn,
         "WITH RECURSIVE tree(profile_id) AS (
              SELECT ?
@@ -130,17 +140,16 @@ pub async fn merges<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<M
         [live_id.into()],
     )
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Merge {
-                merge_id: r.try_get_by_index(0)?,
-                survivor_id: r.try_get_by_index(1)?,
-                merged_id: r.try_get_by_index(2)?,
-                event_id: r.try_get_by_index(3)?,
-                evidence: evidence_from_json(&r.try_get_by_index::<String>(4)?),
-                merged_at: Some(from_micros(r.try_get_by_index(5)?)),
-                unmerged_at: r.try_get_by_index::<Option<i64>>(6)?.map(from_micros),
-            })
+    Ok(rows
+        .into_iter()
+        .map(|r| Merge {
+            merge_id: r.merge_id,
+            survivor_id: r.survivor_id,
+            merged_id: r.merged_id,
+            event_id: r.event_id,
+            evidence: evidence_from_json(&r.evidence),
+            merged_at: Some(from_micros(r.merged_at)),
+            unmerged_at: r.unmerged_at.map(from_micros),
         })
-        .collect()
+        .collect())
 }

@@ -1,10 +1,23 @@
 //! Erasure, export and the suppression list.
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_as};
 
 use super::idents::ident_pairs;
 use crate::identity::Ident;
+
+/// An identifier as its table stores it.
+#[derive(FromQueryResult)]
+struct IdentRow {
+    id_type: String,
+    id_value: String,
+}
+
+impl From<IdentRow> for Ident {
+    fn from(r: IdentRow) -> Self {
+        (r.id_type, r.id_value)
+    }
+}
 
 /// The profile and every profile merged into it, directly or through earlier merges.
 pub async fn merge_tree<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<Vec<String>, DbErr> {
@@ -17,7 +30,7 @@ pub async fn merge_tree<C: ConnectionTrait>(conn: &C, live_id: &str) -> Result<V
         [live_id.into()],
     )
     .await?;
-    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+    rows.iter().map(|r| r.try_get("", "profile_id")).collect()
 }
 
 /// Identifiers pointing at a profile.
@@ -25,15 +38,13 @@ pub async fn identities_of<C: ConnectionTrait>(
     conn: &C,
     profile_id: &str,
 ) -> Result<Vec<Ident>, DbErr> {
-    let rows = query(
+    let rows: Vec<IdentRow> = query_as(
         conn,
         "SELECT id_type, id_value FROM identities WHERE profile_id = ? ORDER BY id_type, id_value",
         [profile_id.into()],
     )
     .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect()
+    Ok(rows.into_iter().map(Ident::from).collect())
 }
 
 /// Rows erased with a profile.
@@ -134,14 +145,15 @@ pub async fn hash_clear_suppressions(
     txn: &DatabaseTransaction,
     hash: impl Fn(&Ident) -> Ident,
 ) -> Result<u64, DbErr> {
-    let rows = query(
+    let rows: Vec<SuppressionRow> = query_as(
         txn,
         "SELECT id_type, id_value, suppressed_at, synced_at FROM suppressions WHERE NOT hashed",
         [],
     )
     .await?;
-    for row in &rows {
-        let clear: Ident = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+    let count = rows.len() as u64;
+    for row in rows {
+        let clear: Ident = (row.id_type, row.id_value);
         let (id_type, id_hash) = hash(&clear);
         execute(
             txn,
@@ -150,8 +162,8 @@ pub async fn hash_clear_suppressions(
             [
                 id_type.into(),
                 id_hash.into(),
-                row.try_get_by_index::<i64>(2)?.into(),
-                row.try_get_by_index::<Option<i64>>(3)?.into(),
+                row.suppressed_at.into(),
+                row.synced_at.into(),
             ],
         )
         .await?;
@@ -162,7 +174,7 @@ pub async fn hash_clear_suppressions(
         )
         .await?;
     }
-    Ok(rows.len() as u64)
+    Ok(count)
 }
 
 /// The identifiers suppressed at or after `since`, with when.
@@ -170,24 +182,26 @@ pub async fn suppressed_since<C: ConnectionTrait>(
     conn: &C,
     since: i64,
 ) -> Result<Vec<(Ident, i64)>, DbErr> {
-    let rows = query(
+    #[derive(FromQueryResult)]
+    struct Suppressed {
+        #[sea_orm(nested)]
+        ident: IdentRow,
+        suppressed_at: i64,
+    }
+    let rows: Vec<Suppressed> = query_as(
         conn,
         "SELECT id_type, id_value, suppressed_at FROM suppressions WHERE suppressed_at >= ?",
         [since.into()],
     )
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                (r.try_get_by_index(0)?, r.try_get_by_index(1)?),
-                r.try_get_by_index(2)?,
-            ))
-        })
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.ident.into(), r.suppressed_at))
+        .collect())
 }
 
-/// One row of the suppression list.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One row of the suppression list, read by column name.
+#[derive(Debug, Clone, PartialEq, Eq, FromQueryResult)]
 pub struct SuppressionRow {
     pub id_type: String,
     pub id_value: String,
@@ -219,17 +233,7 @@ pub async fn suppressions<C: ConnectionTrait>(
     }
     text.push_str(" ORDER BY suppressed_at DESC, id_type, id_value LIMIT ?");
     values.push(i64::from(limit).into());
-    let rows = query(conn, &text, values).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(SuppressionRow {
-                id_type: r.try_get_by_index(0)?,
-                id_value: r.try_get_by_index(1)?,
-                suppressed_at: r.try_get_by_index(2)?,
-                synced_at: r.try_get_by_index(3)?,
-            })
-        })
-        .collect()
+    query_as(conn, &text, values).await
 }
 
 /// Suppressions ingestion has not acknowledged yet, oldest first.
@@ -237,16 +241,14 @@ pub async fn unsynced_suppressions<C: ConnectionTrait>(
     conn: &C,
     limit: u32,
 ) -> Result<Vec<Ident>, DbErr> {
-    let rows = query(
+    let rows: Vec<IdentRow> = query_as(
         conn,
         "SELECT id_type, id_value FROM suppressions WHERE synced_at IS NULL
          ORDER BY suppressed_at, id_type, id_value LIMIT ?",
         [i64::from(limit).into()],
     )
     .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
-        .collect()
+    Ok(rows.into_iter().map(Ident::from).collect())
 }
 
 /// Marks suppressions as acknowledged by ingestion.
@@ -298,7 +300,7 @@ pub async fn pending_tombstones<C: ConnectionTrait>(conn: &C) -> Result<Vec<Stri
         [],
     )
     .await?;
-    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+    rows.iter().map(|r| r.try_get("", "profile_id")).collect()
 }
 
 /// Forgets pending tombstones that have reached the cache.
@@ -340,7 +342,13 @@ pub async fn events_containing<C: ConnectionTrait>(
     let values = std::iter::once(Value::from(after))
         .chain(needles.iter().map(|n| Value::from(n.as_bytes().to_vec())))
         .chain(std::iter::once(Value::from(i64::from(limit))));
-    let rows = query(
+    #[derive(FromQueryResult)]
+    struct Candidate {
+        event_id: String,
+        profile_id: String,
+        event: Vec<u8>,
+    }
+    let rows: Vec<Candidate> = query_as(
         conn,
         &format!(
             "SELECT event_id, profile_id, event FROM timeline
@@ -350,13 +358,8 @@ pub async fn events_containing<C: ConnectionTrait>(
         values,
     )
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get_by_index(0)?,
-                r.try_get_by_index(1)?,
-                r.try_get_by_index(2)?,
-            ))
-        })
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.event_id, r.profile_id, r.event))
+        .collect())
 }

@@ -4,8 +4,10 @@
 use std::collections::HashSet;
 
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, QueryResult, Value};
-use waymark_kit::sql::{Column, MAX_PARAMS, execute, in_list, insert_columns, query, query_one};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{
+    Column, MAX_PARAMS, execute, in_list, insert_columns, query, query_as, query_one,
+};
 use waymark_proto::profile::v1::Profile;
 
 use super::idents::{ident_arrays, ident_pairs};
@@ -13,22 +15,43 @@ use crate::aggregate::AggregateState;
 use crate::identity::Ident;
 use crate::resolve::Record;
 
-/// Columns [`record_from`] reads, in order.
+/// Columns selected for a [`RecordRow`] (the id it does not read: the state holds it).
 pub(crate) const RECORD_COLUMNS: &str = "profile_id, merged_into, created_at, state, aggregates";
 
-pub(crate) fn record_from(row: &QueryResult) -> Result<Record, DbErr> {
-    let bytes: Vec<u8> = row.try_get_by_index(3)?;
-    let profile = Profile::decode(bytes.as_slice())
+/// A stored profile, read by column name from [`RECORD_COLUMNS`]; [`record_from`] decodes
+/// it.
+#[derive(FromQueryResult)]
+pub(crate) struct RecordRow {
+    merged_into: Option<String>,
+    created_at: i64,
+    state: Vec<u8>,
+    aggregates: Option<Vec<u8>>,
+}
+
+pub(crate) fn record_from(row: RecordRow) -> Result<Record, DbErr> {
+    let profile = Profile::decode(row.state.as_slice())
         .map_err(|e| DbErr::Custom(format!("stored profile does not decode: {e}")))?;
-    let aggregates: Option<Vec<u8>> = row.try_get_by_index(4)?;
-    let aggregates = AggregateState::decode(aggregates.as_deref().unwrap_or_default())
+    let aggregates = AggregateState::decode(row.aggregates.as_deref().unwrap_or_default())
         .map_err(|e| DbErr::Custom(format!("stored aggregates do not decode: {e}")))?;
     Ok(Record {
         profile,
-        created_us: row.try_get_by_index(2)?,
-        merged_into: row.try_get_by_index(1)?,
+        created_us: row.created_at,
+        merged_into: row.merged_into,
         aggregates,
     })
+}
+
+/// The profiles a query selecting [`RECORD_COLUMNS`] returns, decoded.
+pub(crate) async fn query_records<C: ConnectionTrait>(
+    conn: &C,
+    text: &str,
+    values: impl IntoIterator<Item = Value>,
+) -> Result<Vec<Record>, DbErr> {
+    query_as::<RecordRow, _>(conn, text, values)
+        .await?
+        .into_iter()
+        .map(record_from)
+        .collect()
 }
 
 /// The live profiles owning any of `idents`, with the pairs of live profiles an Unmerge
@@ -41,7 +64,13 @@ pub async fn load_owners<C: ConnectionTrait>(
         return Ok((Vec::new(), Vec::new()));
     }
     if conn.get_database_backend() == DbBackend::Postgres {
-        let rows = query(
+        #[derive(FromQueryResult)]
+        struct OwnerRow {
+            #[sea_orm(nested)]
+            record: RecordRow,
+            kept_apart: Vec<String>,
+        }
+        let rows: Vec<OwnerRow> = query_as(
             conn,
             &format!(
                 // An array rather than `IN (subquery)`: the planner then probes the
@@ -52,7 +81,7 @@ pub async fn load_owners<C: ConnectionTrait>(
                      SELECT d.live_restored FROM do_not_merge d
                      WHERE d.live_survivor = p.profile_id
                      UNION ALL SELECT d.live_survivor FROM do_not_merge d
-                     WHERE d.live_restored = p.profile_id)
+                     WHERE d.live_restored = p.profile_id) AS kept_apart
                  FROM profiles p WHERE profile_id = ANY(ARRAY(
                      SELECT i.profile_id FROM identities i
                      JOIN UNNEST(?::text[], ?::text[]) AS k(t, v)
@@ -63,11 +92,10 @@ pub async fn load_owners<C: ConnectionTrait>(
         .await?;
         let mut records = Vec::with_capacity(rows.len());
         let mut apart = Vec::new();
-        for row in &rows {
-            let record = record_from(row)?;
-            let others: Vec<String> = row.try_get_by_index(5)?;
+        for row in rows {
+            let record = record_from(row.record)?;
             let id = &record.profile.profile_id;
-            apart.extend(others.into_iter().map(|other| (id.clone(), other)));
+            apart.extend(row.kept_apart.into_iter().map(|other| (id.clone(), other)));
             records.push(record);
         }
         return Ok((records, apart));
@@ -79,7 +107,7 @@ pub async fn load_owners<C: ConnectionTrait>(
             "SELECT DISTINCT profile_id FROM identities WHERE (id_type, id_value) IN ({pairs})"
         );
         for row in query(conn, &text, values).await? {
-            owners.insert(row.try_get_by_index(0)?);
+            owners.insert(row.try_get("", "profile_id")?);
         }
     }
     let ids: Vec<String> = owners.into_iter().collect();
@@ -92,6 +120,11 @@ async fn kept_apart<C: ConnectionTrait>(
     conn: &C,
     ids: &[String],
 ) -> Result<Vec<(String, String)>, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Pair {
+        live_survivor: String,
+        live_restored: String,
+    }
     let mut apart = Vec::new();
     for chunk in ids.chunks(MAX_PARAMS / 2) {
         let list = in_list(chunk.len());
@@ -100,10 +133,12 @@ async fn kept_apart<C: ConnectionTrait>(
             "SELECT live_survivor, live_restored FROM do_not_merge
              WHERE live_survivor IN ({list}) OR live_restored IN ({list})"
         );
-        for row in query(conn, &text, values.iter().chain(&values).cloned()).await? {
-            let pair: (String, String) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
-            apart.push(pair);
-        }
+        let pairs: Vec<Pair> = query_as(conn, &text, values.iter().chain(&values).cloned()).await?;
+        apart.extend(
+            pairs
+                .into_iter()
+                .map(|p| (p.live_survivor, p.live_restored)),
+        );
     }
     Ok(apart)
 }
@@ -120,9 +155,7 @@ pub async fn load_records<C: ConnectionTrait>(
             in_list(chunk.len())
         );
         let values = chunk.iter().map(|s| Value::from(s.as_str()));
-        for row in query(conn, &text, values).await? {
-            records.push(record_from(&row)?);
-        }
+        records.extend(query_records(conn, &text, values).await?);
     }
     Ok(records)
 }
@@ -157,7 +190,7 @@ pub async fn owner_of<C: ConnectionTrait>(
         [id_type.into(), value.into()],
     )
     .await?;
-    row.map(|r| r.try_get_by_index(0)).transpose()
+    row.map(|r| r.try_get("", "profile_id")).transpose()
 }
 
 /// Deletes the rows of identifiers their profiles gave up: they resolve to no profile.

@@ -2,10 +2,12 @@
 //! segments (that is what the cache serves); `segment_members` mirrors it in the same
 //! transaction so members can be listed and counted without reading every profile.
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{
+    MAX_PARAMS, execute, in_list, insert_rows, query, query_as, query_one, query_one_as,
+};
 
-use super::records::{RECORD_COLUMNS, record_from};
+use super::records::{RECORD_COLUMNS, query_records};
 use crate::resolve::Record;
 
 /// A stored segment.
@@ -27,32 +29,48 @@ pub struct SegmentRow {
 const SELECT_SEGMENTS: &str =
     "SELECT s.segment_id, s.name, s.description, s.condition, s.created_at,
         s.updated_at, s.generation, s.backfilled_generation,
-        (SELECT COUNT(*) FROM segment_members m WHERE m.segment_id = s.segment_id)
+        (SELECT COUNT(*) FROM segment_members m WHERE m.segment_id = s.segment_id) AS member_count
     FROM segments s";
 
-fn segment_from(row: &sea_orm::QueryResult) -> Result<SegmentRow, DbErr> {
-    Ok(SegmentRow {
-        segment_id: row.try_get_by_index(0)?,
-        name: row.try_get_by_index(1)?,
-        description: row.try_get_by_index(2)?,
-        condition: row.try_get_by_index(3)?,
-        created_at: row.try_get_by_index(4)?,
-        updated_at: row.try_get_by_index(5)?,
-        generation: row.try_get_by_index(6)?,
-        backfilled_generation: row.try_get_by_index(7)?,
-        member_count: row.try_get_by_index::<i64>(8)?.max(0) as u64,
-    })
+/// A segment as [`SELECT_SEGMENTS`] reads it.
+#[derive(FromQueryResult)]
+struct StoredSegment {
+    segment_id: String,
+    name: String,
+    description: String,
+    condition: String,
+    created_at: i64,
+    updated_at: i64,
+    generation: i64,
+    backfilled_generation: i64,
+    member_count: i64,
+}
+
+impl From<StoredSegment> for SegmentRow {
+    fn from(r: StoredSegment) -> Self {
+        SegmentRow {
+            segment_id: r.segment_id,
+            name: r.name,
+            description: r.description,
+            condition: r.condition,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            generation: r.generation,
+            backfilled_generation: r.backfilled_generation,
+            member_count: r.member_count.max(0) as u64,
+        }
+    }
 }
 
 /// Every segment, by id.
 pub async fn segments<C: ConnectionTrait>(conn: &C) -> Result<Vec<SegmentRow>, DbErr> {
-    let rows = query(
+    let rows: Vec<StoredSegment> = query_as(
         conn,
         &format!("{SELECT_SEGMENTS} ORDER BY s.segment_id"),
         [],
     )
     .await?;
-    rows.iter().map(segment_from).collect()
+    Ok(rows.into_iter().map(SegmentRow::from).collect())
 }
 
 /// One segment.
@@ -60,13 +78,13 @@ pub async fn segment<C: ConnectionTrait>(
     conn: &C,
     segment_id: &str,
 ) -> Result<Option<SegmentRow>, DbErr> {
-    let row = query_one(
+    let row: Option<StoredSegment> = query_one_as(
         conn,
         &format!("{SELECT_SEGMENTS} WHERE s.segment_id = ?"),
         [segment_id.into()],
     )
     .await?;
-    row.as_ref().map(segment_from).transpose()
+    Ok(row.map(SegmentRow::from))
 }
 
 /// Creates or replaces a segment; a new generation awaits its backfill.
@@ -236,7 +254,7 @@ pub async fn members<C: ConnectionTrait>(
         [segment_id.into(), after.into(), i64::from(limit).into()],
     )
     .await?;
-    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+    rows.iter().map(|r| r.try_get("", "profile_id")).collect()
 }
 
 /// A page of live profiles, ascending by id after `after`, for sweeps over every profile.
@@ -245,7 +263,7 @@ pub async fn live_profiles<C: ConnectionTrait>(
     after: &str,
     limit: u32,
 ) -> Result<Vec<Record>, DbErr> {
-    let rows = query(
+    query_records(
         conn,
         &format!(
             "SELECT {RECORD_COLUMNS} FROM profiles
@@ -253,8 +271,7 @@ pub async fn live_profiles<C: ConnectionTrait>(
         ),
         [after.into(), i64::from(limit).into()],
     )
-    .await?;
-    rows.iter().map(record_from).collect()
+    .await
 }
 
 /// A page of live profiles whose emotion label decay has moved by `now_us`, ascending by id
@@ -265,7 +282,7 @@ pub async fn emotion_due<C: ConnectionTrait>(
     after: &str,
     limit: u32,
 ) -> Result<Vec<Record>, DbErr> {
-    let rows = query(
+    query_records(
         conn,
         &format!(
             "SELECT {RECORD_COLUMNS} FROM profiles
@@ -274,6 +291,5 @@ pub async fn emotion_due<C: ConnectionTrait>(
         ),
         [now_us.into(), after.into(), i64::from(limit).into()],
     )
-    .await?;
-    rows.iter().map(record_from).collect()
+    .await
 }

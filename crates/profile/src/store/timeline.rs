@@ -2,8 +2,8 @@
 //! profile it was first applied to; read as entries newest first, or as events to replay.
 
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_kit::sql::{Column, MAX_PARAMS, in_list, insert_columns, query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{Column, MAX_PARAMS, in_list, insert_columns, query_as};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::TimelineEntry;
 
@@ -49,6 +49,22 @@ pub(super) fn timeline_columns(rows: &[TimelineRow<'_>]) -> Vec<Column> {
     ]
 }
 
+/// A stored event with the profile it was first applied to.
+#[derive(FromQueryResult)]
+pub(super) struct OriginEvent {
+    origin_profile_id: String,
+    event: Vec<u8>,
+}
+
+impl OriginEvent {
+    /// The origin and the event, decoded.
+    pub(super) fn decode(self) -> Result<(String, Event), DbErr> {
+        let event = Event::decode(self.event.as_slice())
+            .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;
+        Ok((self.origin_profile_id, event))
+    }
+}
+
 /// The events first applied to any of `origins`, oldest first, with their origin. Rows
 /// written before schema version 3 hold no event and are left out.
 pub async fn events_of<C: ConnectionTrait>(
@@ -70,11 +86,8 @@ pub async fn events_of<C: ConnectionTrait>(
         );
         let ids = chunk.iter().map(|s| Value::from(s.as_str()));
         let values = ids.clone().chain(ids);
-        for row in query(conn, &text, values).await? {
-            let bytes: Vec<u8> = row.try_get_by_index(1)?;
-            let event = Event::decode(bytes.as_slice())
-                .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;
-            events.push((row.try_get_by_index(0)?, event));
+        for row in query_as::<OriginEvent, _>(conn, &text, values).await? {
+            events.push(row.decode()?);
         }
     }
     // Replay goes in event-time order across halves and chunks.
@@ -132,21 +145,25 @@ pub async fn timeline<C: ConnectionTrait>(
     }
     text.push_str(" ORDER BY ts DESC, event_id DESC LIMIT ?");
     values.push(i64::from(f.limit).into());
-    let rows = query(conn, &text, values).await?;
-    rows.iter()
+    #[derive(FromQueryResult)]
+    struct Stored {
+        ts: i64,
+        event_id: String,
+        entry: Vec<u8>,
+        event: Option<Vec<u8>>,
+    }
+    let rows: Vec<Stored> = query_as(conn, &text, values).await?;
+    rows.into_iter()
         .map(|r| {
-            let entry = match r.try_get_by_index::<Option<Vec<u8>>>(3)? {
+            let entry = match r.event {
                 Some(event) => timeline_entry(
                     &Event::decode(event.as_slice()).map_err(|e| DbErr::Custom(e.to_string()))?,
                 ),
                 // Written before schema version 3: only the entry was kept.
-                None => {
-                    let bytes: Vec<u8> = r.try_get_by_index(2)?;
-                    TimelineEntry::decode(bytes.as_slice())
-                        .map_err(|e| DbErr::Custom(e.to_string()))?
-                }
+                None => TimelineEntry::decode(r.entry.as_slice())
+                    .map_err(|e| DbErr::Custom(e.to_string()))?,
             };
-            Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?, entry))
+            Ok((r.ts, r.event_id, entry))
         })
         .collect()
 }

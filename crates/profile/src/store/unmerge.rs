@@ -2,16 +2,16 @@
 //! at a time, identifier ownership and the timeline rows of the profiles being split back
 //! out; and the pairs of profiles it keeps apart (`do_not_merge`), which AllowMerge lifts.
 
-use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
-use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query, query_one};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, insert_rows, query_as, query_one_as};
 use waymark_proto::common::v1::Event;
 use waymark_proto::profile::v1::DoNotMerge;
 
+use super::timeline::OriginEvent;
 use crate::identity::Ident;
 
-/// One merge of the audit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One merge of the audit, read by column name.
+#[derive(Debug, Clone, PartialEq, Eq, FromQueryResult)]
 pub struct MergeRow {
     pub merge_id: String,
     pub survivor_id: String,
@@ -27,24 +27,13 @@ pub async fn merge_by_id<C: ConnectionTrait>(
     conn: &C,
     merge_id: &str,
 ) -> Result<Option<MergeRow>, DbErr> {
-    let row = query_one(
+    query_one_as(
         conn,
         "SELECT merge_id, survivor_id, merged_id, merged_at, unmerged_at, evidence
          FROM merges WHERE merge_id = ?",
         [merge_id.into()],
     )
-    .await?;
-    row.map(|r| {
-        Ok(MergeRow {
-            merge_id: r.try_get_by_index(0)?,
-            survivor_id: r.try_get_by_index(1)?,
-            merged_id: r.try_get_by_index(2)?,
-            merged_at: r.try_get_by_index(3)?,
-            unmerged_at: r.try_get_by_index(4)?,
-            evidence: r.try_get_by_index(5)?,
-        })
-    })
-    .transpose()
+    .await
 }
 
 /// Records that a merge was undone.
@@ -131,7 +120,7 @@ pub async fn events_page<C: ConnectionTrait>(
          SELECT origin_profile_id, event, ts, event_id FROM timeline
          WHERE origin_profile_id IN ({list}) AND origin_profile_id <> profile_id
            AND event IS NOT NULL AND (ts > ? OR (ts = ? AND event_id > ?))
-         ORDER BY 3, 4 LIMIT ?"
+         ORDER BY ts, event_id LIMIT ?"
     );
     let (ts, id) = after;
     let half = || {
@@ -142,14 +131,11 @@ pub async fn events_page<C: ConnectionTrait>(
         ])
     };
     let values = half().chain(half()).chain([Value::from(i64::from(limit))]);
-    let mut events = Vec::new();
-    for row in query(conn, &text, values).await? {
-        let bytes: Vec<u8> = row.try_get_by_index(1)?;
-        let event = Event::decode(bytes.as_slice())
-            .map_err(|e| DbErr::Custom(format!("stored event does not decode: {e}")))?;
-        events.push((row.try_get_by_index(0)?, event));
-    }
-    Ok(events)
+    query_as::<OriginEvent, _>(conn, &text, values)
+        .await?
+        .into_iter()
+        .map(OriginEvent::decode)
+        .collect()
 }
 
 /// Records that the two profiles `merge` joined, split apart by undoing it, are two
@@ -209,14 +195,26 @@ pub async fn restore_kept_apart(
 
 const DO_NOT_MERGE_COLUMNS: &str = "merge_id, survivor_id, restored_id, evidence, unmerged_at";
 
-fn do_not_merge_from(r: &sea_orm::QueryResult) -> Result<DoNotMerge, DbErr> {
-    Ok(DoNotMerge {
-        merge_id: r.try_get_by_index(0)?,
-        survivor_id: r.try_get_by_index(1)?,
-        restored_id: r.try_get_by_index(2)?,
-        evidence: super::merges::evidence_from_json(&r.try_get_by_index::<String>(3)?),
-        unmerged_at: Some(waymark_kit::time::from_micros(r.try_get_by_index(4)?)),
-    })
+/// A pair kept apart, as [`DO_NOT_MERGE_COLUMNS`] select it.
+#[derive(FromQueryResult)]
+struct DoNotMergeRow {
+    merge_id: String,
+    survivor_id: String,
+    restored_id: String,
+    evidence: String,
+    unmerged_at: i64,
+}
+
+impl From<DoNotMergeRow> for DoNotMerge {
+    fn from(r: DoNotMergeRow) -> Self {
+        DoNotMerge {
+            merge_id: r.merge_id,
+            survivor_id: r.survivor_id,
+            restored_id: r.restored_id,
+            evidence: super::merges::evidence_from_json(&r.evidence),
+            unmerged_at: Some(waymark_kit::time::from_micros(r.unmerged_at)),
+        }
+    }
 }
 
 /// The pairs kept apart that hold for the live profile `live_id`, oldest first.
@@ -224,7 +222,7 @@ pub async fn kept_apart_from<C: ConnectionTrait>(
     conn: &C,
     live_id: &str,
 ) -> Result<Vec<DoNotMerge>, DbErr> {
-    let rows = query(
+    let rows: Vec<DoNotMergeRow> = query_as(
         conn,
         &format!(
             "SELECT {DO_NOT_MERGE_COLUMNS} FROM do_not_merge
@@ -233,7 +231,7 @@ pub async fn kept_apart_from<C: ConnectionTrait>(
         [live_id.into(), live_id.into()],
     )
     .await?;
-    rows.iter().map(do_not_merge_from).collect()
+    Ok(rows.into_iter().map(DoNotMerge::from).collect())
 }
 
 /// Lifts the pair recorded by undoing `merge_id`; returns it, or None when there is none.
@@ -241,7 +239,7 @@ pub async fn allow_merge(
     txn: &DatabaseTransaction,
     merge_id: &str,
 ) -> Result<Option<DoNotMerge>, DbErr> {
-    let row = query_one(
+    let row: Option<DoNotMergeRow> = query_one_as(
         txn,
         &format!("SELECT {DO_NOT_MERGE_COLUMNS} FROM do_not_merge WHERE merge_id = ?"),
         [merge_id.into()],
@@ -256,5 +254,5 @@ pub async fn allow_merge(
         [merge_id.into()],
     )
     .await?;
-    do_not_merge_from(&row).map(Some)
+    Ok(Some(row.into()))
 }
