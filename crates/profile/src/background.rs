@@ -10,7 +10,9 @@ use waymark_kit::secret::Secret;
 use waymark_proto::ingest::v1::SuppressIdentitiesRequest;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 
-use crate::service::{AGGREGATE_BACKFILL_PAGE, ProfileError, Profiles, identity};
+use crate::service::{
+    AGGREGATE_BACKFILL_EVENTS, AGGREGATE_BACKFILL_PAGE, ProfileError, Profiles, identity,
+};
 
 /// Suppressions per `SuppressIdentities` call.
 const PUSH_BATCH: u32 = 500;
@@ -158,7 +160,10 @@ pub async fn sweep_segments(core: Profiles, every: Duration, shutdown: Cancellat
 /// them not backfilled, and the next start goes on from the last page committed.
 pub async fn backfill_aggregates(core: Profiles, shutdown: CancellationToken) {
     loop {
-        let pause = match core.backfill_aggregates(AGGREGATE_BACKFILL_PAGE).await {
+        let pause = match core
+            .backfill_aggregates(AGGREGATE_BACKFILL_PAGE, AGGREGATE_BACKFILL_EVENTS)
+            .await
+        {
             Ok(true) => Duration::ZERO,
             Ok(false) => return,
             Err(error) => {

@@ -27,7 +27,7 @@ mod privacy;
 mod segments;
 mod unmerge;
 
-pub use aggregates::AGGREGATE_BACKFILL_PAGE;
+pub use aggregates::{AGGREGATE_BACKFILL_EVENTS, AGGREGATE_BACKFILL_PAGE};
 pub use privacy::{Deleted, Export, identity};
 
 /// What went wrong.

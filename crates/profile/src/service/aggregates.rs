@@ -37,6 +37,8 @@ use crate::store::{self, AggregateRow};
 /// Profiles per backfill transaction: each is replayed from its whole timeline, so fewer
 /// than a segment sweep takes.
 pub const AGGREGATE_BACKFILL_PAGE: u32 = 100;
+/// Stored events a backfill transaction replays at most (a profile with more goes alone).
+pub const AGGREGATE_BACKFILL_EVENTS: u64 = 20_000;
 /// Timeline events read per query while replaying one profile.
 const HISTORY_PAGE: u32 = 1000;
 /// How far another replica's clock may run behind or ahead of this one's when it stamps
@@ -98,10 +100,17 @@ impl Profiles {
         Ok(pending)
     }
 
-    /// Backfills one page of at most `page_size` profiles for every aggregate this replica
-    /// is configured for whose backfill is pending. Returns false once there is nothing
-    /// left to do (the aggregates are then marked backfilled, removed ones forgotten).
-    pub async fn backfill_aggregates(&self, page_size: u32) -> Result<bool, ProfileError> {
+    /// Backfills one page of at most `page_size` profiles, and of no more than
+    /// `page_events` stored events unless its first profile alone has more, for every
+    /// aggregate this replica is configured for whose backfill is pending. A page holds the
+    /// applier while it replays, so both bounds are what deliveries may wait. Returns false
+    /// once there is nothing left to do (the aggregates are then marked backfilled, removed
+    /// ones forgotten).
+    pub async fn backfill_aggregates(
+        &self,
+        page_size: u32,
+        page_events: u64,
+    ) -> Result<bool, ProfileError> {
         let specs = &self.inner.rules.aggregates;
         let _guard = self.exclusive_applier().await;
         let now = now_micros();
@@ -123,7 +132,19 @@ impl Profiles {
         // under steady traffic. The margin covers replica clocks that run ahead.
         let started = rows.iter().map(|r| r.started_at).min().unwrap_or(now);
         let created_before = started.saturating_add(MERGE_CLOCK_MARGIN_US);
-        let page = store::profiles_after(&txn, &after, created_before, page_size).await?;
+        let mut page = store::profiles_after(&txn, &after, created_before, page_size).await?;
+        let ids: Vec<String> = page.iter().map(|r| r.profile.profile_id.clone()).collect();
+        let sizes = store::timeline_sizes(&txn, &ids).await?;
+        let mut events = 0;
+        let within = page
+            .iter()
+            .position(|r| {
+                events += sizes.get(&r.profile.profile_id).copied().unwrap_or(0);
+                events > page_events
+            })
+            .unwrap_or(page.len())
+            .max(1);
+        page.truncate(within);
         let Some(last) = page.last().map(|r| r.profile.profile_id.clone()) else {
             for row in &mut rows {
                 if row.removed {

@@ -1,9 +1,11 @@
 //! What the configured aggregates were last computed for, and how far their backfill from
 //! the stored timelines has come: one row per aggregate name, shared by every replica.
 
+use std::collections::HashMap;
+
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value};
-use waymark_kit::sql::{execute, in_list, query, query_as};
+use waymark_kit::sql::{MAX_PARAMS, execute, in_list, query, query_as};
 use waymark_proto::common::v1::Event;
 
 use super::records::{RECORD_COLUMNS, query_records};
@@ -140,6 +142,31 @@ pub async fn merged_since<C: ConnectionTrait>(
         .iter()
         .map(|r| r.try_get("", "merged_id"))
         .collect()
+}
+
+/// How many events each of `profile_ids` has on its timeline (none listed: none).
+pub async fn timeline_sizes<C: ConnectionTrait>(
+    conn: &C,
+    profile_ids: &[String],
+) -> Result<HashMap<String, u64>, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Size {
+        profile_id: String,
+        events: i64,
+    }
+    let mut sizes = HashMap::with_capacity(profile_ids.len());
+    for chunk in profile_ids.chunks(MAX_PARAMS) {
+        let text = format!(
+            "SELECT profile_id, count(*) AS events FROM timeline
+             WHERE profile_id IN ({}) GROUP BY profile_id",
+            in_list(chunk.len())
+        );
+        let values = chunk.iter().map(|id| Value::from(id.as_str()));
+        for size in query_as::<Size, _>(conn, &text, values).await? {
+            sizes.insert(size.profile_id, size.events.max(0) as u64);
+        }
+    }
+    Ok(sizes)
 }
 
 /// A page of the events on a live profile's timeline (its own and those of every profile

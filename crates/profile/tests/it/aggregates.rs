@@ -226,7 +226,13 @@ async fn an_interrupted_backfill_resumes(backend: Backend) {
     let configured = with_aggregates(&base, &[ORDERS]);
 
     let stopped = core(configured.clone()).await;
-    assert!(stopped.core().backfill_aggregates(1).await.unwrap());
+    assert!(
+        stopped
+            .core()
+            .backfill_aggregates(1, u64::MAX)
+            .await
+            .unwrap()
+    );
     let half = stopped.core().aggregate_status().await.unwrap();
     assert_eq!(
         (half[0].backfilled, half[0].profiles_backfilled),
@@ -276,7 +282,7 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
     }
     let server = core(with_aggregates(&base, &[ORDERS])).await;
     let profiles = server.core();
-    assert!(profiles.backfill_aggregates(1).await.unwrap());
+    assert!(profiles.backfill_aggregates(1, u64::MAX).await.unwrap());
     // b-1's page is done; b-2's and b-3's are to come.
     let now = waymark_kit::time::now_micros() / 1_000_000;
     let one_more = ["b-1", "b-2", "b-3"].map(|u| order(u, "", 1, now)).to_vec();
@@ -287,9 +293,9 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
         Some(1.0),
         "only the new order until its page"
     );
-    assert!(profiles.backfill_aggregates(1).await.unwrap());
-    assert!(profiles.backfill_aggregates(1).await.unwrap());
-    assert!(profiles.backfill_aggregates(1).await.unwrap());
+    assert!(profiles.backfill_aggregates(1, u64::MAX).await.unwrap());
+    assert!(profiles.backfill_aggregates(1, u64::MAX).await.unwrap());
+    assert!(profiles.backfill_aggregates(1, u64::MAX).await.unwrap());
     // `known` is backfilled, `visitor` not: an order linking both merges the visitor
     // into the older `known`.
     assert_eq!(count_of(&server, "known").await, Some(2.0));
@@ -297,7 +303,7 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
         .apply(vec![order("known", "visitor", 1, now)])
         .await
         .unwrap();
-    while profiles.backfill_aggregates(1).await.unwrap() {}
+    while profiles.backfill_aggregates(1, u64::MAX).await.unwrap() {}
     assert!(profiles.aggregate_status().await.unwrap()[0].backfilled);
     for user in ["b-1", "b-2", "b-3"] {
         assert_eq!(count_of(&server, user).await, Some(6.0), "{user}");
@@ -314,6 +320,29 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
     assert_eq!(aggregate(&merged, "orders"), Some(6.0));
 }
 waymark_testkit::on_both_backends!(events_during_a_backfill_count_once);
+
+/// A page stops at its budget of stored events, so a page of long histories holds the
+/// applier no longer than one of short ones; a profile over the budget goes alone.
+async fn a_backfill_page_replays_no_more_than_its_events(backend: Backend) {
+    let sink = Sink::default();
+    let db = TestDb::new(backend).await;
+    let base = config(&db.url, &sink.start().await, Some(&redis_url()));
+    three_buyers(&base).await;
+    let server = core(with_aggregates(&base, &[ORDERS])).await;
+    let profiles = server.core();
+    let mut done = Vec::new();
+    // Five events each: a budget of six takes one buyer a page, a budget of one still one.
+    for budget in [6, 1, 6] {
+        assert!(profiles.backfill_aggregates(100, budget).await.unwrap());
+        done.push(profiles.aggregate_status().await.unwrap()[0].profiles_backfilled);
+    }
+    assert_eq!(done, [1, 2, 3]);
+    assert!(!profiles.backfill_aggregates(100, 6).await.unwrap());
+    for user in ["b-1", "b-2", "b-3"] {
+        assert_eq!(count_of(&server, user).await, Some(5.0), "{user}");
+    }
+}
+waymark_testkit::on_both_backends!(a_backfill_page_replays_no_more_than_its_events);
 
 /// Profiles created after the backfill began had every event counted as it arrived: the
 /// backfill passes over them, so steady traffic of new customers cannot keep it from
@@ -349,7 +378,7 @@ async fn a_backfill_passes_over_profiles_created_after_it_began(backend: Backend
         .await
         .unwrap();
     let mut pages = 0;
-    while profiles.backfill_aggregates(1).await.unwrap() {
+    while profiles.backfill_aggregates(1, u64::MAX).await.unwrap() {
         pages += 1;
     }
     assert_eq!(pages, 3, "one page per buyer, none for the new customer");
