@@ -300,17 +300,20 @@ pub fn user_id_of(profile: &Profile) -> Option<&str> {
         .map(|i| i.value.as_str())
 }
 
+/// Whether `event` already names `profile_id` and the profile's user id, as [`address`]
+/// would make it.
+pub fn is_addressed(event: &Event, profile_id: &str, profile: &Profile) -> bool {
+    event.profile_id == profile_id && user_id_of(profile).is_none_or(|u| event.user_id == u)
+}
+
 /// Addresses an event the service emits about `profile`: downstream services find the
 /// customer by its profile id and, when the profile has one, its user id, whatever the
-/// event was sent with. Returns whether the event changed.
-pub fn address(event: &mut Event, profile_id: &str, profile: &Profile) -> bool {
-    let user_id = user_id_of(profile).unwrap_or(event.user_id.as_str());
-    if event.profile_id == profile_id && event.user_id == user_id {
-        return false;
+/// event was sent with.
+pub fn address(event: &mut Event, profile_id: &str, profile: &Profile) {
+    if let Some(user_id) = user_id_of(profile) {
+        user_id.clone_into(&mut event.user_id);
     }
-    event.user_id = user_id.to_owned();
-    event.profile_id = profile_id.to_owned();
-    true
+    profile_id.clone_into(&mut event.profile_id);
 }
 
 /// The timeline entry of an event.

@@ -509,22 +509,9 @@ async fn relay_delivers_until_acknowledged(backend: Backend) {
             .collect::<Vec<_>>(),
         ["ingest"]
     );
-    let what = "acknowledged rows to leave the outbox";
-    eventually(what, PATIENCE, async || {
-        let stats = server
-            .client()
-            .await
-            .get_stats(admin(GetStatsRequest::default()))
-            .await
-            .unwrap()
-            .into_inner();
-        if stats.pending.is_empty() {
-            Ok(())
-        } else {
-            Err(stats.pending)
-        }
-    })
-    .await;
+    server
+        .wait_outbox_empty("acknowledged rows to leave the outbox")
+        .await;
 
     // Replay re-queues a time range for the consumer.
     let replay = server
@@ -590,21 +577,7 @@ async fn two_relays_on_one_database_do_not_double_send(backend: Backend) {
     // A double send is a row claimed by both relays. Once nothing is pending no row is
     // left to claim twice, and a marker through each server, sent after that, takes a
     // whole relay round behind whatever was already on its way.
-    eventually("the outbox to drain", PATIENCE, async || {
-        let stats = a
-            .client()
-            .await
-            .get_stats(admin(GetStatsRequest::default()))
-            .await
-            .unwrap()
-            .into_inner();
-        if stats.pending.is_empty() {
-            Ok(())
-        } else {
-            Err(stats.pending)
-        }
-    })
-    .await;
+    a.wait_outbox_empty("the outbox to drain").await;
     for (server, marker) in [(&a, "marker-a"), (&b, "marker-b")] {
         let events = vec![track(marker, "u", "Marker")];
         let mut client = server.client().await;

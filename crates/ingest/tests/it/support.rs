@@ -12,7 +12,7 @@ use waymark_kit::config::Config;
 use waymark_kit::secret::Secret;
 use waymark_proto::common::v1::Event;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
-use waymark_proto::ingest::v1::{CreateSourceRequest, IngestRequest};
+use waymark_proto::ingest::v1::{CreateSourceRequest, GetStatsRequest, IngestRequest};
 pub use waymark_testkit::{
     ADMIN_TOKEN, Backend, PATIENCE, Proxy, Sink, TestDb, admin, eventually, with_key,
 };
@@ -103,6 +103,25 @@ impl TestServer {
             .expect("create source")
             .into_inner();
         (created.source.unwrap().source_id, created.write_key)
+    }
+
+    /// Waits until the outbox holds nothing for any consumer.
+    pub async fn wait_outbox_empty(&self, what: &str) {
+        waymark_testkit::eventually(what, waymark_testkit::PATIENCE, async || {
+            let stats = self
+                .client()
+                .await
+                .get_stats(waymark_testkit::admin(GetStatsRequest::default()))
+                .await
+                .unwrap()
+                .into_inner();
+            if stats.pending.is_empty() {
+                Ok(())
+            } else {
+                Err(stats.pending)
+            }
+        })
+        .await;
     }
 
     pub async fn stop(mut self) {

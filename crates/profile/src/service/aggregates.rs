@@ -28,7 +28,7 @@ use sea_orm::TransactionTrait;
 use waymark_kit::time::{from_micros, now_micros};
 use waymark_proto::profile::v1::AggregateStatus;
 
-use super::segments::{reevaluate, transition_events};
+use super::segments::{events_of, reevaluate};
 use super::{ProfileError, Profiles};
 use crate::aggregate::AggregateSpec;
 use crate::resolve::{AggregateReplay, Record, entry_time_us};
@@ -252,11 +252,7 @@ impl Profiles {
                 store::put_aggregate_row(&txn, row).await?;
             }
         }
-        let mut events: Vec<_> = transitions
-            .iter()
-            .flat_map(|t| transition_events(t, &definitions, now))
-            .map(|(event, _)| event)
-            .collect();
+        let mut events = events_of(&transitions, &definitions, now);
         self.commit_page(txn, &records, &transitions, &mut events, now)
             .await?;
         Ok(true)

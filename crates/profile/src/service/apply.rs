@@ -24,7 +24,7 @@ use super::{Applied, ProfileError, Profiles, RejectedEvent, segments};
 use crate::applier::{ApplierMemory, Reserved};
 use crate::emotion::EmotionRules;
 use crate::identity::Ident;
-use crate::model::address;
+use crate::model::{address, is_addressed};
 use crate::resolve::{Record, WorkingSet};
 use crate::store;
 
@@ -548,11 +548,17 @@ fn batch_write(
 /// then its synthetic events and the exits of profiles it merged away. Each is addressed
 /// to its live profile, with that profile's user id.
 fn downstream(set: &WorkingSet, encoded: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    // Copied and encoded again only when addressing changes it: most events already name
+    // their live profile and its user id.
     let addressed = |event: &Event, owner: &str| -> Option<Vec<u8>> {
         let live = set.live(owner);
         let profile = &set.records.get(live)?.profile;
+        if is_addressed(event, live, profile) {
+            return None;
+        }
         let mut event = event.clone();
-        address(&mut event, live, profile).then(|| event.encode_to_vec())
+        address(&mut event, live, profile);
+        Some(event.encode_to_vec())
     };
     set.applied
         .iter()

@@ -527,11 +527,7 @@ impl Profiles {
                     records.push(record);
                 }
             }
-            let mut events: Vec<Event> = transitions
-                .iter()
-                .flat_map(|t| transition_events(t, &definitions, now))
-                .map(|(event, _)| event)
-                .collect();
+            let mut events = events_of(&transitions, &definitions, now);
             self.commit_page(txn, &records, &transitions, &mut events, now)
                 .await?;
             changed += records.len();
@@ -546,6 +542,19 @@ impl Profiles {
     pub async fn segments_changed(&self) {
         self.inner.segments_changed.notified().await;
     }
+}
+
+/// The events of `transitions`, in order.
+pub(super) fn events_of(
+    transitions: &[Transition],
+    definitions: &[SegmentDefinition],
+    now_us: i64,
+) -> Vec<Event> {
+    transitions
+        .iter()
+        .flat_map(|t| transition_events(t, definitions, now_us))
+        .map(|(event, _)| event)
+        .collect()
 }
 
 /// The events of one transition, each with the profile it belongs to.

@@ -321,14 +321,21 @@ async fn events_during_a_backfill_count_once(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(events_during_a_backfill_count_once);
 
-/// A page stops at its budget of stored events, so a page of long histories holds the
-/// applier no longer than one of short ones; a profile over the budget goes alone.
-async fn a_backfill_page_replays_no_more_than_its_events(backend: Backend) {
+/// The three buyers stored before `orders` was configured, then the core configured with
+/// it and not yet backfilling.
+async fn buyers_then_orders_configured(backend: Backend) -> (TestDb, Config, ProfileServer) {
     let sink = Sink::default();
     let db = TestDb::new(backend).await;
     let base = config(&db.url, &sink.start().await, Some(&redis_url()));
     three_buyers(&base).await;
     let server = core(with_aggregates(&base, &[ORDERS])).await;
+    (db, base, server)
+}
+
+/// A page stops at its budget of stored events, so a page of long histories holds the
+/// applier no longer than one of short ones; a profile over the budget goes alone.
+async fn a_backfill_page_replays_no_more_than_its_events(backend: Backend) {
+    let (_db, _, server) = buyers_then_orders_configured(backend).await;
     let profiles = server.core();
     let mut done = Vec::new();
     // Five events each: a budget of six takes one buyer a page, a budget of one still one.
@@ -348,11 +355,7 @@ waymark_testkit::on_both_backends!(a_backfill_page_replays_no_more_than_its_even
 /// backfill passes over them, so steady traffic of new customers cannot keep it from
 /// finishing.
 async fn a_backfill_passes_over_profiles_created_after_it_began(backend: Backend) {
-    let sink = Sink::default();
-    let db = TestDb::new(backend).await;
-    let base = config(&db.url, &sink.start().await, Some(&redis_url()));
-    three_buyers(&base).await;
-    let server = core(with_aggregates(&base, &[ORDERS])).await;
+    let (_db, base, server) = buyers_then_orders_configured(backend).await;
     let profiles = server.core();
     // As if the buyers had come an hour ago and the backfill had begun eleven minutes ago,
     // past the clock margin.
