@@ -171,7 +171,9 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<usize> {
 
 /// Retention every minute and suppression refresh every ten seconds, while serving.
 async fn housekeeping(core: Ingestor, readiness: Readiness, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    // Start-up has just refreshed the suppressions, so the first refresh is one period away.
+    let period = Duration::from_secs(10);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut n: u64 = 0;
     loop {
         tokio::select! {
