@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "waymark/common/v1/outbox.proto",
         "waymark/ingest/v1/ingest.proto",
         "waymark/profile/v1/profile.proto",
+        "waymark/orchestration/v1/journey.proto",
+        "waymark/orchestration/v1/orchestration.proto",
     ]
     .iter()
     .map(|f| root.join(f))

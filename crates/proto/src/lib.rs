@@ -22,6 +22,12 @@ pub mod profile {
     }
 }
 
+pub mod orchestration {
+    pub mod v1 {
+        tonic::include_proto!("waymark.orchestration.v1");
+    }
+}
+
 pub mod json;
 
 pub use prost_types;

@@ -1,0 +1,1 @@
+//! Durations, local times of day, time zones and quiet hours.

@@ -1,0 +1,1 @@
+//! Integration tests of the orchestrator, through its public gRPC API.
