@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    // `prost::Name` lets `proto_json` find each message's descriptor by its type.
+    config.enable_type_names();
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("waymark_descriptor.bin"))
         .compile_with_config(config, &files, &[root])?;

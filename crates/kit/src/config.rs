@@ -64,8 +64,22 @@ pub struct Config {
     pub profile_aggregates: Vec<figment::value::Value>,
     /// The orchestrator's EventSink, where the profile service relays resolved events.
     pub orchestrator_endpoint: String,
-    /// The analytics service's EventSink, where the profile service relays resolved events.
+    /// The analytics service's EventSink, where the profile service relays resolved events
+    /// and the orchestrator its step events.
     pub analytics_endpoint: String,
+    /// Orchestrator gRPC listen address.
+    pub orchestrator_grpc_addr: SocketAddr,
+    /// Database for the orchestrator only; falls back to `database_url`.
+    pub orchestrator_database_url: Option<String>,
+    /// Where journey messages on channels other than `dev` are posted (signed webhooks).
+    pub message_webhook_url: Option<String>,
+    /// Where escalations to a human are posted (signed webhooks).
+    pub escalation_webhook_url: Option<String>,
+    /// The Standard Webhooks secret that signs every outbound webhook (`whsec_` and
+    /// base64, or any string of at least 24 characters).
+    pub webhook_secret: Secret,
+    /// Seconds an outbound webhook attempt may take.
+    pub webhook_timeout_secs: u64,
     /// Seconds a profile stays in the shared cache without being rewritten.
     pub profile_cache_ttl_secs: u64,
     /// Prepended to every Redis key, so several environments can share one Redis.
@@ -151,6 +165,12 @@ impl Default for Config {
             profile_aggregates: Vec::new(),
             orchestrator_endpoint: "http://127.0.0.1:50053".into(),
             analytics_endpoint: "http://127.0.0.1:50054".into(),
+            orchestrator_grpc_addr: ([0, 0, 0, 0], 50053).into(),
+            orchestrator_database_url: None,
+            message_webhook_url: None,
+            escalation_webhook_url: None,
+            webhook_secret: Secret::new(DEV_WEBHOOK_SECRET),
+            webhook_timeout_secs: 10,
             profile_cache_ttl_secs: 24 * 3600,
             profile_cache_key_prefix: String::new(),
             profile_cache_capacity: 100_000,
@@ -177,6 +197,10 @@ impl Default for Config {
         }
     }
 }
+
+/// The webhook secret `waymark dev` and tests use when none is configured. It is public,
+/// so a deployment sets its own (`WAYMARK_WEBHOOK_SECRET`).
+pub const DEV_WEBHOOK_SECRET: &str = "whsec_d2F5bWFyay1kZXYtd2ViaG9vay1zZWNyZXQtbm90LWZvci1wcm9k";
 
 /// A setting that failed validation.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +249,10 @@ impl Config {
             ("database_url", Some(&self.database_url)),
             ("ingest_database_url", self.ingest_database_url.as_ref()),
             ("profile_database_url", self.profile_database_url.as_ref()),
+            (
+                "orchestrator_database_url",
+                self.orchestrator_database_url.as_ref(),
+            ),
         ];
         for (setting, url) in databases {
             if let Some(url) = url {
@@ -237,6 +265,11 @@ impl Config {
             ("ingest_endpoint", Some(&self.ingest_endpoint)),
             ("profile_endpoint", Some(&self.profile_endpoint)),
             ("otlp_endpoint", self.otlp_endpoint.as_ref()),
+            ("message_webhook_url", self.message_webhook_url.as_ref()),
+            (
+                "escalation_webhook_url",
+                self.escalation_webhook_url.as_ref(),
+            ),
         ];
         for (setting, endpoint) in endpoints {
             if endpoint.is_some_and(|e| !e.starts_with("http")) {
@@ -266,6 +299,7 @@ impl Config {
                 self.default_rate_limit_per_second.into(),
             ),
             ("ingest_read_timeout_secs", self.ingest_read_timeout_secs),
+            ("webhook_timeout_secs", self.webhook_timeout_secs),
             ("relay_max_attempts", self.relay_max_attempts.into()),
             ("outbox_retention_secs", self.outbox_retention_secs),
             (
@@ -309,6 +343,9 @@ impl Config {
                 "identifier_hash_key",
                 "must be at least 32 characters",
             ));
+        }
+        if self.webhook_secret.expose().len() < 24 {
+            return Err(invalid("webhook_secret", "must be at least 24 characters"));
         }
         self.identity_rules()?;
         Ok(())
@@ -386,6 +423,11 @@ impl Config {
     /// The profile service's database URL.
     pub fn profile_database(&self) -> String {
         self.service_database("profile", self.profile_database_url.as_deref())
+    }
+
+    /// The orchestrator's database URL.
+    pub fn orchestrator_database(&self) -> String {
+        self.service_database("orchestrator", self.orchestrator_database_url.as_deref())
     }
 
     /// A service's database: its own setting, else the shared `database_url`. A shared

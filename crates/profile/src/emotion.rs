@@ -29,7 +29,7 @@ use waymark_proto::profile::v1::{Emotion, EmotionLabel, EmotionSignal};
 use crate::model::number;
 
 /// Tunables of the emotion model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EmotionRules {
     /// After this long without a signal a score has halved.
     pub half_life: Duration,

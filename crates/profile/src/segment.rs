@@ -198,7 +198,8 @@ fn emotion(emotion: Option<&Emotion>, now_us: i64, rules: &EmotionRules) -> Valu
     ]))
 }
 
-fn struct_value(s: &prost_types::Struct) -> Value {
+/// A protobuf `Struct` (traits, event properties) as condition data.
+pub fn struct_value(s: &prost_types::Struct) -> Value {
     Value::Map(
         s.fields
             .iter()

@@ -29,5 +29,6 @@ pub mod orchestration {
 }
 
 pub mod json;
+pub mod proto_json;
 
 pub use prost_types;

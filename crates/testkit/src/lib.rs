@@ -1,14 +1,17 @@
 //! Shared integration-test harness: a fresh database per test (PostgreSQL or SQLite), a
 //! real `EventSink` server standing in for a downstream service, a TCP proxy that can
-//! cut a dependency off, a Redis server to stop and restart, the real services booted
-//! in-process (`platform`), the one way tests wait (`poll`) and an event builder (`event`).
+//! cut a dependency off, a Redis server to stop and restart, a webhook endpoint
+//! (`webhooks`), the real services booted in-process (`platform`), the one way tests wait
+//! (`poll`) and an event builder (`event`).
 
 pub mod event;
 pub mod platform;
 pub mod poll;
+pub mod webhooks;
 
 pub use event::EventBuilder;
 pub use poll::{PATIENCE, eventually};
+pub use webhooks::{WebhookReceiver, WebhookRequest};
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -160,6 +160,8 @@ pub struct Platform {
     pub http: SocketAddr,
     pub ingest: waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient<Channel>,
     pub write_key: String,
+    /// Ingestion's gRPC endpoint.
+    pub ingest_url: String,
     /// The database both services share (each in its own schema or file).
     pub database_url: String,
     shutdown: CancellationToken,
@@ -172,6 +174,17 @@ impl Platform {
     /// service relays downstream to `sink` and caches in Redis at `redis_url`, or in
     /// process without one.
     pub async fn start(backend: Backend, sink: &str, redis_url: Option<&str>) -> Self {
+        Self::start_with(backend, sink, sink, redis_url).await
+    }
+
+    /// As [`Platform::start`], relaying resolved events to `orchestrator` and `analytics`
+    /// separately.
+    pub async fn start_with(
+        backend: Backend,
+        orchestrator: &str,
+        analytics: &str,
+        redis_url: Option<&str>,
+    ) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
@@ -180,14 +193,15 @@ impl Platform {
         let db = TestDb::new(backend).await;
         // Both read one configuration in a deployment, custom identifier types included.
         let custom_types = vec!["loyalty_id".to_owned()];
-        let mut profile_config = config(&db.url, sink, redis_url);
+        let mut profile_config = config(&db.url, analytics, redis_url);
+        profile_config.orchestrator_endpoint = orchestrator.to_owned();
         profile_config.ingest_endpoint = format!("http://{grpc_addr}");
         profile_config
             .custom_identity_types
             .clone_from(&custom_types);
         let profile = TestProfile::start(profile_config).await;
 
-        let mut ingest_config = config(&db.url, sink, None);
+        let mut ingest_config = config(&db.url, analytics, None);
         ingest_config.profile_endpoint = profile.url();
         ingest_config.custom_identity_types = custom_types;
         let ingest = waymark_ingest::IngestServer::new(ingest_config)
@@ -199,7 +213,7 @@ impl Platform {
         wait_serving(&ingest_url).await;
         let mut client =
             waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient::connect(
-                ingest_url,
+                ingest_url.clone(),
             )
             .await
             .unwrap();
@@ -217,6 +231,7 @@ impl Platform {
             http: http_addr,
             ingest: client,
             write_key,
+            ingest_url,
             database_url: db.url.clone(),
             shutdown,
             ingest_task,
