@@ -6,6 +6,7 @@
 
 mod erasure;
 mod journey;
+mod orchestration;
 
 use tonic::Status;
 use waymark_proto::common::v1::Identity;

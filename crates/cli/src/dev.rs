@@ -26,15 +26,21 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let grpc = crate::bind(config.ingest_grpc_addr).await?;
     let http = crate::bind(config.ingest_http_addr).await?;
     let profile_grpc = crate::bind(config.profile_grpc_addr).await?;
-    let (grpc_addr, http_addr, profile_addr) = (
+    let orchestrator_grpc = crate::bind(config.orchestrator_grpc_addr).await?;
+    let (grpc_addr, http_addr, profile_addr, orchestrator_addr) = (
         grpc.local_addr()?,
         http.local_addr()?,
         profile_grpc.local_addr()?,
+        orchestrator_grpc.local_addr()?,
     );
     // Ingestion relays to the profile service in this same process, which pushes the
-    // suppressions of erased profiles back to ingestion.
+    // suppressions of erased profiles back to ingestion and relays resolved events to the
+    // orchestrator.
     config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
     config.ingest_endpoint = format!("http://127.0.0.1:{}", grpc_addr.port());
+    config.orchestrator_endpoint = format!("http://127.0.0.1:{}", orchestrator_addr.port());
+    let orchestrator = waymark_orchestrator::OrchestratorServer::new(config.clone()).await?;
+    let orchestrator_migrations = orchestrator.migrate().await?;
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
     let profile_migrations = profile.migrate().await?;
     let dev_key = config.dev_write_key.clone();
@@ -52,6 +58,9 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     println!("  ingest HTTP      http://{http_addr}/v1/batch");
     println!("  profile gRPC     {profile_addr}");
     println!(
+        "  orchestrator     {orchestrator_addr} (messages on the `dev` channel are logged here)"
+    );
+    println!(
         "  profile cache    {}",
         if config.redis_url.is_some() {
             "redis"
@@ -68,8 +77,12 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         redact_password(&config.profile_database())
     );
     println!(
-        "  migrations       {} applied now (ingest {ingest_migrations}, profile {profile_migrations}); the list is in the debug log",
-        ingest_migrations + profile_migrations
+        "  orchestrator db  {}",
+        redact_password(&config.orchestrator_database())
+    );
+    println!(
+        "  migrations       {} applied now (ingest {ingest_migrations}, profile {profile_migrations}, orchestrator {orchestrator_migrations}); the list is in the debug log",
+        ingest_migrations + profile_migrations + orchestrator_migrations
     );
     println!("  dev source       {source_id}");
     println!("  dev write key    {write_key}");
@@ -82,11 +95,12 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         "  try: curl -u {write_key}: http://{http_addr}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'"
     );
     println!();
-    let (ingest_result, profile_result) = tokio::join!(
+    let (ingest_result, profile_result, orchestrator_result) = tokio::join!(
         ingest.serve(grpc, http, shutdown.clone()),
-        profile.serve(profile_grpc, shutdown.clone())
+        profile.serve(profile_grpc, shutdown.clone()),
+        orchestrator.serve(orchestrator_grpc, shutdown.clone())
     );
-    ingest_result.and(profile_result)
+    ingest_result.and(profile_result).and(orchestrator_result)
 }
 
 /// The URL without its credentials, for printing.
