@@ -462,11 +462,15 @@ priority: 10
             let journey = read::<JourneyDefinition>(&path).unwrap_or_else(|e| panic!("{e:#}"));
             let stem = path.file_stem().unwrap().to_str().unwrap();
             assert_eq!(journey.journey_id, stem, "{}", path.display());
+            if let Err(problems) = waymark_orchestrator::journey::compile(&journey, 1) {
+                panic!("{}: {problems:?}", path.display());
+            }
             journeys += 1;
         }
         assert!(journeys >= 4, "{journeys} example journeys");
         let policy = read::<ContactPolicy>(&root.join("contact-policy.yaml"))
             .unwrap_or_else(|e| panic!("{e:#}"));
         assert!(!policy.caps.is_empty());
+        waymark_orchestrator::policy::Policy::compile(&policy).unwrap();
     }
 }

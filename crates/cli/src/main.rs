@@ -2,6 +2,8 @@
 
 mod client;
 mod dev;
+mod journey_file;
+mod journeys;
 mod outbox;
 mod profiles;
 mod render;
@@ -84,6 +86,49 @@ enum Command {
         #[command(flatten)]
         target: outbox::OutboxTarget,
     },
+    /// Validate, simulate, save, publish, pause and archive journeys (needs
+    /// WAYMARK_ADMIN_TOKEN).
+    Journeys {
+        #[command(subcommand)]
+        command: journeys::JourneysCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
+    /// Profiles' passages through journeys: list, inspect, end (needs WAYMARK_ADMIN_TOKEN).
+    Enrollments {
+        #[command(subcommand)]
+        command: journeys::EnrollmentsCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
+    /// Outbound actions of journeys and their status (needs WAYMARK_ADMIN_TOKEN).
+    Actions {
+        #[command(subcommand)]
+        command: journeys::ActionsCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
+    /// Escalation cases handed to people (needs WAYMARK_ADMIN_TOKEN).
+    Cases {
+        #[command(subcommand)]
+        command: journeys::CasesCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
+    /// The contact policy shared by every journey (needs WAYMARK_ADMIN_TOKEN).
+    ContactPolicy {
+        #[command(subcommand)]
+        command: journeys::ContactPolicyCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
+    /// Messages journeys send (needs WAYMARK_ADMIN_TOKEN).
+    Messages {
+        #[command(subcommand)]
+        command: journeys::MessagesCommand,
+        #[command(flatten)]
+        target: journeys::OrchestratorTarget,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +138,9 @@ enum ServeCommand {
     Ingest,
     /// The profile service: gRPC (ProfileService and EventSink) on profile_grpc_addr (50052).
     Profile,
+    /// The orchestrator: gRPC (OrchestrationService and EventSink) on
+    /// orchestrator_grpc_addr (50053).
+    Orchestrator,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,12 +177,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = waymark_profile::ProfileServer::new(config).await?;
             service.serve(grpc, shutdown).await
         }
+        Command::Serve {
+            service: ServeCommand::Orchestrator,
+        } => {
+            let _telemetry =
+                waymark_kit::telemetry::init(&config.telemetry("waymark-orchestrator"))?;
+            let shutdown = CancellationToken::new();
+            waymark_kit::grpc::cancel_on_signal(shutdown.clone());
+            let grpc = bind(config.orchestrator_grpc_addr).await?;
+            let service = waymark_orchestrator::OrchestratorServer::new(config).await?;
+            service.serve(grpc, shutdown).await
+        }
         Command::Migrate => {
             let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-migrate"))?;
             let ingest = waymark_ingest::IngestServer::new(config.clone()).await?;
             println!("ingest: {} migration(s) applied", ingest.migrate().await?);
-            let profile = waymark_profile::ProfileServer::new(config).await?;
+            let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
             println!("profile: {} migration(s) applied", profile.migrate().await?);
+            let orchestrator = waymark_orchestrator::OrchestratorServer::new(config).await?;
+            println!(
+                "orchestrator: {} migration(s) applied",
+                orchestrator.migrate().await?
+            );
             Ok(())
         }
         Command::Sources { command, target } => client::sources(&config, &target, command).await,
@@ -147,6 +211,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             profiles::segments(&config, &target, command).await
         }
         Command::Outbox { command, target } => outbox::run(&config, &target, command).await,
+        Command::Journeys { command, target } => {
+            journeys::journeys(&config, &target, command).await
+        }
+        Command::Enrollments { command, target } => {
+            journeys::enrollments(&config, &target, command).await
+        }
+        Command::Actions { command, target } => journeys::actions(&config, &target, command).await,
+        Command::Cases { command, target } => journeys::cases(&config, &target, command).await,
+        Command::ContactPolicy { command, target } => {
+            journeys::contact_policy(&config, &target, command).await
+        }
+        Command::Messages { command, target } => {
+            journeys::messages(&config, &target, command).await
+        }
     }
 }
 
@@ -176,5 +254,38 @@ mod tests {
         assert!(parse(&["--email", "ada@example.com", "--phone", "+4915112345678"]).is_err());
         assert!(parse(&["--identity", "device_id=d-1"]).is_ok());
         assert!(parse(&["--identity", "device_id"]).is_err());
+    }
+
+    #[test]
+    fn journey_verbs_take_exactly_one_subject() {
+        let parse = |args: &[&str]| Cli::try_parse_from(std::iter::once(&"waymark").chain(args));
+        let simulate = ["journeys", "simulate", "--from", "2026-11-01T00:00:00Z"];
+        let simulate = |more: &[&str]| {
+            let mut args = simulate.to_vec();
+            args.extend(["--to", "2026-11-02T00:00:00Z"]);
+            args.extend(more);
+            parse(&args)
+        };
+        assert!(simulate(&[]).is_err());
+        assert!(simulate(&["-f", "a.yaml", "--id", "a"]).is_err());
+        assert!(simulate(&["--id", "a", "--in-flight", "migrate", "--map", "a=b"]).is_ok());
+        assert!(simulate(&["--id", "a", "--in-flight", "later"]).is_err());
+        assert!(parse(&["enrollments", "list"]).is_err());
+        assert!(parse(&["enrollments", "list", "--journey", "a", "--profile", "p"]).is_err());
+        assert!(
+            parse(&[
+                "enrollments",
+                "list",
+                "--profile",
+                "p",
+                "--status",
+                "active"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["actions", "list", "--status", "sent", "--limit", "5"]).is_ok());
+        assert!(parse(&["journeys", "publish", "a", "--map", "a"]).is_err());
+        assert!(parse(&["journeys", "get", "a", "--version", "2", "--yaml"]).is_ok());
+        assert!(parse(&["messages", "tail", "--channel", "dev"]).is_ok());
     }
 }
