@@ -2,9 +2,11 @@
 //! `/v1/batch` into PostgreSQL, next to the ceiling measured in the same run: the same
 //! rows (event log + outbox) inserted straight into PostgreSQL by as many clients, one
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
-//! The profile suite is `profile_bench`, the whole platform as processes `system_bench`.
+//! The profile suite is `profile_bench`, the whole platform as processes `system_bench`,
+//! journeys (end-to-end latency and the engine's throughput) `journey_bench`.
 
 mod echo;
+mod journey_bench;
 mod lean;
 mod profile_bench;
 mod system_bench;
@@ -49,7 +51,7 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
-    /// Which benchmarks: ingest, profile, system or all.
+    /// Which benchmarks: ingest, profile, system, journeys or all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Redis for the profile cache.
@@ -72,6 +74,15 @@ struct Args {
     /// Customers in the system benchmark's stream.
     #[arg(long, default_value_t = 20_000)]
     customers: usize,
+    /// Seconds of sustained load in the journey benchmark's latency part.
+    #[arg(long, default_value_t = 30)]
+    journey_seconds: u64,
+    /// Events per second posted in the journey benchmark's latency part.
+    #[arg(long, default_value_t = 2000)]
+    journey_rate: usize,
+    /// Resolved events delivered in the journey benchmark's throughput part.
+    #[arg(long, default_value_t = 100_000)]
+    engine_events: usize,
     /// The `waymark` binary the system benchmark runs (default: beside this one).
     #[arg(long)]
     waymark_bin: Option<std::path::PathBuf>,
@@ -81,8 +92,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        ["all", "ingest", "profile", "system"].contains(&args.suite.as_str()),
-        "--suite must be ingest, profile, system or all, not {:?}",
+        ["all", "ingest", "profile", "system", "journeys"].contains(&args.suite.as_str()),
+        "--suite must be ingest, profile, system, journeys or all, not {:?}",
         args.suite
     );
     anyhow::ensure!(
@@ -90,11 +101,26 @@ async fn main() -> anyhow::Result<()> {
         "--customers must be at least 100, not {}",
         args.customers
     );
+    let binary = args
+        .waymark_bin
+        .clone()
+        .unwrap_or_else(system_bench::default_binary);
+    if args.suite == "all" || args.suite == "journeys" {
+        journey_bench::run(
+            &args.postgres,
+            &args.redis,
+            &binary,
+            args.journey_seconds,
+            args.journey_rate,
+            args.engine_events,
+            args.customers,
+        )
+        .await?;
+    }
+    if args.suite == "journeys" {
+        return Ok(());
+    }
     if args.suite == "all" || args.suite == "system" {
-        let binary = args
-            .waymark_bin
-            .clone()
-            .unwrap_or_else(system_bench::default_binary);
         system_bench::run(
             &args.postgres,
             &args.redis,

@@ -30,7 +30,7 @@ use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use crate::BenchDb;
 use crate::profile_bench::{drop_keys, wait_serving};
 
-const TOKEN: &str = "bench-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "bench-admin-token-0123456789";
 /// Events per request, as SDKs batch them.
 const BATCH: usize = 100;
 /// Concurrent HTTP connections posting.
@@ -121,12 +121,12 @@ fn print_outcome(name: &str, outcome: &Outcome, normal: Option<&Outcome>) {
 }
 
 /// A free local port (bound, then released for the process to take).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A service process, stopped when dropped (also when the run fails half-way).
-struct Process(Child);
+pub(crate) struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -136,7 +136,11 @@ impl Drop for Process {
 }
 
 /// Starts `waymark serve <service>` with `env` on top of the benchmark's common settings.
-fn serve(binary: &Path, service: &str, env: &[(&str, String)]) -> anyhow::Result<Process> {
+pub(crate) fn serve(
+    binary: &Path,
+    service: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<Process> {
     let mut command = Command::new(binary);
     command
         .args(["serve", service])
@@ -326,7 +330,7 @@ async fn wait_applied(database_url: &str, total: i64, start: Instant) -> anyhow:
 }
 
 /// The benchmark's stream, generated deterministically.
-struct Stream {
+pub(crate) struct Stream {
     customers: usize,
     hot: bool,
     /// Events each customer has produced so far (its web visits roll over with them).
@@ -335,7 +339,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(customers: usize, hot: bool) -> Self {
+    pub(crate) fn new(customers: usize, hot: bool) -> Self {
         Self {
             customers,
             hot,
@@ -345,7 +349,7 @@ impl Stream {
     }
 
     /// A uniform number in [0, 1).
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         // xorshift64*: fast, and the same stream every run.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -367,7 +371,7 @@ impl Stream {
         }
     }
 
-    fn event(&mut self, i: usize) -> Value {
+    pub(crate) fn event(&mut self, i: usize) -> Value {
         let c = self.customer();
         let seen = self.produced[c];
         self.produced[c] += 1;
