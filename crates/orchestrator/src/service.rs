@@ -349,6 +349,7 @@ impl Orchestrator {
 
     /// Applies delivered events: each once, in order per profile. An event without an id
     /// cannot be applied once, so it is rejected alone.
+    #[tracing::instrument(skip_all, fields(events = events.len()))]
     pub async fn deliver(&self, events: Vec<Event>) -> Result<DeliverResponse, OrchestratorError> {
         let rejected: Vec<RejectedEvent> = events
             .iter()

@@ -283,6 +283,7 @@ impl Orchestrator {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(action = %action.action_id, kind = %action.kind, attempt = action.attempts))]
     async fn dispatch(&self, action: ActionRow) -> Result<bool, sea_orm::DbErr> {
         let payload = match action.payload() {
             Ok(p) => p,

@@ -43,6 +43,7 @@ impl Orchestrator {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(enrollment = %enrollment.enrollment_id, journey = %enrollment.journey_id, node = %enrollment.node_id))]
     async fn fire(&self, mut enrollment: Enrollment) -> Result<bool, DbErr> {
         let Some(journey) = self
             .inner
