@@ -797,10 +797,7 @@ impl Run<'_, '_> {
                             match date {
                                 Some(d) if d > self.env.now_us => Some(d),
                                 _ if *exit_when_past => {
-                                    self.end(
-                                        Status::Exited,
-                                        &format!("date in `{name}` passed or missing"),
-                                    );
+                                    self.end(Status::Exited, "date passed");
                                     return;
                                 }
                                 _ => None,

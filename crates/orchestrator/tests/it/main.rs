@@ -1,9 +1,12 @@
 //! Integration tests of the orchestrator through its public gRPC API, on PostgreSQL and
 //! SQLite, with a real webhook receiver and a real EventSink for step events.
 
+mod api;
 mod durability;
 mod journeys;
+mod lifecycle;
 mod policy;
+mod profiles;
 mod support;
 
 use serde_json::json;
