@@ -53,6 +53,18 @@ const NAMES: [&str; 5] = [
     "Email Clicked",
 ];
 
+/// The event that enters campaign journey `k`.
+fn campaign(k: usize) -> String {
+    format!("Campaign {k} Clicked")
+}
+
+/// A click on one of the campaigns (journeys 10 to 98), for a customer.
+fn campaign_click(stream: &mut Stream, customers: usize) -> (usize, String) {
+    let customer = (stream.uniform() * customers as f64) as usize % customers;
+    let k = 10 + (stream.uniform() * (JOURNEYS - 11) as f64) as usize % (JOURNEYS - 11);
+    (customer, campaign(k))
+}
+
 fn request<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert(
@@ -68,18 +80,28 @@ fn request<T>(message: T) -> tonic::Request<T> {
 fn journeys(probe_url: Option<&str>) -> anyhow::Result<Vec<JourneyDefinition>> {
     let mut out = Vec::new();
     for k in 0..JOURNEYS - 1 {
-        let trigger = NAMES[k % NAMES.len()];
-        let condition = match k % 3 {
-            0 => String::new(),
-            1 => format!(
-                "has(event.properties.revenue) && event.properties.revenue > {}.0",
-                k % 50
-            ),
-            _ => "has(traits.plan) && traits.plan == \"pro\"".to_owned(),
+        // Five welcome-like journeys entered once on each common event, five on big
+        // orders and the like, and the rest on campaign clicks (a tenth of the stream).
+        let (trigger, condition, reentry) = if k < 5 {
+            (NAMES[k].to_owned(), String::new(), "REENTRY_ONCE")
+        } else if k < 10 {
+            (
+                NAMES[k - 5].to_owned(),
+                "has(event.properties.revenue) && event.properties.revenue > 90.0".to_owned(),
+                "REENTRY_AFTER_EXIT",
+            )
+        } else {
+            let condition = if k % 2 == 0 {
+                "has(traits.plan) && traits.plan == \"pro\""
+            } else {
+                ""
+            };
+            (campaign(k), condition.to_owned(), "REENTRY_AFTER_EXIT")
         };
+        let trigger = trigger.as_str();
         let mut entry = json!({"trigger": {"event": trigger, "condition": condition}, "start": "split",
-                               "reentry": "REENTRY_AFTER_EXIT"});
-        if trigger == "Added to Cart" && k % 2 == 0 {
+                               "reentry": reentry});
+        if trigger == "Added to Cart" {
             entry["keyProperty"] = json!("sku");
         }
         let journey = json!({
@@ -146,12 +168,15 @@ pub async fn run(
         binary.display()
     );
     println!(
-        "journey benchmark: {JOURNEYS} published journeys (entries on {} with conditions on the event or the profile, \
-         condition splits, waits for events with 1-day timeouts, keyed entries, exits, goals, messages with emotion \
-         variants); {customers} customers",
+        "journey benchmark: {JOURNEYS} published journeys: 5 entered once on each of {}, 5 on those events with \
+         revenue over 90, 89 on campaign clicks (half only for pro customers), the probe; each a condition split on \
+         the profile, a wait for another event with a 1-day timeout, a message with emotion variants on the dev \
+         channel; cart journeys keyed by sku; exits on e-mail clicks, goal Order Completed; {customers} customers",
         NAMES.join(", ")
     );
-    latency(postgres, redis_url, binary, seconds, rate, customers).await?;
+    if seconds > 0 {
+        latency(postgres, redis_url, binary, seconds, rate, customers).await?;
+    }
     throughput(postgres, redis_url, binary, engine_events, customers).await
 }
 
@@ -209,7 +234,7 @@ async fn latency(
     let total = seconds as usize * requests_per_second;
     println!(
         "  latency: ingest, profile and orchestrator as processes; {} events/s sustained for {seconds} s as {requests_per_second} \
-         requests/s of {BATCH} events (the system benchmark's stream, one probe event each); the probe journey posts a \
+         requests/s of {BATCH} events (the system benchmark's stream with every tenth event a campaign click, one probe event each); the probe journey posts a \
          signed webhook to a receiver in the benchmark",
         requests_per_second * BATCH
     );
@@ -287,7 +312,17 @@ async fn latency(
         let mut stream = Stream::new(customers, false);
         let bodies: Vec<Vec<u8>> = (0..total)
             .map(|r| {
-                let mut batch: Vec<Value> = (0..BATCH - 1).map(|i| stream.event(r * BATCH + i)).collect();
+                let mut batch: Vec<Value> = (0..BATCH - 1)
+                    .map(|i| {
+                        if i % 10 == 0 {
+                            let (c, name) = campaign_click(&mut stream, customers);
+                            json!({"type": "track", "userId": format!("cust-{c}"), "event": name,
+                                   "messageId": format!("c-{r}-{i}")})
+                        } else {
+                            stream.event(r * BATCH + i)
+                        }
+                    })
+                    .collect();
                 batch.push(json!({"type": "track", "userId": format!("probe-{r}"), "event": "Bench Probe",
                                   "properties": {"probe": r}, "messageId": format!("probe-{r}")}));
                 serde_json::to_vec(&json!({ "batch": batch })).expect("json")
@@ -365,13 +400,17 @@ fn resolved_events(n: usize, customers: usize) -> Vec<Event> {
             } else {
                 busy + (stream.uniform() * (customers - busy) as f64) as usize
             };
-            let name = NAMES[(stream.uniform() * NAMES.len() as f64) as usize % NAMES.len()];
+            let name = if stream.uniform() < 0.10 {
+                campaign_click(&mut stream, customers).1
+            } else {
+                NAMES[(stream.uniform() * NAMES.len() as f64) as usize % NAMES.len()].to_owned()
+            };
             let properties = json!({"revenue": (stream.uniform() * 100.0).round(), "sku": format!("sku-{}", i % 7),
                                     "list": format!("{}", i % 200)});
             let mut event = Event {
                 event_id: format!("e-{i}"),
                 message_id: format!("m-{i}"),
-                event: name.to_owned(),
+                event: name,
                 user_id: format!("cust-{c}"),
                 profile_id: format!("prof-{c}"),
                 properties: match properties {
@@ -432,7 +471,7 @@ async fn throughput(
     println!(
         "  throughput: the orchestrator process alone, {events} resolved events delivered {DELIVERY} at a time over \
          EventSink (as the profile relay does) for {customers} customers whose profiles are in Redis (half on the pro plan); \
-         names spread evenly over the five, 5% of customers send 30% of events"
+         10% campaign clicks, the rest spread evenly over the five names, 5% of customers send 30% of events"
     );
     let bench_db = BenchDb::create(postgres).await?;
     bench_db.checkpoint().await?;
@@ -520,7 +559,7 @@ async fn throughput(
         let rate = events.len() as f64 / took.as_secs_f64();
         let ceiling = events.len() as f64 / floor.as_secs_f64();
         println!(
-            "  {:<44} {:>8.0} events/s   ({enrollments} enrollments and {steps} steps written)",
+            "  {:<44} {:>8.0} events/s   ({enrollments} enrollments and {steps} rows of steps written)",
             "journeys: events evaluated by the engine", rate
         );
         println!(

@@ -74,7 +74,7 @@ struct Args {
     /// Customers in the system benchmark's stream.
     #[arg(long, default_value_t = 20_000)]
     customers: usize,
-    /// Seconds of sustained load in the journey benchmark's latency part.
+    /// Seconds of sustained load in the journey benchmark's latency part (0 skips it).
     #[arg(long, default_value_t = 30)]
     journey_seconds: u64,
     /// Events per second posted in the journey benchmark's latency part.

@@ -31,46 +31,91 @@ pub const MAX_STEPS_PER_RUN: usize = 64;
 /// batch, and updated as steps act (a message sent counts towards the next cap check).
 pub struct Facts {
     pub profile: Profile,
-    /// The profile's condition variables; `event` and `enrollment` are set per evaluation.
+    /// The condition variables set so far: the profile's are converted only when a
+    /// condition first reads them, `event` and `enrollment` per evaluation.
     vars: Variables,
-    /// The profile as templates see it.
-    template_profile: Json,
+    profile_vars: Vec<&'static str>,
+    /// The profile as templates see it, made when a template first needs it.
+    template_profile: Option<Json>,
     pub time_zone: Option<Tz>,
     pub emotion_label: String,
+    emotion_score: f64,
     pub contacts: Vec<Contact>,
     pub open_case: bool,
+    /// What `vars` holds as `event` and `enrollment` now (event id; enrollment id and step),
+    /// so that evaluating many conditions on one event converts it once.
+    event_set: Option<String>,
+    enrollment_set: Option<(String, i64)>,
+    now_us: i64,
+    emotion: waymark_profile::emotion::EmotionRules,
 }
 
 impl Facts {
     /// The facts of `profile` at `now_us`.
     pub fn new(profile: Profile, contacts: Vec<Contact>, open_case: bool, env: &Env<'_>) -> Facts {
-        let vars = waymark_profile::segment::variables(&profile, env.now_us, &env.emotion);
-        let (score, label) = profile.emotion.as_ref().map_or((0.0, ""), |e| {
+        let (emotion_score, label) = profile.emotion.as_ref().map_or((0.0, ""), |e| {
             let (score, label) = waymark_profile::emotion::current(e, env.now_us, &env.emotion);
             (score, waymark_profile::emotion::label_name(label))
         });
-        let traits = profile
+        let time_zone = profile
             .traits
             .as_ref()
-            .map(struct_to_json)
-            .unwrap_or_default();
-        let time_zone = traits
-            .get("timezone")
-            .and_then(Json::as_str)
-            .and_then(|tz| schedule::parse_time_zone(tz).ok());
-        let template_profile = json!({
-            "profile_id": profile.profile_id,
-            "traits": traits,
-            "emotion": { "label": label, "score": score },
-        });
+            .and_then(|t| t.fields.get("timezone"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(tz)) => {
+                    schedule::parse_time_zone(tz).ok()
+                }
+                _ => None,
+            });
         Facts {
-            vars,
-            template_profile,
+            vars: Variables::new(),
+            profile_vars: Vec::new(),
+            template_profile: None,
             time_zone,
             emotion_label: label.to_owned(),
+            emotion_score,
             contacts,
             open_case,
             profile,
+            event_set: None,
+            enrollment_set: None,
+            now_us: env.now_us,
+            emotion: env.emotion,
+        }
+    }
+
+    /// Sets the profile's variables that `condition` reads and are not set yet.
+    fn prepare(&mut self, condition: &Condition) {
+        for name in waymark_profile::segment::VARIABLES {
+            if !condition.uses(name) || self.profile_vars.contains(&name) {
+                continue;
+            }
+            if let Some(value) =
+                waymark_profile::segment::variable(&self.profile, name, self.now_us, &self.emotion)
+            {
+                self.vars.set(name, value);
+            }
+            self.profile_vars.push(name);
+        }
+    }
+
+    /// The profile as templates see it.
+    fn template_profile(&mut self) -> &Json {
+        let (profile, label, score) = (&self.profile, &self.emotion_label, self.emotion_score);
+        self.template_profile.get_or_insert_with(|| {
+            json!({
+                "profile_id": profile.profile_id,
+                "traits": profile.traits.as_ref().map(struct_to_json).unwrap_or_default(),
+                "emotion": { "label": label, "score": score },
+            })
+        })
+    }
+
+    /// A trait's value when it is a string.
+    fn trait_text(&self, name: &str) -> Option<&str> {
+        match &self.profile.traits.as_ref()?.fields.get(name)?.kind {
+            Some(prost_types::value::Kind::StringValue(s)) => Some(s),
+            _ => None,
         }
     }
 
@@ -292,25 +337,34 @@ fn evaluate(
     enrollment: Option<&Enrollment>,
     facts: &mut Facts,
 ) -> Result<bool, String> {
-    facts.vars.set(
-        "event",
-        event.map_or_else(|| Value::Map(BTreeMap::new()), event_value),
-    );
-    let enrollment_value = enrollment.map_or_else(
-        || Value::Map(BTreeMap::new()),
-        |e| {
-            Value::Map(BTreeMap::from([
-                ("key".to_owned(), Value::String(e.key.clone())),
-                (
-                    "context".to_owned(),
-                    json_value(&Json::Object(e.context.clone())),
-                ),
-                ("journey_id".to_owned(), Value::String(e.journey_id.clone())),
-                ("version".to_owned(), Value::Int(i64::from(e.version))),
-            ]))
-        },
-    );
-    facts.vars.set("enrollment", enrollment_value);
+    facts.prepare(condition);
+    let event_id = event.map(|e| e.event_id.clone());
+    if facts.event_set != event_id || event.is_none() {
+        facts.vars.set(
+            "event",
+            event.map_or_else(|| Value::Map(BTreeMap::new()), event_value),
+        );
+        facts.event_set = event_id;
+    }
+    let enrollment_key = enrollment.map(|e| (e.enrollment_id.clone(), e.seq));
+    if facts.enrollment_set != enrollment_key || enrollment.is_none() {
+        let enrollment_value = enrollment.map_or_else(
+            || Value::Map(BTreeMap::new()),
+            |e| {
+                Value::Map(BTreeMap::from([
+                    ("key".to_owned(), Value::String(e.key.clone())),
+                    (
+                        "context".to_owned(),
+                        json_value(&Json::Object(e.context.clone())),
+                    ),
+                    ("journey_id".to_owned(), Value::String(e.journey_id.clone())),
+                    ("version".to_owned(), Value::Int(i64::from(e.version))),
+                ]))
+            },
+        );
+        facts.vars.set("enrollment", enrollment_value);
+        facts.enrollment_set = enrollment_key;
+    }
     condition.evaluate(&facts.vars).map_err(|e| e.to_string())
 }
 
@@ -663,7 +717,7 @@ impl Run<'_, '_> {
             .unwrap_or(self.env.policy.default_time_zone)
     }
 
-    fn template_context(&self) -> Json {
+    fn template_context(&mut self) -> Json {
         let event = self.event.map_or(Json::Null, |e| {
             json!({
                 "name": e.event,
@@ -671,7 +725,7 @@ impl Run<'_, '_> {
             })
         });
         json!({
-            "profile": self.facts.template_profile,
+            "profile": self.facts.template_profile().clone(),
             "event": event,
             "enrollment": {
                 "id": self.enrollment.enrollment_id,
@@ -787,13 +841,11 @@ impl Run<'_, '_> {
                             name,
                             exit_when_past,
                         } => {
+                            let tz = self.time_zone();
                             let date = self
                                 .facts
-                                .template_profile
-                                .get("traits")
-                                .and_then(|t| t.get(name))
-                                .and_then(Json::as_str)
-                                .and_then(|s| schedule::parse_trait_date(s, self.time_zone()));
+                                .trait_text(name)
+                                .and_then(|s| schedule::parse_trait_date(s, tz));
                             match date {
                                 Some(d) if d > self.env.now_us => Some(d),
                                 _ if *exit_when_past => {
@@ -928,7 +980,7 @@ impl Run<'_, '_> {
                         "reason": reason,
                         "journey_id": journey.journey_id,
                         "enrollment_id": self.enrollment.enrollment_id,
-                        "profile": self.facts.template_profile,
+                        "profile": self.facts.template_profile().clone(),
                         "identities": self.facts.profile.identities.iter()
                             .map(|i| json!({ "type": i.r#type, "value": i.value }))
                             .collect::<Vec<_>>(),

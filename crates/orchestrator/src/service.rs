@@ -130,6 +130,10 @@ struct Inner {
     relay: Wakeup,
     timers: Notify,
     actions: Notify,
+    /// Pending actions this replica just committed, claimed for it: the dispatcher sends
+    /// them without claiming them again.
+    handoff: tokio::sync::mpsc::UnboundedSender<Vec<store::ActionRow>>,
+    handed: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<store::ActionRow>>>>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -161,8 +165,11 @@ impl Orchestrator {
         consumers: Vec<String>,
         relay: Wakeup,
     ) -> Orchestrator {
+        let (handoff, handed) = tokio::sync::mpsc::unbounded_channel();
         Orchestrator {
             inner: Arc::new(Inner {
+                handoff,
+                handed: std::sync::Mutex::new(Some(handed)),
                 catalog: Catalog::new(db.clone()),
                 db,
                 cache,
@@ -257,7 +264,15 @@ impl Orchestrator {
         changed: &[Changed<'_>],
         fx: &Effects,
     ) -> Result<(), DbErr> {
-        store::write_run(txn, changed, fx, self.now()).await?;
+        let now = self.now();
+        store::write_run(
+            txn,
+            changed,
+            fx,
+            now,
+            now.saturating_add(self.inner.settings.lease_us),
+        )
+        .await?;
         let by_id: HashMap<&str, &Enrollment> = changed
             .iter()
             .map(|c| (c.enrollment.enrollment_id.as_str(), c.enrollment))
@@ -273,14 +288,22 @@ impl Orchestrator {
         if !fx.steps.is_empty() {
             self.inner.relay.notify();
         }
-        if fx
+        let now = self.now();
+        let fresh: Vec<store::ActionRow> = fx
             .actions
             .iter()
-            .any(|a| a.status == crate::model::ActionStatus::Pending)
-            || fx
-                .action_updates
-                .iter()
-                .any(|u| u.status == crate::model::ActionStatus::Pending)
+            .filter(|a| a.status == crate::model::ActionStatus::Pending)
+            .map(|a| store::ActionRow::claimed(a, now))
+            .collect();
+        if !fresh.is_empty() {
+            // The receiver lives as long as the service; were it gone, the lease would end
+            // and any replica would claim these.
+            let _ = self.inner.handoff.send(fresh);
+        }
+        if fx
+            .action_updates
+            .iter()
+            .any(|u| u.status == crate::model::ActionStatus::Pending)
         {
             self.inner.actions.notify_one();
         }
@@ -292,16 +315,12 @@ impl Orchestrator {
     /// Profiles, from the shared cache, else from the profile service; a profile found
     /// nowhere runs as an empty one (no traits, no consent).
     async fn profiles(&self, ids: &[String]) -> HashMap<String, Profile> {
-        let mut found = HashMap::new();
-        let mut missing = Vec::new();
-        for id in ids {
-            match self.inner.cache.get(id).await {
-                Some(p) => {
-                    found.insert(id.clone(), p);
-                }
-                None => missing.push(id.clone()),
-            }
-        }
+        let mut found = self.inner.cache.get_many(ids).await;
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             for p in self.inner.peers.fetch_profiles(&missing).await {
                 found.insert(p.profile_id.clone(), p);
@@ -514,21 +533,7 @@ impl Orchestrator {
         let needed: Vec<String> = needed.into_iter().map(str::to_owned).collect();
         let mut facts = self.facts(&txn, &needed, prefetched, &env).await?;
         let candidates: Vec<String> = candidates.into_iter().collect();
-        let mut history: HashMap<(String, String, String), EntryHistory> =
-            store::entry_history(&txn, &needed, &candidates)
-                .await?
-                .into_iter()
-                .map(|h| {
-                    (
-                        (
-                            h.profile_id.clone(),
-                            h.journey_id.clone(),
-                            h.entry_key.clone(),
-                        ),
-                        h,
-                    )
-                })
-                .collect();
+        let mut history = EntryBook::new(store::entry_history(&txn, &needed, &candidates).await?);
 
         let mut fx = Effects::default();
         for event in &events {
@@ -584,7 +589,7 @@ impl Orchestrator {
         facts: &mut Facts,
         env: &Env<'_>,
         fx: &mut Effects,
-        history: &mut HashMap<(String, String, String), EntryHistory>,
+        history: &mut EntryBook,
     ) -> Option<Enrollment> {
         match engine::matches(&journey.entry.trigger, event, None, facts) {
             Ok(true) => {}
@@ -599,48 +604,120 @@ impl Orchestrator {
             Some(p) => engine::event_key(event, p)?,
         };
         let profile_id = facts.profile.profile_id.clone();
-        let active_in_journey: i64 = history
-            .iter()
-            .filter(|((p, j, _), _)| *p == profile_id && *j == journey.journey_id)
-            .map(|(_, h)| h.active)
-            .sum();
-        let h = history.get(&(profile_id.clone(), journey.journey_id.clone(), key.clone()));
+        if !history.admits(journey, &profile_id, &key, env.now_us) {
+            return None;
+        }
+        let enrollment = engine::enter(journey, event, &key, facts, env, fx);
+        history.entered(
+            journey,
+            &profile_id,
+            &key,
+            enrollment.is_active(),
+            env.now_us,
+        );
+        self.inner.metrics.entered(&journey.journey_id);
+        Some(enrollment)
+    }
+}
+
+/// How profiles have been in journeys, per entry key: what re-entry rules and caps read,
+/// kept up to date as a delivery enrolls.
+#[derive(Default)]
+pub(crate) struct EntryBook {
+    by_key: HashMap<(String, String, String), EntryHistory>,
+    /// Active enrollments per (profile, journey), over every key.
+    active: HashMap<(String, String), i64>,
+}
+
+impl EntryBook {
+    pub(crate) fn new(history: Vec<EntryHistory>) -> EntryBook {
+        let mut book = EntryBook::default();
+        for h in history {
+            *book
+                .active
+                .entry((h.profile_id.clone(), h.journey_id.clone()))
+                .or_default() += h.active;
+            book.by_key.insert(
+                (
+                    h.profile_id.clone(),
+                    h.journey_id.clone(),
+                    h.entry_key.clone(),
+                ),
+                h,
+            );
+        }
+        book
+    }
+
+    /// Whether the re-entry rule and the concurrency cap let `profile_id` enter `journey`
+    /// with `key` at `now_us`. One enrollment per key at a time; an unkeyed journey that
+    /// is always re-entered runs several at once, up to its cap.
+    pub(crate) fn admits(
+        &self,
+        journey: &Journey,
+        profile_id: &str,
+        key: &str,
+        now_us: i64,
+    ) -> bool {
+        let active_in_journey = self
+            .active
+            .get(&(profile_id.to_owned(), journey.journey_id.clone()))
+            .copied()
+            .unwrap_or(0);
+        let h = self.by_key.get(&(
+            profile_id.to_owned(),
+            journey.journey_id.clone(),
+            key.to_owned(),
+        ));
         let allowed = match (journey.entry.reentry, h) {
             (_, None) => true,
             (Reentry::Once, Some(h)) => h.total == 0,
             (Reentry::Always, _) => true,
             (Reentry::AfterExit, Some(h)) => h.active == 0,
             (Reentry::AfterCooldown(c), Some(h)) => {
-                h.active == 0 && env.now_us.saturating_sub(h.last_entered) >= c
+                h.active == 0 && now_us.saturating_sub(h.last_entered) >= c
             }
         };
-        // One enrollment per key at a time; an unkeyed journey that is always re-entered
-        // runs several at once, up to its cap.
         let keyed = journey.entry.key_property.is_some();
         let under_cap = active_in_journey < i64::from(journey.entry.max_concurrent)
             && h.is_none_or(|h| {
                 h.active == 0 || (!keyed && journey.entry.reentry == Reentry::Always)
             });
-        if !allowed || !under_cap {
-            return None;
-        }
-        let enrollment = engine::enter(journey, event, &key, facts, env, fx);
-        let entry = history
-            .entry((profile_id.clone(), journey.journey_id.clone(), key.clone()))
-            .or_insert(EntryHistory {
-                profile_id,
+        allowed && under_cap
+    }
+
+    /// Records an entry.
+    pub(crate) fn entered(
+        &mut self,
+        journey: &Journey,
+        profile_id: &str,
+        key: &str,
+        active: bool,
+        now_us: i64,
+    ) {
+        let entry = self
+            .by_key
+            .entry((
+                profile_id.to_owned(),
+                journey.journey_id.clone(),
+                key.to_owned(),
+            ))
+            .or_insert_with(|| EntryHistory {
+                profile_id: profile_id.to_owned(),
                 journey_id: journey.journey_id.clone(),
-                entry_key: key,
+                entry_key: key.to_owned(),
                 active: 0,
                 total: 0,
                 last_entered: 0,
             });
         entry.total += 1;
-        entry.last_entered = env.now_us;
-        if enrollment.is_active() {
+        entry.last_entered = now_us;
+        if active {
             entry.active += 1;
+            *self
+                .active
+                .entry((profile_id.to_owned(), journey.journey_id.clone()))
+                .or_default() += 1;
         }
-        self.inner.metrics.entered(&journey.journey_id);
-        Some(enrollment)
     }
 }

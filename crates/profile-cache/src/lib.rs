@@ -8,6 +8,7 @@
 //! to misses (counted and logged), never to errors; the cache refills once it is back.
 //! Without a Redis URL an in-process backend with the same semantics serves `waymark dev`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -207,6 +208,74 @@ impl ProfileCache {
             None => self.misses.add(1, &[]),
         }
         found
+    }
+
+    /// The cached profiles among `profile_ids`, read in one round trip (the near cache
+    /// first): a consumer that needs a batch's profiles pays one call, not one per profile.
+    pub async fn get_many(&self, profile_ids: &[String]) -> HashMap<String, Profile> {
+        let mut found = HashMap::new();
+        let r = match &self.backend {
+            Backend::Memory(m) => {
+                let mut m = lock(m);
+                for id in profile_ids {
+                    if let Some(p) = m.get_profile(id) {
+                        found.insert(id.clone(), p);
+                    }
+                }
+                drop(m);
+                self.count_reads(found.len(), profile_ids.len());
+                return found;
+            }
+            Backend::Redis(r) => r,
+        };
+        let mut wanted = Vec::new();
+        for id in profile_ids {
+            match self.near.as_ref().and_then(|n| n.get(id)) {
+                Some(p) => {
+                    self.hits.add(1, &[KeyValue::new("tier", "near")]);
+                    found.insert(id.clone(), p);
+                }
+                None => wanted.push(id),
+            }
+        }
+        if wanted.is_empty() || !self.recovered(r).await {
+            return found;
+        }
+        let generation = self.near.as_ref().map(|n| n.generation());
+        let mut pipe = redis::pipe();
+        for id in &wanted {
+            pipe.cmd("HGET")
+                .arg(format!("{}{}", self.prefix, profile_key(id)))
+                .arg("p");
+        }
+        match r.pipe_values(&pipe).await {
+            Ok(values) => {
+                let mut hits = 0;
+                for (id, value) in wanted.iter().zip(values) {
+                    let Some(profile) = value.as_deref().and_then(decode) else {
+                        continue;
+                    };
+                    if let (Some(near), Some(generation)) = (&self.near, generation) {
+                        near.keep(generation, &profile);
+                    }
+                    hits += 1;
+                    found.insert((*id).clone(), profile);
+                }
+                self.count_reads(hits, wanted.len());
+            }
+            Err(error) => self.failed("get_many", &error),
+        }
+        found
+    }
+
+    fn count_reads(&self, hits: usize, asked: usize) {
+        if hits > 0 {
+            self.hits
+                .add(hits as u64, &[KeyValue::new("tier", self.tier())]);
+        }
+        if asked > hits {
+            self.misses.add((asked - hits) as u64, &[]);
+        }
     }
 
     /// The id of the profile owning an identifier, if cached.

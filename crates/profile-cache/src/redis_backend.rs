@@ -105,6 +105,15 @@ impl RedisBackend {
         cmd.query_async(&mut c).await
     }
 
+    /// Runs `pipe`, whose commands each answer bytes or nothing, in one round trip.
+    pub(crate) async fn pipe_values(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<Option<Vec<u8>>>, redis::RedisError> {
+        let mut c = self.connection().await?;
+        pipe.query_async(&mut c).await
+    }
+
     pub(crate) async fn pipe(&self, pipe: &redis::Pipeline) -> Result<(), redis::RedisError> {
         let mut c = self.connection().await?;
         pipe.query_async::<()>(&mut c).await

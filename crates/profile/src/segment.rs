@@ -88,42 +88,67 @@ pub fn validate_segment(segment: &Segment) -> Result<SegmentDefinition, (&'stati
     })
 }
 
+/// The names of the profile's variables, as [`declarations`] lists them.
+pub const VARIABLES: [&str; 6] = [
+    "traits",
+    "computed",
+    "emotion",
+    "consent",
+    "identities",
+    "now",
+];
+
 /// The variables of `profile` at `now_us` (microseconds since the Unix epoch).
 pub fn variables(profile: &Profile, now_us: i64, emotion_rules: &EmotionRules) -> Variables {
-    let traits = profile
-        .traits
-        .as_ref()
-        .map_or_else(|| Value::Map(BTreeMap::new()), struct_value);
-    let mut consent = BTreeMap::new();
-    for c in &profile.consents {
-        consent.insert(format!("{}/{}", c.channel, c.purpose), c.granted.into());
-    }
-    let mut identities = BTreeMap::<String, Vec<Value>>::new();
-    for identity in &profile.identities {
-        identities
-            .entry(identity.r#type.clone())
-            .or_default()
-            .push(identity.value.as_str().into());
-    }
     let mut vars = Variables::new();
-    vars.set("traits", traits)
-        .set("computed", computed(profile.computed.as_ref()))
-        .set(
-            "emotion",
-            emotion(profile.emotion.as_ref(), now_us, emotion_rules),
-        )
-        .set("consent", Value::Map(consent))
-        .set(
-            "identities",
+    for name in VARIABLES {
+        if let Some(value) = variable(profile, name, now_us, emotion_rules) {
+            vars.set(name, value);
+        }
+    }
+    vars
+}
+
+/// One of [`VARIABLES`] of `profile` at `now_us`, for a caller that sets only those its
+/// conditions read; `None` for another name.
+pub fn variable(
+    profile: &Profile,
+    name: &str,
+    now_us: i64,
+    emotion_rules: &EmotionRules,
+) -> Option<Value> {
+    Some(match name {
+        "traits" => profile
+            .traits
+            .as_ref()
+            .map_or_else(|| Value::Map(BTreeMap::new()), struct_value),
+        "computed" => computed(profile.computed.as_ref()),
+        "emotion" => emotion(profile.emotion.as_ref(), now_us, emotion_rules),
+        "consent" => Value::Map(
+            profile
+                .consents
+                .iter()
+                .map(|c| (format!("{}/{}", c.channel, c.purpose), c.granted.into()))
+                .collect(),
+        ),
+        "identities" => {
+            let mut identities = BTreeMap::<String, Vec<Value>>::new();
+            for identity in &profile.identities {
+                identities
+                    .entry(identity.r#type.clone())
+                    .or_default()
+                    .push(identity.value.as_str().into());
+            }
             Value::Map(
                 identities
                     .into_iter()
                     .map(|(k, v)| (k, Value::List(v)))
                     .collect(),
-            ),
-        )
-        .set("now", Value::Timestamp(now_us));
-    vars
+            )
+        }
+        "now" => Value::Timestamp(now_us),
+        _ => return None,
+    })
 }
 
 fn computed(computed: Option<&ComputedTraits>) -> Value {

@@ -22,11 +22,11 @@ use waymark_proto::profile::v1::{
 
 use super::Orchestrator;
 use crate::model::{ActionKind, ActionStatus};
-use crate::store::{self, ActionRow};
+use crate::store::{self, ActionRow, Settlement};
 use crate::webhook::{Delivery, WebhookSender, backoff};
 
 /// Actions claimed per round, and sent at once.
-const CLAIM: u64 = 64;
+const CLAIM: u64 = 256;
 const CONCURRENCY: usize = 32;
 /// The longest the loop sleeps without looking (retries fall due, other replicas' work).
 const IDLE: Duration = Duration::from_millis(200);
@@ -269,38 +269,66 @@ impl Orchestrator {
             let claimed =
                 store::claim_actions(self.db(), now, self.inner.settings.lease_us, CLAIM).await?;
             let n = claimed.len();
-            let results: Vec<Result<bool, sea_orm::DbErr>> = futures::stream::iter(claimed)
-                .map(|action| async move { self.dispatch(action).await })
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
-            for r in results {
-                settled += usize::from(r?);
-            }
+            settled += self.send(claimed).await?;
             if n < CLAIM as usize {
                 return Ok(settled);
             }
         }
     }
 
+    /// Sends claimed actions at once, records how each attempt ended in one statement,
+    /// and moves on the enrollments whose webhook step settled; returns how many settled.
+    async fn send(&self, claimed: Vec<ActionRow>) -> Result<usize, sea_orm::DbErr> {
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let attempts: Vec<(ActionRow, Settlement)> = futures::stream::iter(claimed)
+            .map(|action| async move {
+                let settlement = self.attempt(&action).await;
+                (action, settlement)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let settlements: Vec<Settlement> = attempts.iter().map(|(_, s)| s.clone()).collect();
+        let counted: std::collections::HashSet<String> =
+            store::settle_actions(self.db(), &settlements, self.now())
+                .await?
+                .into_iter()
+                .collect();
+        // A webhook step waits for its outcome: move its enrollment on.
+        for (action, s) in &attempts {
+            if s.retry_at.is_none()
+                && counted.contains(&s.action_id)
+                && action.kind() == Some(ActionKind::Webhook)
+            {
+                let outcome = if s.status == ActionStatus::Sent {
+                    Ok(())
+                } else {
+                    Err(s.reason.as_str())
+                };
+                self.action_settled(&action.enrollment_id, &action.action_id, outcome)
+                    .await?;
+            }
+        }
+        Ok(counted.len())
+    }
+
+    /// One attempt at a claimed action, and how it ended.
     #[tracing::instrument(skip_all, fields(action = %action.action_id, kind = %action.kind, attempt = action.attempts))]
-    async fn dispatch(&self, action: ActionRow) -> Result<bool, sea_orm::DbErr> {
+    async fn attempt(&self, action: &ActionRow) -> Settlement {
+        let settlement = |status, reason: String, retry_at| Settlement {
+            action_id: action.action_id.clone(),
+            status,
+            reason,
+            retry_at,
+        };
         let payload = match action.payload() {
             Ok(p) => p,
-            Err(e) => {
-                return store::settle_action(
-                    self.db(),
-                    &action.action_id,
-                    ActionStatus::Failed,
-                    &e.to_string(),
-                    None,
-                    self.now(),
-                )
-                .await;
-            }
+            Err(e) => return settlement(ActionStatus::Failed, e.to_string(), None),
         };
         let started = std::time::Instant::now();
-        let outcome = self.inner.peers.perform(&action, payload).await;
+        let outcome = self.inner.peers.perform(action, payload).await;
         let attempts = u32::try_from(action.attempts).unwrap_or(u32::MAX);
         let (status, reason, retry_at) = match outcome {
             Delivery::Delivered { .. } => (ActionStatus::Sent, String::new(), None),
@@ -319,32 +347,26 @@ impl Orchestrator {
         self.inner
             .metrics
             .action(action.kind.as_str(), status, started.elapsed());
-        let counted = store::settle_action(
-            self.db(),
-            &action.action_id,
-            status,
-            &reason,
-            retry_at,
-            self.now(),
-        )
-        .await?;
-        if counted && retry_at.is_none() && action.kind() == Some(ActionKind::Webhook) {
-            let outcome = if status == ActionStatus::Sent {
-                Ok(())
-            } else {
-                Err(reason.as_str())
-            };
-            self.action_settled(&action.enrollment_id, &action.action_id, outcome)
-                .await?;
-        }
         if !reason.is_empty() {
             tracing::info!(action = %action.action_id, kind = %action.kind, attempts, %reason, retrying = retry_at.is_some(), "action not delivered");
         }
-        Ok(counted)
+        settlement(status, reason, retry_at)
     }
 
-    /// Sends due actions until `shutdown`.
+    /// Sends due actions until `shutdown`: those this replica just committed as they are
+    /// handed over, the rest (retries, deferred messages, other replicas' expired claims)
+    /// as they fall due.
     pub async fn run_dispatcher(&self, shutdown: CancellationToken) {
+        let handed = self
+            .inner
+            .handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut handed) = handed else {
+            tracing::error!("the dispatcher runs once per service");
+            return;
+        };
         loop {
             if let Err(error) = self.dispatch_due().await {
                 tracing::warn!(%error, "dispatching actions failed");
@@ -358,6 +380,14 @@ impl Orchestrator {
                 () = shutdown.cancelled() => return,
                 () = self.inner.actions.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
+                Some(mut fresh) = handed.recv() => {
+                    while let Ok(more) = handed.try_recv() {
+                        fresh.extend(more);
+                    }
+                    if let Err(error) = self.send(fresh).await {
+                        tracing::warn!(%error, "sending actions failed; they go again when their claim ends");
+                    }
+                }
             }
         }
     }

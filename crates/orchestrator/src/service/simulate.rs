@@ -9,11 +9,11 @@ use waymark_proto::common::v1::Event;
 use waymark_proto::orchestration::v1 as pb;
 use waymark_proto::profile::v1::Profile;
 
-use super::{Orchestrator, OrchestratorError, invalid};
+use super::{EntryBook, Orchestrator, OrchestratorError, invalid};
 use crate::engine::{self, Effects, Env, Facts};
 use crate::journey::{self, Journey};
 use crate::model::{Enrollment, Waiting};
-use crate::store::{self, EntryHistory};
+use crate::store;
 
 const DEFAULT_EVENTS: u32 = 100_000;
 const MAX_EVENTS: u32 = 1_000_000;
@@ -129,7 +129,7 @@ impl Orchestrator {
             };
             let mut facts = Facts::new(profile, Vec::new(), false, &env(from_us));
             let mut enrollments: Vec<Enrollment> = Vec::new();
-            let mut history: HashMap<(String, String, String), EntryHistory> = HashMap::new();
+            let mut history = EntryBook::default();
             let mut fx = Effects::default();
             for event in &events {
                 let at = event_time(event).clamp(from_us, to_us);

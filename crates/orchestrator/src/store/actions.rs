@@ -16,13 +16,14 @@ pub(super) async fn write_actions<C: ConnectionTrait>(
     conn: &C,
     fx: &Effects,
     now_us: i64,
+    lease_until: i64,
 ) -> Result<(), DbErr> {
     let a = &fx.actions;
     if !a.is_empty() {
         let t = |f: fn(&Action) -> String| a.iter().map(f).collect::<Vec<_>>();
         Insert::new(
             "INSERT INTO actions (action_id, enrollment_id, journey_id, node_id, profile_id, kind,
-                 target, reason, payload, status, due_at, attempts, created_at, lease_until)",
+                 target, reason, payload, status, due_at, attempts, lease_until, created_at)",
             vec![
                 Column::Text(t(|x| x.action_id.clone())),
                 Column::Text(t(|x| x.enrollment_id.clone())),
@@ -35,11 +36,27 @@ pub(super) async fn write_actions<C: ConnectionTrait>(
                 Column::Text(t(|x| x.payload.to_string())),
                 Column::Int2(a.iter().map(|x| x.status as i16).collect()),
                 Column::Int8(a.iter().map(|x| x.due_at).collect()),
+                // A pending action is claimed by the replica that made it, which sends it
+                // at once; should it die, the lease ends and another sends it.
+                Column::Int4(
+                    a.iter()
+                        .map(|x| i32::from(x.status == ActionStatus::Pending))
+                        .collect(),
+                ),
+                Column::Int8(
+                    a.iter()
+                        .map(|x| {
+                            if x.status == ActionStatus::Pending {
+                                lease_until
+                            } else {
+                                0
+                            }
+                        })
+                        .collect(),
+                ),
             ],
         )
-        .constant(0i32)
         .constant(now_us)
-        .constant(0i64)
         .suffix("ON CONFLICT (action_id) DO NOTHING")
         .execute(conn)
         .await?;
@@ -152,6 +169,28 @@ impl ActionRow {
     }
 }
 
+impl ActionRow {
+    /// `action` as a row just written by [`write_actions`], claimed by its maker.
+    pub fn claimed(action: &Action, now_us: i64) -> ActionRow {
+        ActionRow {
+            action_id: action.action_id.clone(),
+            enrollment_id: action.enrollment_id.clone(),
+            journey_id: action.journey_id.clone(),
+            node_id: action.node_id.clone(),
+            profile_id: action.profile_id.clone(),
+            kind: action.kind.name().to_owned(),
+            target: action.target.clone(),
+            status: action.status as i16,
+            reason: action.reason.clone(),
+            attempts: 1,
+            created_at: now_us,
+            due_at: action.due_at,
+            sent_at: None,
+            payload: action.payload.to_string(),
+        }
+    }
+}
+
 /// Claims up to `limit` pending actions due at `now_us` for `lease_us`; another
 /// dispatcher skips them until the lease ends.
 pub async fn claim_actions<C: ConnectionTrait>(
@@ -185,7 +224,7 @@ pub async fn claim_actions<C: ConnectionTrait>(
     .await
 }
 
-/// When the next pending action is due, if any.
+/// When the next pending action is due, if any (a claimed one when its claim ends).
 pub async fn next_action_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>, DbErr> {
     #[derive(FromQueryResult)]
     struct Row {
@@ -193,7 +232,8 @@ pub async fn next_action_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>
     }
     Ok(query_one_as::<Row, _>(
         conn,
-        "SELECT MIN(due_at) AS due FROM actions WHERE status = 1",
+        "SELECT MIN(CASE WHEN lease_until > due_at THEN lease_until ELSE due_at END) AS due
+         FROM actions WHERE status = 1",
         [],
     )
     .await?
@@ -237,6 +277,77 @@ pub async fn settle_action<C: ConnectionTrait>(
         }
     };
     Ok(n > 0)
+}
+
+/// How one attempt at a claimed action ended.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub action_id: String,
+    /// Sent, Failed, or Pending with `retry_at`.
+    pub status: ActionStatus,
+    pub reason: String,
+    pub retry_at: Option<i64>,
+}
+
+/// Settles claimed actions (see [`settle_action`]) in one statement on PostgreSQL;
+/// returns the ids whose settlement counted (those still pending).
+pub async fn settle_actions<C: ConnectionTrait>(
+    conn: &C,
+    settled: &[Settlement],
+    now_us: i64,
+) -> Result<Vec<String>, DbErr> {
+    if settled.is_empty() {
+        return Ok(Vec::new());
+    }
+    if conn.get_database_backend() != sea_orm::DbBackend::Postgres {
+        let mut counted = Vec::new();
+        for s in settled {
+            if settle_action(conn, &s.action_id, s.status, &s.reason, s.retry_at, now_us).await? {
+                counted.push(s.action_id.clone());
+            }
+        }
+        return Ok(counted);
+    }
+    #[derive(FromQueryResult)]
+    struct Row {
+        action_id: String,
+    }
+    let values: Vec<Value> = vec![
+        now_us.into(),
+        settled
+            .iter()
+            .map(|s| s.action_id.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        settled
+            .iter()
+            .map(|s| s.status as i64)
+            .collect::<Vec<_>>()
+            .into(),
+        settled
+            .iter()
+            .map(|s| s.reason.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        // No retry travels as i64::MIN: arrays of nullable integers do not bind.
+        settled
+            .iter()
+            .map(|s| s.retry_at.unwrap_or(i64::MIN))
+            .collect::<Vec<_>>()
+            .into(),
+    ];
+    let rows: Vec<Row> = query_as(
+        conn,
+        "UPDATE actions AS a SET status = u.status, reason = u.reason, lease_until = 0,
+             due_at = CASE WHEN u.retry_at = -9223372036854775808 THEN a.due_at ELSE u.retry_at END,
+             sent_at = CASE WHEN u.status = 2 THEN ?::int8 ELSE a.sent_at END
+         FROM UNNEST(?::text[], ?::int8[], ?::text[], ?::int8[]) AS u(id, status, reason, retry_at)
+         WHERE a.action_id = u.id AND a.status = 1
+         RETURNING a.action_id",
+        values,
+    )
+    .await?;
+    Ok(rows.into_iter().map(|r| r.action_id).collect())
 }
 
 /// Filters of [`list_actions`].

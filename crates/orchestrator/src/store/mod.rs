@@ -57,11 +57,7 @@ const SCHEMA: &str = "
     CREATE TABLE steps (
         enrollment_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
-        node_id TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        at BIGINT NOT NULL,
+        steps TEXT NOT NULL,
         PRIMARY KEY (enrollment_id, seq)
     );
     CREATE TABLE actions (

@@ -196,34 +196,53 @@ pub async fn steps<C: ConnectionTrait>(
 ) -> Result<Vec<StepRecord>, DbErr> {
     #[derive(FromQueryResult)]
     struct Row {
-        seq: i64,
-        node_id: String,
-        outcome: String,
-        decision: String,
-        detail: String,
-        at: i64,
+        steps: String,
     }
-    let mut rows: Vec<Row> = query_as(
-        conn,
-        "SELECT seq, node_id, outcome, decision, detail, at FROM steps
-         WHERE enrollment_id = ? ORDER BY seq DESC LIMIT ?",
-        [enrollment_id.into(), (limit as i64).into()],
-    )
-    .await?;
-    rows.reverse();
-    rows.into_iter()
-        .map(|r| {
-            Ok(StepRecord {
-                enrollment_id: enrollment_id.to_owned(),
-                seq: r.seq,
-                node_id: r.node_id,
-                outcome: r.outcome,
-                decision: r.decision,
-                detail: serde_json::from_str(&r.detail).map_err(|e| corrupt("step detail", e))?,
-                at: r.at,
-            })
-        })
-        .collect()
+    // A row holds the steps of one run; read runs newest first until there are enough.
+    let mut out: Vec<StepRecord> = Vec::new();
+    let mut before = i64::MAX;
+    while (out.len() as u64) < limit {
+        let rows: Vec<Row> = query_as(
+            conn,
+            "SELECT steps FROM steps WHERE enrollment_id = ? AND seq < ?
+             ORDER BY seq DESC LIMIT 50",
+            [enrollment_id.into(), before.into()],
+        )
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let run: Vec<StoredStep> =
+                serde_json::from_str(&row.steps).map_err(|e| corrupt("steps", e))?;
+            before = run.first().map_or(before, |s| s.seq);
+            for s in run.into_iter().rev() {
+                out.push(StepRecord {
+                    enrollment_id: enrollment_id.to_owned(),
+                    seq: s.seq,
+                    node_id: s.node_id,
+                    outcome: s.outcome,
+                    decision: s.decision,
+                    detail: s.detail,
+                    at: s.at,
+                });
+            }
+        }
+    }
+    out.truncate(limit as usize);
+    out.reverse();
+    Ok(out)
+}
+
+/// A step as stored inside its run's row.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredStep {
+    seq: i64,
+    node_id: String,
+    outcome: String,
+    decision: String,
+    detail: Map<String, Json>,
+    at: i64,
 }
 
 /// How a profile has been in a journey (per entry key): what re-entry rules read.
@@ -368,44 +387,21 @@ pub struct Changed<'a> {
 /// Writes a run's enrollments and effects. An enrollment changed by someone else since it
 /// was loaded (another replica fired its timer) fails the write with
 /// `DbErr::RecordNotUpdated`: the caller rolls back and runs again on fresh state, so a
-/// step is never taken twice.
+/// step is never taken twice. Pending actions are written claimed until `lease_until`.
 pub async fn write_run<C: ConnectionTrait>(
     conn: &C,
     changed: &[Changed<'_>],
     fx: &Effects,
     now_us: i64,
+    lease_until: i64,
 ) -> Result<(), DbErr> {
     let (new, updated): (Vec<&Changed>, Vec<&Changed>) =
         changed.iter().partition(|c| c.loaded_seq.is_none());
-    for c in updated {
-        let e = c.enrollment;
-        let (waiting, action) = e.waiting.encode();
-        let n = execute(
-            conn,
-            "UPDATE enrollments SET version = ?, profile_id = ?, user_id = ?, status = ?, node_id = ?, waiting = ?,
-                 waiting_action = ?, waiting_until = ?, lease_until = 0, ended_at = ?, reason = ?,
-                 context = ?, seq = ?
-             WHERE enrollment_id = ? AND seq = ?",
-            [
-                i64::from(e.version).into(),
-                e.profile_id.clone().into(),
-                e.user_id.clone().into(),
-                (e.status as i16).into(),
-                e.node_id.clone().into(),
-                waiting.into(),
-                action.into(),
-                e.waiting_until.into(),
-                e.ended_at.into(),
-                e.reason.clone().into(),
-                Json::Object(e.context.clone()).to_string().into(),
-                e.seq.into(),
-                e.enrollment_id.clone().into(),
-                c.loaded_seq.unwrap_or_default().into(),
-            ],
-        )
-        .await?;
-        if n == 0 {
-            return Err(DbErr::RecordNotUpdated);
+    if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        update_all_postgres(conn, &updated).await?;
+    } else {
+        for c in &updated {
+            update_one(conn, c).await?;
         }
     }
     if !new.is_empty() {
@@ -440,26 +436,146 @@ pub async fn write_run<C: ConnectionTrait>(
         .await?;
     }
     write_steps(conn, &fx.steps).await?;
-    super::actions::write_actions(conn, fx, now_us).await?;
+    super::actions::write_actions(conn, fx, now_us, lease_until).await?;
     Ok(())
 }
 
-async fn write_steps<C: ConnectionTrait>(conn: &C, steps: &[StepRecord]) -> Result<(), DbErr> {
-    if steps.is_empty() {
+/// Writes one changed enrollment if it is still at the step it was loaded at.
+async fn update_one<C: ConnectionTrait>(conn: &C, c: &Changed<'_>) -> Result<(), DbErr> {
+    let e = c.enrollment;
+    let (waiting, action) = e.waiting.encode();
+    let n = execute(
+        conn,
+        "UPDATE enrollments SET version = ?, profile_id = ?, user_id = ?, status = ?, node_id = ?,
+             waiting = ?, waiting_action = ?, waiting_until = ?, lease_until = 0, ended_at = ?,
+             reason = ?, context = ?, seq = ?
+         WHERE enrollment_id = ? AND seq = ?",
+        [
+            i64::from(e.version).into(),
+            e.profile_id.clone().into(),
+            e.user_id.clone().into(),
+            (e.status as i16).into(),
+            e.node_id.clone().into(),
+            waiting.into(),
+            action.into(),
+            e.waiting_until.into(),
+            e.ended_at.into(),
+            e.reason.clone().into(),
+            Json::Object(e.context.clone()).to_string().into(),
+            e.seq.into(),
+            e.enrollment_id.clone().into(),
+            c.loaded_seq.unwrap_or_default().into(),
+        ],
+    )
+    .await?;
+    if n == 0 {
+        return Err(DbErr::RecordNotUpdated);
+    }
+    Ok(())
+}
+
+/// Writes every changed enrollment in one statement, each guarded by the step it was
+/// loaded at; any one that moved meanwhile fails the whole write.
+async fn update_all_postgres<C: ConnectionTrait>(
+    conn: &C,
+    changed: &[&Changed<'_>],
+) -> Result<(), DbErr> {
+    if changed.is_empty() {
         return Ok(());
     }
-    let t = |f: fn(&StepRecord) -> String| steps.iter().map(f).collect::<Vec<_>>();
+    let text = |f: fn(&Enrollment) -> String| -> Value {
+        changed
+            .iter()
+            .map(|c| f(c.enrollment))
+            .collect::<Vec<String>>()
+            .into()
+    };
+    let big = |f: fn(&Enrollment) -> i64| -> Value {
+        changed
+            .iter()
+            .map(|c| f(c.enrollment))
+            .collect::<Vec<i64>>()
+            .into()
+    };
+    let values: Vec<Value> = vec![
+        text(|e| e.enrollment_id.clone()),
+        changed
+            .iter()
+            .map(|c| c.loaded_seq.unwrap_or_default())
+            .collect::<Vec<i64>>()
+            .into(),
+        big(|e| i64::from(e.version)),
+        text(|e| e.profile_id.clone()),
+        text(|e| e.user_id.clone()),
+        big(|e| e.status as i64),
+        text(|e| e.node_id.clone()),
+        big(|e| i64::from(e.waiting.encode().0)),
+        text(|e| e.waiting.encode().1.to_owned()),
+        // NULL travels as i64::MIN: arrays of nullable integers do not bind.
+        big(|e| e.waiting_until.unwrap_or(i64::MIN)),
+        big(|e| e.ended_at.unwrap_or(i64::MIN)),
+        text(|e| e.reason.clone()),
+        text(|e| Json::Object(e.context.clone()).to_string()),
+        big(|e| e.seq),
+    ];
+    let n = execute(
+        conn,
+        "UPDATE enrollments AS e SET version = u.version, profile_id = u.profile_id,
+             user_id = u.user_id, status = u.status, node_id = u.node_id, waiting = u.waiting,
+             waiting_action = u.waiting_action,
+             waiting_until = NULLIF(u.waiting_until, -9223372036854775808), lease_until = 0,
+             ended_at = NULLIF(u.ended_at, -9223372036854775808), reason = u.reason,
+             context = u.context, seq = u.seq
+         FROM UNNEST(?::text[], ?::int8[], ?::int8[], ?::text[], ?::text[], ?::int8[], ?::text[],
+                     ?::int8[], ?::text[], ?::int8[], ?::int8[], ?::text[], ?::text[], ?::int8[])
+           AS u(id, loaded_seq, version, profile_id, user_id, status, node_id, waiting,
+                waiting_action, waiting_until, ended_at, reason, context, seq)
+         WHERE e.enrollment_id = u.id AND e.seq = u.loaded_seq",
+        values,
+    )
+    .await?;
+    if n != changed.len() as u64 {
+        return Err(DbErr::RecordNotUpdated);
+    }
+    Ok(())
+}
+
+/// One row per enrollment and run: its steps in order, as JSON. An enrollment takes a
+/// few steps each time it moves, so this writes a third of the rows one per step would.
+async fn write_steps<C: ConnectionTrait>(conn: &C, steps: &[StepRecord]) -> Result<(), DbErr> {
+    let mut runs: Vec<(&str, Vec<&StepRecord>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for s in steps {
+        let i = *index.entry(s.enrollment_id.as_str()).or_insert_with(|| {
+            runs.push((s.enrollment_id.as_str(), Vec::new()));
+            runs.len() - 1
+        });
+        runs[i].1.push(s);
+    }
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(runs.len());
+    let (mut first, mut bodies) = (Vec::new(), Vec::new());
+    for (enrollment_id, run) in runs {
+        ids.push(enrollment_id.to_owned());
+        first.push(run.first().map_or(0, |s| s.seq));
+        let stored: Vec<StoredStep> = run
+            .into_iter()
+            .map(|s| StoredStep {
+                seq: s.seq,
+                node_id: s.node_id.clone(),
+                outcome: s.outcome.clone(),
+                decision: s.decision.clone(),
+                detail: s.detail.clone(),
+                at: s.at,
+            })
+            .collect();
+        bodies.push(serde_json::to_string(&stored).map_err(|e| corrupt("steps", e))?);
+    }
     Insert::new(
-        "INSERT INTO steps (enrollment_id, node_id, outcome, decision, detail, seq, at)",
-        vec![
-            Column::Text(t(|s| s.enrollment_id.clone())),
-            Column::Text(t(|s| s.node_id.clone())),
-            Column::Text(t(|s| s.outcome.to_owned())),
-            Column::Text(t(|s| s.decision.clone())),
-            Column::Text(t(|s| Json::Object(s.detail.clone()).to_string())),
-            Column::Int8(steps.iter().map(|s| s.seq).collect()),
-            Column::Int8(steps.iter().map(|s| s.at).collect()),
-        ],
+        "INSERT INTO steps (enrollment_id, steps, seq)",
+        vec![Column::Text(ids), Column::Text(bodies), Column::Int8(first)],
     )
     .execute(conn)
     .await?;
@@ -501,7 +617,7 @@ pub async fn claim_due<C: ConnectionTrait>(
     .await
 }
 
-/// When the next wait falls due, if any.
+/// When the next wait falls due, if any (a claimed one when its claim ends).
 pub async fn next_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>, DbErr> {
     #[derive(FromQueryResult)]
     struct Row {
@@ -509,7 +625,8 @@ pub async fn next_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>, DbErr
     }
     Ok(query_one_as::<Row, _>(
         conn,
-        "SELECT MIN(waiting_until) AS due FROM enrollments WHERE status = 1",
+        "SELECT MIN(CASE WHEN lease_until > waiting_until THEN lease_until ELSE waiting_until END) AS due
+         FROM enrollments WHERE status = 1",
         [],
     )
     .await?

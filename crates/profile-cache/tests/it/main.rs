@@ -300,3 +300,29 @@ async fn near_cache_goes_dark_without_its_subscription() {
     })
     .await;
 }
+
+/// A batch of profiles in one read: the cached ones, none of the others.
+async fn many_are_read_at_once(cache: ProfileCache) {
+    cache.put(&profile("m1", 3, "m1@x.io")).await;
+    cache.put(&profile("m2", 1, "m2@x.io")).await;
+    let ids = ["m1", "missing", "m2"].map(String::from);
+    let found = cache.get_many(&ids).await;
+    assert_eq!(found.len(), 2);
+    assert_eq!(found["m1"].version, 3);
+    assert_eq!(found["m2"].version, 1);
+    assert!(!found.contains_key("missing"));
+}
+
+#[tokio::test]
+async fn redis_reads_many_at_once() {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let cache = ProfileCache::redis(&redis_url(), &prefix, Duration::from_secs(60))
+        .unwrap()
+        .with_near_cache(10, Duration::from_secs(5));
+    many_are_read_at_once(cache).await;
+}
+
+#[tokio::test]
+async fn in_process_reads_many_at_once() {
+    many_are_read_at_once(ProfileCache::in_memory(10, Duration::from_secs(60))).await;
+}
