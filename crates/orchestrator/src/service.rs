@@ -431,6 +431,7 @@ impl Orchestrator {
 
         // Identity changes first: a merge moves enrollments to the survivor.
         let mut erased = Vec::new();
+        let mut survivors: HashSet<String> = HashSet::new();
         for e in &events {
             match e.event.as_str() {
                 "Profile Merged" => {
@@ -442,6 +443,7 @@ impl Orchestrator {
                     let (merged, survivor) = (get("merged_profile_id"), get("survivor_profile_id"));
                     if !merged.is_empty() && !survivor.is_empty() {
                         store::repoint_profile(&txn, merged, survivor).await?;
+                        survivors.insert(survivor.to_owned());
                     }
                 }
                 "Profile Deleted" => {
@@ -494,6 +496,12 @@ impl Orchestrator {
                 .or_default()
                 .push((e, Some(seq)));
         }
+        let mut fx = Effects::default();
+        for survivor in &survivors {
+            if let Some(list) = by_profile.get_mut(survivor) {
+                end_merged_duplicates(list, &versions, now, &mut fx);
+            }
+        }
 
         // Only profiles that can enter a journey or move one on need their facts.
         let mut needed: HashSet<&str> = HashSet::new();
@@ -522,7 +530,7 @@ impl Orchestrator {
         }
         let applied = u32::try_from(events.len()).unwrap_or(u32::MAX);
         let duplicates = u32::try_from(duplicates).unwrap_or(u32::MAX);
-        if needed.is_empty() {
+        if needed.is_empty() && fx.steps.is_empty() {
             txn.commit().await?;
             return Ok(DeliverResponse {
                 applied,
@@ -535,7 +543,6 @@ impl Orchestrator {
         let candidates: Vec<String> = candidates.into_iter().collect();
         let mut history = EntryBook::new(store::entry_history(&txn, &needed, &candidates).await?);
 
-        let mut fx = Effects::default();
         for event in &events {
             let Some(f) = facts.get_mut(&event.profile_id) else {
                 continue;
@@ -719,5 +726,34 @@ impl EntryBook {
                 .entry((profile_id.to_owned(), journey.journey_id.clone()))
                 .or_default() += 1;
         }
+    }
+}
+
+/// After a merge, the survivor may hold two active enrollments that are one customer's
+/// place in one journey (same journey and key): the one that entered first goes on, the
+/// other exits, so that the customer is not messaged twice for one step.
+fn end_merged_duplicates(
+    list: &mut [(Enrollment, Option<i64>)],
+    versions: &HashMap<(String, u32), Arc<Journey>>,
+    now_us: i64,
+    fx: &mut Effects,
+) {
+    list.sort_by_key(|(e, _)| e.entered_at);
+    let mut kept: HashSet<(String, String)> = HashSet::new();
+    for (e, _) in list.iter_mut() {
+        // An unkeyed journey that is always re-entered holds several on purpose.
+        let concurrent = versions
+            .get(&(e.journey_id.clone(), e.version))
+            .is_some_and(|j| j.entry.key_property.is_none() && j.entry.reentry == Reentry::Always);
+        if concurrent || kept.insert((e.journey_id.clone(), e.key.clone())) {
+            continue;
+        }
+        engine::end(
+            e,
+            crate::model::Status::Exited,
+            "merged into another enrollment of the same customer",
+            now_us,
+            fx,
+        );
     }
 }

@@ -402,3 +402,63 @@ async fn steps_are_told_to_analytics(backend: Backend) {
     assert_eq!(string(&goal, "decision"), "goal: Subscribed");
 }
 waymark_testkit::on_both_backends!(steps_are_told_to_analytics);
+
+/// Two profiles waiting in the same journey become one customer: the enrollment that
+/// entered first goes on, the other exits, and the customer is thanked once.
+async fn a_merge_leaves_one_enrollment_per_journey(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let s = &rig.server;
+    s.publish(json!({
+        "journeyId": "first-order",
+        "entry": {"trigger": {"event": "Trial Started"}, "start": "order"},
+        "nodes": [
+            {"id": "order", "wait": {
+                "branches": [{"name": "bought", "match": {"event": "Order Completed"}, "next": "thanks"}],
+                "timeout": "7d"}},
+            {"id": "thanks", "message": {"channel": "email", "variants": [{"body": "thanks"}]}}
+        ]
+    }))
+    .await;
+    s.deliver(vec![track("Trial Started", "p-known", json!({}))])
+        .await;
+    s.advance(HOUR).await;
+    s.deliver(vec![track("Trial Started", "p-anonymous", json!({}))])
+        .await;
+    s.deliver(vec![
+        track(
+            "Profile Merged",
+            "p-known",
+            json!({"merged_profile_id": "p-anonymous", "survivor_profile_id": "p-known", "merge_id": "m-1"}),
+        ),
+        track("Order Completed", "p-known", json!({})),
+    ])
+    .await;
+    let list = s.enrollments_of("p-known").await;
+    assert_eq!(list.len(), 2);
+    let newer = list
+        .iter()
+        .find(|e| e.status == EnrollmentStatus::Exited as i32)
+        .unwrap();
+    assert_eq!(
+        newer.reason,
+        "merged into another enrollment of the same customer"
+    );
+    let older = list
+        .iter()
+        .find(|e| e.status == EnrollmentStatus::Completed as i32)
+        .unwrap();
+    let at = |e: &Enrollment| waymark_kit::time::micros(e.entered_at.as_ref().unwrap());
+    assert!(at(older) < at(newer), "the first to enter goes on");
+    rig.receiver.wait_for(1).await;
+    s.deliver(vec![track("Trial Started", "p-marker", json!({}))])
+        .await;
+    s.deliver(vec![track("Order Completed", "p-marker", json!({}))])
+        .await;
+    assert_eq!(
+        rig.receiver.wait_for(2).await.len(),
+        2,
+        "thanked once, then the marker"
+    );
+    assert_eq!(rig.receiver.received().len(), 2);
+}
+waymark_testkit::on_both_backends!(a_merge_leaves_one_enrollment_per_journey);
