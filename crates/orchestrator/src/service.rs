@@ -137,6 +137,18 @@ struct Inner {
     metrics: crate::metrics::Metrics,
 }
 
+/// How long a claim loop sleeps: until `next_due` (microseconds), at most `idle`.
+fn sleep_until(
+    next_due: Option<i64>,
+    now_us: i64,
+    idle: std::time::Duration,
+) -> std::time::Duration {
+    next_due.map_or(idle, |due| {
+        let wait = due.saturating_sub(now_us).max(0);
+        std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)).min(idle)
+    })
+}
+
 /// The step events of a run, by name: what analytics reads.
 fn step_event_name(outcome: &str) -> &'static str {
     match outcome {

@@ -38,6 +38,23 @@ fn token(field: &str, t: &str) -> Result<Option<(i64, String)>, OrchestratorErro
         .ok_or_else(|| invalid(field, "is not a token this service returned"))
 }
 
+/// One page of `rows` (read with one more than `limit` to know whether more follow): the
+/// first `limit` as the API shows them, and the token of the next page (empty on the last).
+fn page<T, U>(
+    rows: Vec<T>,
+    limit: u64,
+    token_of: impl Fn(&T) -> String,
+    show: impl Fn(&T) -> U,
+) -> (Vec<U>, String) {
+    let more = rows.len() as u64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    let next = match rows.last() {
+        Some(last) if more => token_of(last),
+        _ => String::new(),
+    };
+    (rows.iter().map(show).collect(), next)
+}
+
 fn summary(row: &JourneyRow, active: i64) -> pb::JourneySummary {
     pb::JourneySummary {
         journey_id: row.journey_id.clone(),
@@ -216,22 +233,15 @@ impl Orchestrator {
     ) -> Result<pb::ListJourneysResponse, OrchestratorError> {
         let limit = page_size("page_size", size)?;
         let rows = store::list(self.db(), page_token, limit + 1).await?;
-        let more = rows.len() as u64 > limit;
-        let journeys: Vec<pb::JourneySummary> = rows
-            .iter()
-            .take(limit as usize)
-            .map(|(row, active)| summary(row, *active))
-            .collect();
+        let (journeys, next_page_token) = page(
+            rows,
+            limit,
+            |(row, _)| row.journey_id.clone(),
+            |(row, active)| summary(row, *active),
+        );
         Ok(pb::ListJourneysResponse {
-            next_page_token: if more {
-                journeys
-                    .last()
-                    .map(|j| j.journey_id.clone())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            },
             journeys,
+            next_page_token,
         })
     }
 
@@ -417,14 +427,15 @@ impl Orchestrator {
             limit: limit + 1,
         };
         let rows = store::list_enrollments(self.db(), &filter).await?;
-        let more = rows.len() as u64 > limit;
-        let page: Vec<&Enrollment> = rows.iter().take(limit as usize).collect();
+        let (enrollments, next_page_token) = page(
+            rows,
+            limit,
+            |e| store::page_token(e.entered_at, &e.enrollment_id),
+            enrollment_proto,
+        );
         Ok(pb::ListEnrollmentsResponse {
-            next_page_token: match page.last() {
-                Some(e) if more => store::page_token(e.entered_at, &e.enrollment_id),
-                _ => String::new(),
-            },
-            enrollments: page.into_iter().map(enrollment_proto).collect(),
+            enrollments,
+            next_page_token,
         })
     }
 
@@ -529,19 +540,19 @@ impl Orchestrator {
             profile_id: profile.as_deref(),
             enrollment_id: enrollment.as_deref(),
             status,
-            kind: None,
             before: token("page_token", &r.page_token)?,
             limit: limit + 1,
         };
         let rows = store::list_actions(self.db(), &filter).await?;
-        let more = rows.len() as u64 > limit;
-        let page: Vec<&ActionRow> = rows.iter().take(limit as usize).collect();
+        let (actions, next_page_token) = page(
+            rows,
+            limit,
+            |a| store::page_token(a.created_at, &a.action_id),
+            action_proto,
+        );
         Ok(pb::ListActionsResponse {
-            next_page_token: match page.last() {
-                Some(a) if more => store::page_token(a.created_at, &a.action_id),
-                _ => String::new(),
-            },
-            actions: page.into_iter().map(action_proto).collect(),
+            actions,
+            next_page_token,
         })
     }
 
@@ -560,14 +571,15 @@ impl Orchestrator {
             limit + 1,
         )
         .await?;
-        let more = rows.len() as u64 > limit;
-        let page: Vec<&CaseRow> = rows.iter().take(limit as usize).collect();
+        let (cases, next_page_token) = page(
+            rows,
+            limit,
+            |c| store::page_token(c.opened_at, &c.case_id),
+            case_proto,
+        );
         Ok(pb::ListCasesResponse {
-            next_page_token: match page.last() {
-                Some(c) if more => store::page_token(c.opened_at, &c.case_id),
-                _ => String::new(),
-            },
-            cases: page.into_iter().map(case_proto).collect(),
+            cases,
+            next_page_token,
         })
     }
 

@@ -372,10 +372,7 @@ impl Orchestrator {
                 tracing::warn!(%error, "dispatching actions failed");
             }
             let next = store::next_action_due(self.db()).await.ok().flatten();
-            let sleep = next.map_or(IDLE, |due| {
-                let wait = due.saturating_sub(self.now()).max(0);
-                Duration::from_micros(u64::try_from(wait).unwrap_or(0)).min(IDLE)
-            });
+            let sleep = super::sleep_until(next, self.now(), IDLE);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.inner.actions.notified() => {}

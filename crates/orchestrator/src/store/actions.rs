@@ -199,11 +199,7 @@ pub async fn claim_actions<C: ConnectionTrait>(
     lease_us: i64,
     limit: u64,
 ) -> Result<Vec<ActionRow>, DbErr> {
-    let lock = if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        "FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
+    let lock = super::skip_locked(conn);
     query_as(
         conn,
         &format!(
@@ -226,18 +222,7 @@ pub async fn claim_actions<C: ConnectionTrait>(
 
 /// When the next pending action is due, if any (a claimed one when its claim ends).
 pub async fn next_action_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>, DbErr> {
-    #[derive(FromQueryResult)]
-    struct Row {
-        due: Option<i64>,
-    }
-    Ok(query_one_as::<Row, _>(
-        conn,
-        "SELECT MIN(CASE WHEN lease_until > due_at THEN lease_until ELSE due_at END) AS due
-         FROM actions WHERE status = 1",
-        [],
-    )
-    .await?
-    .and_then(|r| r.due))
+    super::next_due_in(conn, "actions", "due_at").await
 }
 
 /// Settles a claimed action: sent, failed for good, or due again at `retry_at`. Only a
@@ -356,7 +341,6 @@ pub struct ActionFilter<'a> {
     pub profile_id: Option<&'a str>,
     pub enrollment_id: Option<&'a str>,
     pub status: Option<ActionStatus>,
-    pub kind: Option<&'a str>,
     /// Newest first, strictly before this (created_at, id).
     pub before: Option<(i64, String)>,
     pub limit: u64,
@@ -373,7 +357,6 @@ pub async fn list_actions<C: ConnectionTrait>(
         ("journey_id", f.journey_id),
         ("profile_id", f.profile_id),
         ("enrollment_id", f.enrollment_id),
-        ("kind", f.kind),
     ] {
         if let Some(v) = value {
             clauses.push(format!("{column} = ?"));

@@ -135,6 +135,39 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> DbErr {
     DbErr::Custom(format!("stored {what} does not decode: {e}"))
 }
 
+/// What a claim adds to its inner `SELECT` so that replicas claim different rows at once
+/// (SQLite has one writer, so nothing).
+fn skip_locked<C: sea_orm::ConnectionTrait>(conn: &C) -> &'static str {
+    if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        "FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    }
+}
+
+/// The earliest of `due` among `table`'s pending rows (`status = 1`), a claimed row
+/// counting when its claim ends: when a claim loop next has work.
+async fn next_due_in<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    table: &str,
+    due: &str,
+) -> Result<Option<i64>, DbErr> {
+    #[derive(sea_orm::FromQueryResult)]
+    struct Row {
+        due: Option<i64>,
+    }
+    Ok(waymark_kit::sql::query_one_as::<Row, _>(
+        conn,
+        &format!(
+            "SELECT MIN(CASE WHEN lease_until > {due} THEN lease_until ELSE {due} END) AS due
+             FROM {table} WHERE status = 1"
+        ),
+        [],
+    )
+    .await?
+    .and_then(|r| r.due))
+}
+
 /// A page token: the sort key of the last row returned.
 pub fn page_token(at: i64, id: &str) -> String {
     format!("{at}:{id}")

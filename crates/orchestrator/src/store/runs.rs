@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
 use serde_json::{Map, Value as Json};
-use waymark_kit::sql::{Column, Insert, execute, in_list, query_as, query_one_as};
+use waymark_kit::sql::{Column, Insert, execute, in_list, query_as};
 
 use super::corrupt;
 use crate::engine::Effects;
@@ -591,11 +591,7 @@ pub async fn claim_due<C: ConnectionTrait>(
     lease_us: i64,
     limit: u64,
 ) -> Result<Vec<Enrollment>, DbErr> {
-    let lock = if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        "FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
+    let lock = super::skip_locked(conn);
     enrollments(
         conn,
         &format!(
@@ -619,18 +615,7 @@ pub async fn claim_due<C: ConnectionTrait>(
 
 /// When the next wait falls due, if any (a claimed one when its claim ends).
 pub async fn next_due<C: ConnectionTrait>(conn: &C) -> Result<Option<i64>, DbErr> {
-    #[derive(FromQueryResult)]
-    struct Row {
-        due: Option<i64>,
-    }
-    Ok(query_one_as::<Row, _>(
-        conn,
-        "SELECT MIN(CASE WHEN lease_until > waiting_until THEN lease_until ELSE waiting_until END) AS due
-         FROM enrollments WHERE status = 1",
-        [],
-    )
-    .await?
-    .and_then(|r| r.due))
+    super::next_due_in(conn, "enrollments", "waiting_until").await
 }
 
 /// Points what `merged` holds (enrollments, contacts, cases) at `survivor`.
