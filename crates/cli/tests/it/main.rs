@@ -1,4 +1,6 @@
 //! The `waymark` binary as operators run it: separate processes, configured by
 //! environment variables.
 
+mod journeys;
+mod support;
 mod telemetry;

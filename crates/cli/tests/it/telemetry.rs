@@ -4,7 +4,7 @@
 //! links to the HTTP request that brought the event in, and the on-call metrics arrive.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
@@ -25,6 +25,8 @@ use tonic::{Request, Response, Status};
 use waymark_proto::ingest::v1::CreateSourceRequest;
 use waymark_proto::ingest::v1::ingest_service_client::IngestServiceClient;
 use waymark_testkit::{ADMIN_TOKEN, Backend, PATIENCE, TestDb, admin, eventually};
+
+use crate::support::{Process, free_port};
 
 /// What the receiver got: spans with the service that sent them, and metric names.
 #[derive(Clone, Default)]
@@ -93,23 +95,6 @@ impl Collector {
 }
 
 /// A `waymark` process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
     span.attributes.iter().find(|a| a.key == key).and_then(|a| {
         match a.value.as_ref()?.value.as_ref()? {
