@@ -186,21 +186,13 @@ pub fn event_value(event: &Event) -> Value {
         ("context".to_owned(), map(&event.context)),
         (
             "channel".to_owned(),
-            Value::String(channel_name(event.channel)),
+            Value::String(waymark_profile::segment::channel_name(event.channel)),
         ),
     ]);
     if let Some(t) = event.timestamp.as_ref().or(event.received_at.as_ref()) {
         m.insert("timestamp".to_owned(), Value::Timestamp(micros(t)));
     }
     Value::Map(m)
-}
-
-fn channel_name(channel: i32) -> String {
-    let channel = waymark_proto::common::v1::Channel::try_from(channel).unwrap_or_default();
-    let name = channel.as_str_name();
-    name.strip_prefix("CHANNEL_")
-        .unwrap_or(name)
-        .to_ascii_lowercase()
 }
 
 /// The key property of `event`, as text; `None` when the event does not carry it.

@@ -201,8 +201,9 @@ fn count(n: u64) -> Value {
     Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
-/// "web", "mobile_app", "contact_center": the enum name without `CHANNEL_`, lower-cased.
-fn channel_name(channel: i32) -> String {
+/// A channel as conditions name it ("web", "mobile_app", "contact_center"): the enum name
+/// without `CHANNEL_`, lower-cased.
+pub fn channel_name(channel: i32) -> String {
     let channel = Channel::try_from(channel).unwrap_or(Channel::Unspecified);
     let name = channel.as_str_name();
     name.strip_prefix("CHANNEL_")
