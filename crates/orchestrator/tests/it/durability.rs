@@ -196,3 +196,54 @@ async fn replicas_share_due_timers_without_firing_one_twice(backend: Backend) {
     other.stop().await;
 }
 waymark_testkit::on_both_backends!(replicas_share_due_timers_without_firing_one_twice);
+
+/// A replica commits a step's action (claimed for itself, as every replica writes them)
+/// and dies before sending it: nobody sends it while its claim holds, and another replica
+/// sends it, once, when the claim ends.
+async fn an_action_whose_replica_died_before_sending_goes_out_after_its_lease(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let s = &rig.server;
+    let dead = rig.store().await;
+    let now = s.clock.now_us();
+    let action = waymark_orchestrator::model::Action {
+        action_id: "e-dead:hello:1".into(),
+        enrollment_id: "e-dead".into(),
+        journey_id: "welcome".into(),
+        node_id: "hello".into(),
+        profile_id: "p-1".into(),
+        kind: waymark_orchestrator::model::ActionKind::Message,
+        target: "email".into(),
+        status: waymark_orchestrator::model::ActionStatus::Pending,
+        reason: String::new(),
+        due_at: now,
+        payload: json!({"profile_id": "p-1", "channel": "email", "body": "hello"}),
+        marketing: true,
+        priority: 0,
+    };
+    let fx = waymark_orchestrator::engine::Effects {
+        actions: vec![action],
+        ..Default::default()
+    };
+    store::write_run(&dead, &[], &fx, now, now + 30_000_000)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        s.core.dispatch_due().await.unwrap(),
+        0,
+        "held by the dead replica's claim"
+    );
+    s.clock.advance(std::time::Duration::from_secs(31));
+    let sent = rig.receiver.wait_for(1).await;
+    assert_eq!(sent[0].id.as_deref(), Some("e-dead:hello:1"));
+    assert_eq!(sent[0].body["body"], "hello");
+    eventually("the action to be recorded as sent", PATIENCE, async || {
+        s.actions("p-1").await[0].status == ActionStatus::Sent as i32
+    })
+    .await;
+    assert_eq!(s.core.dispatch_due().await.unwrap(), 0, "sent once");
+    assert_eq!(rig.receiver.received().len(), 1);
+}
+waymark_testkit::on_both_backends!(
+    an_action_whose_replica_died_before_sending_goes_out_after_its_lease
+);
