@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "waymark/profile/v1/profile.proto",
         "waymark/orchestration/v1/journey.proto",
         "waymark/orchestration/v1/orchestration.proto",
+        "waymark/analytics/v1/analytics.proto",
     ]
     .iter()
     .map(|f| root.join(f))

@@ -28,6 +28,12 @@ pub mod orchestration {
     }
 }
 
+pub mod analytics {
+    pub mod v1 {
+        tonic::include_proto!("waymark.analytics.v1");
+    }
+}
+
 pub mod json;
 pub mod proto_json;
 
