@@ -241,6 +241,28 @@ pub fn pick_arm<'a>(
         .map(|(_, arm)| arm)
 }
 
+/// What an `arm` step records: the split's weights by arm, the arms in the split's order
+/// (the first is control unless one is named so, and an object's keys keep no order on
+/// their way to analytics) and the holdout percentage, from which analytics knows the
+/// shares to expect and checks the assignment against them.
+fn arm_detail(arms: &[crate::journey::Arm], holdout_percent: u32) -> Map<String, Json> {
+    Map::from_iter([
+        (
+            "weights".to_owned(),
+            Json::Object(
+                arms.iter()
+                    .map(|a| (a.name.clone(), json!(a.weight)))
+                    .collect(),
+            ),
+        ),
+        (
+            "arms".to_owned(),
+            json!(arms.iter().map(|a| &a.name).collect::<Vec<_>>()),
+        ),
+        ("holdout_percent".to_owned(), json!(holdout_percent)),
+    ])
+}
+
 /// One enrollment's run: the journey, the facts and the effects it writes to.
 struct Run<'a, 'b> {
     journey: &'a Journey,
@@ -814,7 +836,7 @@ impl Run<'_, '_> {
                     self.enrollment
                         .context
                         .insert(format!("arm:{node_id}"), json!(name));
-                    self.record(&node_id, "arm", name, Map::new());
+                    self.record(&node_id, "arm", name, arm_detail(arms, *holdout_percent));
                     let Some(arm) = arm else {
                         self.end(Status::Completed, "holdout");
                         return;

@@ -403,6 +403,66 @@ async fn steps_are_told_to_analytics(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(steps_are_told_to_analytics);
 
+/// A random split's arm step carries the split's weights, the order of its arms and the
+/// holdout percentage, in the enrollment's steps and in the event analytics receives, so
+/// analytics knows the shares to expect.
+async fn an_arm_step_carries_the_split_weights(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let s = &rig.server;
+    s.publish(json!({
+        "journeyId": "offer",
+        "entry": {"trigger": {"event": "Signed Up"}, "start": "split"},
+        "nodes": [
+            {"id": "split", "randomSplit": {"holdoutPercent": 10, "arms": [
+                {"name": "treatment", "weight": 3, "next": "hello"},
+                {"name": "control", "weight": 1, "next": "hello"}]}},
+            {"id": "hello", "message": {"channel": "email", "variants": [{"body": "hi"}]}}
+        ]
+    }))
+    .await;
+    s.deliver(vec![track("Signed Up", "p-1", json!({}))]).await;
+    let enrollment = s.enrollments_of("p-1").await[0].clone();
+    let steps = s
+        .client()
+        .await
+        .get_enrollment(admin(GetEnrollmentRequest {
+            enrollment_id: enrollment.enrollment_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .steps;
+    let arm = steps
+        .iter()
+        .find(|step| step.outcome == "arm")
+        .expect("an arm step");
+    let recorded = serde_json::Value::Object(waymark_proto::json::struct_to_json(
+        arm.detail.as_ref().unwrap(),
+    ));
+    let sent = rig
+        .sink
+        .wait_for_event("the arm step", |e| {
+            e.properties
+                .as_ref()
+                .and_then(|p| waymark_proto::json::string_at(p, &["outcome"]))
+                == Some("arm")
+        })
+        .await;
+    let sent = waymark_proto::json::struct_to_json(sent.properties.as_ref().unwrap());
+    for (detail, place) in [(&recorded, "the step"), (&sent["detail"], "the event")] {
+        let number = |path: &[&str]| {
+            path.iter()
+                .try_fold(detail, |v, key| v.get(*key))
+                .and_then(serde_json::Value::as_f64)
+        };
+        assert_eq!(number(&["weights", "treatment"]), Some(3.0), "{place}");
+        assert_eq!(number(&["weights", "control"]), Some(1.0), "{place}");
+        assert_eq!(number(&["holdout_percent"]), Some(10.0), "{place}");
+        assert_eq!(detail["arms"], json!(["treatment", "control"]), "{place}");
+    }
+}
+waymark_testkit::on_both_backends!(an_arm_step_carries_the_split_weights);
+
 /// Two profiles waiting in the same journey become one customer: the enrollment that
 /// entered first goes on, the other exits, and the customer is thanked once.
 async fn a_merge_leaves_one_enrollment_per_journey(backend: Backend) {
