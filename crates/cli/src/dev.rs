@@ -27,18 +27,24 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     let http = crate::bind(config.ingest_http_addr).await?;
     let profile_grpc = crate::bind(config.profile_grpc_addr).await?;
     let orchestrator_grpc = crate::bind(config.orchestrator_grpc_addr).await?;
-    let (grpc_addr, http_addr, profile_addr, orchestrator_addr) = (
+    let analytics_grpc = crate::bind(config.analytics_grpc_addr).await?;
+    let (grpc_addr, http_addr, profile_addr, orchestrator_addr, analytics_addr) = (
         grpc.local_addr()?,
         http.local_addr()?,
         profile_grpc.local_addr()?,
         orchestrator_grpc.local_addr()?,
+        analytics_grpc.local_addr()?,
     );
     // Ingestion relays to the profile service in this same process, which pushes the
     // suppressions of erased profiles back to ingestion and relays resolved events to the
-    // orchestrator.
+    // orchestrator and analytics; the orchestrator relays its steps to analytics, which
+    // writes journey-map stages back to the profile service.
     config.profile_endpoint = format!("http://127.0.0.1:{}", profile_addr.port());
     config.ingest_endpoint = format!("http://127.0.0.1:{}", grpc_addr.port());
     config.orchestrator_endpoint = format!("http://127.0.0.1:{}", orchestrator_addr.port());
+    config.analytics_endpoint = format!("http://127.0.0.1:{}", analytics_addr.port());
+    let analytics = waymark_analytics::AnalyticsServer::new(config.clone()).await?;
+    let analytics_migrations = analytics.migrate().await?;
     let orchestrator = waymark_orchestrator::OrchestratorServer::new(config.clone()).await?;
     let orchestrator_migrations = orchestrator.migrate().await?;
     let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
@@ -60,6 +66,7 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
     println!(
         "  orchestrator     {orchestrator_addr} (messages on the `dev` channel are logged here)"
     );
+    println!("  analytics        {analytics_addr}");
     println!(
         "  profile cache    {}",
         if config.redis_url.is_some() {
@@ -81,8 +88,12 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         redact_password(&config.orchestrator_database())
     );
     println!(
-        "  migrations       {} applied now (ingest {ingest_migrations}, profile {profile_migrations}, orchestrator {orchestrator_migrations}); the list is in the debug log",
-        ingest_migrations + profile_migrations + orchestrator_migrations
+        "  analytics db     {}",
+        redact_password(&config.analytics_database())
+    );
+    println!(
+        "  migrations       {} applied now (ingest {ingest_migrations}, profile {profile_migrations}, orchestrator {orchestrator_migrations}, analytics {analytics_migrations}); the list is in the debug log",
+        ingest_migrations + profile_migrations + orchestrator_migrations + analytics_migrations
     );
     println!("  dev source       {source_id}");
     println!("  dev write key    {write_key}");
@@ -95,12 +106,16 @@ pub async fn run(mut config: Config, data_dir: PathBuf) -> anyhow::Result<()> {
         "  try: curl -u {write_key}: http://{http_addr}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'"
     );
     println!();
-    let (ingest_result, profile_result, orchestrator_result) = tokio::join!(
+    let (ingest_result, profile_result, orchestrator_result, analytics_result) = tokio::join!(
         ingest.serve(grpc, http, shutdown.clone()),
         profile.serve(profile_grpc, shutdown.clone()),
-        orchestrator.serve(orchestrator_grpc, shutdown.clone())
+        orchestrator.serve(orchestrator_grpc, shutdown.clone()),
+        analytics.serve(analytics_grpc, shutdown.clone())
     );
-    ingest_result.and(profile_result).and(orchestrator_result)
+    ingest_result
+        .and(profile_result)
+        .and(orchestrator_result)
+        .and(analytics_result)
 }
 
 /// The URL without its credentials, for printing.

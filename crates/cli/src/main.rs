@@ -141,6 +141,8 @@ enum ServeCommand {
     /// The orchestrator: gRPC (OrchestrationService and EventSink) on
     /// orchestrator_grpc_addr (50053).
     Orchestrator,
+    /// Analytics: gRPC (AnalyticsService and EventSink) on analytics_grpc_addr (50054).
+    Analytics,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -188,16 +190,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = waymark_orchestrator::OrchestratorServer::new(config).await?;
             service.serve(grpc, shutdown).await
         }
+        Command::Serve {
+            service: ServeCommand::Analytics,
+        } => {
+            let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-analytics"))?;
+            let shutdown = CancellationToken::new();
+            waymark_kit::grpc::cancel_on_signal(shutdown.clone());
+            let grpc = bind(config.analytics_grpc_addr).await?;
+            let service = waymark_analytics::AnalyticsServer::new(config).await?;
+            service.serve(grpc, shutdown).await
+        }
         Command::Migrate => {
             let _telemetry = waymark_kit::telemetry::init(&config.telemetry("waymark-migrate"))?;
             let ingest = waymark_ingest::IngestServer::new(config.clone()).await?;
             println!("ingest: {} migration(s) applied", ingest.migrate().await?);
             let profile = waymark_profile::ProfileServer::new(config.clone()).await?;
             println!("profile: {} migration(s) applied", profile.migrate().await?);
-            let orchestrator = waymark_orchestrator::OrchestratorServer::new(config).await?;
+            let orchestrator =
+                waymark_orchestrator::OrchestratorServer::new(config.clone()).await?;
             println!(
                 "orchestrator: {} migration(s) applied",
                 orchestrator.migrate().await?
+            );
+            let analytics = waymark_analytics::AnalyticsServer::new(config).await?;
+            println!(
+                "analytics: {} migration(s) applied",
+                analytics.migrate().await?
             );
             Ok(())
         }

@@ -71,6 +71,17 @@ pub struct Config {
     pub orchestrator_grpc_addr: SocketAddr,
     /// Database for the orchestrator only; falls back to `database_url`.
     pub orchestrator_database_url: Option<String>,
+    /// Analytics gRPC listen address.
+    pub analytics_grpc_addr: SocketAddr,
+    /// Database for analytics only; falls back to `database_url`.
+    pub analytics_database_url: Option<String>,
+    /// Milliseconds an analytics query may run before it is stopped with an error.
+    pub analytics_query_budget_ms: u64,
+    /// Mebibytes an analytics query may hold (groups, paths, durations) before it is
+    /// stopped with an error.
+    pub analytics_query_memory_mib: u64,
+    /// Seconds between write-backs of journey-map stages and stuck flags to profiles.
+    pub analytics_write_back_secs: u64,
     /// Where journey messages on channels other than `dev` are posted (signed webhooks).
     pub message_webhook_url: Option<String>,
     /// Where escalations to a human are posted (signed webhooks).
@@ -167,6 +178,11 @@ impl Default for Config {
             analytics_endpoint: "http://127.0.0.1:50054".into(),
             orchestrator_grpc_addr: ([0, 0, 0, 0], 50053).into(),
             orchestrator_database_url: None,
+            analytics_grpc_addr: ([0, 0, 0, 0], 50054).into(),
+            analytics_database_url: None,
+            analytics_query_budget_ms: 10_000,
+            analytics_query_memory_mib: 1024,
+            analytics_write_back_secs: 60,
             message_webhook_url: None,
             escalation_webhook_url: None,
             webhook_secret: Secret::new(DEV_WEBHOOK_SECRET),
@@ -253,6 +269,10 @@ impl Config {
                 "orchestrator_database_url",
                 self.orchestrator_database_url.as_ref(),
             ),
+            (
+                "analytics_database_url",
+                self.analytics_database_url.as_ref(),
+            ),
         ];
         for (setting, url) in databases {
             if let Some(url) = url {
@@ -300,6 +320,12 @@ impl Config {
             ),
             ("ingest_read_timeout_secs", self.ingest_read_timeout_secs),
             ("webhook_timeout_secs", self.webhook_timeout_secs),
+            ("analytics_query_budget_ms", self.analytics_query_budget_ms),
+            (
+                "analytics_query_memory_mib",
+                self.analytics_query_memory_mib,
+            ),
+            ("analytics_write_back_secs", self.analytics_write_back_secs),
             ("relay_max_attempts", self.relay_max_attempts.into()),
             ("outbox_retention_secs", self.outbox_retention_secs),
             (
@@ -428,6 +454,11 @@ impl Config {
     /// The orchestrator's database URL.
     pub fn orchestrator_database(&self) -> String {
         self.service_database("orchestrator", self.orchestrator_database_url.as_deref())
+    }
+
+    /// The analytics database URL.
+    pub fn analytics_database(&self) -> String {
+        self.service_database("analytics", self.analytics_database_url.as_deref())
     }
 
     /// A service's database: its own setting, else the shared `database_url`. A shared

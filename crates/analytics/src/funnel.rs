@@ -1,0 +1,740 @@
+//! Funnels defined by the query: steps, ordering, window, exclusions, properties held
+//! constant, counting and breakdown, evaluated per customer over their ordered events.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use waymark_proto::analytics::v1::{
+    Breakdown, FunnelCounting, FunnelGroup, FunnelOrder, FunnelStep, GetFunnelRequest,
+    GetFunnelResponse, breakdown,
+};
+
+use crate::error::AnalyticsError;
+use crate::matcher::{self, Matcher, Memo};
+use crate::model::{Ev, Model, Slot, Val};
+use crate::scan::{self, Budget, Customer};
+use crate::stats;
+
+/// The most steps a funnel may have (one bit each).
+pub const MAX_STEPS: usize = 64;
+/// The most exclusions (one bit each).
+const MAX_EXCLUSIONS: usize = 64;
+/// The default conversion window.
+const DEFAULT_WINDOW_US: i64 = 30 * 86_400_000_000;
+/// Breakdown groups reported when the request does not say.
+const DEFAULT_GROUPS: usize = 25;
+/// Distinct breakdown values one query may hold before it is refused.
+const MAX_DISTINCT_GROUPS: usize = 100_000;
+
+/// A group of a breakdown, before it is named: a value's key.
+type GroupKey = (u8, u64);
+
+/// What the breakdown reads.
+enum By {
+    Nothing,
+    Property(Option<u32>),
+    Channel,
+    Segments(Vec<Option<u32>>),
+    /// root → the arm's index in `arms`.
+    Variant(HashMap<u32, u32>, Vec<String>),
+}
+
+/// A compiled funnel.
+pub struct Funnel {
+    steps: Vec<Matcher>,
+    names: Vec<String>,
+    order: FunnelOrder,
+    counting: FunnelCounting,
+    window_us: i64,
+    exclusions: Vec<(Matcher, usize, usize)>,
+    hold: Vec<Option<u32>>,
+    range: (i64, i64),
+    by: By,
+    /// root → entry times of its enrollments, for enrollment counting.
+    enrollments: HashMap<u32, Vec<i64>>,
+    limit: usize,
+}
+
+/// The range's bounds in microseconds, open ends as the extremes.
+pub fn range_of(range: Option<&waymark_proto::analytics::v1::TimeRange>) -> (i64, i64) {
+    let start = range
+        .and_then(|r| crate::model::micros(r.start.as_ref()))
+        .unwrap_or(i64::MIN);
+    let end = range
+        .and_then(|r| crate::model::micros(r.end.as_ref()))
+        .unwrap_or(i64::MAX);
+    (start, end)
+}
+
+/// A duration field (`7d`), or `default` when empty.
+pub fn duration_field(text: &str, field: &str, default: i64) -> Result<i64, AnalyticsError> {
+    if text.trim().is_empty() {
+        return Ok(default);
+    }
+    let d =
+        waymark_kit::time::parse_duration(text).map_err(|e| AnalyticsError::invalid(field, e))?;
+    if d.is_zero() {
+        return Err(AnalyticsError::invalid(field, "must be longer than zero"));
+    }
+    Ok(waymark_kit::time::duration_micros(d))
+}
+
+impl Funnel {
+    /// Checks and compiles `req` against the names `model` knows; every problem is
+    /// reported with its field.
+    pub fn compile(model: &Model, req: &GetFunnelRequest) -> Result<Funnel, AnalyticsError> {
+        let mut problems = Vec::new();
+        let mut note = |r: Result<(), AnalyticsError>| {
+            if let Err(AnalyticsError::Invalid(p)) = r {
+                problems.extend(p);
+            }
+        };
+        if req.steps.len() < 2 {
+            note(Err(AnalyticsError::invalid(
+                "steps",
+                "needs at least two steps",
+            )));
+        }
+        if req.steps.len() > MAX_STEPS {
+            note(Err(AnalyticsError::invalid(
+                "steps",
+                format!(
+                    "has {} steps; at most {MAX_STEPS} are allowed",
+                    req.steps.len()
+                ),
+            )));
+        }
+        let mut steps = Vec::new();
+        for (i, s) in req.steps.iter().enumerate() {
+            match Matcher::compile(model, s, &format!("steps[{i}]")) {
+                Ok(m) => steps.push(m),
+                Err(e) => note(Err(e)),
+            }
+        }
+        let order = FunnelOrder::try_from(req.order).unwrap_or(FunnelOrder::Unspecified);
+        if FunnelOrder::try_from(req.order).is_err() {
+            note(Err(AnalyticsError::invalid(
+                "order",
+                "is not a FunnelOrder",
+            )));
+        }
+        let counting =
+            FunnelCounting::try_from(req.counting).unwrap_or(FunnelCounting::Unspecified);
+        if FunnelCounting::try_from(req.counting).is_err() {
+            note(Err(AnalyticsError::invalid(
+                "counting",
+                "is not a FunnelCounting",
+            )));
+        }
+        let window_us = match duration_field(&req.window, "window", DEFAULT_WINDOW_US) {
+            Ok(w) => w,
+            Err(e) => {
+                note(Err(e));
+                0
+            }
+        };
+        if req.exclusions.len() > MAX_EXCLUSIONS {
+            note(Err(AnalyticsError::invalid(
+                "exclusions",
+                format!("at most {MAX_EXCLUSIONS} are allowed"),
+            )));
+        }
+        let mut exclusions = Vec::new();
+        for (i, x) in req.exclusions.iter().enumerate() {
+            let field = format!("exclusions[{i}]");
+            let from = x.from_step as usize;
+            let to = x.to_step as usize;
+            if to <= from || to >= req.steps.len() {
+                note(Err(AnalyticsError::invalid(
+                    format!("{field}.to_step"),
+                    format!(
+                        "must be after from_step ({from}) and a step of the funnel (0 to {})",
+                        req.steps.len().saturating_sub(1)
+                    ),
+                )));
+                continue;
+            }
+            match x.event.as_ref() {
+                None => note(Err(AnalyticsError::invalid(
+                    format!("{field}.event"),
+                    "is required",
+                ))),
+                Some(m) => match Matcher::compile(model, m, &format!("{field}.event")) {
+                    Ok(m) => exclusions.push((m, from, to)),
+                    Err(e) => note(Err(e)),
+                },
+            }
+        }
+        for (i, h) in req.hold_constant.iter().enumerate() {
+            if h.trim().is_empty() {
+                note(Err(AnalyticsError::invalid(
+                    format!("hold_constant[{i}]"),
+                    "is empty",
+                )));
+            }
+        }
+        let hold = req
+            .hold_constant
+            .iter()
+            .map(|h| model.keys.get(h))
+            .collect();
+        let mut enrollments: HashMap<u32, Vec<i64>> = HashMap::new();
+        if counting == FunnelCounting::Enrollments {
+            if req.journey_id.is_empty() {
+                note(Err(AnalyticsError::invalid(
+                    "journey_id",
+                    "is required to count enrollments",
+                )));
+            }
+            if let Some(journey) = model.journeys.get(&req.journey_id) {
+                for e in journey.values() {
+                    if let Some(first) = e.steps.first() {
+                        let root = model.slot(e.profile).root;
+                        enrollments.entry(root).or_default().push(first.at_us);
+                    }
+                }
+                for entries in enrollments.values_mut() {
+                    entries.sort_unstable();
+                }
+            }
+        }
+        let by = match by(model, req.breakdown.as_ref()) {
+            Ok(by) => by,
+            Err(e) => {
+                note(Err(e));
+                By::Nothing
+            }
+        };
+        if !problems.is_empty() {
+            return Err(AnalyticsError::Invalid(problems));
+        }
+        Ok(Funnel {
+            names: req.steps.iter().map(|s| s.event.clone()).collect(),
+            steps,
+            order,
+            counting,
+            window_us,
+            exclusions,
+            hold,
+            range: range_of(req.range.as_ref()),
+            by,
+            enrollments,
+            limit: if req.breakdown_limit == 0 {
+                DEFAULT_GROUPS
+            } else {
+                req.breakdown_limit as usize
+            },
+        })
+    }
+
+    /// Runs the funnel over every customer.
+    pub fn run(&self, model: &Model, budget: &Budget) -> Result<GetFunnelResponse, AnalyticsError> {
+        let started = Instant::now();
+        let parts = scan::customers(
+            model,
+            budget,
+            || Partial::new(self),
+            |acc, customer| self.customer(model, budget, acc, customer),
+        )?;
+        let mut all = Partial::new(self);
+        for p in parts {
+            all.absorb(p);
+        }
+        let group_label = |key: GroupKey| self.label(model, key);
+        let mut groups: Vec<(String, Agg)> = all
+            .groups
+            .into_iter()
+            .map(|(k, agg)| (group_label(k), agg))
+            .collect();
+        groups.sort_by(|a, b| b.1.reached[0].cmp(&a.1.reached[0]).then(a.0.cmp(&b.0)));
+        groups.truncate(self.limit);
+        let has_groups = !matches!(self.by, By::Nothing);
+        Ok(GetFunnelResponse {
+            total: Some(self.report(String::new(), all.total)),
+            groups: if has_groups {
+                groups
+                    .into_iter()
+                    .map(|(g, agg)| self.report(g, agg))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            customers_scanned: all.customers,
+            events_scanned: all.events,
+            took_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn label(&self, model: &Model, key: GroupKey) -> String {
+        if key.0 == NONE_GROUP {
+            return "(none)".to_owned();
+        }
+        match &self.by {
+            By::Nothing => String::new(),
+            By::Property(_) => matcher::label(model, val_of_key(key)),
+            By::Channel => waymark_profile::segment::channel_name(key.1 as i32),
+            By::Segments(_) => model.segment_ids.name(key.1 as u32).to_owned(),
+            By::Variant(_, arms) => arms.get(key.1 as usize).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn report(&self, group: String, agg: Agg) -> FunnelGroup {
+        let first = agg.reached.first().copied().unwrap_or(0);
+        let steps = agg
+            .times
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut times)| {
+                let reached = agg.reached[i];
+                let previous = if i == 0 { reached } else { agg.reached[i - 1] };
+                let ratio = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+                let dropped = previous - reached;
+                FunnelStep {
+                    event: self.names[i].clone(),
+                    reached,
+                    conversion_from_previous: if i == 0 {
+                        1.0
+                    } else {
+                        ratio(reached, previous)
+                    },
+                    conversion_from_first: ratio(reached, first),
+                    dropped,
+                    drop_off_percent: 100.0 * ratio(dropped, previous),
+                    time_to_convert: Some(stats::distribution(&mut times)),
+                }
+            })
+            .collect();
+        FunnelGroup { group, steps }
+    }
+
+    /// Counts one customer's attempts.
+    fn customer(
+        &self,
+        model: &Model,
+        budget: &Budget,
+        acc: &mut Partial,
+        customer: &Customer<'_>,
+    ) -> Result<(), AnalyticsError> {
+        let events = &customer.events;
+        let (lo, hi) = self.range;
+        let in_range = events
+            .iter()
+            .filter(|(_, e)| e.at >= lo && e.at < hi)
+            .count();
+        if in_range == 0 {
+            return Ok(());
+        }
+        acc.customers += 1;
+        acc.events += events.len() as u64;
+        let marks = self.mark(model, events, &mut acc.memos);
+        let attempts = self.attempts(model, customer, &marks);
+        let mut bytes = 0;
+        for (start, attempt) in attempts {
+            bytes += attempt.reached * 8;
+            let groups = self.groups_of(model, customer, start);
+            acc.total.add(&attempt);
+            for g in groups {
+                acc.groups
+                    .entry(g)
+                    .or_insert_with(|| Agg::new(self.steps.len()))
+                    .add(&attempt);
+            }
+        }
+        if acc.groups.len() > MAX_DISTINCT_GROUPS {
+            return Err(AnalyticsError::Budget(format!(
+                "the breakdown has more than {MAX_DISTINCT_GROUPS} distinct values; break down by something coarser"
+            )));
+        }
+        if bytes > 0 {
+            budget.charge(bytes * (1 + usize::from(!acc.groups.is_empty())))?;
+        }
+        Ok(())
+    }
+
+    /// For each event, the steps and exclusions it matches (as bits).
+    fn mark(&self, model: &Model, events: &[(&Slot, Ev)], memos: &mut Memos) -> Vec<Mark> {
+        events
+            .iter()
+            .map(|(slot, ev)| {
+                let mut mark = Mark::default();
+                for (i, step) in self.steps.iter().enumerate() {
+                    if step.name() == Some(ev.name)
+                        && step.matches(model, slot, ev, &mut memos.steps[i])
+                    {
+                        mark.steps |= 1 << i;
+                    }
+                }
+                for (i, (x, _, _)) in self.exclusions.iter().enumerate() {
+                    if x.name() == Some(ev.name)
+                        && x.matches(model, slot, ev, &mut memos.exclusions[i])
+                    {
+                        mark.exclusions |= 1 << i;
+                    }
+                }
+                mark
+            })
+            .collect()
+    }
+
+    /// The attempts to count for one customer, each with the index of its first step.
+    fn attempts(
+        &self,
+        model: &Model,
+        customer: &Customer<'_>,
+        marks: &[Mark],
+    ) -> Vec<(usize, Attempt)> {
+        let events = &customer.events;
+        let (lo, hi) = self.range;
+        let can_start = |i: usize| {
+            let at = events[i].1.at;
+            let first = if self.order == FunnelOrder::Any {
+                marks[i].steps != 0
+            } else {
+                marks[i].steps & 1 != 0
+            };
+            first && at >= lo && at < hi
+        };
+        match self.counting {
+            FunnelCounting::Unspecified | FunnelCounting::UniqueCustomers => {
+                let mut best: Option<(usize, Attempt)> = None;
+                for i in (0..events.len()).filter(|&i| can_start(i)) {
+                    let Some(a) = self.attempt(model, events, marks, i) else {
+                        continue;
+                    };
+                    if best.as_ref().is_none_or(|(_, b)| a.reached > b.reached) {
+                        let full = a.reached == self.steps.len();
+                        best = Some((i, a));
+                        if full {
+                            break;
+                        }
+                    }
+                }
+                best.into_iter().collect()
+            }
+            FunnelCounting::Totals => {
+                let mut out = Vec::new();
+                let mut free_after = i64::MIN;
+                for i in (0..events.len()).filter(|&i| can_start(i)) {
+                    let at = events[i].1.at;
+                    if at <= free_after {
+                        continue;
+                    }
+                    if let Some(a) = self.attempt(model, events, marks, i) {
+                        free_after = if a.reached == self.steps.len() {
+                            a.times[a.reached - 1]
+                        } else {
+                            at.saturating_add(self.window_us)
+                        };
+                        out.push((i, a));
+                    }
+                }
+                out
+            }
+            FunnelCounting::Enrollments => {
+                let Some(entries) = self.enrollments.get(&customer.root) else {
+                    return Vec::new();
+                };
+                entries
+                    .iter()
+                    .filter(|&&entry| entry >= lo && entry < hi)
+                    .filter_map(|&entry| {
+                        let first = events.partition_point(|(_, e)| e.at < entry);
+                        let start = (first..events.len()).find(|&i| marks[i].steps & 1 != 0)?;
+                        Some((start, self.attempt(model, events, marks, start)?))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The attempt starting at `start`: how far it got and when; none when an exclusion
+    /// disqualified it.
+    fn attempt(
+        &self,
+        model: &Model,
+        events: &[(&Slot, Ev)],
+        marks: &[Mark],
+        start: usize,
+    ) -> Option<Attempt> {
+        let k = self.steps.len();
+        let held: Vec<Option<GroupKey>> = self
+            .hold
+            .iter()
+            .map(|key| value_of(model, events[start], *key).map(Val::key))
+            .collect();
+        let holds = |i: usize| {
+            self.hold
+                .iter()
+                .zip(&held)
+                .all(|(key, want)| value_of(model, events[i], *key).map(Val::key) == *want)
+        };
+        let first = if self.order == FunnelOrder::Any {
+            marks[start].steps.trailing_zeros() as usize
+        } else {
+            0
+        };
+        let mut done: u64 = 1 << first;
+        let mut times = vec![events[start].1.at];
+        let end = events[start].1.at.saturating_add(self.window_us);
+        for i in start + 1..events.len() {
+            if times.len() == k {
+                break;
+            }
+            let at = events[i].1.at;
+            if at > end {
+                break;
+            }
+            let reached = times.len();
+            let mark = marks[i];
+            if mark.exclusions != 0 {
+                let excluded = self
+                    .exclusions
+                    .iter()
+                    .enumerate()
+                    .any(|(x, (_, from, to))| {
+                        mark.exclusions & (1 << x) != 0 && *from < reached && reached <= *to
+                    });
+                if excluded && holds(i) {
+                    return None;
+                }
+            }
+            let next = match self.order {
+                FunnelOrder::Unspecified | FunnelOrder::Ordered | FunnelOrder::Strict => {
+                    (mark.steps & (1 << reached) != 0).then_some(reached)
+                }
+                FunnelOrder::Any | FunnelOrder::Anchored => {
+                    let free = mark.steps & !done;
+                    (free != 0).then(|| free.trailing_zeros() as usize)
+                }
+            };
+            match next {
+                Some(step) if holds(i) => {
+                    done |= 1 << step;
+                    times.push(at);
+                }
+                _ if self.order == FunnelOrder::Strict => break,
+                _ => {}
+            }
+        }
+        Some(Attempt {
+            reached: times.len(),
+            times,
+        })
+    }
+
+    /// The breakdown groups of the attempt starting at event `start`.
+    fn groups_of(&self, model: &Model, customer: &Customer<'_>, start: usize) -> Vec<GroupKey> {
+        let (slot, ev) = customer.events[start];
+        match &self.by {
+            By::Nothing => Vec::new(),
+            By::Property(key) => {
+                vec![value_of(model, (slot, ev), *key).map_or((NONE_GROUP, 0), Val::key)]
+            }
+            By::Channel => vec![(0, u64::from(ev.channel))],
+            By::Segments(wanted) => {
+                let mut groups: Vec<GroupKey> = model
+                    .slot(customer.root)
+                    .members
+                    .iter()
+                    .flat_map(|m| model.slot(*m).segments.iter())
+                    .filter(|(s, from, until)| {
+                        wanted.contains(&Some(*s)) && *from <= ev.at && ev.at < *until
+                    })
+                    .map(|(s, _, _)| (0, u64::from(*s)))
+                    .collect();
+                groups.sort_unstable();
+                groups.dedup();
+                if groups.is_empty() {
+                    groups.push((NONE_GROUP, 0));
+                }
+                groups
+            }
+            By::Variant(arms, _) => vec![
+                arms.get(&customer.root)
+                    .map_or((NONE_GROUP, 0), |a| (0, u64::from(*a))),
+            ],
+        }
+    }
+}
+
+/// The group of customers without a value.
+const NONE_GROUP: u8 = 254;
+
+fn val_of_key(key: GroupKey) -> Option<Val> {
+    match key.0 {
+        0 => Some(Val::Null),
+        1 => Some(Val::Bool(key.1 != 0)),
+        2 => Some(Val::Num(f64::from_bits(key.1))),
+        3 => Some(Val::Str(key.1 as u32)),
+        4 => Some(Val::Json(key.1 as u32)),
+        _ => None,
+    }
+}
+
+/// The value of property `key` on an event.
+fn value_of(model: &Model, (slot, ev): (&Slot, Ev), key: Option<u32>) -> Option<Val> {
+    let key = key?;
+    model
+        .props(slot, &ev)
+        .iter()
+        .find(|p| p.key == key)
+        .map(|p| p.val)
+}
+
+fn by(model: &Model, breakdown: Option<&Breakdown>) -> Result<By, AnalyticsError> {
+    Ok(match breakdown.and_then(|b| b.by.as_ref()) {
+        None => By::Nothing,
+        Some(breakdown::By::Property(p)) if p.trim().is_empty() => {
+            return Err(AnalyticsError::invalid("breakdown.property", "is empty"));
+        }
+        Some(breakdown::By::Property(p)) => By::Property(model.keys.get(p)),
+        Some(breakdown::By::Channel(_)) => By::Channel,
+        Some(breakdown::By::Segments(list)) => {
+            if list.segment_ids.is_empty() {
+                return Err(AnalyticsError::invalid(
+                    "breakdown.segments.segment_ids",
+                    "needs at least one segment",
+                ));
+            }
+            By::Segments(
+                list.segment_ids
+                    .iter()
+                    .map(|s| model.segment_ids.get(s))
+                    .collect(),
+            )
+        }
+        Some(breakdown::By::JourneyVariant(v)) => {
+            if v.journey_id.is_empty() {
+                return Err(AnalyticsError::invalid(
+                    "breakdown.journey_variant.journey_id",
+                    "is required",
+                ));
+            }
+            let (assigned, arms) = variants(model, &v.journey_id, &v.node_id);
+            By::Variant(assigned, arms)
+        }
+    })
+}
+
+/// The arm of a journey's random split each customer was first assigned to.
+pub fn variants(
+    model: &Model,
+    journey_id: &str,
+    node_id: &str,
+) -> (HashMap<u32, u32>, Vec<String>) {
+    let mut arms: Vec<String> = Vec::new();
+    let mut first: HashMap<u32, (i64, u32)> = HashMap::new();
+    for e in model
+        .journeys
+        .get(journey_id)
+        .into_iter()
+        .flat_map(|j| j.values())
+    {
+        let Some(step) = e
+            .steps
+            .iter()
+            .find(|s| s.outcome == "arm" && (node_id.is_empty() || s.node_id == node_id))
+        else {
+            continue;
+        };
+        let arm = match arms.iter().position(|a| *a == step.decision) {
+            Some(i) => i as u32,
+            None => {
+                arms.push(step.decision.clone());
+                (arms.len() - 1) as u32
+            }
+        };
+        let root = model.slot(e.profile).root;
+        let entry = first.entry(root).or_insert((step.at_us, arm));
+        if step.at_us < entry.0 {
+            *entry = (step.at_us, arm);
+        }
+    }
+    (first.into_iter().map(|(r, (_, a))| (r, a)).collect(), arms)
+}
+
+#[derive(Default, Clone, Copy)]
+struct Mark {
+    steps: u64,
+    exclusions: u64,
+}
+
+struct Attempt {
+    reached: usize,
+    /// When each reached step happened.
+    times: Vec<i64>,
+}
+
+struct Agg {
+    reached: Vec<u64>,
+    /// Seconds from the previous step, per step (empty for the first).
+    times: Vec<Vec<f64>>,
+}
+
+impl Agg {
+    fn new(k: usize) -> Agg {
+        Agg {
+            reached: vec![0; k],
+            times: vec![Vec::new(); k],
+        }
+    }
+
+    fn add(&mut self, a: &Attempt) {
+        for i in 0..a.reached {
+            self.reached[i] += 1;
+            if i > 0 {
+                self.times[i].push((a.times[i] - a.times[i - 1]) as f64 / 1e6);
+            }
+        }
+    }
+
+    fn absorb(&mut self, other: Agg) {
+        for (i, (n, t)) in other.reached.into_iter().zip(other.times).enumerate() {
+            self.reached[i] += n;
+            self.times[i].extend(t);
+        }
+    }
+}
+
+struct Memos {
+    steps: Vec<Memo>,
+    exclusions: Vec<Memo>,
+}
+
+/// One worker's counts.
+struct Partial {
+    total: Agg,
+    groups: HashMap<GroupKey, Agg>,
+    memos: Memos,
+    customers: u64,
+    events: u64,
+}
+
+impl Partial {
+    fn new(f: &Funnel) -> Partial {
+        Partial {
+            total: Agg::new(f.steps.len()),
+            groups: HashMap::new(),
+            memos: Memos {
+                steps: f.steps.iter().map(|_| Memo::default()).collect(),
+                exclusions: f.exclusions.iter().map(|_| Memo::default()).collect(),
+            },
+            customers: 0,
+            events: 0,
+        }
+    }
+
+    fn absorb(&mut self, other: Partial) {
+        self.total.absorb(other.total);
+        for (k, agg) in other.groups {
+            match self.groups.get_mut(&k) {
+                Some(mine) => mine.absorb(agg),
+                None => {
+                    self.groups.insert(k, agg);
+                }
+            }
+        }
+        self.customers += other.customers;
+        self.events += other.events;
+    }
+}

@@ -1,0 +1,484 @@
+//! The analytics core: takes delivered events (stored first, then applied to memory in
+//! the same order), answers queries on a blocking thread under a budget, and keeps the
+//! journey maps.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use prost::Message;
+use sea_orm::DatabaseConnection;
+use waymark_proto::analytics::v1::*;
+use waymark_proto::common::v1::{DeliverResponse, Event, RejectedEvent};
+
+use futures::StreamExt;
+use waymark_kit::secret::Secret;
+use waymark_proto::profile::v1::UpdateTraitsRequest;
+use waymark_proto::profile::v1::profile_service_client::ProfileServiceClient;
+
+use crate::error::AnalyticsError;
+use crate::maps::CompiledMap;
+use crate::model::{self, Incoming, Model, Notice};
+use crate::scan::{Budget, Limits};
+use crate::store::{self, Kind, NewEvent};
+
+/// Rows read per page when memory is rebuilt.
+const REPLAY_PAGE: u32 = 20_000;
+
+/// The analytics core; cheap to clone.
+#[derive(Clone)]
+pub struct Analytics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    model: RwLock<Model>,
+    maps: RwLock<BTreeMap<String, Arc<CompiledMap>>>,
+    erased: RwLock<HashSet<String>>,
+    /// One delivery at a time, so memory applies events in the order they were stored.
+    writer: tokio::sync::Mutex<()>,
+    limits: Limits,
+    profiles: Option<ProfileWriter>,
+    metrics: crate::metrics::Metrics,
+}
+
+/// Writes stages and stuck flags to profiles through `ProfileService.UpdateTraits`.
+#[derive(Clone)]
+pub struct ProfileWriter {
+    client: ProfileServiceClient<tonic::transport::Channel>,
+    admin_token: Option<Secret>,
+}
+
+impl ProfileWriter {
+    /// A writer to the profile service at `endpoint` (connected lazily).
+    pub fn new(endpoint: &str, admin_token: Option<Secret>) -> anyhow::Result<ProfileWriter> {
+        Ok(ProfileWriter {
+            client: ProfileServiceClient::new(waymark_kit::grpc::channel(endpoint)?),
+            admin_token,
+        })
+    }
+
+    async fn write(&self, w: &store::Written) -> Result<(), tonic::Status> {
+        let traits = serde_json::Map::from_iter([
+            (
+                crate::maps::stage_trait(&w.map_id),
+                serde_json::json!(w.stage_id),
+            ),
+            (
+                crate::maps::stuck_trait(&w.map_id),
+                serde_json::json!(w.stuck == 1),
+            ),
+        ]);
+        let mut request = tonic::Request::new(UpdateTraitsRequest {
+            profile_id: w.profile_id.clone(),
+            traits: Some(waymark_proto::json::struct_from_json(traits)),
+            source: "analytics".into(),
+        });
+        request.set_timeout(std::time::Duration::from_secs(5));
+        if let Some(token) = &self.admin_token {
+            request
+                .metadata_mut()
+                .insert("authorization", waymark_kit::grpc::bearer(token));
+        }
+        self.client.clone().update_traits(request).await.map(|_| ())
+    }
+}
+
+/// Write-backs in flight at once.
+const WRITE_BACK_CONCURRENCY: usize = 16;
+
+fn lock_poisoned() -> AnalyticsError {
+    AnalyticsError::Internal("a lock was poisoned by a panic".into())
+}
+
+impl Analytics {
+    pub fn new(
+        db: DatabaseConnection,
+        limits: Limits,
+        profiles: Option<ProfileWriter>,
+    ) -> Analytics {
+        Analytics {
+            inner: Arc::new(Inner {
+                db,
+                model: RwLock::new(Model::default()),
+                maps: RwLock::new(BTreeMap::new()),
+                erased: RwLock::new(HashSet::new()),
+                writer: tokio::sync::Mutex::new(()),
+                limits,
+                profiles,
+                metrics: crate::metrics::Metrics::new(),
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// Rebuilds memory from the store: the erased profiles, every event in arrival order,
+    /// the journey maps.
+    pub async fn prepare(&self) -> Result<(), AnalyticsError> {
+        let _writer = self.inner.writer.lock().await;
+        let started = std::time::Instant::now();
+        let erased = store::erased(self.db()).await?;
+        let mut fresh = Model::default();
+        let mut after = 0;
+        loop {
+            let page = store::events_after(self.db(), after, REPLAY_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for row in page {
+                let event = Event::decode(row.body.as_slice()).map_err(|e| {
+                    AnalyticsError::Internal(format!(
+                        "stored event {} does not decode: {e}",
+                        row.seq
+                    ))
+                })?;
+                apply(&mut fresh, model::classify(event));
+            }
+        }
+        let maps = store::maps(self.db()).await?;
+        let mut compiled = BTreeMap::new();
+        for row in maps {
+            let map = JourneyMap::decode(row.definition.as_slice()).map_err(|e| {
+                AnalyticsError::Internal(format!("stored map {} does not decode: {e}", row.map_id))
+            })?;
+            compiled.insert(row.map_id, Arc::new(CompiledMap::new(map)));
+        }
+        tracing::info!(
+            events = fresh.event_count(),
+            profiles = fresh.slots().len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "analytics memory rebuilt"
+        );
+        *self.inner.model.write().map_err(|_| lock_poisoned())? = fresh;
+        *self.inner.maps.write().map_err(|_| lock_poisoned())? = compiled;
+        *self.inner.erased.write().map_err(|_| lock_poisoned())? = erased;
+        Ok(())
+    }
+
+    /// Stores and applies a delivered batch, once per event id.
+    pub async fn deliver(&self, events: Vec<Event>) -> Result<DeliverResponse, AnalyticsError> {
+        let mut response = DeliverResponse::default();
+        let mut incoming = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            if event.event_id.is_empty() {
+                response.rejected.push(RejectedEvent {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    event_id: String::new(),
+                    field: "event_id".into(),
+                    reason: "is required: events are applied once by their id".into(),
+                });
+                continue;
+            }
+            incoming.push(event);
+        }
+        let _writer = self.inner.writer.lock().await;
+        let erased = self
+            .inner
+            .erased
+            .read()
+            .map_err(|_| lock_poisoned())?
+            .clone();
+        let mut rows = Vec::new();
+        let mut kept = Vec::new();
+        let mut erase = Vec::new();
+        let mut ids = HashSet::new();
+        for event in incoming {
+            if event.profile_id.is_empty() {
+                response.unattributed += 1;
+                continue;
+            }
+            if erased.contains(&event.profile_id) {
+                response.suppressed += 1;
+                continue;
+            }
+            let body = event.encode_to_vec();
+            let (event_id, profile_id) = (event.event_id.clone(), event.profile_id.clone());
+            let classified = model::classify(event);
+            let kind = match &classified {
+                Incoming::Customer(_) => Kind::Customer,
+                Incoming::JourneyStep(_) => Kind::JourneyStep,
+                Incoming::Notice(Notice::Deleted { profiles }) => {
+                    erase.extend(profiles.iter().cloned());
+                    kept.push((event_id, classified));
+                    continue;
+                }
+                Incoming::Notice(_) => Kind::Notice,
+            };
+            if !ids.insert(event_id.clone()) {
+                response.duplicates += 1;
+                continue;
+            }
+            rows.push(NewEvent {
+                event_id: event_id.clone(),
+                profile_id,
+                kind,
+                body,
+            });
+            kept.push((event_id, classified));
+        }
+        let stored = rows.len();
+        let txn = waymark_kit::db::begin_write(self.db()).await?;
+        let fresh = store::insert_events(&txn, rows).await?;
+        erase.sort();
+        erase.dedup();
+        store::erase(&txn, &erase, waymark_kit::time::now_micros()).await?;
+        txn.commit().await?;
+        response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
+        {
+            let mut model = self.inner.model.write().map_err(|_| lock_poisoned())?;
+            for (event_id, classified) in kept {
+                let deletion = matches!(classified, Incoming::Notice(Notice::Deleted { .. }));
+                if deletion || fresh.contains(&event_id) {
+                    if !deletion {
+                        response.applied += 1;
+                    }
+                    apply(&mut model, classified);
+                }
+            }
+        }
+        if !erase.is_empty() {
+            self.inner
+                .erased
+                .write()
+                .map_err(|_| lock_poisoned())?
+                .extend(erase);
+        }
+        self.inner.metrics.delivered(&response);
+        Ok(response)
+    }
+
+    /// Runs `query` on a blocking thread over memory, under the query budget.
+    async fn query<T, F>(&self, name: &'static str, query: F) -> Result<T, AnalyticsError>
+    where
+        T: Send + 'static,
+        F: FnOnce(
+                &Model,
+                &BTreeMap<String, Arc<CompiledMap>>,
+                &Budget,
+            ) -> Result<T, AnalyticsError>
+            + Send
+            + 'static,
+    {
+        let inner = self.inner.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let budget = Budget::start(inner.limits);
+            let maps = inner.maps.read().map_err(|_| lock_poisoned())?.clone();
+            let model = inner.model.read().map_err(|_| lock_poisoned())?;
+            query(&model, &maps, &budget)
+        })
+        .await
+        .map_err(|e| AnalyticsError::Internal(format!("query task failed: {e}")))?;
+        self.inner
+            .metrics
+            .query(name, started.elapsed(), result.is_ok());
+        result
+    }
+
+    pub async fn funnel(&self, req: GetFunnelRequest) -> Result<GetFunnelResponse, AnalyticsError> {
+        self.query("funnel", move |model, _, budget| {
+            crate::funnel::Funnel::compile(model, &req)?.run(model, budget)
+        })
+        .await
+    }
+
+    pub async fn paths(&self, req: GetPathsRequest) -> Result<GetPathsResponse, AnalyticsError> {
+        self.query("paths", move |model, maps, budget| {
+            crate::paths::Paths::compile(model, maps, &req)?.run(model, budget)
+        })
+        .await
+    }
+
+    /// Checks and saves a journey map.
+    pub async fn put_map(&self, map: Option<JourneyMap>) -> Result<JourneyMap, AnalyticsError> {
+        let map = map.ok_or_else(|| AnalyticsError::invalid("map", "is required"))?;
+        crate::maps::validate(&map)?;
+        store::put_map(
+            self.db(),
+            &map.id,
+            map.encode_to_vec(),
+            waymark_kit::time::now_micros(),
+        )
+        .await?;
+        self.inner
+            .maps
+            .write()
+            .map_err(|_| lock_poisoned())?
+            .insert(map.id.clone(), Arc::new(CompiledMap::new(map.clone())));
+        Ok(map)
+    }
+
+    pub fn map(&self, id: &str) -> Result<JourneyMap, AnalyticsError> {
+        self.inner
+            .maps
+            .read()
+            .map_err(|_| lock_poisoned())?
+            .get(id)
+            .map(|m| m.map.clone())
+            .ok_or_else(|| AnalyticsError::NotFound(format!("no journey map {id:?}")))
+    }
+
+    pub fn maps(&self) -> Result<Vec<JourneyMap>, AnalyticsError> {
+        Ok(self
+            .inner
+            .maps
+            .read()
+            .map_err(|_| lock_poisoned())?
+            .values()
+            .map(|m| m.map.clone())
+            .collect())
+    }
+
+    pub async fn stage_distribution(
+        &self,
+        req: GetStageDistributionRequest,
+    ) -> Result<GetStageDistributionResponse, AnalyticsError> {
+        self.query("stages", move |model, maps, budget| {
+            let map = find_map(maps, &req.map_id, "map_id")?;
+            crate::maps::distribution(model, &map, waymark_kit::time::now_micros(), budget)
+        })
+        .await
+    }
+
+    pub async fn sla_breaches(
+        &self,
+        req: GetSlaBreachesRequest,
+    ) -> Result<GetSlaBreachesResponse, AnalyticsError> {
+        self.query("sla", move |model, maps, budget| {
+            let map = find_map(maps, &req.map_id, "map_id")?;
+            crate::maps::sla(model, &map, &req, waymark_kit::time::now_micros(), budget)
+        })
+        .await
+    }
+
+    pub async fn journey_report(
+        &self,
+        req: GetJourneyReportRequest,
+    ) -> Result<GetJourneyReportResponse, AnalyticsError> {
+        if req.journey_id.is_empty() {
+            return Err(AnalyticsError::invalid("journey_id", "is required"));
+        }
+        let confidence = if req.confidence == 0.0 {
+            0.95
+        } else {
+            req.confidence
+        };
+        if !(confidence > 0.0 && confidence < 1.0) {
+            return Err(AnalyticsError::invalid(
+                "confidence",
+                "must be between 0 and 1, e.g. 0.95",
+            ));
+        }
+        self.query("journey_report", move |model, _, _| {
+            Ok(crate::journeys::report(model, &req, confidence))
+        })
+        .await
+    }
+
+    pub async fn cx_metrics(
+        &self,
+        req: GetCxMetricsRequest,
+    ) -> Result<GetCxMetricsResponse, AnalyticsError> {
+        self.query("cx", move |model, maps, budget| {
+            crate::cx::metrics(model, maps, &req, budget)
+        })
+        .await
+    }
+
+    /// Each profile's stage and stuck flag on every map that writes back, where they
+    /// differ from what was last written.
+    pub async fn stage_changes(&self) -> Result<Vec<store::Written>, AnalyticsError> {
+        let written = store::written(self.db()).await?;
+        let now = waymark_kit::time::now_micros();
+        self.query("write_back", move |model, maps, budget| {
+            crate::maps::changes(model, maps, &written, now, budget)
+        })
+        .await
+    }
+
+    /// Writes changed stages and stuck flags to the profiles; returns how many profiles
+    /// were written. A profile the profile service no longer knows (merged away, erased)
+    /// is recorded as written so it is not retried; any other failure leaves the rest for
+    /// the next round.
+    pub async fn write_back(&self) -> Result<u64, AnalyticsError> {
+        let Some(writer) = self.inner.profiles.clone() else {
+            return Ok(0);
+        };
+        let changes = self.stage_changes().await?;
+        let results: Vec<(store::Written, Result<(), tonic::Status>)> =
+            futures::stream::iter(changes)
+                .map(|w| {
+                    let writer = writer.clone();
+                    async move {
+                        let result = writer.write(&w).await;
+                        (w, result)
+                    }
+                })
+                .buffer_unordered(WRITE_BACK_CONCURRENCY)
+                .collect()
+                .await;
+        let mut done = Vec::new();
+        let mut failed = 0;
+        for (w, result) in results {
+            match result {
+                Ok(()) => done.push(w),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    self.inner.metrics.written_back("gone", 1);
+                    done.push(w);
+                }
+                Err(s) => {
+                    failed += 1;
+                    tracing::warn!(code = ?s.code(), message = s.message(), map_id = %w.map_id, "write-back failed; retried next round");
+                }
+            }
+        }
+        store::record_written(self.db(), &done).await?;
+        self.inner
+            .metrics
+            .written_back("written", done.len() as u64);
+        self.inner.metrics.written_back("failed", failed);
+        Ok(done.len() as u64)
+    }
+
+    /// Writes back every `every` until `shutdown`.
+    pub async fn run_write_back(
+        &self,
+        every: std::time::Duration,
+        shutdown: waymark_kit::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(error) = self.write_back().await {
+                tracing::warn!(%error, "write-back round failed");
+            }
+        }
+    }
+}
+
+/// A map by id, or NOT_FOUND / INVALID_ARGUMENT naming `field`.
+fn find_map(
+    maps: &BTreeMap<String, Arc<CompiledMap>>,
+    id: &str,
+    field: &str,
+) -> Result<Arc<CompiledMap>, AnalyticsError> {
+    if id.is_empty() {
+        return Err(AnalyticsError::invalid(field, "is required"));
+    }
+    maps.get(id)
+        .cloned()
+        .ok_or_else(|| AnalyticsError::NotFound(format!("no journey map {id:?}")))
+}
+
+/// Applies one stored (or erasing) event to memory.
+fn apply(model: &mut Model, incoming: Incoming) {
+    match incoming {
+        Incoming::Customer(event) => model.add_event(&event),
+        Incoming::JourneyStep(event) => model.add_step(&event),
+        Incoming::Notice(notice) => model.apply_notice(&notice),
+    }
+}

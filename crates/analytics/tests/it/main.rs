@@ -1,0 +1,398 @@
+//! Integration tests of the analytics service through its public gRPC API, on PostgreSQL
+//! and SQLite: synthetic customers with known paths give exact answers.
+
+mod maps;
+mod platform;
+mod support;
+
+use serde_json::json;
+use support::*;
+use waymark_proto::analytics::v1::*;
+
+fn funnel(names: &[&str], order: FunnelOrder, window: &str) -> GetFunnelRequest {
+    GetFunnelRequest {
+        steps: steps(names),
+        order: order as i32,
+        window: window.to_owned(),
+        ..GetFunnelRequest::default()
+    }
+}
+
+/// Four customers whose paths tell the orderings apart.
+async fn each_ordering_counts_what_it_promises(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let e = json!({});
+    let response = rig
+        .server
+        .deliver(vec![
+            track("c1", "A", 0, e.clone()),
+            track("c1", "B", 10, e.clone()),
+            track("c1", "C", 20, e.clone()),
+            track("c2", "A", 0, e.clone()),
+            track("c2", "X", 5, e.clone()),
+            track("c2", "B", 10, e.clone()),
+            track("c2", "C", 40, e.clone()),
+            track("c3", "B", 0, e.clone()),
+            track("c3", "A", 10, e.clone()),
+            track("c3", "C", 20, e.clone()),
+            track("c4", "A", 0, e.clone()),
+            track("c4", "B", 8 * DAY, e.clone()),
+            track("c5", "X", 0, e.clone()),
+        ])
+        .await;
+    assert_eq!(response.applied, 13);
+    let abc = ["A", "B", "C"];
+    let cases = [
+        (FunnelOrder::Ordered, vec![4, 2, 2]),
+        (FunnelOrder::Unspecified, vec![4, 2, 2]),
+        (FunnelOrder::Strict, vec![4, 1, 1]),
+        (FunnelOrder::Any, vec![4, 3, 3]),
+        (FunnelOrder::Anchored, vec![4, 3, 2]),
+    ];
+    for (order, expected) in cases {
+        let answer = rig.server.funnel(funnel(&abc, order, "7d")).await;
+        let total = answer.total.unwrap();
+        assert_eq!(reached(&total), expected, "{order:?}");
+        assert_eq!(answer.customers_scanned, 5, "{order:?}");
+    }
+    // A wider window lets c4 reach B.
+    let wide = rig
+        .server
+        .funnel(funnel(&abc, FunnelOrder::Ordered, "9d"))
+        .await;
+    assert_eq!(reached(&wide.total.unwrap()), vec![4, 3, 2]);
+
+    let ordered = rig
+        .server
+        .funnel(funnel(&abc, FunnelOrder::Ordered, "7d"))
+        .await;
+    let total = ordered.total.unwrap();
+    let b = &total.steps[1];
+    assert_eq!((b.dropped, b.conversion_from_previous), (2, 0.5));
+    assert_eq!(b.drop_off_percent, 50.0);
+    let to_c = total.steps[2].time_to_convert.as_ref().unwrap();
+    // c1 took 10 s from B to C, c2 30 s.
+    assert_eq!((to_c.count, to_c.mean_seconds), (2, 20.0));
+    assert_eq!(total.steps[0].event, "A");
+}
+waymark_testkit::on_both_backends!(each_ordering_counts_what_it_promises);
+
+/// Five customers from view to purchase in 1, 2, 3, 4 and 100 minutes.
+async fn time_to_convert_has_its_median_and_histogram(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let mut events = Vec::new();
+    for (i, minutes) in [1, 2, 3, 4, 100].into_iter().enumerate() {
+        let who = format!("t{i}");
+        events.push(track(&who, "Product Viewed", 0, json!({})));
+        events.push(track(&who, "Order Completed", minutes * MINUTE, json!({})));
+    }
+    rig.server.deliver(events).await;
+    let answer = rig
+        .server
+        .funnel(funnel(
+            &["Product Viewed", "Order Completed"],
+            FunnelOrder::Ordered,
+            "1d",
+        ))
+        .await;
+    let d = answer.total.unwrap().steps[1]
+        .time_to_convert
+        .clone()
+        .unwrap();
+    assert_eq!(d.count, 5);
+    assert_eq!(d.median_seconds, 180.0);
+    assert_eq!(d.mean_seconds, 110.0 * 60.0 / 5.0);
+    let counts: Vec<(f64, u64)> = d
+        .histogram
+        .iter()
+        .map(|b| (b.upper_bound_seconds, b.count))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(counts, vec![(60.0, 1), (300.0, 3), (21_600.0, 1)]);
+}
+waymark_testkit::on_both_backends!(time_to_convert_has_its_median_and_histogram);
+
+fn carts() -> Vec<waymark_proto::common::v1::Event> {
+    let cart =
+        |who: &str, name: &str, secs, id: i64| track(who, name, secs, json!({"cart_id": id}));
+    vec![
+        cart("d1", "Product Viewed", 0, 1),
+        cart("d1", "Added To Cart", 10, 1),
+        cart("d1", "Order Completed", 20, 1),
+        cart("d2", "Product Viewed", 0, 1),
+        cart("d2", "Added To Cart", 10, 2),
+        cart("d2", "Order Completed", 20, 2),
+        cart("d3", "Product Viewed", 0, 3),
+        cart("d3", "Added To Cart", 10, 3),
+        track(
+            "d3",
+            "Cart Abandoned",
+            15,
+            json!({"cart_id": 3, "reason": "price"}),
+        ),
+        cart("d3", "Order Completed", 20, 3),
+        cart("d4", "Product Viewed", 0, 4),
+        cart("d4", "Added To Cart", 10, 4),
+        track(
+            "d4",
+            "Cart Abandoned",
+            15,
+            json!({"cart_id": 4, "reason": "other"}),
+        ),
+        cart("d4", "Order Completed", 20, 4),
+    ]
+}
+
+/// The same cart from view to purchase, and an exclusion that filters on a property.
+async fn exclusions_filter_on_properties_and_holds_keep_the_same_cart(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    rig.server.deliver(carts()).await;
+    let exclusion = FunnelExclusion {
+        event: Some(matcher("Cart Abandoned", r#"properties.reason == "price""#)),
+        from_step: 1,
+        to_step: 2,
+    };
+    let names = ["Product Viewed", "Added To Cart", "Order Completed"];
+    let mut request = funnel(&names, FunnelOrder::Ordered, "1h");
+    request.exclusions = vec![exclusion];
+    let without_hold = rig.server.funnel(request.clone()).await;
+    assert_eq!(reached(&without_hold.total.unwrap()), vec![3, 3, 3]);
+    request.hold_constant = vec!["cart_id".into()];
+    let held = rig.server.funnel(request.clone()).await;
+    assert_eq!(reached(&held.total.unwrap()), vec![3, 2, 2]);
+    // Without the exclusion d3 counts too.
+    request.exclusions.clear();
+    let all = rig.server.funnel(request).await;
+    assert_eq!(reached(&all.total.unwrap()), vec![4, 3, 3]);
+}
+waymark_testkit::on_both_backends!(exclusions_filter_on_properties_and_holds_keep_the_same_cart);
+
+/// Unique customers against every attempt, broken down by a property of the first step,
+/// and a step with a condition.
+async fn totals_count_attempts_and_breakdowns_split_them(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    rig.server
+        .deliver(vec![
+            track("e1", "A", 0, json!({"plan": "pro"})),
+            track("e1", "B", 10, json!({"total": 50})),
+            track("e1", "A", DAY, json!({"plan": "pro"})),
+            track("e1", "B", DAY + 10, json!({"total": 500})),
+            track("e1", "A", 2 * DAY, json!({"plan": "pro"})),
+            track("e2", "A", 0, json!({"plan": "free"})),
+        ])
+        .await;
+    let mut request = funnel(&["A", "B"], FunnelOrder::Ordered, "1h");
+    request.breakdown = Some(Breakdown {
+        by: Some(breakdown::By::Property("plan".into())),
+    });
+    let unique = rig.server.funnel(request.clone()).await;
+    assert_eq!(reached(&unique.total.unwrap()), vec![2, 1]);
+    let groups: Vec<(String, Vec<u64>)> = unique
+        .groups
+        .iter()
+        .map(|g| (g.group.clone(), reached(g)))
+        .collect();
+    assert_eq!(
+        groups,
+        vec![("free".into(), vec![1, 0]), ("pro".into(), vec![1, 1])]
+    );
+    request.counting = FunnelCounting::Totals as i32;
+    let totals = rig.server.funnel(request.clone()).await;
+    assert_eq!(reached(&totals.total.unwrap()), vec![4, 2]);
+    request.steps[1].condition = "properties.total > 100".into();
+    let big = rig.server.funnel(request).await;
+    assert_eq!(reached(&big.total.unwrap()), vec![4, 1]);
+}
+waymark_testkit::on_both_backends!(totals_count_attempts_and_breakdowns_split_them);
+
+/// A merge makes two profiles one customer in every answer; an unmerge splits them back.
+async fn merges_reattribute_history_and_unmerges_split_it(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let s = &rig.server;
+    s.deliver(vec![
+        track("anon", "A", 0, json!({})),
+        track("known", "B", 10, json!({})),
+    ])
+    .await;
+    let ab = || funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    assert_eq!(reached(&s.funnel(ab()).await.total.unwrap()), vec![1, 0]);
+    s.deliver(vec![merged("m1", "anon", "known")]).await;
+    let after = s.funnel(ab()).await;
+    assert_eq!(reached(&after.total.unwrap()), vec![1, 1]);
+    assert_eq!(after.customers_scanned, 1);
+    s.deliver(vec![notice(
+        "Profile Unmerged",
+        "known",
+        json!({"merge_id": "m1", "survivor_profile_id": "known", "restored_profile_id": "anon"}),
+    )])
+    .await;
+    let split = s.funnel(ab()).await;
+    assert_eq!(reached(&split.total.unwrap()), vec![1, 0]);
+    assert_eq!(split.customers_scanned, 2);
+}
+waymark_testkit::on_both_backends!(merges_reattribute_history_and_unmerges_split_it);
+
+/// An erased customer leaves every answer and the store, and stays out when their events
+/// are delivered again or memory is rebuilt.
+async fn an_erased_customer_disappears_for_good(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let mine = vec![
+        track("gone", "A", 0, json!({"email": "gone@example.com"})),
+        track("gone", "B", 10, json!({})),
+    ];
+    let mut events = mine.clone();
+    events.push(track("stays", "A", 0, json!({})));
+    events.push(track("stays", "B", 10, json!({})));
+    events.push(track("merged-in", "A", 5, json!({})));
+    events.push(merged("m1", "merged-in", "gone"));
+    rig.server.deliver(events).await;
+    let ab = || funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    assert_eq!(
+        reached(&rig.server.funnel(ab()).await.total.unwrap()),
+        vec![2, 2]
+    );
+    rig.server
+        .deliver(vec![notice(
+            "Profile Deleted",
+            "gone",
+            json!({"erased_profile_ids": ["gone", "merged-in"]}),
+        )])
+        .await;
+    assert_eq!(
+        reached(&rig.server.funnel(ab()).await.total.unwrap()),
+        vec![1, 1]
+    );
+    let again = rig.server.deliver(mine).await;
+    assert_eq!((again.applied, again.suppressed), (0, 2));
+    let url = config(&rig.db.url, "").analytics_database();
+    let db = waymark_kit::db::connect(&url, "analytics", 1)
+        .await
+        .unwrap();
+    let left: Vec<Count> = waymark_kit::sql::query_as(
+        &db,
+        "SELECT COUNT(*) AS n FROM analytics_events WHERE profile_id IN ('gone', 'merged-in')",
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(left[0].n, 0);
+    let url = rig.db.url.clone();
+    rig.server.stop().await;
+    let restarted = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
+    let answer = restarted.funnel(ab()).await;
+    assert_eq!(reached(&answer.total.unwrap()), vec![1, 1]);
+    assert_eq!(answer.customers_scanned, 1);
+}
+waymark_testkit::on_both_backends!(an_erased_customer_disappears_for_good);
+
+#[derive(sea_orm::FromQueryResult)]
+struct Count {
+    n: i64,
+}
+
+/// A redelivered event counts once, a late one is placed by its event time, and memory
+/// rebuilt at start-up gives the same answers.
+async fn late_and_duplicate_events_count_once_in_time_order(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let a_late = track("l1", "A", 100, json!({}));
+    let b = track("l1", "B", 50, json!({}));
+    let first = rig.server.deliver(vec![a_late.clone(), b.clone()]).await;
+    assert_eq!((first.applied, first.duplicates), (2, 0));
+    let again = rig.server.deliver(vec![a_late.clone(), a_late, b]).await;
+    assert_eq!((again.applied, again.duplicates), (0, 3));
+    let ab = || funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    assert_eq!(
+        reached(&rig.server.funnel(ab()).await.total.unwrap()),
+        vec![1, 0]
+    );
+    rig.server
+        .deliver(vec![track("l1", "A", 10, json!({}))])
+        .await;
+    let answer = rig.server.funnel(ab()).await;
+    assert_eq!(reached(answer.total.as_ref().unwrap()), vec![1, 1]);
+    let url = rig.db.url.clone();
+    rig.server.stop().await;
+    let restarted = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
+    let rebuilt = restarted.funnel(ab()).await;
+    assert_eq!(rebuilt.total, answer.total);
+    assert_eq!(rebuilt.events_scanned, 3);
+}
+waymark_testkit::on_both_backends!(late_and_duplicate_events_count_once_in_time_order);
+
+/// Every problem of a request is named with its field; nothing is half-answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_funnel_names_every_field_at_fault() {
+    let rig = Rig::start(Backend::Sqlite).await;
+    rig.server
+        .deliver(vec![track("x", "A", 0, json!({}))])
+        .await;
+    let mut client = rig.server.client().await;
+    let request = GetFunnelRequest {
+        steps: vec![
+            matcher("A", ""),
+            matcher("B", "properties.total >"),
+            matcher("", ""),
+        ],
+        window: "7x".into(),
+        exclusions: vec![FunnelExclusion {
+            event: Some(matcher("C", "")),
+            from_step: 2,
+            to_step: 1,
+        }],
+        ..GetFunnelRequest::default()
+    };
+    let status = client.get_funnel(admin(request)).await.unwrap_err();
+    let fields: Vec<String> = violations(&status).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(
+        fields,
+        vec![
+            "steps[1].condition",
+            "steps[2].event",
+            "window",
+            "exclusions[0].to_step"
+        ]
+    );
+    let one_step = client
+        .get_funnel(admin(funnel(&["A"], FunnelOrder::Ordered, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&one_step)[0].0, "steps");
+    let status = client
+        .get_stage_distribution(admin(GetStageDistributionRequest {
+            map_id: "nope".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+/// A query past its time budget stops with RESOURCE_EXHAUSTED naming the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_budget_is_stopped_with_a_clear_error() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = config(&db.url, "http://127.0.0.1:9");
+    config.analytics_query_budget_ms = 1;
+    let server = TestAnalytics::start(config).await;
+    for batch in 0..5 {
+        let events = (0..1000)
+            .map(|i| {
+                let n = batch * 1000 + i;
+                track(&format!("p{n}"), "A", n, json!({"n": n}))
+            })
+            .collect();
+        server.deliver(events).await;
+    }
+    let mut request = funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    request.steps[0].condition = "properties.n >= 0 && properties.n < 1000000".into();
+    let status = server
+        .client()
+        .await
+        .get_funnel(admin(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("time budget of 1 ms"),
+        "{status:?}"
+    );
+}
