@@ -4,9 +4,11 @@ mod client;
 mod dev;
 mod journey_file;
 mod journeys;
+mod maps;
 mod outbox;
 mod profiles;
 mod render;
+mod report;
 
 use std::path::PathBuf;
 
@@ -129,6 +131,22 @@ enum Command {
         #[command(flatten)]
         target: journeys::OrchestratorTarget,
     },
+    /// Funnels, paths, journey reports, CX metrics, SLA breaches and stages from the
+    /// analytics service, as tables, JSON or SVG (needs WAYMARK_ADMIN_TOKEN).
+    Report {
+        #[command(subcommand)]
+        command: report::ReportCommand,
+        #[command(flatten)]
+        target: report::AnalyticsTarget,
+    },
+    /// Journey maps: stages from need to advocacy with standard times, interactions and
+    /// dead ends (needs WAYMARK_ADMIN_TOKEN).
+    Maps {
+        #[command(subcommand)]
+        command: maps::MapsCommand,
+        #[command(flatten)]
+        target: report::AnalyticsTarget,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,6 +261,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Messages { command, target } => {
             journeys::messages(&config, &target, command).await
         }
+        Command::Report { command, target } => report::run(&config, &target, command).await,
+        Command::Maps { command, target } => maps::run(&config, &target, command).await,
     }
 }
 
@@ -305,5 +325,36 @@ mod tests {
         assert!(parse(&["journeys", "publish", "a", "--map", "a"]).is_err());
         assert!(parse(&["journeys", "get", "a", "--version", "2", "--yaml"]).is_ok());
         assert!(parse(&["messages", "tail", "--channel", "dev"]).is_ok());
+    }
+
+    #[test]
+    fn report_and_map_verbs_take_the_analytics_endpoint() {
+        let parse = |args: &[&str]| Cli::try_parse_from(std::iter::once(&"waymark").chain(args));
+        let endpoint = ["--endpoint", "http://127.0.0.1:50054"];
+        let funnel = [
+            "report",
+            "funnel",
+            "--step",
+            "A",
+            "--step",
+            "B|channel == \"web\"",
+        ];
+        assert!(parse(&[&funnel[..], &endpoint].concat()).is_ok());
+        assert!(parse(&["report", "journey", "welcome", "--version", "2"]).is_ok());
+        assert!(parse(&["report", "paths", "--svg", "paths.svg", "--format", "json"]).is_ok());
+        assert!(parse(&["maps", "apply", "-f", "retail.yaml"]).is_ok());
+        assert!(
+            parse(
+                &[
+                    &["maps", "get", "retail", "--format", "json"][..],
+                    &endpoint
+                ]
+                .concat()
+            )
+            .is_ok()
+        );
+        assert!(parse(&["maps", "get", "retail", "--format", "table"]).is_err());
+        assert!(parse(&["maps", "list", "--format", "json"]).is_ok());
+        assert!(parse(&["maps", "apply"]).is_err());
     }
 }
