@@ -16,7 +16,8 @@
 //!
 //! An enrollment **converted** when it has a step with outcome `goal`. At a random split
 //! (a node with `arm` steps) an enrollment belongs to the arm its first `arm` step there
-//! names (`holdout` for the holdout). Each arm and the holdout is compared with control
+//! names (`holdout` for the holdout, which the orchestrator keeps at the split until the
+//! goal converts it or its holdout window ends). Each arm and the holdout is compared with control
 //! (`stats::compare`); control itself reads uplift 0, the interval [0, 0] and p-value 1.
 
 use std::collections::{HashMap, HashSet};

@@ -553,6 +553,7 @@ pub fn on_timer(
                 run.go(next.clone());
             }
         }
+        (Waiting::Holdout, Some(_)) => run.end(Status::Completed, "holdout"),
         _ => return false,
     }
     true
@@ -824,6 +825,7 @@ impl Run<'_, '_> {
                 Step::Random {
                     arms,
                     holdout_percent,
+                    holdout_window_us,
                 } => {
                     let arm = pick_arm(
                         &journey.journey_id,
@@ -838,7 +840,9 @@ impl Run<'_, '_> {
                         .insert(format!("arm:{node_id}"), json!(name));
                     self.record(&node_id, "arm", name, arm_detail(arms, *holdout_percent));
                     let Some(arm) = arm else {
-                        self.end(Status::Completed, "holdout");
+                        self.enrollment.waiting = Waiting::Holdout;
+                        self.enrollment.waiting_until =
+                            Some(self.env.now_us.saturating_add(*holdout_window_us));
                         return;
                     };
                     next = arm.next.clone();

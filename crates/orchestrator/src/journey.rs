@@ -23,6 +23,8 @@ pub const MAX_NODES: usize = 200;
 pub const MAX_CONCURRENT: u32 = 100;
 const MAX_BRANCHES: usize = 32;
 const MAX_ARM_WEIGHT: u32 = 10_000;
+/// How long a held-out enrollment waits for the goal when the split does not say.
+const DEFAULT_HOLDOUT_WINDOW_US: i64 = 30 * 86_400_000_000;
 
 /// One problem of a definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +120,8 @@ pub enum Step {
     Random {
         arms: Vec<Arm>,
         holdout_percent: u32,
+        /// How long a held-out enrollment waits for the goal.
+        holdout_window_us: i64,
     },
     Delay {
         until: DelayUntil,
@@ -621,9 +625,16 @@ fn compile_node(
                     }
                 })
                 .collect();
+            let holdout_window_us = if r.holdout_window.trim().is_empty() {
+                DEFAULT_HOLDOUT_WINDOW_US
+            } else {
+                c.duration(id, &format!("{f}.holdout_window"), &r.holdout_window)
+                    .unwrap_or(DEFAULT_HOLDOUT_WINDOW_US)
+            };
             Step::Random {
                 arms,
                 holdout_percent: r.holdout_percent,
+                holdout_window_us,
             }
         }
         Some(Kind::Delay(d)) => {

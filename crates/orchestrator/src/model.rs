@@ -52,6 +52,9 @@ pub enum Waiting {
     /// Runs its node afresh when `waiting_until` comes (an enrollment moved to a new
     /// version at a node that is not a wait).
     Resume,
+    /// Held out of a random split: nothing happens until the goal, an exit, or
+    /// `waiting_until` (the holdout window) ends it.
+    Holdout,
 }
 
 impl Waiting {
@@ -64,6 +67,7 @@ impl Waiting {
             Waiting::Deferred(a) => (3, a),
             Waiting::Action(a) => (4, a),
             Waiting::Resume => (5, ""),
+            Waiting::Holdout => (6, ""),
         }
     }
 
@@ -74,6 +78,7 @@ impl Waiting {
             3 => Waiting::Deferred(action),
             4 => Waiting::Action(action),
             5 => Waiting::Resume,
+            6 => Waiting::Holdout,
             _ => Waiting::Nothing,
         }
     }

@@ -463,6 +463,53 @@ async fn an_arm_step_carries_the_split_weights(backend: Backend) {
 }
 waymark_testkit::on_both_backends!(an_arm_step_carries_the_split_weights);
 
+/// A held-out profile receives nothing but stays for the holdout window, so the goal
+/// converts it as it would an arm's, and the window's end completes it.
+async fn a_holdout_waits_for_the_goal_without_being_contacted(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let s = &rig.server;
+    s.publish(json!({
+        "journeyId": "held",
+        "entry": {"trigger": {"event": "Signed Up"}, "start": "split"},
+        "goal": {"event": "Order Completed"},
+        "nodes": [
+            {"id": "split", "randomSplit": {"holdoutPercent": 100, "holdoutWindow": "7d",
+                "arms": [{"name": "treatment", "weight": 1, "next": "hello"}]}},
+            {"id": "hello", "message": {"channel": "email", "variants": [{"body": "hi"}]}}
+        ]
+    }))
+    .await;
+    s.deliver(vec![
+        track("Signed Up", "buyer", json!({})),
+        track("Signed Up", "idle", json!({})),
+    ])
+    .await;
+    let buyer = s.enrollments_of("buyer").await[0].clone();
+    assert_eq!(buyer.status(), EnrollmentStatus::Active);
+    s.advance(DAY).await;
+    s.deliver(vec![track("Order Completed", "buyer", json!({}))])
+        .await;
+    let buyer = s.enrollments_of("buyer").await[0].clone();
+    assert_eq!(buyer.status(), EnrollmentStatus::Converted);
+    assert_eq!(
+        s.path(&buyer.enrollment_id).await,
+        vec![
+            "split:entered:Signed Up",
+            "split:arm:holdout",
+            "split:goal:goal: Order Completed"
+        ]
+    );
+    s.advance(7 * DAY).await;
+    let idle = s.enrollments_of("idle").await[0].clone();
+    assert_eq!(
+        (idle.status(), idle.reason.as_str()),
+        (EnrollmentStatus::Completed, "holdout")
+    );
+    assert!(s.actions("buyer").await.is_empty());
+    assert!(s.actions("idle").await.is_empty());
+}
+waymark_testkit::on_both_backends!(a_holdout_waits_for_the_goal_without_being_contacted);
+
 /// Two profiles waiting in the same journey become one customer: the enrollment that
 /// entered first goes on, the other exits, and the customer is thanked once.
 async fn a_merge_leaves_one_enrollment_per_journey(backend: Backend) {
