@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use rustc_hash::FxHashMap;
+
 use waymark_proto::analytics::v1::{
     Breakdown, FunnelCounting, FunnelGroup, FunnelOrder, FunnelStep, GetFunnelRequest,
     GetFunnelResponse, breakdown,
@@ -53,6 +55,9 @@ pub struct Funnel {
     /// root → entry times of its enrollments, for enrollment counting.
     enrollments: HashMap<u32, Vec<i64>>,
     limit: usize,
+    /// By interned event name: the steps and exclusions without a condition it matches,
+    /// and whether one with a condition names it.
+    by_name: Vec<Mark>,
 }
 
 /// The range's bounds in microseconds, open ends as the extremes.
@@ -208,7 +213,27 @@ impl Funnel {
         if !problems.is_empty() {
             return Err(AnalyticsError::Invalid(problems));
         }
+        let mut by_name = vec![Mark::default(); model.names.len()];
+        for (i, step) in steps.iter().enumerate() {
+            if let Some(mark) = step.name().and_then(|n| by_name.get_mut(n as usize)) {
+                if step.has_condition() {
+                    mark.conditioned = true;
+                } else {
+                    mark.steps |= 1 << i;
+                }
+            }
+        }
+        for (i, (x, _, _)) in exclusions.iter().enumerate() {
+            if let Some(mark) = x.name().and_then(|n| by_name.get_mut(n as usize)) {
+                if x.has_condition() {
+                    mark.conditioned = true;
+                } else {
+                    mark.exclusions |= 1 << i;
+                }
+            }
+        }
         Ok(Funnel {
+            by_name,
             names: req.steps.iter().map(|s| s.event.clone()).collect(),
             steps,
             order,
@@ -317,29 +342,31 @@ impl Funnel {
     ) -> Result<(), AnalyticsError> {
         let events = &customer.events;
         let (lo, hi) = self.range;
-        let in_range = events
-            .iter()
-            .filter(|(_, e)| e.at >= lo && e.at < hi)
-            .count();
-        if in_range == 0 {
+        if !events.iter().any(|(_, e)| e.at >= lo && e.at < hi) {
             return Ok(());
         }
         acc.customers += 1;
         acc.events += events.len() as u64;
-        let marks = self.mark(model, events, &mut acc.memos);
-        let attempts = self.attempts(model, customer, &marks);
+        let mut marks = std::mem::take(&mut acc.marks);
+        self.mark(model, events, &mut acc.memos, &mut marks);
+        let mut scratch = std::mem::take(&mut acc.scratch);
+        let mut groups = std::mem::take(&mut acc.group_keys);
         let mut bytes = 0;
-        for (start, attempt) in attempts {
-            bytes += attempt.reached * 8;
-            let groups = self.groups_of(model, customer, start);
-            acc.total.add(&attempt);
-            for g in groups {
+        self.attempts(model, customer, &marks, &mut scratch, |start, times| {
+            bytes += times.len() * 8;
+            acc.total.add(times);
+            groups.clear();
+            self.groups_of(model, customer, start, &mut groups);
+            for g in &groups {
                 acc.groups
-                    .entry(g)
+                    .entry(*g)
                     .or_insert_with(|| Agg::new(self.steps.len()))
-                    .add(&attempt);
+                    .add(times);
             }
-        }
+        });
+        acc.marks = marks;
+        acc.scratch = scratch;
+        acc.group_keys = groups;
         if acc.groups.len() > MAX_DISTINCT_GROUPS {
             return Err(AnalyticsError::Budget(format!(
                 "the breakdown has more than {MAX_DISTINCT_GROUPS} distinct values; break down by something coarser"
@@ -351,38 +378,56 @@ impl Funnel {
         Ok(())
     }
 
-    /// For each event, the steps and exclusions it matches (as bits).
-    fn mark(&self, model: &Model, events: &[(&Slot, Ev)], memos: &mut Memos) -> Vec<Mark> {
-        events
-            .iter()
-            .map(|(slot, ev)| {
-                let mut mark = Mark::default();
+    /// For each event, the steps and exclusions it matches (as bits), into `marks`. A
+    /// table by name gives the bits of matchers without a condition in one lookup, so an
+    /// event no step names costs one load; conditions run only on their own event.
+    fn mark(
+        &self,
+        model: &Model,
+        events: &[(&Slot, Ev)],
+        memos: &mut Memos,
+        marks: &mut Vec<Mark>,
+    ) {
+        marks.clear();
+        marks.extend(events.iter().map(|(slot, ev)| {
+            let mut mark = self
+                .by_name
+                .get(ev.name as usize)
+                .copied()
+                .unwrap_or_default();
+            if mark.conditioned {
                 for (i, step) in self.steps.iter().enumerate() {
-                    if step.name() == Some(ev.name)
+                    if step.has_condition()
+                        && step.name() == Some(ev.name)
                         && step.matches(model, slot, ev, &mut memos.steps[i])
                     {
                         mark.steps |= 1 << i;
                     }
                 }
                 for (i, (x, _, _)) in self.exclusions.iter().enumerate() {
-                    if x.name() == Some(ev.name)
+                    if x.has_condition()
+                        && x.name() == Some(ev.name)
                         && x.matches(model, slot, ev, &mut memos.exclusions[i])
                     {
                         mark.exclusions |= 1 << i;
                     }
                 }
-                mark
-            })
-            .collect()
+                mark.conditioned = false;
+            }
+            mark
+        }));
     }
 
-    /// The attempts to count for one customer, each with the index of its first step.
+    /// Calls `count` with the first-step index and the step times of each attempt to
+    /// count for one customer.
     fn attempts(
         &self,
         model: &Model,
         customer: &Customer<'_>,
         marks: &[Mark],
-    ) -> Vec<(usize, Attempt)> {
+        scratch: &mut Scratch,
+        mut count: impl FnMut(usize, &[i64]),
+    ) {
         let events = &customer.events;
         let (lo, hi) = self.range;
         let can_start = |i: usize| {
@@ -394,78 +439,81 @@ impl Funnel {
             };
             first && at >= lo && at < hi
         };
+        let Scratch { times, best, held } = scratch;
         match self.counting {
             FunnelCounting::Unspecified | FunnelCounting::UniqueCustomers => {
-                let mut best: Option<(usize, Attempt)> = None;
+                let mut best_start = None;
                 for i in (0..events.len()).filter(|&i| can_start(i)) {
-                    let Some(a) = self.attempt(model, events, marks, i) else {
+                    if !self.attempt(model, events, marks, i, held, times) {
                         continue;
-                    };
-                    if best.as_ref().is_none_or(|(_, b)| a.reached > b.reached) {
-                        let full = a.reached == self.steps.len();
-                        best = Some((i, a));
-                        if full {
+                    }
+                    if best_start.is_none() || times.len() > best.len() {
+                        best.clone_from(times);
+                        best_start = Some(i);
+                        if best.len() == self.steps.len() {
                             break;
                         }
                     }
                 }
-                best.into_iter().collect()
+                if let Some(start) = best_start {
+                    count(start, best);
+                }
             }
             FunnelCounting::Totals => {
-                let mut out = Vec::new();
                 let mut free_after = i64::MIN;
                 for i in (0..events.len()).filter(|&i| can_start(i)) {
                     let at = events[i].1.at;
-                    if at <= free_after {
+                    if at <= free_after || !self.attempt(model, events, marks, i, held, times) {
                         continue;
                     }
-                    if let Some(a) = self.attempt(model, events, marks, i) {
-                        free_after = if a.reached == self.steps.len() {
-                            a.times[a.reached - 1]
-                        } else {
-                            at.saturating_add(self.window_us)
-                        };
-                        out.push((i, a));
-                    }
+                    free_after = if times.len() == self.steps.len() {
+                        times[times.len() - 1]
+                    } else {
+                        at.saturating_add(self.window_us)
+                    };
+                    count(i, times);
                 }
-                out
             }
             FunnelCounting::Enrollments => {
                 let Some(entries) = self.enrollments.get(&customer.root) else {
-                    return Vec::new();
+                    return;
                 };
-                entries
-                    .iter()
-                    .filter(|&&entry| entry >= lo && entry < hi)
-                    .filter_map(|&entry| {
-                        let first = events.partition_point(|(_, e)| e.at < entry);
-                        let start = (first..events.len()).find(|&i| marks[i].steps & 1 != 0)?;
-                        Some((start, self.attempt(model, events, marks, start)?))
-                    })
-                    .collect()
+                for &entry in entries.iter().filter(|&&entry| entry >= lo && entry < hi) {
+                    let first = events.partition_point(|(_, e)| e.at < entry);
+                    let Some(start) = (first..events.len()).find(|&i| marks[i].steps & 1 != 0)
+                    else {
+                        continue;
+                    };
+                    if self.attempt(model, events, marks, start, held, times) {
+                        count(start, times);
+                    }
+                }
             }
         }
     }
 
-    /// The attempt starting at `start`: how far it got and when; none when an exclusion
-    /// disqualified it.
+    /// The attempt starting at `start`: the times of the steps it reached, into `times`;
+    /// false when an exclusion disqualified it.
     fn attempt(
         &self,
         model: &Model,
         events: &[(&Slot, Ev)],
         marks: &[Mark],
         start: usize,
-    ) -> Option<Attempt> {
+        held: &mut Vec<Option<GroupKey>>,
+        times: &mut Vec<i64>,
+    ) -> bool {
         let k = self.steps.len();
-        let held: Vec<Option<GroupKey>> = self
-            .hold
-            .iter()
-            .map(|key| value_of(model, events[start], *key).map(Val::key))
-            .collect();
+        held.clear();
+        held.extend(
+            self.hold
+                .iter()
+                .map(|key| value_of(model, events[start], *key).map(Val::key)),
+        );
         let holds = |i: usize| {
             self.hold
                 .iter()
-                .zip(&held)
+                .zip(held.iter())
                 .all(|(key, want)| value_of(model, events[i], *key).map(Val::key) == *want)
         };
         let first = if self.order == FunnelOrder::Any {
@@ -474,7 +522,8 @@ impl Funnel {
             0
         };
         let mut done: u64 = 1 << first;
-        let mut times = vec![events[start].1.at];
+        times.clear();
+        times.push(events[start].1.at);
         let end = events[start].1.at.saturating_add(self.window_us);
         for i in start + 1..events.len() {
             if times.len() == k {
@@ -486,6 +535,12 @@ impl Funnel {
             }
             let reached = times.len();
             let mark = marks[i];
+            if mark.steps == 0 && mark.exclusions == 0 {
+                if self.order == FunnelOrder::Strict {
+                    break;
+                }
+                continue;
+            }
             if mark.exclusions != 0 {
                 let excluded = self
                     .exclusions
@@ -495,7 +550,7 @@ impl Funnel {
                         mark.exclusions & (1 << x) != 0 && *from < reached && reached <= *to
                     });
                 if excluded && holds(i) {
-                    return None;
+                    return false;
                 }
             }
             let next = match self.order {
@@ -516,43 +571,46 @@ impl Funnel {
                 _ => {}
             }
         }
-        Some(Attempt {
-            reached: times.len(),
-            times,
-        })
+        true
     }
 
-    /// The breakdown groups of the attempt starting at event `start`.
-    fn groups_of(&self, model: &Model, customer: &Customer<'_>, start: usize) -> Vec<GroupKey> {
+    /// The breakdown groups of the attempt starting at event `start`, into `groups`.
+    fn groups_of(
+        &self,
+        model: &Model,
+        customer: &Customer<'_>,
+        start: usize,
+        groups: &mut Vec<GroupKey>,
+    ) {
         let (slot, ev) = customer.events[start];
         match &self.by {
-            By::Nothing => Vec::new(),
+            By::Nothing => {}
             By::Property(key) => {
-                vec![value_of(model, (slot, ev), *key).map_or((NONE_GROUP, 0), Val::key)]
+                groups.push(value_of(model, (slot, ev), *key).map_or((NONE_GROUP, 0), Val::key));
             }
-            By::Channel => vec![(0, u64::from(ev.channel))],
+            By::Channel => groups.push((0, u64::from(ev.channel))),
             By::Segments(wanted) => {
-                let mut groups: Vec<GroupKey> = model
-                    .slot(customer.root)
-                    .members
-                    .iter()
-                    .flat_map(|m| model.slot(*m).segments.iter())
-                    .filter(|(s, from, until)| {
-                        wanted.contains(&Some(*s)) && *from <= ev.at && ev.at < *until
-                    })
-                    .map(|(s, _, _)| (0, u64::from(*s)))
-                    .collect();
+                groups.extend(
+                    model
+                        .slot(customer.root)
+                        .members
+                        .iter()
+                        .flat_map(|m| model.slot(*m).segments.iter())
+                        .filter(|(s, from, until)| {
+                            wanted.contains(&Some(*s)) && *from <= ev.at && ev.at < *until
+                        })
+                        .map(|(s, _, _)| (0, u64::from(*s))),
+                );
                 groups.sort_unstable();
                 groups.dedup();
                 if groups.is_empty() {
                     groups.push((NONE_GROUP, 0));
                 }
-                groups
             }
-            By::Variant(arms, _) => vec![
+            By::Variant(arms, _) => groups.push(
                 arms.get(&customer.root)
                     .map_or((NONE_GROUP, 0), |a| (0, u64::from(*a))),
-            ],
+            ),
         }
     }
 }
@@ -657,12 +715,16 @@ pub fn variants(
 struct Mark {
     steps: u64,
     exclusions: u64,
+    /// In the table by name: some matcher of this name has a condition to run.
+    conditioned: bool,
 }
 
-struct Attempt {
-    reached: usize,
-    /// When each reached step happened.
+/// Buffers one worker reuses from customer to customer.
+#[derive(Default)]
+struct Scratch {
     times: Vec<i64>,
+    best: Vec<i64>,
+    held: Vec<Option<GroupKey>>,
 }
 
 struct Agg {
@@ -679,11 +741,12 @@ impl Agg {
         }
     }
 
-    fn add(&mut self, a: &Attempt) {
-        for i in 0..a.reached {
+    /// Counts an attempt that reached a step at each of `times`.
+    fn add(&mut self, times: &[i64]) {
+        for i in 0..times.len() {
             self.reached[i] += 1;
             if i > 0 {
-                self.times[i].push((a.times[i] - a.times[i - 1]) as f64 / 1e6);
+                self.times[i].push((times[i] - times[i - 1]) as f64 / 1e6);
             }
         }
     }
@@ -704,23 +767,29 @@ struct Memos {
 /// One worker's counts.
 struct Partial {
     total: Agg,
-    groups: HashMap<GroupKey, Agg>,
+    groups: FxHashMap<GroupKey, Agg>,
     memos: Memos,
     customers: u64,
     events: u64,
+    marks: Vec<Mark>,
+    scratch: Scratch,
+    group_keys: Vec<GroupKey>,
 }
 
 impl Partial {
     fn new(f: &Funnel) -> Partial {
         Partial {
             total: Agg::new(f.steps.len()),
-            groups: HashMap::new(),
+            groups: FxHashMap::default(),
             memos: Memos {
                 steps: f.steps.iter().map(|_| Memo::default()).collect(),
                 exclusions: f.exclusions.iter().map(|_| Memo::default()).collect(),
             },
             customers: 0,
             events: 0,
+            marks: Vec::new(),
+            scratch: Scratch::default(),
+            group_keys: Vec::new(),
         }
     }
 

@@ -5,8 +5,9 @@
 //! evaluated once per distinct combination of their values and remembered: a funnel
 //! over millions of events runs the interpreter a few thousand times.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
+
+use rustc_hash::FxHashMap;
 
 use waymark_condition::{Condition, Value, Variables};
 use waymark_proto::analytics::v1::EventMatcher;
@@ -52,7 +53,7 @@ type MemoKey = [(u8, u64); MEMO_KEYS + 1];
 /// Remembered results of one matcher, for one thread.
 #[derive(Default)]
 pub struct Memo {
-    results: HashMap<MemoKey, bool>,
+    results: FxHashMap<MemoKey, bool>,
 }
 
 impl Matcher {
@@ -84,6 +85,11 @@ impl Matcher {
             name: model.names.get(&m.event),
             condition,
         })
+    }
+
+    /// Whether it has a condition (else the name decides).
+    pub fn has_condition(&self) -> bool {
+        self.condition.is_some()
     }
 
     /// The interned name it matches, if any event had it.

@@ -98,10 +98,14 @@ pub struct Ev {
     pub name: u32,
     /// The canonical channel (`waymark.common.v1.Channel` value).
     pub channel: u8,
-    /// Its properties: `props[start..start + len]` of the profile's arena.
+    /// Its properties: `[start..start + len]` of the model's arena, or of the profile's
+    /// own `props` when `start` has the [`RECENT`] bit.
     pub start: u32,
     pub len: u16,
 }
+
+/// The bit of `Ev::start` that places its properties in the profile's `props`.
+pub const RECENT: u32 = 1 << 31;
 
 /// One profile.
 #[derive(Default)]
@@ -111,9 +115,13 @@ pub struct Slot {
     pub root: u32,
     /// The profiles of the customer, when this is a root (itself first).
     pub members: Vec<u32>,
-    /// Events ordered by (at, tie).
+    /// Its events as of the last compaction: `Model::arena_events[base..base + base_len]`,
+    /// ordered by (at, tie).
+    pub base: u32,
+    pub base_len: u32,
+    /// Events since the last compaction, ordered by (at, tie).
     pub events: Vec<Ev>,
-    /// The properties of its events.
+    /// The properties of `events`.
     pub props: Vec<Prop>,
     /// Segment memberships: (segment, entered at, exited at or `i64::MAX`).
     pub segments: Vec<(u32, i64, i64)>,
@@ -257,6 +265,11 @@ pub struct Model {
     /// journey id → enrollment id → enrollment.
     pub journeys: HashMap<String, HashMap<String, Enrollment>>,
     events: u64,
+    compacted_at: u64,
+    /// Every profile's events as of the last compaction, customer after customer, and
+    /// their properties: a scan over customers reads memory in order.
+    arena_events: Vec<Ev>,
+    arena_props: Vec<Prop>,
 }
 
 /// A JSON value as conditions read it.
@@ -349,6 +362,64 @@ impl Model {
         &self.slots[root as usize].id
     }
 
+    /// Lays every profile's events and properties out afresh in one arena, customer
+    /// after customer. Events arrive interleaved across customers, so per-profile vectors
+    /// end up scattered over the heap and a scan would wait on memory at every customer.
+    /// Run after memory is rebuilt and when much has arrived since.
+    pub fn compact(&mut self) {
+        let order: Vec<u32> = self
+            .roots()
+            .flat_map(|(_, s)| s.members.iter().copied())
+            .collect();
+        let mut events = Vec::with_capacity(self.events as usize);
+        let mut props = Vec::with_capacity(self.arena_props.len() + self.recent_props());
+        for m in order {
+            let slot = &self.slots[m as usize];
+            let base = u32::try_from(events.len()).unwrap_or(u32::MAX);
+            let (old, recent) = self.events_of(slot);
+            let mut merged: Vec<Ev> = old.iter().chain(recent).copied().collect();
+            merged.sort_by_key(|e| (e.at, e.tie));
+            for mut ev in merged {
+                let from = self.props(slot, &ev);
+                ev.start = u32::try_from(props.len()).unwrap_or(u32::MAX);
+                props.extend_from_slice(from);
+                events.push(ev);
+            }
+            let slot = &mut self.slots[m as usize];
+            slot.base = base;
+            slot.base_len = u32::try_from(events.len()).unwrap_or(u32::MAX) - base;
+            slot.events = Vec::new();
+            slot.props = Vec::new();
+        }
+        self.arena_events = events;
+        self.arena_props = props;
+        self.compacted_at = self.events;
+    }
+
+    fn recent_props(&self) -> usize {
+        self.slots.iter().map(|s| s.props.len()).sum()
+    }
+
+    /// A profile's events: those of the arena and those since, each ordered.
+    pub fn events_of<'a>(&'a self, slot: &'a Slot) -> (&'a [Ev], &'a [Ev]) {
+        let start = slot.base as usize;
+        let base = self
+            .arena_events
+            .get(start..start + slot.base_len as usize)
+            .unwrap_or(&[]);
+        (base, &slot.events)
+    }
+
+    /// Whether a profile holds any event.
+    pub fn has_events(&self, slot: &Slot) -> bool {
+        slot.base_len > 0 || !slot.events.is_empty()
+    }
+
+    /// Events added since the last compaction.
+    pub fn added_since_compaction(&self) -> u64 {
+        self.events.saturating_sub(self.compacted_at)
+    }
+
     /// Events held, over every profile.
     pub fn event_count(&self) -> u64 {
         self.events
@@ -391,7 +462,7 @@ impl Model {
             _ => {}
         }
         let s = &mut self.slots[slot as usize];
-        let start = u32::try_from(s.props.len()).unwrap_or(u32::MAX);
+        let start = u32::try_from(s.props.len()).unwrap_or(u32::MAX) | RECENT;
         let len = u16::try_from(props.len()).unwrap_or(u16::MAX);
         s.props.extend(props.into_iter().take(usize::from(len)));
         let ev = Ev {
@@ -437,10 +508,12 @@ impl Model {
 
     /// The properties of `ev` of profile `slot`.
     pub fn props<'a>(&'a self, slot: &'a Slot, ev: &Ev) -> &'a [Prop] {
-        let start = ev.start as usize;
-        slot.props
-            .get(start..start + usize::from(ev.len))
-            .unwrap_or(&[])
+        let (arena, start) = if ev.start & RECENT == 0 {
+            (&self.arena_props, ev.start as usize)
+        } else {
+            (&slot.props, (ev.start & !RECENT) as usize)
+        };
+        arena.get(start..start + usize::from(ev.len)).unwrap_or(&[])
     }
 
     /// Adds a journey step event.
@@ -593,7 +666,9 @@ impl Model {
         let members = std::mem::take(&mut self.slots[root as usize].members);
         for m in members.into_iter().chain([i]) {
             let slot = &mut self.slots[m as usize];
-            self.events = self.events.saturating_sub(slot.events.len() as u64);
+            self.events = self
+                .events
+                .saturating_sub(slot.events.len() as u64 + u64::from(slot.base_len));
             *slot = Slot {
                 id: std::mem::take(&mut slot.id),
                 root: m,
@@ -605,5 +680,77 @@ impl Model {
         for journey in self.journeys.values_mut() {
             journey.retain(|_, e| !slots[e.profile as usize].erased);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(profile: &str, name: &str, at_secs: i64, price: f64) -> Event {
+        let mut e = Event {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event: name.into(),
+            profile_id: profile.into(),
+            properties: Some(waymark_proto::json::struct_from_json(
+                serde_json::json!({"price": price})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            )),
+            timestamp: Some(prost_types::Timestamp {
+                seconds: at_secs,
+                nanos: 0,
+            }),
+            ..Event::default()
+        };
+        e.set_type(waymark_proto::common::v1::EventType::Track);
+        e
+    }
+
+    /// What a profile holds, as (time, name, price), in order.
+    fn held(model: &Model, profile: &str) -> Vec<(i64, String, f64)> {
+        let slot = model.slot(model.find(profile).unwrap());
+        let (base, recent) = model.events_of(slot);
+        let mut all: Vec<Ev> = base.iter().chain(recent).copied().collect();
+        all.sort_by_key(|e| (e.at, e.tie));
+        all.iter()
+            .map(|e| {
+                let price = match model.props(slot, e)[0].val {
+                    Val::Num(n) => n,
+                    _ => f64::NAN,
+                };
+                (e.at / 1_000_000, model.names.name(e.name).to_owned(), price)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compaction_keeps_every_event_with_its_properties_and_late_ones_in_order() {
+        let mut model = Model::default();
+        model.add_event(&event("a", "View", 10, 1.0));
+        model.add_event(&event("b", "View", 11, 2.0));
+        model.add_event(&event("a", "Buy", 30, 3.0));
+        model.compact();
+        model.add_event(&event("a", "Late", 20, 4.0));
+        model.add_event(&event("b", "Buy", 40, 5.0));
+        let before = (held(&model, "a"), held(&model, "b"));
+        assert_eq!(
+            before.0,
+            vec![
+                (10, "View".into(), 1.0),
+                (20, "Late".into(), 4.0),
+                (30, "Buy".into(), 3.0)
+            ]
+        );
+        assert_eq!(model.added_since_compaction(), 2);
+        model.compact();
+        assert_eq!((held(&model, "a"), held(&model, "b")), before);
+        assert_eq!(
+            (model.event_count(), model.added_since_compaction()),
+            (5, 0)
+        );
+        let a = model.slot(model.find("a").unwrap());
+        assert!(a.events.is_empty() && a.base_len == 3);
     }
 }

@@ -90,7 +90,7 @@ where
 {
     let roots: Vec<u32> = model
         .roots()
-        .filter(|(_, s)| s.members.iter().any(|m| !model.slot(*m).events.is_empty()))
+        .filter(|(_, s)| s.members.iter().any(|m| model.has_events(model.slot(*m))))
         .map(|(i, _)| i)
         .collect();
     let workers = std::thread::available_parallelism()
@@ -134,13 +134,15 @@ pub fn fill<'m>(model: &'m Model, root: u32, customer: &mut Customer<'m>) {
     customer.root = root;
     customer.events.clear();
     let members = &model.slot(root).members;
+    let mut sorted = true;
     for &m in members {
         let slot = model.slot(m);
-        customer
-            .events
-            .extend(slot.events.iter().map(|e| (slot, *e)));
+        let (base, recent) = model.events_of(slot);
+        customer.events.extend(base.iter().map(|e| (slot, *e)));
+        customer.events.extend(recent.iter().map(|e| (slot, *e)));
+        sorted &= base.is_empty() || recent.is_empty();
     }
-    if members.len() > 1 {
+    if members.len() > 1 || !sorted {
         customer.events.sort_by_key(|(_, e)| (e.at, e.tie));
     }
 }

@@ -21,6 +21,9 @@ use crate::model::{self, Incoming, Model, Notice};
 use crate::scan::{Budget, Limits};
 use crate::store::{self, Kind, NewEvent};
 
+/// Memory is compacted again once this many events, or a quarter of those held, arrived
+/// since the last time: amortised, each event is copied a few times at most.
+const COMPACT_AFTER: u64 = 100_000;
 /// Rows read per page when memory is rebuilt.
 const REPLAY_PAGE: u32 = 20_000;
 
@@ -137,6 +140,7 @@ impl Analytics {
                 apply(&mut fresh, model::classify(event));
             }
         }
+        fresh.compact();
         let maps = store::maps(self.db()).await?;
         let mut compiled = BTreeMap::new();
         for row in maps {
@@ -236,6 +240,15 @@ impl Analytics {
                     }
                     apply(&mut model, classified);
                 }
+            }
+            if model.added_since_compaction() > COMPACT_AFTER.max(model.event_count() / 4) {
+                let started = std::time::Instant::now();
+                model.compact();
+                tracing::info!(
+                    events = model.event_count(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "analytics memory compacted"
+                );
             }
         }
         if !erase.is_empty() {
