@@ -4,6 +4,7 @@
 //! with the shared Redis cache (production) and on SQLite with the in-process cache (the
 //! `waymark dev` default).
 
+mod analytics;
 mod erasure;
 mod journey;
 mod orchestration;

@@ -17,6 +17,9 @@ pub enum AnalyticsError {
     /// The store is unreachable; nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Memory is not rebuilt from the store yet (the service is starting).
+    #[error("memory not rebuilt from the store yet")]
+    Loading,
     /// A bug or a broken invariant.
     #[error("{0}")]
     Internal(String),
@@ -54,6 +57,11 @@ impl From<AnalyticsError> for tonic::Status {
                 )
                 .with_retry_after(std::time::Duration::from_secs(1))
             }
+            AnalyticsError::Loading => Error::new(
+                ErrorKind::Unavailable,
+                "starting: events are being loaded from the store; nothing was written, retry",
+            )
+            .with_retry_after(std::time::Duration::from_secs(1)),
             AnalyticsError::Internal(detail) => Error::internal("analytics", &detail),
         };
         error.into()

@@ -80,7 +80,7 @@ impl AnalyticsServer {
 
     /// Serves gRPC (AnalyticsService and EventSink) on `grpc` until `shutdown`, with the
     /// periodic write-back of stages to profiles. Memory is rebuilt from the store before
-    /// the service reports Serving.
+    /// the service reports Serving; until then every call is UNAVAILABLE, to be retried.
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
         let core = self.core.clone();
         let mut runtime = Runtime::start(

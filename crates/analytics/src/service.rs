@@ -3,6 +3,7 @@
 //! journey maps.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prost::Message;
@@ -40,6 +41,9 @@ struct Inner {
     erased: RwLock<HashSet<String>>,
     /// One delivery at a time, so memory applies events in the order they were stored.
     writer: tokio::sync::Mutex<()>,
+    /// Whether memory has been rebuilt from the store. Until then an answer from memory
+    /// would be empty, and an erased profile's redelivered events could be stored again.
+    loaded: AtomicBool,
     limits: Limits,
     profiles: Option<ProfileWriter>,
     metrics: crate::metrics::Metrics,
@@ -107,6 +111,7 @@ impl Analytics {
                 maps: RwLock::new(BTreeMap::new()),
                 erased: RwLock::new(HashSet::new()),
                 writer: tokio::sync::Mutex::new(()),
+                loaded: AtomicBool::new(false),
                 limits,
                 profiles,
                 metrics: crate::metrics::Metrics::new(),
@@ -158,7 +163,17 @@ impl Analytics {
         *self.inner.model.write().map_err(|_| lock_poisoned())? = fresh;
         *self.inner.maps.write().map_err(|_| lock_poisoned())? = compiled;
         *self.inner.erased.write().map_err(|_| lock_poisoned())? = erased;
+        self.inner.loaded.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// `Loading` until memory has been rebuilt from the store.
+    fn loaded(&self) -> Result<(), AnalyticsError> {
+        if self.inner.loaded.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(AnalyticsError::Loading)
+        }
     }
 
     /// Stores and applies a delivered batch, once per event id.
@@ -178,6 +193,7 @@ impl Analytics {
             incoming.push(event);
         }
         let _writer = self.inner.writer.lock().await;
+        self.loaded()?;
         let erased = self
             .inner
             .erased
@@ -274,6 +290,7 @@ impl Analytics {
             + Send
             + 'static,
     {
+        self.loaded()?;
         let inner = self.inner.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -308,6 +325,7 @@ impl Analytics {
     pub async fn put_map(&self, map: Option<JourneyMap>) -> Result<JourneyMap, AnalyticsError> {
         let map = map.ok_or_else(|| AnalyticsError::invalid("map", "is required"))?;
         crate::maps::validate(&map)?;
+        self.loaded()?;
         store::put_map(
             self.db(),
             &map.id,
@@ -324,6 +342,7 @@ impl Analytics {
     }
 
     pub fn map(&self, id: &str) -> Result<JourneyMap, AnalyticsError> {
+        self.loaded()?;
         self.inner
             .maps
             .read()
@@ -334,6 +353,7 @@ impl Analytics {
     }
 
     pub fn maps(&self) -> Result<Vec<JourneyMap>, AnalyticsError> {
+        self.loaded()?;
         Ok(self
             .inner
             .maps

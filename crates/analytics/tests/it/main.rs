@@ -8,6 +8,8 @@ mod support;
 use serde_json::json;
 use support::*;
 use waymark_proto::analytics::v1::*;
+use waymark_proto::common::v1::DeliverRequest;
+use waymark_proto::common::v1::event_sink_client::EventSinkClient;
 
 fn funnel(names: &[&str], order: FunnelOrder, window: &str) -> GetFunnelRequest {
     GetFunnelRequest {
@@ -396,3 +398,78 @@ async fn a_query_past_its_budget_is_stopped_with_a_clear_error() {
         "{status:?}"
     );
 }
+
+/// Until memory is rebuilt from the store (here: held back by a pending migration) every
+/// call is UNAVAILABLE, never an empty answer; once it is, the stored events count.
+async fn nothing_is_answered_before_memory_is_rebuilt(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = TestAnalytics::start(config(&db.url, "http://127.0.0.1:9")).await;
+    server
+        .deliver(vec![
+            track("r1", "A", 0, json!({})),
+            track("r1", "B", 10, json!({})),
+        ])
+        .await;
+    server.stop().await;
+    let mut held = config(&db.url, "http://127.0.0.1:9");
+    held.auto_migrate = false;
+    let url = held.analytics_database();
+    let store = waymark_kit::db::connect(&url, "analytics", 1)
+        .await
+        .unwrap();
+    // With its last migration's record gone, the restarted service waits for it to be
+    // applied before it rebuilds memory.
+    let forget = "DELETE FROM waymark_migrations WHERE service = 'analytics' AND version = 2";
+    assert_eq!(
+        waymark_kit::sql::execute(&store, forget, vec![])
+            .await
+            .unwrap(),
+        1
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = waymark_kit::CancellationToken::new();
+    let restarted = tokio::spawn(
+        waymark_analytics::AnalyticsServer::new(held)
+            .await
+            .unwrap()
+            .serve(listener, shutdown.clone()),
+    );
+    let url = format!("http://{addr}");
+    let mut client = analytics_service_client::AnalyticsServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let ab = || funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    let status = client.get_funnel(admin(ab())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("starting"), "{status:?}");
+    let status = client
+        .list_journey_maps(admin(ListJourneyMapsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // A relay's delivery is refused too, to be retried once memory holds what is stored.
+    let status = EventSinkClient::connect(url.clone())
+        .await
+        .unwrap()
+        .deliver(admin(DeliverRequest {
+            producer: "profile".into(),
+            events: vec![track("r2", "A", 0, json!({}))],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    let restore = "INSERT INTO waymark_migrations (service, version, name, applied_at) \
+                   VALUES ('analytics', 2, 'events received', 0)";
+    waymark_kit::sql::execute(&store, restore, vec![])
+        .await
+        .unwrap();
+    waymark_testkit::platform::wait_serving(&url).await;
+    let answer = client.get_funnel(admin(ab())).await.unwrap().into_inner();
+    assert_eq!(reached(&answer.total.unwrap()), vec![1, 1]);
+    assert_eq!(answer.events_scanned, 2);
+    shutdown.cancel();
+    restarted.await.unwrap().unwrap();
+}
+waymark_testkit::on_both_backends!(nothing_is_answered_before_memory_is_rebuilt);

@@ -2,5 +2,6 @@
 //! environment variables.
 
 mod journeys;
+mod reports;
 mod support;
 mod telemetry;
