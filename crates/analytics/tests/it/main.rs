@@ -473,3 +473,145 @@ async fn nothing_is_answered_before_memory_is_rebuilt(backend: Backend) {
     restarted.await.unwrap().unwrap();
 }
 waymark_testkit::on_both_backends!(nothing_is_answered_before_memory_is_rebuilt);
+
+/// Breakdowns by segment membership at the time and by the arm of a journey's split, and
+/// a funnel counted per enrollment.
+async fn breakdowns_by_segment_and_variant_and_enrollment_counting(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let segment =
+        |who: &str, name: &str, secs| track(who, name, secs, json!({"segment_id": "vip"}));
+    let detail = json!({"weights": {"control": 1, "offer": 1}, "arms": ["control", "offer"], "holdout_percent": 0});
+    rig.server
+        .deliver(vec![
+            segment("v1", "Segment Entered", 0),
+            track("v1", "A", 10, json!({})),
+            track("v1", "B", 20, json!({})),
+            segment("v1", "Segment Exited", 30),
+            track("v1", "A", 40, json!({})),
+            track("v2", "A", 10, json!({})),
+            step(
+                "v1",
+                "promo",
+                "e1",
+                0,
+                "split",
+                "entered",
+                "A",
+                5,
+                json!({}),
+            ),
+            step(
+                "v1",
+                "promo",
+                "e1",
+                1,
+                "split",
+                "arm",
+                "offer",
+                5,
+                detail.clone(),
+            ),
+            step(
+                "v2",
+                "promo",
+                "e2",
+                0,
+                "split",
+                "entered",
+                "A",
+                5,
+                json!({}),
+            ),
+            step("v2", "promo", "e2", 1, "split", "arm", "control", 5, detail),
+            step(
+                "v2",
+                "promo",
+                "e3",
+                0,
+                "split",
+                "entered",
+                "A",
+                35,
+                json!({}),
+            ),
+        ])
+        .await;
+    let mut request = funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    request.breakdown = Some(Breakdown {
+        by: Some(breakdown::By::Segments(SegmentList {
+            segment_ids: vec!["vip".into()],
+        })),
+    });
+    let by_segment = rig.server.funnel(request.clone()).await;
+    let groups: Vec<(String, Vec<u64>)> = by_segment
+        .groups
+        .iter()
+        .map(|g| (g.group.clone(), reached(g)))
+        .collect();
+    // v1's best attempt started at 10 s, inside the segment; v2 was never in it.
+    assert_eq!(
+        groups,
+        vec![("(none)".into(), vec![1, 0]), ("vip".into(), vec![1, 1])]
+    );
+    request.breakdown = Some(Breakdown {
+        by: Some(breakdown::By::JourneyVariant(JourneyVariant {
+            journey_id: "promo".into(),
+            node_id: String::new(),
+        })),
+    });
+    let by_arm = rig.server.funnel(request.clone()).await;
+    let groups: Vec<(String, Vec<u64>)> = by_arm
+        .groups
+        .iter()
+        .map(|g| (g.group.clone(), reached(g)))
+        .collect();
+    assert_eq!(
+        groups,
+        vec![("control".into(), vec![1, 0]), ("offer".into(), vec![1, 1])]
+    );
+    request.breakdown = None;
+    request.counting = FunnelCounting::Enrollments as i32;
+    request.journey_id = "promo".into();
+    // e1 (from 5 s: A at 10, B at 20), e2 (from 5 s: A at 10), e3 (from 35 s: nothing).
+    let per_enrollment = rig.server.funnel(request.clone()).await;
+    assert_eq!(reached(&per_enrollment.total.unwrap()), vec![2, 1]);
+    request.journey_id.clear();
+    let status = rig
+        .server
+        .client()
+        .await
+        .get_funnel(admin(request))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&status)[0].0, "journey_id");
+}
+waymark_testkit::on_both_backends!(breakdowns_by_segment_and_variant_and_enrollment_counting);
+
+/// A query that would hold more than its memory budget stops with RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_memory_budget_is_stopped_with_a_clear_error() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = config(&db.url, "http://127.0.0.1:9");
+    config.analytics_query_memory_mib = 1;
+    let server = TestAnalytics::start(config).await;
+    for batch in 0..25 {
+        let events = (0..1000)
+            .map(|i| {
+                let n = batch * 1000 + i;
+                track(&format!("p{n}"), &format!("Page {n}"), n, json!({}))
+            })
+            .collect();
+        server.deliver(events).await;
+    }
+    let status = server
+        .client()
+        .await
+        .get_paths(admin(GetPathsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("memory budget of 1 MiB"),
+        "{status:?}"
+    );
+}

@@ -149,6 +149,34 @@ async fn stages_standard_times_and_dead_ends_are_reported(backend: Backend) {
         ("Product Search No Results", 1, 1)
     );
     assert_eq!(sla.sessions, 11);
+
+    // Paths by stage over each customer's whole history: events entering no stage are
+    // skipped, and s5, whose history starts outside any stage, has no path.
+    let paths = client
+        .get_paths(admin(GetPathsRequest {
+            node_kind: PathNodeKind::Stage as i32,
+            map_id: "retail".into(),
+            session_gap: "30d".into(),
+            ..GetPathsRequest::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let links: Vec<(u32, &str, &str, u64)> = paths
+        .links
+        .iter()
+        .map(|l| (l.depth, l.from.as_str(), l.to.as_str(), l.count))
+        .collect();
+    assert_eq!(
+        links,
+        vec![
+            (1, "research", "(end)", 2),
+            (1, "research", "select", 1),
+            (1, "select", "(end)", 1),
+            (2, "select", "convert", 1),
+            (3, "convert", "(end)", 1),
+        ]
+    );
 }
 waymark_testkit::on_both_backends!(stages_standard_times_and_dead_ends_are_reported);
 
