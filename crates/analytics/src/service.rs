@@ -36,7 +36,9 @@ pub struct Analytics {
 
 struct Inner {
     db: DatabaseConnection,
-    model: RwLock<Model>,
+    /// Queries read it on blocking threads; a delivery's writes wait for them without
+    /// blocking the async workers.
+    model: tokio::sync::RwLock<Model>,
     maps: RwLock<BTreeMap<String, Arc<CompiledMap>>>,
     erased: RwLock<HashSet<String>>,
     /// One delivery at a time, so memory applies events in the order they were stored.
@@ -107,7 +109,7 @@ impl Analytics {
         Analytics {
             inner: Arc::new(Inner {
                 db,
-                model: RwLock::new(Model::default()),
+                model: tokio::sync::RwLock::new(Model::default()),
                 maps: RwLock::new(BTreeMap::new()),
                 erased: RwLock::new(HashSet::new()),
                 writer: tokio::sync::Mutex::new(()),
@@ -160,7 +162,7 @@ impl Analytics {
             took_ms = started.elapsed().as_millis() as u64,
             "analytics memory rebuilt"
         );
-        *self.inner.model.write().map_err(|_| lock_poisoned())? = fresh;
+        *self.inner.model.write().await = fresh;
         *self.inner.maps.write().map_err(|_| lock_poisoned())? = compiled;
         *self.inner.erased.write().map_err(|_| lock_poisoned())? = erased;
         self.inner.loaded.store(true, Ordering::Release);
@@ -194,49 +196,47 @@ impl Analytics {
         }
         let _writer = self.inner.writer.lock().await;
         self.loaded()?;
-        let erased = self
-            .inner
-            .erased
-            .read()
-            .map_err(|_| lock_poisoned())?
-            .clone();
         let mut rows = Vec::new();
         let mut kept = Vec::new();
         let mut erase = Vec::new();
         let mut ids = HashSet::new();
-        for event in incoming {
-            if event.profile_id.is_empty() {
-                response.unattributed += 1;
-                continue;
-            }
-            if erased.contains(&event.profile_id) {
-                response.suppressed += 1;
-                continue;
-            }
-            let body = event.encode_to_vec();
-            let (event_id, profile_id) = (event.event_id.clone(), event.profile_id.clone());
-            let classified = model::classify(event);
-            let kind = match &classified {
-                Incoming::Customer(_) => Kind::Customer,
-                Incoming::JourneyStep(_) => Kind::JourneyStep,
-                Incoming::Notice(Notice::Deleted { profiles }) => {
-                    erase.extend(profiles.iter().cloned());
-                    kept.push((event_id, classified));
+        {
+            // Only a delivery changes the erased set, and deliveries hold `writer`.
+            let erased = self.inner.erased.read().map_err(|_| lock_poisoned())?;
+            for event in incoming {
+                if event.profile_id.is_empty() {
+                    response.unattributed += 1;
                     continue;
                 }
-                Incoming::Notice(_) => Kind::Notice,
-            };
-            if !ids.insert(event_id.clone()) {
-                response.duplicates += 1;
-                continue;
+                if erased.contains(&event.profile_id) {
+                    response.suppressed += 1;
+                    continue;
+                }
+                let body = event.encode_to_vec();
+                let (event_id, profile_id) = (event.event_id.clone(), event.profile_id.clone());
+                let classified = model::classify(event);
+                let kind = match &classified {
+                    Incoming::Customer(_) => Kind::Customer,
+                    Incoming::JourneyStep(_) => Kind::JourneyStep,
+                    Incoming::Notice(Notice::Deleted { profiles }) => {
+                        erase.extend(profiles.iter().cloned());
+                        kept.push((event_id, classified));
+                        continue;
+                    }
+                    Incoming::Notice(_) => Kind::Notice,
+                };
+                if !ids.insert(event_id.clone()) {
+                    response.duplicates += 1;
+                    continue;
+                }
+                rows.push(NewEvent {
+                    event_id: event_id.clone(),
+                    profile_id,
+                    kind,
+                    body,
+                });
+                kept.push((event_id, classified));
             }
-            rows.push(NewEvent {
-                event_id: event_id.clone(),
-                profile_id,
-                kind,
-                body,
-            });
-            kept.push((event_id, classified));
         }
         let stored = rows.len();
         let txn = waymark_kit::db::begin_write(self.db()).await?;
@@ -247,7 +247,7 @@ impl Analytics {
         txn.commit().await?;
         response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
         {
-            let mut model = self.inner.model.write().map_err(|_| lock_poisoned())?;
+            let mut model = self.inner.model.write().await;
             for (event_id, classified) in kept {
                 let deletion = matches!(classified, Incoming::Notice(Notice::Deleted { .. }));
                 if deletion || fresh.contains(&event_id) {
@@ -296,7 +296,7 @@ impl Analytics {
         let result = tokio::task::spawn_blocking(move || {
             let budget = Budget::start(inner.limits);
             let maps = inner.maps.read().map_err(|_| lock_poisoned())?.clone();
-            let model = inner.model.read().map_err(|_| lock_poisoned())?;
+            let model = inner.model.blocking_read();
             query(&model, &maps, &budget)
         })
         .await
