@@ -18,17 +18,6 @@ use crate::maps::{CompiledMap, Matchers};
 use crate::model::{Model, Slot, Val};
 use crate::scan::{self, Budget};
 
-/// Events whose free text is scored, and the properties that may hold it (as the profile
-/// service reads them).
-const TEXT_EVENTS: [&str; 6] = [
-    "Complaint Filed",
-    "Feedback Submitted",
-    "Chat Message Sent",
-    "Review Submitted",
-    "Support Ticket Created",
-    "Call Transcribed",
-];
-const TEXT_KEYS: [&str; 5] = ["text", "comment", "message", "body", "feedback"];
 const COMPLAINT: &str = "Complaint Filed";
 const NO_GROUP: u64 = u64::MAX;
 
@@ -115,14 +104,17 @@ pub fn metrics(
         nps: model.names.get("NPS Submitted"),
         survey: model.names.get("Survey Submitted"),
         complaint: model.names.get(COMPLAINT),
-        texts: TEXT_EVENTS
+        texts: waymark_profile::emotion::TEXT_EVENTS
             .iter()
             .filter_map(|n| model.names.get(n))
             .collect(),
         key_csat: model.keys.get("csat"),
         key_nps: model.keys.get("nps"),
         key_score: model.keys.get("score"),
-        text_keys: TEXT_KEYS.iter().filter_map(|k| model.keys.get(k)).collect(),
+        text_keys: waymark_profile::emotion::TEXT_KEYS
+            .iter()
+            .filter_map(|k| model.keys.get(k))
+            .collect(),
     };
     let mut escalations: HashMap<u32, Vec<i64>> = HashMap::new();
     for journey in model.journeys.values() {
@@ -256,14 +248,7 @@ pub fn metrics(
                 (_, NO_GROUP) => "(none)".to_owned(),
                 (CxGrouping::Stage, s) => map
                     .as_ref()
-                    .and_then(|(m, _)| m.map.stages.get(s as usize))
-                    .map(|s| {
-                        if s.name.is_empty() {
-                            s.id.clone()
-                        } else {
-                            s.name.clone()
-                        }
-                    })
+                    .map(|(m, _)| m.stage_name(s as usize))
                     .unwrap_or_default(),
                 (CxGrouping::Channel, c) => waymark_profile::segment::channel_name(c as i32),
                 (CxGrouping::Touchpoint, n) => model.names.name(n as u32).to_owned(),

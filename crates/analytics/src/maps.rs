@@ -149,13 +149,15 @@ impl CompiledMap {
         }
     }
 
-    fn name(&self, stage: usize) -> String {
-        let s = &self.map.stages[stage];
-        if s.name.is_empty() {
-            s.id.clone()
-        } else {
-            s.name.clone()
-        }
+    /// A stage's name for people: its name, else its id.
+    pub fn stage_name(&self, stage: usize) -> String {
+        self.map.stages.get(stage).map_or_else(String::new, |s| {
+            if s.name.is_empty() {
+                s.id.clone()
+            } else {
+                s.name.clone()
+            }
+        })
     }
 }
 
@@ -319,7 +321,7 @@ pub fn distribution(
             .enumerate()
             .map(|(i, (customers, stuck, mut times))| StageCount {
                 stage_id: map.map.stages[i].id.clone(),
-                name: map.name(i),
+                name: map.stage_name(i),
                 customers,
                 stuck,
                 time_in_stage: Some(stats::distribution(&mut times)),
@@ -489,7 +491,7 @@ pub fn sla(
             let standard = map.standard[i]?;
             Some(report(
                 &map.map.stages[i].id,
-                map.name(i),
+                map.stage_name(i),
                 standard,
                 &mut all.stage_done[i],
                 all.stage_breached[i],

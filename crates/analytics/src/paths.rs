@@ -238,14 +238,7 @@ impl Paths {
                 PathNodeKind::Stage => self
                     .map
                     .as_ref()
-                    .and_then(|(m, _)| m.map.stages.get(node as usize))
-                    .map(|s| {
-                        if s.name.is_empty() {
-                            s.id.clone()
-                        } else {
-                            s.name.clone()
-                        }
-                    })
+                    .map(|(m, _)| m.stage_name(node as usize))
                     .unwrap_or_default(),
                 _ => model.names.name(node as u32).to_owned(),
             },

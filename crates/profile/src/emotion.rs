@@ -168,7 +168,7 @@ pub fn nps_score(nps: f64) -> Option<f64> {
 }
 
 /// Events whose free text carries a sentiment signal.
-const TEXT_EVENTS: [&str; 6] = [
+pub const TEXT_EVENTS: [&str; 6] = [
     "Complaint Filed",
     "Feedback Submitted",
     "Chat Message Sent",
@@ -178,7 +178,7 @@ const TEXT_EVENTS: [&str; 6] = [
 ];
 
 /// The properties that may hold that text, in order of preference.
-const TEXT_KEYS: [&str; 5] = ["text", "comment", "message", "body", "feedback"];
+pub const TEXT_KEYS: [&str; 5] = ["text", "comment", "message", "body", "feedback"];
 
 #[derive(Clone, Copy)]
 enum SignalKind {

@@ -188,14 +188,10 @@ async fn totals_count_attempts_and_breakdowns_split_them(backend: Backend) {
         by: Some(breakdown::By::Property("plan".into())),
     });
     let unique = rig.server.funnel(request.clone()).await;
-    assert_eq!(reached(&unique.total.unwrap()), vec![2, 1]);
-    let groups: Vec<(String, Vec<u64>)> = unique
-        .groups
-        .iter()
-        .map(|g| (g.group.clone(), reached(g)))
-        .collect();
+    assert_eq!(reached(unique.total.as_ref().unwrap()), vec![2, 1]);
+    let by_group = groups(&unique);
     assert_eq!(
-        groups,
+        by_group,
         vec![("free".into(), vec![1, 0]), ("pro".into(), vec![1, 1])]
     );
     request.counting = FunnelCounting::Totals as i32;
@@ -543,14 +539,10 @@ async fn breakdowns_by_segment_and_variant_and_enrollment_counting(backend: Back
         })),
     });
     let by_segment = rig.server.funnel(request.clone()).await;
-    let groups: Vec<(String, Vec<u64>)> = by_segment
-        .groups
-        .iter()
-        .map(|g| (g.group.clone(), reached(g)))
-        .collect();
+    let by_group = groups(&by_segment);
     // v1's best attempt started at 10 s, inside the segment; v2 was never in it.
     assert_eq!(
-        groups,
+        by_group,
         vec![("(none)".into(), vec![1, 0]), ("vip".into(), vec![1, 1])]
     );
     request.breakdown = Some(Breakdown {
@@ -560,13 +552,9 @@ async fn breakdowns_by_segment_and_variant_and_enrollment_counting(backend: Back
         })),
     });
     let by_arm = rig.server.funnel(request.clone()).await;
-    let groups: Vec<(String, Vec<u64>)> = by_arm
-        .groups
-        .iter()
-        .map(|g| (g.group.clone(), reached(g)))
-        .collect();
+    let by_group = groups(&by_arm);
     assert_eq!(
-        groups,
+        by_group,
         vec![("control".into(), vec![1, 0]), ("offer".into(), vec![1, 1])]
     );
     request.breakdown = None;

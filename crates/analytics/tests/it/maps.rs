@@ -14,12 +14,6 @@ fn ago(profile: &str, name: &str, secs_ago: i64) -> Event {
 }
 
 fn retail() -> JourneyMap {
-    let stage = |id: &str, event: &str, standard: &str| Stage {
-        id: id.into(),
-        name: String::new(),
-        entered_by: vec![matcher(event, "")],
-        standard_time: standard.into(),
-    };
     JourneyMap {
         id: "retail".into(),
         name: "Retail".into(),
@@ -162,13 +156,9 @@ async fn stages_standard_times_and_dead_ends_are_reported(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let links: Vec<(u32, &str, &str, u64)> = paths
-        .links
-        .iter()
-        .map(|l| (l.depth, l.from.as_str(), l.to.as_str(), l.count))
-        .collect();
+    let found = links(&paths);
     assert_eq!(
-        links,
+        found,
         vec![
             (1, "research", "(end)", 2),
             (1, "research", "select", 1),
@@ -250,13 +240,9 @@ async fn paths_run_after_and_before_an_anchor(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!((after.paths, after.converted), (4, 1));
-    let links: Vec<(u32, &str, &str, u64)> = after
-        .links
-        .iter()
-        .map(|l| (l.depth, l.from.as_str(), l.to.as_str(), l.count))
-        .collect();
+    let found = links(&after);
     assert_eq!(
-        links,
+        found,
         vec![
             (1, "(anchor)", "Search", 2),
             (1, "(anchor)", "(end)", 1),
@@ -293,13 +279,9 @@ async fn paths_run_after_and_before_an_anchor(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let links: Vec<(u32, &str, &str, u64)> = before
-        .links
-        .iter()
-        .map(|l| (l.depth, l.from.as_str(), l.to.as_str(), l.count))
-        .collect();
+    let found = links(&before);
     assert_eq!(
-        links,
+        found,
         vec![
             (1, "(anchor)", "Search", 2),
             (1, "(anchor)", "Home", 1),

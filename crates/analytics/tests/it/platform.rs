@@ -13,12 +13,6 @@ use waymark_testkit::{PATIENCE, eventually};
 use crate::support::*;
 
 fn stage_map() -> JourneyMap {
-    let stage = |id: &str, event: &str, standard: &str| Stage {
-        id: id.into(),
-        name: String::new(),
-        entered_by: vec![matcher(event, "")],
-        standard_time: standard.into(),
-    };
     JourneyMap {
         id: "shop".into(),
         name: "Shop".into(),

@@ -208,6 +208,34 @@ pub fn steps(names: &[&str]) -> Vec<EventMatcher> {
     names.iter().map(|n| matcher(n, "")).collect()
 }
 
+/// Each breakdown group of a funnel with `reached` of each step.
+pub fn groups(response: &GetFunnelResponse) -> Vec<(String, Vec<u64>)> {
+    response
+        .groups
+        .iter()
+        .map(|g| (g.group.clone(), reached(g)))
+        .collect()
+}
+
+/// The links of paths as (depth, from, to, count).
+pub fn links(response: &GetPathsResponse) -> Vec<(u32, &str, &str, u64)> {
+    response
+        .links
+        .iter()
+        .map(|l| (l.depth, l.from.as_str(), l.to.as_str(), l.count))
+        .collect()
+}
+
+/// A journey-map stage entered by one event.
+pub fn stage(id: &str, event: &str, standard_time: &str) -> Stage {
+    Stage {
+        id: id.into(),
+        name: String::new(),
+        entered_by: vec![matcher(event, "")],
+        standard_time: standard_time.into(),
+    }
+}
+
 /// `reached` of each step of a funnel group.
 pub fn reached(group: &FunnelGroup) -> Vec<u64> {
     group.steps.iter().map(|s| s.reached).collect()
