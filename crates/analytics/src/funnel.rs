@@ -442,6 +442,9 @@ impl Funnel {
         let Scratch { times, best, held } = scratch;
         match self.counting {
             FunnelCounting::Unspecified | FunnelCounting::UniqueCustomers => {
+                // Once an attempt reaches the furthest any can, later starts cannot do
+                // better: a very active customer costs one pass here, not one per start.
+                let furthest = self.furthest_reachable(events, marks);
                 let mut best_start = None;
                 for i in (0..events.len()).filter(|&i| can_start(i)) {
                     if !self.attempt(model, events, marks, i, held, times) {
@@ -450,7 +453,7 @@ impl Funnel {
                     if best_start.is_none() || times.len() > best.len() {
                         best.clone_from(times);
                         best_start = Some(i);
-                        if best.len() == self.steps.len() {
+                        if best.len() >= furthest {
                             break;
                         }
                     }
@@ -490,6 +493,45 @@ impl Funnel {
                 }
             }
         }
+    }
+
+    /// An upper bound of the steps any attempt of this customer reaches, in one pass: per
+    /// step, the latest start of a chain that got there within the window (a later start
+    /// leaves more of the window). Exact for ordered funnels without exclusions or held
+    /// properties, which only lower what an attempt reaches; the step count otherwise.
+    fn furthest_reachable(&self, events: &[(&Slot, Ev)], marks: &[Mark]) -> usize {
+        let k = self.steps.len();
+        if !matches!(
+            self.order,
+            FunnelOrder::Unspecified | FunnelOrder::Ordered | FunnelOrder::Strict
+        ) {
+            return k;
+        }
+        let (lo, hi) = self.range;
+        let mut chain_start = [i64::MIN; MAX_STEPS];
+        for (i, (_, ev)) in events.iter().enumerate() {
+            let steps = marks[i].steps;
+            if steps == 0 {
+                continue;
+            }
+            // From the last step down, so one event never takes two steps of one chain.
+            for j in (1..k).rev() {
+                let from = chain_start[j - 1];
+                if steps & (1 << j) != 0
+                    && from != i64::MIN
+                    && ev.at.saturating_sub(from) <= self.window_us
+                {
+                    chain_start[j] = chain_start[j].max(from);
+                }
+            }
+            if steps & 1 != 0 && ev.at >= lo && ev.at < hi {
+                chain_start[0] = ev.at;
+            }
+        }
+        chain_start[..k]
+            .iter()
+            .rposition(|&s| s != i64::MIN)
+            .map_or(0, |j| j + 1)
     }
 
     /// The attempt starting at `start`: the times of the steps it reached, into `times`;
