@@ -29,7 +29,8 @@ use serde_json::{Value, json};
 use waymark_kit::sql::{self, Column, Insert};
 use waymark_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
 use waymark_proto::analytics::v1::{
-    Breakdown, EventMatcher, FunnelCounting, FunnelGroup, FunnelOrder, GetFunnelRequest, breakdown,
+    Breakdown, EventMatcher, FunnelCounting, FunnelGroup, FunnelOrder, GetFunnelRequest,
+    GetFunnelResponse, breakdown,
 };
 use waymark_proto::common::v1::{
     Channel, DeliverResponse, EncodedDeliverRequest, Event, EventType,
@@ -1031,20 +1032,28 @@ async fn with_service(
             .collect::<Vec<_>>()
             .join(" -> ")
     );
-    let mut counts = BTreeMap::new();
-    counts.insert(String::new(), reached(&total));
-    for g in &answer.groups {
-        counts.insert(g.group.clone(), reached(g));
-    }
     drop(process);
     Ok(FunnelFigures {
         p50: pct(0.5),
-        counts,
+        counts: counts_of(&answer),
     })
 }
 
 fn reached(group: &FunnelGroup) -> Vec<u64> {
     group.steps.iter().map(|s| s.reached).collect()
+}
+
+/// Reached per step of a funnel's answer, by group ("" for the total).
+fn counts_of(answer: &GetFunnelResponse) -> BTreeMap<String, Vec<u64>> {
+    let mut counts = BTreeMap::new();
+    counts.insert(
+        String::new(),
+        reached(&answer.total.clone().unwrap_or_default()),
+    );
+    for g in &answer.groups {
+        counts.insert(g.group.clone(), reached(g));
+    }
+    counts
 }
 
 fn resident(pid: u32) -> String {
@@ -1087,7 +1096,13 @@ async fn sql_baseline(
     path: &Path,
     shape: &Shape,
 ) -> anyhow::Result<(Duration, BTreeMap<String, Vec<u64>>)> {
-    let db = waymark_kit::db::connect(url, "bench", 8).await?;
+    // A plain connection: the table is the benchmark's own, in the default schema.
+    let db = sea_orm::Database::connect(
+        sea_orm::ConnectOptions::new(url)
+            .max_connections(8)
+            .to_owned(),
+    )
+    .await?;
     db.execute_unprepared(
         "CREATE TABLE funnel_events (
             customer_id BIGINT NOT NULL,
@@ -1314,4 +1329,61 @@ fn compare(
         "GetFunnel and the SQL baseline disagree on {} groups",
         mismatches.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL baseline only means something when it answers what `GetFunnel` answers: a
+    /// small stream through the analytics core in this process and through the SQL.
+    #[tokio::test]
+    async fn the_sql_baseline_counts_what_get_funnel_counts() -> anyhow::Result<()> {
+        let postgres = std::env::var("WAYMARK_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let dir = std::env::temp_dir().join(format!(
+            "waymark-analytics-sql-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let files = Files {
+            deliveries: dir.join("deliveries.bin"),
+            baseline: dir.join("baseline.bin"),
+        };
+        let shape = generate(30_000, 1_000, &files)?;
+
+        let service_db = BenchDb::create(&postgres).await?;
+        let db = waymark_kit::db::connect(&service_db.url, waymark_analytics::SERVICE, 4).await?;
+        waymark_analytics::migrate(&db).await?;
+        let core = waymark_analytics::Analytics::new(db.clone(), Default::default(), None);
+        let mut input = BufReader::new(File::open(&files.deliveries)?);
+        let mut batch = Vec::new();
+        loop {
+            let next = Delivery::read(&mut input)?;
+            if let Some(d) = &next {
+                batch.push(Event::decode(d.body.as_slice())?);
+            }
+            if batch.len() == BATCH || (next.is_none() && !batch.is_empty()) {
+                core.deliver(std::mem::take(&mut batch)).await?;
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        let service = counts_of(&core.funnel(funnel_request()).await?);
+        db.close().await.ok();
+        service_db.drop().await?;
+
+        let sql_db = BenchDb::create(&postgres).await?;
+        let baseline = sql_baseline(&sql_db.url, &files.baseline, &shape).await;
+        sql_db.drop().await?;
+        std::fs::remove_dir_all(&dir).ok();
+        let (_, sql) = baseline?;
+        let total = &sql[""];
+        assert!(
+            total[4] > 0 && total[4] < total[0] && sql.len() > 2,
+            "the funnel must have converting and dropping customers in several groups: {sql:?}"
+        );
+        compare(&service, &sql)
+    }
 }
