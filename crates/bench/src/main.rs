@@ -3,8 +3,10 @@
 //! rows (event log + outbox) inserted straight into PostgreSQL by as many clients, one
 //! transaction per batch, with the fastest statements we know (array-parameter INSERTs).
 //! The profile suite is `profile_bench`, the whole platform as processes `system_bench`,
-//! journeys (end-to-end latency and the engine's throughput) `journey_bench`.
+//! journeys (end-to-end latency and the engine's throughput) `journey_bench`, analytics
+//! (aggregation rate and funnel latency against PostgreSQL) `analytics_bench`.
 
+mod analytics_bench;
 mod echo;
 mod journey_bench;
 mod lean;
@@ -51,7 +53,7 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
-    /// Which benchmarks: ingest, profile, system, journeys or all.
+    /// Which benchmarks: ingest, profile, system, journeys, analytics or all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Redis for the profile cache.
@@ -83,6 +85,12 @@ struct Args {
     /// Resolved events delivered in the journey benchmark's throughput part.
     #[arg(long, default_value_t = 100_000)]
     engine_events: usize,
+    /// Events delivered to the analytics service in the analytics benchmark.
+    #[arg(long, default_value_t = 10_000_000)]
+    analytics_events: usize,
+    /// Customers in the analytics benchmark's stream.
+    #[arg(long, default_value_t = 1_000_000)]
+    analytics_customers: usize,
     /// The `waymark` binary the system benchmark runs (default: beside this one).
     #[arg(long)]
     waymark_bin: Option<std::path::PathBuf>,
@@ -92,8 +100,16 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        ["all", "ingest", "profile", "system", "journeys"].contains(&args.suite.as_str()),
-        "--suite must be ingest, profile, system, journeys or all, not {:?}",
+        [
+            "all",
+            "ingest",
+            "profile",
+            "system",
+            "journeys",
+            "analytics"
+        ]
+        .contains(&args.suite.as_str()),
+        "--suite must be ingest, profile, system, journeys, analytics or all, not {:?}",
         args.suite
     );
     anyhow::ensure!(
@@ -105,6 +121,18 @@ async fn main() -> anyhow::Result<()> {
         .waymark_bin
         .clone()
         .unwrap_or_else(system_bench::default_binary);
+    if args.suite == "all" || args.suite == "analytics" {
+        analytics_bench::run(
+            &args.postgres,
+            &binary,
+            args.analytics_events,
+            args.analytics_customers,
+        )
+        .await?;
+    }
+    if args.suite == "analytics" {
+        return Ok(());
+    }
     if args.suite == "all" || args.suite == "journeys" {
         journey_bench::run(
             &args.postgres,

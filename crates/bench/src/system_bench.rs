@@ -128,6 +128,13 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
 /// A service process, stopped when dropped (also when the run fails half-way).
 pub(crate) struct Process(Child);
 
+impl Process {
+    /// The process id, to read its resident memory.
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         self.0.kill().ok();
