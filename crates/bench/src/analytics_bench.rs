@@ -1356,6 +1356,7 @@ mod tests {
         let db = waymark_kit::db::connect(&service_db.url, waymark_analytics::SERVICE, 4).await?;
         waymark_analytics::migrate(&db).await?;
         let core = waymark_analytics::Analytics::new(db.clone(), Default::default(), None);
+        core.prepare().await?;
         let mut input = BufReader::new(File::open(&files.deliveries)?);
         let mut batch = Vec::new();
         loop {
