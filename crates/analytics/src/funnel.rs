@@ -63,10 +63,12 @@ pub struct Funnel {
 /// The range's bounds in microseconds, open ends as the extremes.
 pub fn range_of(range: Option<&waymark_proto::analytics::v1::TimeRange>) -> (i64, i64) {
     let start = range
-        .and_then(|r| crate::model::micros(r.start.as_ref()))
+        .and_then(|r| r.start.as_ref())
+        .map(waymark_kit::time::micros)
         .unwrap_or(i64::MIN);
     let end = range
-        .and_then(|r| crate::model::micros(r.end.as_ref()))
+        .and_then(|r| r.end.as_ref())
+        .map(waymark_kit::time::micros)
         .unwrap_or(i64::MAX);
     (start, end)
 }

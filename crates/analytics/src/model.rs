@@ -290,20 +290,13 @@ pub fn json_value(json: &serde_json::Value) -> Value {
     }
 }
 
-/// Microseconds of a protobuf timestamp.
-pub fn micros(ts: Option<&prost_types::Timestamp>) -> Option<i64> {
-    ts.map(|t| {
-        t.seconds
-            .saturating_mul(1_000_000)
-            .saturating_add(i64::from(t.nanos / 1000))
-    })
-}
-
 /// The time an event is placed at: when it happened, else when it was received.
 pub fn event_time(event: &Event) -> i64 {
-    micros(event.timestamp.as_ref())
-        .or_else(|| micros(event.received_at.as_ref()))
-        .unwrap_or(0)
+    event
+        .timestamp
+        .as_ref()
+        .or(event.received_at.as_ref())
+        .map_or(0, waymark_kit::time::micros)
 }
 
 fn tie_of(event_id: &str) -> u64 {
