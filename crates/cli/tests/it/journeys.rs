@@ -2,35 +2,14 @@
 //! validated, applied, published, listed and read back; a broken file is refused with
 //! the field at fault; the example contact policy is put and read.
 
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use waymark_testkit::{ADMIN_TOKEN, Backend, PATIENCE, TestDb, eventually};
 
-use crate::support::{Process, free_port};
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
+use crate::support::{Process, examples, free_port, ok, run_client};
 
 fn waymark(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args(args)
-        .env("WAYMARK_ORCHESTRATOR_ENDPOINT", endpoint)
-        .env("WAYMARK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the waymark binary")
-}
-
-fn ok(output: Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    run_client("WAYMARK_ORCHESTRATOR_ENDPOINT", endpoint, args)
 }
 
 async fn journey_files_go_through_the_cli(backend: Backend) {

@@ -3,7 +3,6 @@
 //! as written; every report prints the counts the events imply, as a table and as JSON;
 //! a funnel is drawn as a well-formed SVG; a bad step is refused naming its field.
 
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
@@ -11,7 +10,7 @@ use waymark_proto::common::v1::event_sink_client::EventSinkClient;
 use waymark_proto::common::v1::{Channel, DeliverRequest, Event, EventType};
 use waymark_testkit::{ADMIN_TOKEN, Backend, PATIENCE, TestDb, admin, eventually};
 
-use crate::support::{Process, free_port};
+use crate::support::{Process, examples, free_port, ok, run_client};
 
 /// Monday 2 March 2026, 09:00 UTC, in seconds: where the synthetic histories start, long
 /// enough ago that every open stage with a standard time is past it.
@@ -20,28 +19,8 @@ const MINUTE: i64 = 60;
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
 
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
-
 fn waymark(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args(args)
-        .env("WAYMARK_ANALYTICS_ENDPOINT", endpoint)
-        .env("WAYMARK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the waymark binary")
-}
-
-fn ok(output: Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    run_client("WAYMARK_ANALYTICS_ENDPOINT", endpoint, args)
 }
 
 fn json_of(output: Output) -> Value {
