@@ -46,6 +46,8 @@ struct Inner {
     /// Whether memory has been rebuilt from the store. Until then an answer from memory
     /// would be empty, and an erased profile's redelivered events could be stored again.
     loaded: AtomicBool,
+    /// A delivery failed with its outcome unknown: memory may lack what it stored.
+    stale: AtomicBool,
     limits: Limits,
     profiles: Option<ProfileWriter>,
     metrics: crate::metrics::Metrics,
@@ -114,6 +116,7 @@ impl Analytics {
                 erased: RwLock::new(HashSet::new()),
                 writer: tokio::sync::Mutex::new(()),
                 loaded: AtomicBool::new(false),
+                stale: AtomicBool::new(false),
                 limits,
                 profiles,
                 metrics: crate::metrics::Metrics::new(),
@@ -129,6 +132,11 @@ impl Analytics {
     /// the journey maps.
     pub async fn prepare(&self) -> Result<(), AnalyticsError> {
         let _writer = self.inner.writer.lock().await;
+        self.rebuild().await
+    }
+
+    /// As [`Analytics::prepare`], with the writer already held.
+    async fn rebuild(&self) -> Result<(), AnalyticsError> {
         let started = std::time::Instant::now();
         let erased = store::erased(self.db()).await?;
         let mut fresh = Model::default();
@@ -166,6 +174,7 @@ impl Analytics {
         *self.inner.maps.write().map_err(|_| lock_poisoned())? = compiled;
         *self.inner.erased.write().map_err(|_| lock_poisoned())? = erased;
         self.inner.loaded.store(true, Ordering::Release);
+        self.inner.stale.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -176,6 +185,20 @@ impl Analytics {
         } else {
             Err(AnalyticsError::Loading)
         }
+    }
+
+    /// Stores `rows` (returning the ids new to the store) and erases `erase`, in one
+    /// transaction.
+    async fn store(
+        &self,
+        rows: Vec<NewEvent>,
+        erase: &[String],
+    ) -> Result<std::collections::HashSet<String>, sea_orm::DbErr> {
+        let txn = waymark_kit::db::begin_write(self.db()).await?;
+        let fresh = store::insert_events(&txn, rows).await?;
+        store::erase(&txn, erase, waymark_kit::time::now_micros()).await?;
+        txn.commit().await?;
+        Ok(fresh)
     }
 
     /// Stores and applies a delivered batch, once per event id.
@@ -196,6 +219,9 @@ impl Analytics {
         }
         let _writer = self.inner.writer.lock().await;
         self.loaded()?;
+        if self.inner.stale.load(Ordering::Acquire) {
+            self.rebuild().await?;
+        }
         let mut rows = Vec::new();
         let mut kept = Vec::new();
         let mut erase = Vec::new();
@@ -240,12 +266,18 @@ impl Analytics {
             }
         }
         let stored = rows.len();
-        let txn = waymark_kit::db::begin_write(self.db()).await?;
-        let fresh = store::insert_events(&txn, rows).await?;
         erase.sort();
         erase.dedup();
-        store::erase(&txn, &erase, waymark_kit::time::now_micros()).await?;
-        txn.commit().await?;
+        let fresh = match self.store(rows, &erase).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // A commit whose reply was lost may have stored the batch: its redelivery
+                // would then find every event a duplicate and never apply it to memory.
+                // Memory is rebuilt from the store before the next delivery instead.
+                self.inner.stale.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+        };
         response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
         {
             let mut model = self.inner.model.write().await;

@@ -603,3 +603,64 @@ async fn a_query_past_its_memory_budget_is_stopped_with_a_clear_error() {
         "{status:?}"
     );
 }
+
+/// A delivery that fails while PostgreSQL is cut is applied when it comes again; one whose
+/// commit reply is lost (stored, but the service cannot know) is in every answer once it
+/// comes again, and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_from_postgres_is_applied_once_when_it_comes_again() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = waymark_testkit::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    let server = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
+    let sink = waymark_proto::common::v1::event_sink_client::EventSinkClient::connect(server.url())
+        .await
+        .unwrap();
+    let deliver = async |events: &[waymark_proto::common::v1::Event]| {
+        sink.clone()
+            .deliver(admin(waymark_proto::common::v1::DeliverRequest {
+                producer: "profile".into(),
+                events: events.to_vec(),
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    // As a relay does: the same batch again until it is taken (the pool finds its cut
+    // connections one at a time).
+    let redeliver = async |events: &[waymark_proto::common::v1::Event]| {
+        waymark_testkit::eventually("the batch taken", waymark_testkit::PATIENCE, async || {
+            deliver(events).await
+        })
+        .await
+    };
+    let first = vec![
+        track("f1", "A", 0, json!({})),
+        track("f1", "B", 10, json!({})),
+    ];
+    proxy.cut();
+    let refused = deliver(&first).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    proxy.restore();
+    let again = redeliver(&first).await;
+    assert_eq!((again.applied, again.duplicates), (2, 0));
+
+    let second = vec![
+        track("f2", "A", 0, json!({})),
+        track("f2", "B", 10, json!({})),
+    ];
+    proxy.lose_reply_containing(b"COMMIT");
+    assert!(
+        deliver(&second).await.is_err(),
+        "the lost reply fails the delivery"
+    );
+    let again = redeliver(&second).await;
+    assert_eq!((again.applied, again.duplicates), (0, 2));
+    let answer = server
+        .funnel(funnel(&["A", "B"], FunnelOrder::Ordered, "1d"))
+        .await;
+    assert_eq!(reached(answer.total.as_ref().unwrap()), vec![2, 2]);
+    assert_eq!(answer.events_scanned, 4);
+}
