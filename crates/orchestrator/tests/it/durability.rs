@@ -119,8 +119,15 @@ async fn a_resent_action_keeps_its_idempotency_key(backend: Backend) {
     receiver.fail_next(1);
     s.deliver(vec![track("Signed Up", "p-failed", json!({}))])
         .await;
-    eventually("the failed attempt", PATIENCE, async || {
-        receiver.attempts().len() == 1
+    // The sender records the failure and schedules the retry from its clock's now, so the
+    // clock moves only once that is recorded.
+    eventually("the failed attempt to be recorded", PATIENCE, async || {
+        let recorded = s
+            .actions("p-failed")
+            .await
+            .first()
+            .is_some_and(|a| !a.reason.is_empty());
+        (receiver.attempts().len() == 1 && recorded).then_some(())
     })
     .await;
     // Its retry falls due after the backoff, on the manual clock.
@@ -143,7 +150,10 @@ async fn a_resent_action_keeps_its_idempotency_key(backend: Backend) {
     let lost = s.actions("p-lost-reply").await;
     eventually("the sender to count the timeout", PATIENCE, async || {
         let actions = s.actions("p-lost-reply").await;
-        (!actions[0].reason.is_empty()).then_some(())
+        actions
+            .first()
+            .is_some_and(|a| !a.reason.is_empty())
+            .then_some(())
     })
     .await;
     s.clock.advance(std::time::Duration::from_secs(600));
