@@ -65,7 +65,7 @@ struct Names {
 
 fn number(model: &Model, slot: &Slot, ev: &crate::model::Ev, key: Option<u32>) -> Option<f64> {
     let key = key?;
-    match model.props(slot, ev).iter().find(|p| p.key == key)?.val {
+    match model.props(slot, ev).iter().find(|p| p.key == key)?.val() {
         Val::Num(n) => Some(n),
         _ => None,
     }
@@ -201,7 +201,7 @@ pub fn metrics(
                         props
                             .iter()
                             .find(|p| p.key == *k)
-                            .and_then(|p| match p.val {
+                            .and_then(|p| match p.val() {
                                 Val::Str(s) => Some(s),
                                 _ => None,
                             })

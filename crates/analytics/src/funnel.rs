@@ -13,8 +13,8 @@ use waymark_proto::analytics::v1::{
 
 use crate::error::AnalyticsError;
 use crate::matcher::{self, Matcher, Memo};
-use crate::model::{Ev, Model, Slot, Val};
-use crate::scan::{self, Budget, Customer};
+use crate::model::{Ev, Model, Prop, Slot, Val};
+use crate::scan::{self, Budget};
 use crate::stats;
 
 /// The most steps a funnel may have (one bit each).
@@ -58,6 +58,8 @@ pub struct Funnel {
     /// By interned event name: the steps and exclusions without a condition it matches,
     /// and whether one with a condition names it.
     by_name: Vec<Mark>,
+    /// Whether counting reads properties of events beyond those a condition reads.
+    reads_properties: bool,
 }
 
 /// The range's bounds in microseconds, open ends as the extremes.
@@ -180,7 +182,7 @@ impl Funnel {
                 )));
             }
         }
-        let hold = req
+        let hold: Vec<Option<u32>> = req
             .hold_constant
             .iter()
             .map(|h| model.keys.get(h))
@@ -236,6 +238,7 @@ impl Funnel {
         }
         Ok(Funnel {
             by_name,
+            reads_properties: !hold.is_empty() || matches!(by, By::Property(_)),
             names: req.steps.iter().map(|s| s.event.clone()).collect(),
             steps,
             order,
@@ -257,15 +260,20 @@ impl Funnel {
     /// Runs the funnel over every customer.
     pub fn run(&self, model: &Model, budget: &Budget) -> Result<GetFunnelResponse, AnalyticsError> {
         let started = Instant::now();
-        let parts = scan::customers(
+        let parts = scan::blocks(
             model,
             budget,
             || Partial::new(self),
-            |acc, customer| self.customer(model, budget, acc, customer),
+            |acc, roots| self.block(model, budget, acc, roots),
         )?;
         let mut all = Partial::new(self);
         for p in parts {
             all.absorb(p);
+        }
+        if self.one_group_each() {
+            for agg in all.groups.values() {
+                all.total.absorb_copy(agg);
+            }
         }
         let group_label = |key: GroupKey| self.label(model, key);
         let mut groups: Vec<(String, Agg)> = all
@@ -276,20 +284,29 @@ impl Funnel {
         groups.sort_by(|a, b| b.1.reached[0].cmp(&a.1.reached[0]).then(a.0.cmp(&b.0)));
         groups.truncate(self.limit);
         let has_groups = !matches!(self.by, By::Nothing);
+        let mut jobs = vec![(String::new(), all.total)];
+        if has_groups {
+            jobs.extend(groups);
+        }
+        let mut reports = scan::map_parallel(
+            jobs,
+            |(_, agg)| agg.values(),
+            |(g, agg)| self.report(g, agg),
+        )
+        .into_iter();
         Ok(GetFunnelResponse {
-            total: Some(self.report(String::new(), all.total)),
-            groups: if has_groups {
-                groups
-                    .into_iter()
-                    .map(|(g, agg)| self.report(g, agg))
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            total: reports.next(),
+            groups: reports.collect(),
             customers_scanned: all.customers,
             events_scanned: all.events,
             took_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// Whether every attempt falls in exactly one breakdown group, so the total is the
+    /// groups' sum and need not be counted on its own.
+    fn one_group_each(&self) -> bool {
+        matches!(self.by, By::Property(_) | By::Channel | By::Variant(..))
     }
 
     fn label(&self, model: &Model, key: GroupKey) -> String {
@@ -334,31 +351,120 @@ impl Funnel {
         FunnelGroup { group, steps }
     }
 
-    /// Counts one customer's attempts.
+    /// Counts the attempts of a block of customers. Their events are gathered first, only
+    /// those a step or exclusion names, and the properties the funnel will read are loaded
+    /// for the whole block at once: the loads then overlap instead of each customer
+    /// waiting on its own.
+    fn block<'m>(
+        &self,
+        model: &'m Model,
+        budget: &Budget,
+        acc: &mut Partial<'m>,
+        roots: &[u32],
+    ) -> Result<(), AnalyticsError> {
+        let mut hits = std::mem::take(&mut acc.hits);
+        let mut spans = std::mem::take(&mut acc.spans);
+        hits.clear();
+        spans.clear();
+        for &root in roots {
+            let start = hits.len();
+            let mut span = Span {
+                root,
+                start,
+                end: start,
+                events: 0,
+                in_range: false,
+            };
+            let members = model.members(root);
+            let mut sorted = members.len() == 1;
+            for &m in members {
+                let slot = model.slot(m);
+                let (base, recent) = model.events_of(slot);
+                sorted &= base.is_empty() || recent.is_empty();
+                span.events += (base.len() + recent.len()) as u64;
+                span.in_range |= self.gather(model, slot, base, &mut hits);
+                span.in_range |= self.gather(model, slot, recent, &mut hits);
+            }
+            span.end = hits.len();
+            if !sorted {
+                hits[start..span.end].sort_unstable_by_key(|h| (h.at, h.tie));
+            }
+            spans.push(span);
+        }
+        // Reading one property of each hit whose properties will be read starts all of the
+        // block's loads from memory before the first one is waited on.
+        let mut touched = 0;
+        for hit in &hits {
+            if hit.mark.conditioned || self.reads_properties {
+                touched ^= hit.props.first().map_or(0, |p| p.key);
+            }
+        }
+        std::hint::black_box(touched);
+        for span in &spans {
+            if span.in_range {
+                self.customer(model, budget, acc, span, &mut hits[span.start..span.end])?;
+            }
+        }
+        acc.hits = hits;
+        acc.spans = spans;
+        Ok(())
+    }
+
+    /// Appends the events of one profile's ordered `events` that a step or exclusion
+    /// names (all of them for a strict funnel, where any other event breaks an attempt);
+    /// returns whether any of `events` falls in the range.
+    fn gather<'m>(
+        &self,
+        model: &'m Model,
+        slot: &'m Slot,
+        events: &'m [Ev],
+        hits: &mut Vec<Hit<'m>>,
+    ) -> bool {
+        let keep_all = self.order == FunnelOrder::Strict;
+        for ev in events {
+            let mark = self
+                .by_name
+                .get(ev.name as usize)
+                .copied()
+                .unwrap_or_default();
+            if keep_all || !mark.is_empty() {
+                hits.push(Hit {
+                    at: ev.at,
+                    tie: ev.tie,
+                    name: ev.name,
+                    channel: ev.channel,
+                    mark,
+                    props: model.props(slot, ev),
+                });
+            }
+        }
+        let (lo, hi) = self.range;
+        let first = events.partition_point(|e| e.at < lo);
+        events.get(first).is_some_and(|e| e.at < hi)
+    }
+
+    /// Counts one customer's attempts over its events a step or exclusion names.
     fn customer(
         &self,
         model: &Model,
         budget: &Budget,
-        acc: &mut Partial,
-        customer: &Customer<'_>,
+        acc: &mut Partial<'_>,
+        span: &Span,
+        hits: &mut [Hit<'_>],
     ) -> Result<(), AnalyticsError> {
-        let events = &customer.events;
-        let (lo, hi) = self.range;
-        if !events.iter().any(|(_, e)| e.at >= lo && e.at < hi) {
-            return Ok(());
-        }
         acc.customers += 1;
-        acc.events += events.len() as u64;
-        let mut marks = std::mem::take(&mut acc.marks);
-        self.mark(model, events, &mut acc.memos, &mut marks);
+        acc.events += span.events;
+        self.resolve(model, hits, &mut acc.memos);
         let mut scratch = std::mem::take(&mut acc.scratch);
         let mut groups = std::mem::take(&mut acc.group_keys);
         let mut bytes = 0;
-        self.attempts(model, customer, &marks, &mut scratch, |start, times| {
+        self.attempts(span.root, hits, &mut scratch, |start, times| {
             bytes += times.len() * 8;
-            acc.total.add(times);
+            if !self.one_group_each() {
+                acc.total.add(times);
+            }
             groups.clear();
-            self.groups_of(model, customer, start, &mut groups);
+            self.groups_of(model, span.root, &hits[start], &mut groups);
             for g in &groups {
                 acc.groups
                     .entry(*g)
@@ -366,7 +472,6 @@ impl Funnel {
                     .add(times);
             }
         });
-        acc.marks = marks;
         acc.scratch = scratch;
         acc.group_keys = groups;
         if acc.groups.len() > MAX_DISTINCT_GROUPS {
@@ -380,76 +485,68 @@ impl Funnel {
         Ok(())
     }
 
-    /// For each event, the steps and exclusions it matches (as bits), into `marks`. A
-    /// table by name gives the bits of matchers without a condition in one lookup, so an
-    /// event no step names costs one load; conditions run only on their own event.
-    fn mark(
-        &self,
-        model: &Model,
-        events: &[(&Slot, Ev)],
-        memos: &mut Memos,
-        marks: &mut Vec<Mark>,
-    ) {
-        marks.clear();
-        marks.extend(events.iter().map(|(slot, ev)| {
-            let mut mark = self
-                .by_name
-                .get(ev.name as usize)
-                .copied()
-                .unwrap_or_default();
-            if mark.conditioned {
-                for (i, step) in self.steps.iter().enumerate() {
-                    if step.has_condition()
-                        && step.name() == Some(ev.name)
-                        && step.matches(model, slot, ev, &mut memos.steps[i])
-                    {
-                        mark.steps |= 1 << i;
-                    }
+    /// Runs the conditions of the steps and exclusions a hit's name has, adding the bits
+    /// of those it meets; conditions run only on their own event.
+    fn resolve(&self, model: &Model, hits: &mut [Hit<'_>], memos: &mut Memos) {
+        for hit in hits.iter_mut().filter(|h| h.mark.conditioned) {
+            for (i, step) in self.steps.iter().enumerate() {
+                if step.has_condition()
+                    && step.matches_props(
+                        model,
+                        hit.name,
+                        hit.channel,
+                        hit.props,
+                        &mut memos.steps[i],
+                    )
+                {
+                    hit.mark.steps |= 1 << i;
                 }
-                for (i, (x, _, _)) in self.exclusions.iter().enumerate() {
-                    if x.has_condition()
-                        && x.name() == Some(ev.name)
-                        && x.matches(model, slot, ev, &mut memos.exclusions[i])
-                    {
-                        mark.exclusions |= 1 << i;
-                    }
-                }
-                mark.conditioned = false;
             }
-            mark
-        }));
+            for (i, (x, _, _)) in self.exclusions.iter().enumerate() {
+                if x.has_condition()
+                    && x.matches_props(
+                        model,
+                        hit.name,
+                        hit.channel,
+                        hit.props,
+                        &mut memos.exclusions[i],
+                    )
+                {
+                    hit.mark.exclusions |= 1 << i;
+                }
+            }
+            hit.mark.conditioned = false;
+        }
     }
 
     /// Calls `count` with the first-step index and the step times of each attempt to
     /// count for one customer.
     fn attempts(
         &self,
-        model: &Model,
-        customer: &Customer<'_>,
-        marks: &[Mark],
+        root: u32,
+        hits: &[Hit<'_>],
         scratch: &mut Scratch,
         mut count: impl FnMut(usize, &[i64]),
     ) {
-        let events = &customer.events;
         let (lo, hi) = self.range;
         let can_start = |i: usize| {
-            let at = events[i].1.at;
+            let hit = &hits[i];
             let first = if self.order == FunnelOrder::Any {
-                marks[i].steps != 0
+                hit.mark.steps != 0
             } else {
-                marks[i].steps & 1 != 0
+                hit.mark.steps & 1 != 0
             };
-            first && at >= lo && at < hi
+            first && hit.at >= lo && hit.at < hi
         };
         let Scratch { times, best, held } = scratch;
         match self.counting {
             FunnelCounting::Unspecified | FunnelCounting::UniqueCustomers => {
                 // Once an attempt reaches the furthest any can, later starts cannot do
                 // better: a very active customer costs one pass here, not one per start.
-                let furthest = self.furthest_reachable(events, marks);
+                let furthest = self.furthest_reachable(hits);
                 let mut best_start = None;
-                for i in (0..events.len()).filter(|&i| can_start(i)) {
-                    if !self.attempt(model, events, marks, i, held, times) {
+                for i in (0..hits.len()).filter(|&i| can_start(i)) {
+                    if !self.attempt(hits, i, held, times) {
                         continue;
                     }
                     if best_start.is_none() || times.len() > best.len() {
@@ -466,9 +563,9 @@ impl Funnel {
             }
             FunnelCounting::Totals => {
                 let mut free_after = i64::MIN;
-                for i in (0..events.len()).filter(|&i| can_start(i)) {
-                    let at = events[i].1.at;
-                    if at <= free_after || !self.attempt(model, events, marks, i, held, times) {
+                for i in (0..hits.len()).filter(|&i| can_start(i)) {
+                    let at = hits[i].at;
+                    if at <= free_after || !self.attempt(hits, i, held, times) {
                         continue;
                     }
                     free_after = if times.len() == self.steps.len() {
@@ -480,16 +577,16 @@ impl Funnel {
                 }
             }
             FunnelCounting::Enrollments => {
-                let Some(entries) = self.enrollments.get(&customer.root) else {
+                let Some(entries) = self.enrollments.get(&root) else {
                     return;
                 };
                 for &entry in entries.iter().filter(|&&entry| entry >= lo && entry < hi) {
-                    let first = events.partition_point(|(_, e)| e.at < entry);
-                    let Some(start) = (first..events.len()).find(|&i| marks[i].steps & 1 != 0)
+                    let first = hits.partition_point(|h| h.at < entry);
+                    let Some(start) = (first..hits.len()).find(|&i| hits[i].mark.steps & 1 != 0)
                     else {
                         continue;
                     };
-                    if self.attempt(model, events, marks, start, held, times) {
+                    if self.attempt(hits, start, held, times) {
                         count(start, times);
                     }
                 }
@@ -501,7 +598,7 @@ impl Funnel {
     /// step, the latest start of a chain that got there within the window (a later start
     /// leaves more of the window). Exact for ordered funnels without exclusions or held
     /// properties, which only lower what an attempt reaches; the step count otherwise.
-    fn furthest_reachable(&self, events: &[(&Slot, Ev)], marks: &[Mark]) -> usize {
+    fn furthest_reachable(&self, hits: &[Hit<'_>]) -> usize {
         let k = self.steps.len();
         if !matches!(
             self.order,
@@ -511,23 +608,23 @@ impl Funnel {
         }
         let (lo, hi) = self.range;
         let mut chain_start = [i64::MIN; MAX_STEPS];
-        for (i, (_, ev)) in events.iter().enumerate() {
-            let steps = marks[i].steps;
+        for hit in hits {
+            let steps = hit.mark.steps;
             if steps == 0 {
                 continue;
             }
             // From the last step down, so one event never takes two steps of one chain.
-            for j in (1..k).rev() {
+            let mut later = steps & !1;
+            while later != 0 {
+                let j = 63 - later.leading_zeros() as usize;
+                later &= !(1 << j);
                 let from = chain_start[j - 1];
-                if steps & (1 << j) != 0
-                    && from != i64::MIN
-                    && ev.at.saturating_sub(from) <= self.window_us
-                {
+                if from != i64::MIN && hit.at.saturating_sub(from) <= self.window_us {
                     chain_start[j] = chain_start[j].max(from);
                 }
             }
-            if steps & 1 != 0 && ev.at >= lo && ev.at < hi {
-                chain_start[0] = ev.at;
+            if steps & 1 != 0 && hit.at >= lo && hit.at < hi {
+                chain_start[0] = hit.at;
             }
         }
         chain_start[..k]
@@ -540,9 +637,7 @@ impl Funnel {
     /// false when an exclusion disqualified it.
     fn attempt(
         &self,
-        model: &Model,
-        events: &[(&Slot, Ev)],
-        marks: &[Mark],
+        hits: &[Hit<'_>],
         start: usize,
         held: &mut Vec<Option<GroupKey>>,
         times: &mut Vec<i64>,
@@ -552,33 +647,29 @@ impl Funnel {
         held.extend(
             self.hold
                 .iter()
-                .map(|key| value_of(model, events[start], *key).map(Val::key)),
+                .map(|key| value_in(hits[start].props, *key).map(Val::key)),
         );
         let holds = |i: usize| {
             self.hold
                 .iter()
                 .zip(held.iter())
-                .all(|(key, want)| value_of(model, events[i], *key).map(Val::key) == *want)
+                .all(|(key, want)| value_in(hits[i].props, *key).map(Val::key) == *want)
         };
         let first = if self.order == FunnelOrder::Any {
-            marks[start].steps.trailing_zeros() as usize
+            hits[start].mark.steps.trailing_zeros() as usize
         } else {
             0
         };
         let mut done: u64 = 1 << first;
         times.clear();
-        times.push(events[start].1.at);
-        let end = events[start].1.at.saturating_add(self.window_us);
-        for i in start + 1..events.len() {
-            if times.len() == k {
-                break;
-            }
-            let at = events[i].1.at;
-            if at > end {
+        times.push(hits[start].at);
+        let end = hits[start].at.saturating_add(self.window_us);
+        for (i, hit) in hits.iter().enumerate().skip(start + 1) {
+            if times.len() == k || hit.at > end {
                 break;
             }
             let reached = times.len();
-            let mark = marks[i];
+            let mark = hit.mark;
             if mark.steps == 0 && mark.exclusions == 0 {
                 if self.order == FunnelOrder::Strict {
                     break;
@@ -609,7 +700,7 @@ impl Funnel {
             match next {
                 Some(step) if holds(i) => {
                     done |= 1 << step;
-                    times.push(at);
+                    times.push(hit.at);
                 }
                 _ if self.order == FunnelOrder::Strict => break,
                 _ => {}
@@ -618,30 +709,23 @@ impl Funnel {
         true
     }
 
-    /// The breakdown groups of the attempt starting at event `start`, into `groups`.
-    fn groups_of(
-        &self,
-        model: &Model,
-        customer: &Customer<'_>,
-        start: usize,
-        groups: &mut Vec<GroupKey>,
-    ) {
-        let (slot, ev) = customer.events[start];
+    /// The breakdown groups of the attempt starting at `start`, into `groups`.
+    fn groups_of(&self, model: &Model, root: u32, start: &Hit<'_>, groups: &mut Vec<GroupKey>) {
         match &self.by {
             By::Nothing => {}
             By::Property(key) => {
-                groups.push(value_of(model, (slot, ev), *key).map_or((NONE_GROUP, 0), Val::key));
+                groups.push(value_in(start.props, *key).map_or((NONE_GROUP, 0), Val::key));
             }
-            By::Channel => groups.push((0, u64::from(ev.channel))),
+            By::Channel => groups.push((0, u64::from(start.channel))),
             By::Segments(wanted) => {
                 groups.extend(
                     model
-                        .slot(customer.root)
+                        .slot(root)
                         .members
                         .iter()
                         .flat_map(|m| model.slot(*m).segments.iter())
                         .filter(|(s, from, until)| {
-                            wanted.contains(&Some(*s)) && *from <= ev.at && ev.at < *until
+                            wanted.contains(&Some(*s)) && *from <= start.at && start.at < *until
                         })
                         .map(|(s, _, _)| (0, u64::from(*s))),
                 );
@@ -652,7 +736,7 @@ impl Funnel {
                 }
             }
             By::Variant(arms, _) => groups.push(
-                arms.get(&customer.root)
+                arms.get(&root)
                     .map_or((NONE_GROUP, 0), |a| (0, u64::from(*a))),
             ),
         }
@@ -663,24 +747,13 @@ impl Funnel {
 const NONE_GROUP: u8 = 254;
 
 fn val_of_key(key: GroupKey) -> Option<Val> {
-    match key.0 {
-        0 => Some(Val::Null),
-        1 => Some(Val::Bool(key.1 != 0)),
-        2 => Some(Val::Num(f64::from_bits(key.1))),
-        3 => Some(Val::Str(key.1 as u32)),
-        4 => Some(Val::Json(key.1 as u32)),
-        _ => None,
-    }
+    (key.0 != NONE_GROUP).then(|| Val::from_key(key))
 }
 
-/// The value of property `key` on an event.
-fn value_of(model: &Model, (slot, ev): (&Slot, Ev), key: Option<u32>) -> Option<Val> {
+/// The value of property `key` among an event's properties.
+fn value_in(props: &[Prop], key: Option<u32>) -> Option<Val> {
     let key = key?;
-    model
-        .props(slot, &ev)
-        .iter()
-        .find(|p| p.key == key)
-        .map(|p| p.val)
+    props.iter().find(|p| p.key == key).map(Prop::val)
 }
 
 fn by(model: &Model, breakdown: Option<&Breakdown>) -> Result<By, AnalyticsError> {
@@ -759,8 +832,37 @@ pub fn variants(
 struct Mark {
     steps: u64,
     exclusions: u64,
-    /// In the table by name: some matcher of this name has a condition to run.
+    /// Some matcher of this name has a condition still to run.
     conditioned: bool,
+}
+
+impl Mark {
+    /// Whether no step or exclusion can match.
+    fn is_empty(&self) -> bool {
+        self.steps == 0 && self.exclusions == 0 && !self.conditioned
+    }
+}
+
+/// One customer's event that a step or exclusion names, with what it matches.
+#[derive(Clone, Copy)]
+struct Hit<'m> {
+    at: i64,
+    tie: u64,
+    name: u32,
+    channel: u8,
+    mark: Mark,
+    props: &'m [Prop],
+}
+
+/// Where one customer's hits are in the block's.
+struct Span {
+    root: u32,
+    start: usize,
+    end: usize,
+    /// All its events, named by a step or not.
+    events: u64,
+    /// Whether any of its events falls in the funnel's range.
+    in_range: bool,
 }
 
 /// Buffers one worker reuses from customer to customer.
@@ -795,6 +897,19 @@ impl Agg {
         }
     }
 
+    /// How many times it holds.
+    fn values(&self) -> usize {
+        self.times.iter().map(Vec::len).sum()
+    }
+
+    /// Adds `other`'s counts and times, leaving it as it is.
+    fn absorb_copy(&mut self, other: &Agg) {
+        for (i, (n, t)) in other.reached.iter().zip(&other.times).enumerate() {
+            self.reached[i] += n;
+            self.times[i].extend_from_slice(t);
+        }
+    }
+
     fn absorb(&mut self, other: Agg) {
         for (i, (n, t)) in other.reached.into_iter().zip(other.times).enumerate() {
             self.reached[i] += n;
@@ -808,20 +923,21 @@ struct Memos {
     exclusions: Vec<Memo>,
 }
 
-/// One worker's counts.
-struct Partial {
+/// One worker's counts, and the buffers it reuses from block to block.
+struct Partial<'m> {
     total: Agg,
     groups: FxHashMap<GroupKey, Agg>,
     memos: Memos,
     customers: u64,
     events: u64,
-    marks: Vec<Mark>,
+    hits: Vec<Hit<'m>>,
+    spans: Vec<Span>,
     scratch: Scratch,
     group_keys: Vec<GroupKey>,
 }
 
-impl Partial {
-    fn new(f: &Funnel) -> Partial {
+impl Partial<'_> {
+    fn new<'m>(f: &Funnel) -> Partial<'m> {
         Partial {
             total: Agg::new(f.steps.len()),
             groups: FxHashMap::default(),
@@ -831,13 +947,14 @@ impl Partial {
             },
             customers: 0,
             events: 0,
-            marks: Vec::new(),
+            hits: Vec::new(),
+            spans: Vec::new(),
             scratch: Scratch::default(),
             group_keys: Vec::new(),
         }
     }
 
-    fn absorb(&mut self, other: Partial) {
+    fn absorb(&mut self, other: Partial<'_>) {
         self.total.absorb(other.total);
         for (k, agg) in other.groups {
             match self.groups.get_mut(&k) {

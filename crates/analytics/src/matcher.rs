@@ -13,7 +13,7 @@ use waymark_condition::{Condition, Value, Variables};
 use waymark_proto::analytics::v1::EventMatcher;
 
 use crate::error::AnalyticsError;
-use crate::model::{Ev, Model, Slot, Val};
+use crate::model::{Ev, Model, Prop, Slot, Val};
 
 /// The variables a matcher's condition may read.
 pub const VARIABLES: [&str; 2] = ["properties", "channel"];
@@ -99,29 +99,40 @@ impl Matcher {
 
     /// Whether `ev` of profile `slot` matches.
     pub fn matches(&self, model: &Model, slot: &Slot, ev: &Ev, memo: &mut Memo) -> bool {
-        if self.name != Some(ev.name) {
+        self.matches_props(model, ev.name, ev.channel, model.props(slot, ev), memo)
+    }
+
+    /// Whether an event named `name` on `channel` with `props` matches.
+    pub fn matches_props(
+        &self,
+        model: &Model,
+        name: u32,
+        channel: u8,
+        props: &[Prop],
+        memo: &mut Memo,
+    ) -> bool {
+        if self.name != Some(name) {
             return false;
         }
         let Some(c) = &self.condition else {
             return true;
         };
-        let props = model.props(slot, ev);
         let Some(keys) = &c.memo_keys else {
-            return evaluate(model, c, props, ev, None);
+            return evaluate(model, c, props, channel, None);
         };
         let mut key: MemoKey = [(255, 0); MEMO_KEYS + 1];
         for (k, wanted) in key.iter_mut().zip(keys) {
             if let Some(p) = wanted.and_then(|w| props.iter().find(|p| p.key == w)) {
-                *k = p.val.key();
+                *k = p.val().key();
             }
         }
         if c.channel {
-            key[MEMO_KEYS] = (0, u64::from(ev.channel));
+            key[MEMO_KEYS] = (0, u64::from(channel));
         }
         if let Some(&hit) = memo.results.get(&key) {
             return hit;
         }
-        let result = evaluate(model, c, props, ev, Some(keys));
+        let result = evaluate(model, c, props, channel, Some(keys));
         memo.results.insert(key, result);
         result
     }
@@ -146,20 +157,20 @@ fn memo_keys(model: &Model, source: &str) -> Option<Vec<Option<u32>>> {
 fn evaluate(
     model: &Model,
     c: &Compiled,
-    props: &[crate::model::Prop],
-    ev: &Ev,
+    props: &[Prop],
+    channel: u8,
     only: Option<&[Option<u32>]>,
 ) -> bool {
     let properties: std::collections::BTreeMap<String, Value> = props
         .iter()
         .filter(|p| only.is_none_or(|keys| keys.contains(&Some(p.key))))
-        .map(|p| (model.keys.name(p.key).to_owned(), model.decode(p.val)))
+        .map(|p| (model.keys.name(p.key).to_owned(), model.decode(p.val())))
         .collect();
     let mut vars = Variables::new();
     vars.set("properties", Value::Map(properties));
     vars.set(
         "channel",
-        waymark_profile::segment::channel_name(i32::from(ev.channel)),
+        waymark_profile::segment::channel_name(i32::from(channel)),
     );
     c.condition.evaluate(&vars).unwrap_or(false)
 }

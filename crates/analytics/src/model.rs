@@ -80,11 +80,37 @@ impl Val {
     }
 }
 
-/// One property of an event.
+impl Val {
+    /// The value a [`Val::key`] was taken of.
+    pub fn from_key((tag, bits): (u8, u64)) -> Val {
+        match tag {
+            1 => Val::Bool(bits != 0),
+            2 => Val::Num(f64::from_bits(bits)),
+            3 => Val::Str(bits as u32),
+            4 => Val::Json(bits as u32),
+            _ => Val::Null,
+        }
+    }
+}
+
+/// One property of an event: 16 bytes (a `Val` beside its key would take 24), since
+/// scans are bound by how many bytes of properties they pull from memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Prop {
     pub key: u32,
-    pub val: Val,
+    tag: u8,
+    bits: u64,
+}
+
+impl Prop {
+    pub fn new(key: u32, val: Val) -> Prop {
+        let (tag, bits) = val.key();
+        Prop { key, tag, bits }
+    }
+
+    pub fn val(&self) -> Val {
+        Val::from_key((self.tag, self.bits))
+    }
 }
 
 /// One event of a profile.
@@ -346,8 +372,33 @@ impl Model {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(i, s)| s.root as usize == *i && !s.members.is_empty())
+            .filter(|(i, _)| self.is_root(*i as u32))
             .map(|(i, s)| (i as u32, s))
+    }
+
+    /// Whether profile `i` is the root of a customer (erased profiles are none).
+    pub fn is_root(&self, i: u32) -> bool {
+        let slot = &self.slots[i as usize];
+        slot.root == i && !slot.members.is_empty()
+    }
+
+    /// The profiles of the customer rooted at `root`, itself first. Most customers are one
+    /// profile: their answer comes without reading `members` from the heap, which a scan
+    /// over a million customers would otherwise wait on once per customer.
+    pub fn members(&self, root: u32) -> &[u32] {
+        let slot = &self.slots[root as usize];
+        if slot.members.len() == 1 && slot.root == root {
+            std::slice::from_ref(&slot.root)
+        } else {
+            &slot.members
+        }
+    }
+
+    /// Whether the customer rooted at `root` holds any event.
+    pub fn customer_has_events(&self, root: u32) -> bool {
+        self.members(root)
+            .iter()
+            .any(|m| self.has_events(self.slot(*m)))
     }
 
     /// The profile id a customer is reported under: its root's.
@@ -435,7 +486,7 @@ impl Model {
             for (k, v) in &p.fields {
                 let key = self.keys.intern(k);
                 let val = self.encode(v);
-                props.push(Prop { key, val });
+                props.push(Prop::new(key, val));
             }
         }
         match event.event.as_str() {
@@ -634,10 +685,18 @@ impl Model {
                     self.slots[root as usize].members.retain(|x| *x != m);
                     self.slots[m as usize].root = back;
                 }
+                let is_root = self.slots[back as usize].root == back;
                 let members = &mut self.slots[back as usize].members;
                 for m in moved {
                     if !members.contains(&m) {
                         members.push(m);
+                    }
+                }
+                // A root lists itself first: `members` relies on it.
+                if is_root {
+                    match members.iter().position(|&m| m == back) {
+                        Some(p) => members.swap(0, p),
+                        None => members.insert(0, back),
                     }
                 }
             }
@@ -709,7 +768,7 @@ mod tests {
         all.sort_by_key(|e| (e.at, e.tie));
         all.iter()
             .map(|e| {
-                let price = match model.props(slot, e)[0].val {
+                let price = match model.props(slot, e)[0].val() {
                     Val::Num(n) => n,
                     _ => f64::NAN,
                 };

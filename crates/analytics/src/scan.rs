@@ -72,8 +72,9 @@ pub struct Customer<'m> {
     pub events: Vec<(&'m Slot, Ev)>,
 }
 
-/// How many customers run between budget checks.
-const CHECK_EVERY: usize = 1024;
+/// Customers handed to a block visitor at once: enough for it to start every memory load
+/// a block needs before it waits on the first, few enough for the block to stay in cache.
+pub const BLOCK: usize = 64;
 
 /// Calls `visit` for every customer with at least one event, split over the cores; each
 /// worker folds into its own `T`, and the workers' results are returned.
@@ -88,34 +89,67 @@ where
     I: Fn() -> T + Sync,
     V: Fn(&mut T, &Customer<'_>) -> Result<(), AnalyticsError> + Sync,
 {
-    let roots: Vec<u32> = model
-        .roots()
-        .filter(|(_, s)| s.members.iter().any(|m| model.has_events(model.slot(*m))))
-        .map(|(i, _)| i)
-        .collect();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let chunk = roots.len().div_ceil(workers).max(1);
+    blocks(
+        model,
+        budget,
+        || {
+            let customer = Customer {
+                root: 0,
+                events: Vec::new(),
+            };
+            (init(), customer)
+        },
+        |(acc, customer), roots| {
+            for &root in roots {
+                fill(model, root, customer);
+                visit(acc, customer)?;
+            }
+            Ok(())
+        },
+    )
+    .map(|parts| parts.into_iter().map(|(acc, _)| acc).collect())
+}
+
+/// Calls `visit` with the root profiles of every customer with at least one event, those
+/// among [`BLOCK`] profiles at a time, split over the cores; each worker folds into its own `T`, and the workers'
+/// results are returned. The budget's time is checked between blocks.
+pub fn blocks<T, I, V>(
+    model: &Model,
+    budget: &Budget,
+    init: I,
+    visit: V,
+) -> Result<Vec<T>, AnalyticsError>
+where
+    T: Send,
+    I: Fn() -> T + Sync,
+    V: Fn(&mut T, &[u32]) -> Result<(), AnalyticsError> + Sync,
+{
+    // Workers take the next range of profiles as they finish one: a few very active
+    // customers would leave a fixed split waiting on one core.
+    let profiles = model.slots().len();
+    let next = AtomicUsize::new(0);
+    let ranges = profiles.div_ceil(BLOCK);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = roots
-            .chunks(chunk)
-            .map(|part| {
-                let (init, visit) = (&init, &visit);
+        let handles: Vec<_> = (0..workers().min(ranges).max(1))
+            .map(|_| {
+                let (init, visit, next) = (&init, &visit, &next);
                 scope.spawn(move || {
                     let mut acc = init();
-                    let mut customer = Customer {
-                        root: 0,
-                        events: Vec::new(),
-                    };
-                    for (n, &root) in part.iter().enumerate() {
-                        if n % CHECK_EVERY == 0 {
-                            budget.check_time()?;
+                    let mut roots = Vec::with_capacity(BLOCK);
+                    loop {
+                        let start = next.fetch_add(1, Ordering::Relaxed) * BLOCK;
+                        if start >= profiles {
+                            return Ok(acc);
                         }
-                        fill(model, root, &mut customer);
-                        visit(&mut acc, &customer)?;
+                        budget.check_time()?;
+                        roots.clear();
+                        roots.extend(
+                            (start..(start + BLOCK).min(profiles))
+                                .map(|i| i as u32)
+                                .filter(|&i| model.is_root(i) && model.customer_has_events(i)),
+                        );
+                        visit(&mut acc, &roots)?;
                     }
-                    Ok(acc)
                 })
             })
             .collect();
@@ -129,11 +163,66 @@ where
     })
 }
 
+/// `f` of each item, on every core, in the items' order. Each item goes to the core with
+/// the least `weight` given so far, heaviest first, so one large item does not leave the
+/// other cores idle behind it.
+pub fn map_parallel<T, R, W, F>(items: Vec<T>, weight: W, f: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    W: Fn(&T) -> usize,
+    F: Fn(T) -> R + Sync,
+{
+    let workers = workers().min(items.len());
+    if workers < 2 {
+        return items.into_iter().map(f).collect();
+    }
+    let mut order: Vec<(usize, usize, T)> = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| (weight(&item), i, item))
+        .collect();
+    order.sort_by_key(|(w, _, _)| std::cmp::Reverse(*w));
+    let mut lanes: Vec<(usize, Vec<(usize, T)>)> = (0..workers).map(|_| (0, Vec::new())).collect();
+    for (w, i, item) in order {
+        if let Some(lane) = lanes.iter_mut().min_by_key(|(load, _)| *load) {
+            lane.0 += w;
+            lane.1.push((i, item));
+        }
+    }
+    let f = &f;
+    let mut done: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = lanes
+            .into_iter()
+            .map(|(_, lane)| {
+                scope.spawn(move || {
+                    lane.into_iter()
+                        .map(|(i, item)| (i, f(item)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The threads a query runs on.
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+}
+
 /// Loads `root`'s events (over all its profiles) into `customer`, in time order.
 pub fn fill<'m>(model: &'m Model, root: u32, customer: &mut Customer<'m>) {
     customer.root = root;
     customer.events.clear();
-    let members = &model.slot(root).members;
+    let members = model.members(root);
     let mut sorted = true;
     for &m in members {
         let slot = model.slot(m);

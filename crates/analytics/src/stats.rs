@@ -340,10 +340,7 @@ pub fn distribution(seconds: &mut Vec<f64>) -> Distribution {
         })
         .collect();
     for &s in seconds.iter() {
-        let bucket = HISTOGRAM_BOUNDS_SECONDS
-            .iter()
-            .position(|&bound| s <= bound)
-            .unwrap_or(HISTOGRAM_BOUNDS_SECONDS.len());
+        let bucket = HISTOGRAM_BOUNDS_SECONDS.partition_point(|&bound| s > bound);
         histogram[bucket].count += 1;
     }
     if seconds.is_empty() {
