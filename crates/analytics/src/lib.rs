@@ -40,6 +40,10 @@ pub const SERVICE: &str = "analytics";
 /// The gRPC service name, for health checks.
 pub const GRPC_SERVICE: &str = "waymark.analytics.v1.AnalyticsService";
 
+/// How long deliveries must pause before what arrived since the last compaction is
+/// compacted.
+const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(2);
+
 /// The analytics service, connected but not yet serving.
 pub struct AnalyticsServer {
     config: Config,
@@ -99,6 +103,10 @@ impl AnalyticsServer {
         let every = Duration::from_secs(self.config.analytics_write_back_secs);
         runtime.spawn_when_serving(move |shutdown| async move {
             core.run_write_back(every, shutdown).await;
+        });
+        let core = self.core.clone();
+        runtime.spawn_when_serving(move |shutdown| async move {
+            core.run_compaction(COMPACT_WHEN_QUIET, shutdown).await;
         });
         let adapter = grpc::AnalyticsGrpc::new(self.core.clone());
         let limit = waymark_kit::grpc::MAX_MESSAGE_BYTES;

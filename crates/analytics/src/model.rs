@@ -277,6 +277,16 @@ pub fn classify(event: Event) -> Incoming {
     }
 }
 
+/// A compacted arena, built apart from the memory it lays out.
+pub struct Layout {
+    events: Vec<Ev>,
+    props: Vec<Prop>,
+    /// Each profile's place in `events`: (profile, start, length).
+    ranges: Vec<(u32, u32, u32)>,
+    /// The events memory held when it was built.
+    as_of: u64,
+}
+
 /// Everything queries read.
 #[derive(Default)]
 pub struct Model {
@@ -411,33 +421,53 @@ impl Model {
     /// end up scattered over the heap and a scan would wait on memory at every customer.
     /// Run after memory is rebuilt and when much has arrived since.
     pub fn compact(&mut self) {
-        let order: Vec<u32> = self
-            .roots()
-            .flat_map(|(_, s)| s.members.iter().copied())
-            .collect();
+        let layout = self.layout();
+        self.install(layout);
+    }
+
+    /// The compacted arena of what memory holds now, built without changing it (so
+    /// queries can go on reading meanwhile); [`Model::install`] puts it in place.
+    pub fn layout(&self) -> Layout {
         let mut events = Vec::with_capacity(self.events as usize);
         let mut props = Vec::with_capacity(self.arena_props.len() + self.recent_props());
-        for m in order {
-            let slot = &self.slots[m as usize];
-            let base = u32::try_from(events.len()).unwrap_or(u32::MAX);
-            let (old, recent) = self.events_of(slot);
-            let mut merged: Vec<Ev> = old.iter().chain(recent).copied().collect();
-            merged.sort_by_key(|e| (e.at, e.tie));
-            for mut ev in merged {
-                let from = self.props(slot, &ev);
-                ev.start = u32::try_from(props.len()).unwrap_or(u32::MAX);
-                props.extend_from_slice(from);
-                events.push(ev);
+        let mut ranges = Vec::new();
+        for (_, root) in self.roots() {
+            for &m in &root.members {
+                let slot = &self.slots[m as usize];
+                let base = u32::try_from(events.len()).unwrap_or(u32::MAX);
+                let (old, recent) = self.events_of(slot);
+                let mut merged: Vec<Ev> = old.iter().chain(recent).copied().collect();
+                merged.sort_by_key(|e| (e.at, e.tie));
+                for mut ev in merged {
+                    let from = self.props(slot, &ev);
+                    ev.start = u32::try_from(props.len()).unwrap_or(u32::MAX);
+                    props.extend_from_slice(from);
+                    events.push(ev);
+                }
+                let len = u32::try_from(events.len()).unwrap_or(u32::MAX) - base;
+                ranges.push((m, base, len));
             }
+        }
+        Layout {
+            events,
+            props,
+            ranges,
+            as_of: self.events,
+        }
+    }
+
+    /// Puts a [`Model::layout`] in place. Memory must not have changed since it was built.
+    pub fn install(&mut self, layout: Layout) {
+        for (m, base, len) in layout.ranges {
             let slot = &mut self.slots[m as usize];
             slot.base = base;
-            slot.base_len = u32::try_from(events.len()).unwrap_or(u32::MAX) - base;
+            slot.base_len = len;
             slot.events = Vec::new();
             slot.props = Vec::new();
         }
-        self.arena_events = events;
-        self.arena_props = props;
-        self.compacted_at = self.events;
+        self.arena_events = layout.events;
+        self.arena_props = layout.props;
+        self.compacted_at = layout.as_of;
     }
 
     fn recent_props(&self) -> usize {

@@ -48,6 +48,8 @@ struct Inner {
     loaded: AtomicBool,
     /// A delivery failed with its outcome unknown: memory may lack what it stored.
     stale: AtomicBool,
+    /// When the last delivery was applied: memory is compacted once they pause.
+    last_delivery: std::sync::Mutex<std::time::Instant>,
     limits: Limits,
     profiles: Option<ProfileWriter>,
     metrics: crate::metrics::Metrics,
@@ -117,6 +119,7 @@ impl Analytics {
                 writer: tokio::sync::Mutex::new(()),
                 loaded: AtomicBool::new(false),
                 stale: AtomicBool::new(false),
+                last_delivery: std::sync::Mutex::new(std::time::Instant::now()),
                 limits,
                 profiles,
                 metrics: crate::metrics::Metrics::new(),
@@ -279,6 +282,7 @@ impl Analytics {
             }
         };
         response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
+        let compact;
         {
             let mut model = self.inner.model.write().await;
             for (event_id, classified) in kept {
@@ -290,16 +294,16 @@ impl Analytics {
                     apply(&mut model, classified);
                 }
             }
-            if model.added_since_compaction() > COMPACT_AFTER.max(model.event_count() / 4) {
-                let started = std::time::Instant::now();
-                model.compact();
-                tracing::info!(
-                    events = model.event_count(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "analytics memory compacted"
-                );
-            }
+            compact = model.added_since_compaction() > COMPACT_AFTER.max(model.event_count() / 4);
         }
+        if compact {
+            self.compact().await?;
+        }
+        *self
+            .inner
+            .last_delivery
+            .lock()
+            .map_err(|_| lock_poisoned())? = std::time::Instant::now();
         if !erase.is_empty() {
             self.inner
                 .erased
@@ -309,6 +313,61 @@ impl Analytics {
         }
         self.inner.metrics.delivered(&response);
         Ok(response)
+    }
+
+    /// Lays memory out afresh (see [`Model::compact`]) while queries go on reading it; only
+    /// putting the new arena in place waits for them. The caller holds the writer, so
+    /// nothing changes memory meanwhile.
+    async fn compact(&self) -> Result<(), AnalyticsError> {
+        let started = std::time::Instant::now();
+        let inner = self.inner.clone();
+        let layout = tokio::task::spawn_blocking(move || inner.model.blocking_read().layout())
+            .await
+            .map_err(|e| AnalyticsError::Internal(format!("compaction failed: {e}")))?;
+        let mut model = self.inner.model.write().await;
+        model.install(layout);
+        tracing::info!(
+            events = model.event_count(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "analytics memory compacted"
+        );
+        Ok(())
+    }
+
+    /// Events applied since memory was last compacted.
+    pub async fn uncompacted(&self) -> u64 {
+        self.inner.model.read().await.added_since_compaction()
+    }
+
+    /// Compacts what arrived since the last compaction once deliveries pause for `quiet`,
+    /// so queries scan one arena in order instead of scattered recent events; until
+    /// `shutdown`.
+    pub async fn run_compaction(
+        &self,
+        quiet: std::time::Duration,
+        shutdown: waymark_kit::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(quiet) => {}
+            }
+            let Ok(_writer) = self.inner.writer.try_lock() else {
+                continue;
+            };
+            let paused = self
+                .inner
+                .last_delivery
+                .lock()
+                .map(|at| at.elapsed() >= quiet)
+                .unwrap_or(false);
+            if !paused || self.uncompacted().await == 0 {
+                continue;
+            }
+            if let Err(error) = self.compact().await {
+                tracing::warn!(%error, "compacting analytics memory failed");
+            }
+        }
     }
 
     /// Runs `query` on a blocking thread over memory, under the query budget.

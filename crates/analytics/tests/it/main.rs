@@ -289,7 +289,7 @@ struct Count {
 }
 
 /// A redelivered event counts once, a late one is placed by its event time, and memory
-/// rebuilt at start-up gives the same answers.
+/// compacted when deliveries pause, or rebuilt at start-up, gives the same answers.
 async fn late_and_duplicate_events_count_once_in_time_order(backend: Backend) {
     let rig = Rig::start(backend).await;
     let a_late = track("l1", "A", 100, json!({}));
@@ -308,6 +308,13 @@ async fn late_and_duplicate_events_count_once_in_time_order(backend: Backend) {
         .await;
     let answer = rig.server.funnel(ab()).await;
     assert_eq!(reached(answer.total.as_ref().unwrap()), vec![1, 1]);
+    // Once deliveries pause, what arrived is compacted, and answers stay the same.
+    let core = &rig.server.core;
+    waymark_testkit::eventually("memory compacted", waymark_testkit::PATIENCE, async || {
+        core.uncompacted().await == 0
+    })
+    .await;
+    assert_eq!(rig.server.funnel(ab()).await.total, answer.total);
     let url = rig.db.url.clone();
     rig.server.stop().await;
     let restarted = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
