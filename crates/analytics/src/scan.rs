@@ -72,8 +72,9 @@ pub struct Customer<'m> {
     pub events: Vec<(&'m Slot, Ev)>,
 }
 
-/// Customers handed to a block visitor at once: enough for it to start every memory load
-/// a block needs before it waits on the first, few enough for the block to stay in cache.
+/// Profiles whose customers are handed to a block visitor at once: enough for it to start
+/// every memory load a block needs before it waits on the first, few enough for the block
+/// to stay in cache.
 pub const BLOCK: usize = 64;
 
 /// Calls `visit` for every customer with at least one event, split over the cores; each
@@ -111,8 +112,8 @@ where
 }
 
 /// Calls `visit` with the root profiles of every customer with at least one event, those
-/// among [`BLOCK`] profiles at a time, split over the cores; each worker folds into its own `T`, and the workers'
-/// results are returned. The budget's time is checked between blocks.
+/// among [`BLOCK`] profiles at a time, split over the cores; each worker folds into its own
+/// `T`, and the workers' results are returned. The budget's time is checked between blocks.
 pub fn blocks<T, I, V>(
     model: &Model,
     budget: &Budget,
