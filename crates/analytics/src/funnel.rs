@@ -488,33 +488,12 @@ impl Funnel {
     /// Runs the conditions of the steps and exclusions a hit's name has, adding the bits
     /// of those it meets; conditions run only on their own event.
     fn resolve(&self, model: &Model, hits: &mut [Hit<'_>], memos: &mut Memos) {
+        let steps = self.steps.iter();
+        let exclusions = self.exclusions.iter().map(|(x, _, _)| x);
         for hit in hits.iter_mut().filter(|h| h.mark.conditioned) {
-            for (i, step) in self.steps.iter().enumerate() {
-                if step.has_condition()
-                    && step.matches_props(
-                        model,
-                        hit.name,
-                        hit.channel,
-                        hit.props,
-                        &mut memos.steps[i],
-                    )
-                {
-                    hit.mark.steps |= 1 << i;
-                }
-            }
-            for (i, (x, _, _)) in self.exclusions.iter().enumerate() {
-                if x.has_condition()
-                    && x.matches_props(
-                        model,
-                        hit.name,
-                        hit.channel,
-                        hit.props,
-                        &mut memos.exclusions[i],
-                    )
-                {
-                    hit.mark.exclusions |= 1 << i;
-                }
-            }
+            hit.mark.steps |= hit.conditions_met(model, steps.clone(), &mut memos.steps);
+            hit.mark.exclusions |=
+                hit.conditions_met(model, exclusions.clone(), &mut memos.exclusions);
             hit.mark.conditioned = false;
         }
     }
@@ -852,6 +831,26 @@ struct Hit<'m> {
     channel: u8,
     mark: Mark,
     props: &'m [Prop],
+}
+
+impl Hit<'_> {
+    /// The bits of the `matchers` with a condition that this event meets.
+    fn conditions_met<'a>(
+        &self,
+        model: &Model,
+        matchers: impl Iterator<Item = &'a Matcher>,
+        memos: &mut [Memo],
+    ) -> u64 {
+        let mut bits = 0;
+        for (i, (m, memo)) in matchers.zip(memos).enumerate() {
+            if m.has_condition()
+                && m.matches_props(model, self.name, self.channel, self.props, memo)
+            {
+                bits |= 1 << i;
+            }
+        }
+        bits
+    }
 }
 
 /// Where one customer's hits are in the block's.
