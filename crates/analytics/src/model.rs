@@ -430,16 +430,28 @@ impl Model {
     pub fn layout(&self) -> Layout {
         let mut events = Vec::with_capacity(self.events as usize);
         let mut props = Vec::with_capacity(self.arena_props.len() + self.recent_props());
-        let mut ranges = Vec::new();
-        for (_, root) in self.roots() {
-            for &m in &root.members {
+        let mut ranges = Vec::with_capacity(self.slots.len());
+        let mut merged: Vec<Ev> = Vec::new();
+        for (root, _) in self.roots() {
+            for &m in self.members(root) {
                 let slot = &self.slots[m as usize];
                 let base = u32::try_from(events.len()).unwrap_or(u32::MAX);
                 let (old, recent) = self.events_of(slot);
-                let mut merged: Vec<Ev> = old.iter().chain(recent).copied().collect();
-                merged.sort_by_key(|e| (e.at, e.tie));
-                for mut ev in merged {
-                    let from = self.props(slot, &ev);
+                // Each part is already in order: only a profile with both needs merging.
+                let ordered = if recent.is_empty() {
+                    old
+                } else if old.is_empty() {
+                    recent
+                } else {
+                    merged.clear();
+                    merged.extend_from_slice(old);
+                    merged.extend_from_slice(recent);
+                    merged.sort_by_key(|e| (e.at, e.tie));
+                    &merged
+                };
+                for ev in ordered {
+                    let from = self.props(slot, ev);
+                    let mut ev = *ev;
                     ev.start = u32::try_from(props.len()).unwrap_or(u32::MAX);
                     props.extend_from_slice(from);
                     events.push(ev);
