@@ -48,6 +48,8 @@ struct Inner {
     loaded: AtomicBool,
     /// A delivery failed with its outcome unknown: memory may lack what it stored.
     stale: AtomicBool,
+    /// Times memory was rebuilt from the store.
+    rebuilds: std::sync::atomic::AtomicU64,
     /// When the last delivery was applied: memory is compacted once they pause.
     last_delivery: std::sync::Mutex<std::time::Instant>,
     limits: Limits,
@@ -100,6 +102,14 @@ impl ProfileWriter {
 /// Write-backs in flight at once.
 const WRITE_BACK_CONCURRENCY: usize = 16;
 
+/// How storing a delivery failed.
+enum StoreFailure {
+    /// Before the commit was sent: nothing was stored.
+    RolledBack(sea_orm::DbErr),
+    /// The commit itself: the batch may be stored.
+    Unknown(sea_orm::DbErr),
+}
+
 fn lock_poisoned() -> AnalyticsError {
     AnalyticsError::Internal("a lock was poisoned by a panic".into())
 }
@@ -119,6 +129,7 @@ impl Analytics {
                 writer: tokio::sync::Mutex::new(()),
                 loaded: AtomicBool::new(false),
                 stale: AtomicBool::new(false),
+                rebuilds: std::sync::atomic::AtomicU64::new(0),
                 last_delivery: std::sync::Mutex::new(std::time::Instant::now()),
                 limits,
                 profiles,
@@ -178,6 +189,7 @@ impl Analytics {
         *self.inner.erased.write().map_err(|_| lock_poisoned())? = erased;
         self.inner.loaded.store(true, Ordering::Release);
         self.inner.stale.store(false, Ordering::Release);
+        self.inner.rebuilds.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -191,16 +203,24 @@ impl Analytics {
     }
 
     /// Stores `rows` (returning the ids new to the store) and erases `erase`, in one
-    /// transaction.
+    /// transaction. A failure before the commit was sent rolled everything back; one of
+    /// the commit itself leaves the outcome unknown (the reply may be what was lost).
     async fn store(
         &self,
         rows: Vec<NewEvent>,
         erase: &[String],
-    ) -> Result<std::collections::HashSet<String>, sea_orm::DbErr> {
-        let txn = waymark_kit::db::begin_write(self.db()).await?;
-        let fresh = store::insert_events(&txn, rows).await?;
-        store::erase(&txn, erase, waymark_kit::time::now_micros()).await?;
-        txn.commit().await?;
+    ) -> Result<std::collections::HashSet<String>, StoreFailure> {
+        let rolled_back = StoreFailure::RolledBack;
+        let txn = waymark_kit::db::begin_write(self.db())
+            .await
+            .map_err(rolled_back)?;
+        let fresh = store::insert_events(&txn, rows)
+            .await
+            .map_err(rolled_back)?;
+        store::erase(&txn, erase, waymark_kit::time::now_micros())
+            .await
+            .map_err(rolled_back)?;
+        txn.commit().await.map_err(StoreFailure::Unknown)?;
         Ok(fresh)
     }
 
@@ -273,7 +293,8 @@ impl Analytics {
         erase.dedup();
         let fresh = match self.store(rows, &erase).await {
             Ok(fresh) => fresh,
-            Err(e) => {
+            Err(StoreFailure::RolledBack(e)) => return Err(e.into()),
+            Err(StoreFailure::Unknown(e)) => {
                 // A commit whose reply was lost may have stored the batch: its redelivery
                 // would then find every event a duplicate and never apply it to memory.
                 // Memory is rebuilt from the store before the next delivery instead.
@@ -332,6 +353,12 @@ impl Analytics {
             "analytics memory compacted"
         );
         Ok(())
+    }
+
+    /// Times memory was rebuilt from the store: at start-up, and after a delivery whose
+    /// commit outcome was unknown.
+    pub fn rebuilds(&self) -> u64 {
+        self.inner.rebuilds.load(Ordering::Relaxed)
     }
 
     /// Events applied since memory was last compacted.

@@ -611,9 +611,9 @@ async fn a_query_past_its_memory_budget_is_stopped_with_a_clear_error() {
     );
 }
 
-/// A delivery that fails while PostgreSQL is cut is applied when it comes again; one whose
-/// commit reply is lost (stored, but the service cannot know) is in every answer once it
-/// comes again, and counted once.
+/// A delivery that fails while PostgreSQL is cut is applied when it comes again, without
+/// rebuilding memory (nothing was stored); one whose commit reply is lost (stored, but the
+/// service cannot know) is in every answer once it comes again, and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_cut_from_postgres_is_applied_once_when_it_comes_again() {
     let db = TestDb::new(Backend::Postgres).await;
@@ -653,6 +653,11 @@ async fn a_delivery_cut_from_postgres_is_applied_once_when_it_comes_again() {
     proxy.restore();
     let again = redeliver(&first).await;
     assert_eq!((again.applied, again.duplicates), (2, 0));
+    assert_eq!(
+        server.core.rebuilds(),
+        1,
+        "a delivery cut before its commit stored nothing: memory is not rebuilt for it"
+    );
 
     let second = vec![
         track("f2", "A", 0, json!({})),
@@ -665,6 +670,11 @@ async fn a_delivery_cut_from_postgres_is_applied_once_when_it_comes_again() {
     );
     let again = redeliver(&second).await;
     assert_eq!((again.applied, again.duplicates), (0, 2));
+    assert_eq!(
+        server.core.rebuilds(),
+        2,
+        "rebuilt after the unknown commit"
+    );
     let answer = server
         .funnel(funnel(&["A", "B"], FunnelOrder::Ordered, "1d"))
         .await;
