@@ -37,7 +37,7 @@ use waymark_proto::common::v1::{
 };
 
 use crate::profile_bench::wait_serving;
-use crate::system_bench::{TOKEN, free_port, serve};
+use crate::system_bench::{TOKEN, ensure_binary, free_port, serve};
 use crate::{BenchDb, Run, report};
 
 /// Events per delivery, as the relays send them.
@@ -130,11 +130,7 @@ pub async fn run(
     events: usize,
     customers: usize,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        binary.exists(),
-        "no waymark binary at {} (make bench builds it; or pass --waymark-bin)",
-        binary.display()
-    );
+    ensure_binary(binary)?;
     anyhow::ensure!(
         customers >= 100 && events >= customers,
         "--analytics-customers must be at least 100 and at most --analytics-events"

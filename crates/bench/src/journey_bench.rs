@@ -36,7 +36,7 @@ use waymark_proto::profile::v1::Profile;
 
 use crate::BenchDb;
 use crate::profile_bench::{drop_keys, wait_serving};
-use crate::system_bench::{Process, Stream, TOKEN, free_port, serve};
+use crate::system_bench::{Process, Stream, TOKEN, ensure_binary, free_port, serve};
 
 /// Journeys published, the probe journey included.
 const JOURNEYS: usize = 100;
@@ -162,11 +162,7 @@ pub async fn run(
     engine_events: usize,
     customers: usize,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        binary.exists(),
-        "no waymark binary at {} (make bench builds it; or pass --waymark-bin)",
-        binary.display()
-    );
+    ensure_binary(binary)?;
     println!(
         "journey benchmark: {JOURNEYS} published journeys: 5 entered once on each of {}, 5 on those events with \
          revenue over 90, 89 on campaign clicks (half only for pro customers), the probe; each a condition split on \

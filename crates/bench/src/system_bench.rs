@@ -71,11 +71,7 @@ pub async fn run(
     events: usize,
     customers: usize,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        binary.exists(),
-        "no waymark binary at {} (make bench builds it; or pass --waymark-bin)",
-        binary.display()
-    );
+    ensure_binary(binary)?;
     println!(
         "system benchmark: `waymark serve ingest` and `waymark serve profile` as processes, PostgreSQL + Redis, \
          {events} events over {customers} customers posted to /v1/batch gzip in batches of {BATCH} by {CONNECTIONS} connections; \
@@ -118,6 +114,16 @@ fn print_outcome(name: &str, outcome: &Outcome, normal: Option<&Outcome>) {
         );
     }
     println!();
+}
+
+/// Fails with a hint when the `waymark` binary a benchmark runs is not built.
+pub(crate) fn ensure_binary(binary: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        binary.exists(),
+        "no waymark binary at {} (make bench builds it; or pass --waymark-bin)",
+        binary.display()
+    );
+    Ok(())
 }
 
 /// A free local port (bound, then released for the process to take).
