@@ -83,7 +83,8 @@ impl AnalyticsServer {
     }
 
     /// Serves gRPC (AnalyticsService and EventSink) on `grpc` until `shutdown`, with the
-    /// periodic write-back of stages to profiles. Memory is rebuilt from the store before
+    /// periodic write-back of stages to profiles, compaction once deliveries pause and the
+    /// scrub of erased profiles' events. Memory is rebuilt from the store before
     /// the service reports Serving; until then every call is UNAVAILABLE, to be retried.
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
         let core = self.core.clone();
@@ -107,6 +108,10 @@ impl AnalyticsServer {
         let core = self.core.clone();
         runtime.spawn_when_serving(move |shutdown| async move {
             core.run_compaction(COMPACT_WHEN_QUIET, shutdown).await;
+        });
+        let core = self.core.clone();
+        runtime.spawn_when_serving(move |shutdown| async move {
+            core.run_scrub(shutdown).await;
         });
         let adapter = grpc::AnalyticsGrpc::new(self.core.clone());
         let limit = waymark_kit::grpc::MAX_MESSAGE_BYTES;

@@ -1,6 +1,10 @@
-//! The analytics core: takes delivered events (stored first, then applied to memory in
-//! the same order), answers queries on a blocking thread under a budget, and keeps the
-//! journey maps.
+//! The analytics core: takes delivered events (stored first, then applied to memory),
+//! answers queries on a blocking thread under a budget, and keeps the journey maps.
+//!
+//! Deliveries store concurrently: each learns from the store which of its events are new
+//! (the unique event id decides between two deliveries of one event), and applies only
+//! those. Events commute in memory (each is placed by its time), and notices whose order
+//! matters come from one producer, whose relay sends one delivery at a time.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +45,15 @@ struct Inner {
     model: tokio::sync::RwLock<Model>,
     maps: RwLock<BTreeMap<String, Arc<CompiledMap>>>,
     erased: RwLock<HashSet<String>>,
-    /// One delivery at a time, so memory applies events in the order they were stored.
+    /// Deliveries hold its read side from their check against `erased` until they are
+    /// applied. A delivery that erases, and a rebuild, hold its write side: no event of an
+    /// erased profile is stored after the erasure, and a rebuild sees no delivery halfway.
+    gate: tokio::sync::RwLock<()>,
+    /// One delivery applies to memory at a time; compaction holds it from its layout to
+    /// its install, so that nothing applied in between is lost.
     writer: tokio::sync::Mutex<()>,
+    /// Wakes the scrubber after an erasure.
+    scrub_wanted: tokio::sync::Notify,
     /// Whether memory has been rebuilt from the store. Until then an answer from memory
     /// would be empty, and an erased profile's redelivered events could be stored again.
     loaded: AtomicBool,
@@ -99,6 +110,12 @@ impl ProfileWriter {
     }
 }
 
+/// Times a delivery is stored when PostgreSQL rolls it back as a deadlock victim.
+const STORE_ATTEMPTS: u32 = 5;
+/// How often pending erasures are scrubbed when no erasure wakes the scrubber (after a
+/// failed scrub, say).
+const SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Write-backs in flight at once.
 const WRITE_BACK_CONCURRENCY: usize = 16;
 
@@ -126,7 +143,9 @@ impl Analytics {
                 model: tokio::sync::RwLock::new(Model::default()),
                 maps: RwLock::new(BTreeMap::new()),
                 erased: RwLock::new(HashSet::new()),
+                gate: tokio::sync::RwLock::new(()),
                 writer: tokio::sync::Mutex::new(()),
+                scrub_wanted: tokio::sync::Notify::new(),
                 loaded: AtomicBool::new(false),
                 stale: AtomicBool::new(false),
                 rebuilds: std::sync::atomic::AtomicU64::new(0),
@@ -145,11 +164,12 @@ impl Analytics {
     /// Rebuilds memory from the store: the erased profiles, every event in arrival order,
     /// the journey maps.
     pub async fn prepare(&self) -> Result<(), AnalyticsError> {
-        let _writer = self.inner.writer.lock().await;
+        let _gate = self.inner.gate.write().await;
         self.rebuild().await
     }
 
-    /// As [`Analytics::prepare`], with the writer already held.
+    /// As [`Analytics::prepare`], with the gate's write side held. Events of profiles
+    /// erased but not scrubbed yet are skipped.
     async fn rebuild(&self) -> Result<(), AnalyticsError> {
         let started = std::time::Instant::now();
         let erased = store::erased(self.db()).await?;
@@ -166,7 +186,9 @@ impl Analytics {
                         row.seq
                     ))
                 })?;
-                apply(&mut fresh, model::classify(event));
+                if !erased.contains(&event.profile_id) {
+                    apply(&mut fresh, model::classify(event));
+                }
             }
         }
         fresh.compact();
@@ -203,13 +225,34 @@ impl Analytics {
     }
 
     /// Stores `rows` (returning the ids new to the store) and erases `erase`, in one
-    /// transaction. A failure before the commit was sent rolled everything back; one of
-    /// the commit itself leaves the outcome unknown (the reply may be what was lost).
+    /// transaction, run again when PostgreSQL picks it as a deadlock victim (concurrent
+    /// deliveries sharing redelivered ids). A failure before the commit was sent rolled
+    /// everything back; one of the commit itself leaves the outcome unknown (the reply may
+    /// be what was lost).
     async fn store(
         &self,
-        rows: Vec<NewEvent>,
+        rows: &[NewEvent],
         erase: &[String],
-    ) -> Result<std::collections::HashSet<String>, StoreFailure> {
+    ) -> Result<HashSet<String>, StoreFailure> {
+        let mut attempt = 1;
+        loop {
+            match self.store_once(rows, erase).await {
+                Err(StoreFailure::RolledBack(e))
+                    if attempt < STORE_ATTEMPTS && waymark_kit::db::is_retryable(&e) =>
+                {
+                    tracing::debug!(error = %e, attempt, "delivery rolled back; storing it again");
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn store_once(
+        &self,
+        rows: &[NewEvent],
+        erase: &[String],
+    ) -> Result<HashSet<String>, StoreFailure> {
         let rolled_back = StoreFailure::RolledBack;
         let txn = waymark_kit::db::begin_write(self.db())
             .await
@@ -227,71 +270,24 @@ impl Analytics {
     /// Stores and applies a delivered batch, once per event id.
     pub async fn deliver(&self, events: Vec<Event>) -> Result<DeliverResponse, AnalyticsError> {
         let mut response = DeliverResponse::default();
-        let mut incoming = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            if event.event_id.is_empty() {
-                response.rejected.push(RejectedEvent {
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                    event_id: String::new(),
-                    field: "event_id".into(),
-                    reason: "is required: events are applied once by their id".into(),
-                });
-                continue;
-            }
-            incoming.push(event);
-        }
-        let _writer = self.inner.writer.lock().await;
+        let mut batch = Batch::prepare(events, &mut response);
         self.loaded()?;
         if self.inner.stale.load(Ordering::Acquire) {
-            self.rebuild().await?;
-        }
-        let mut rows = Vec::new();
-        let mut kept = Vec::new();
-        let mut erase = Vec::new();
-        let mut ids = HashSet::new();
-        {
-            // Only a delivery changes the erased set, and deliveries hold `writer`.
-            let erased = self.inner.erased.read().map_err(|_| lock_poisoned())?;
-            for event in incoming {
-                if event.profile_id.is_empty() {
-                    response.unattributed += 1;
-                    continue;
-                }
-                if erased.contains(&event.profile_id) {
-                    response.suppressed += 1;
-                    continue;
-                }
-                let event = slim(event);
-                let body = event.encode_to_vec();
-                let (event_id, profile_id) = (event.event_id.clone(), event.profile_id.clone());
-                let classified = model::classify(event);
-                let kind = match &classified {
-                    Incoming::Customer(_) => Kind::Customer,
-                    Incoming::JourneyStep(_) => Kind::JourneyStep,
-                    Incoming::Notice(Notice::Deleted { profiles }) => {
-                        erase.extend(profiles.iter().cloned());
-                        kept.push((event_id, classified));
-                        continue;
-                    }
-                    Incoming::Notice(_) => Kind::Notice,
-                };
-                if !ids.insert(event_id.clone()) {
-                    response.duplicates += 1;
-                    continue;
-                }
-                rows.push(NewEvent {
-                    event_id: event_id.clone(),
-                    profile_id,
-                    kind,
-                    body,
-                });
-                kept.push((event_id, classified));
+            let _gate = self.inner.gate.write().await;
+            if self.inner.stale.load(Ordering::Acquire) {
+                self.rebuild().await?;
             }
         }
-        let stored = rows.len();
-        erase.sort();
-        erase.dedup();
-        let fresh = match self.store(rows, &erase).await {
+        let (_shared, _exclusive) = if batch.erase.is_empty() {
+            (Some(self.inner.gate.read().await), None)
+        } else {
+            (None, Some(self.inner.gate.write().await))
+        };
+        let (rows, kept) = {
+            let erased = self.inner.erased.read().map_err(|_| lock_poisoned())?;
+            batch.unerased(&erased, &mut response)
+        };
+        let fresh = match self.store(&rows, &batch.erase).await {
             Ok(fresh) => fresh,
             Err(StoreFailure::RolledBack(e)) => return Err(e.into()),
             Err(StoreFailure::Unknown(e)) => {
@@ -302,43 +298,70 @@ impl Analytics {
                 return Err(e.into());
             }
         };
-        response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
-        let compact;
+        response.duplicates += u32::try_from(rows.len() - fresh.len()).unwrap_or(u32::MAX);
         {
-            let mut model = self.inner.model.write().await;
-            for (event_id, classified) in kept {
-                let deletion = matches!(classified, Incoming::Notice(Notice::Deleted { .. }));
-                if deletion || fresh.contains(&event_id) {
-                    if !deletion {
-                        response.applied += 1;
+            let _writer = self.inner.writer.lock().await;
+            let compact;
+            {
+                let mut model = self.inner.model.write().await;
+                for (event_id, classified) in kept {
+                    let deletion = matches!(classified, Incoming::Notice(Notice::Deleted { .. }));
+                    if deletion || fresh.contains(&event_id) {
+                        if !deletion {
+                            response.applied += 1;
+                        }
+                        apply(&mut model, classified);
                     }
-                    apply(&mut model, classified);
                 }
+                compact =
+                    model.added_since_compaction() > COMPACT_AFTER.max(model.event_count() / 4);
             }
-            compact = model.added_since_compaction() > COMPACT_AFTER.max(model.event_count() / 4);
-        }
-        if compact {
-            self.compact().await?;
+            if compact {
+                self.compact().await?;
+            }
         }
         *self
             .inner
             .last_delivery
             .lock()
             .map_err(|_| lock_poisoned())? = std::time::Instant::now();
-        if !erase.is_empty() {
+        if !batch.erase.is_empty() {
             self.inner
                 .erased
                 .write()
                 .map_err(|_| lock_poisoned())?
-                .extend(erase);
+                .extend(batch.erase);
+            self.inner.scrub_wanted.notify_one();
         }
         self.inner.metrics.delivered(&response);
         Ok(response)
     }
 
+    /// Deletes the stored events of erased profiles, once at start and after every
+    /// erasure (or every [`SCRUB_EVERY`], should a scrub fail), until `shutdown`.
+    pub async fn run_scrub(&self, shutdown: waymark_kit::CancellationToken) {
+        loop {
+            let started = std::time::Instant::now();
+            match store::scrub(self.db()).await {
+                Ok(0) => {}
+                Ok(profiles) => tracing::info!(
+                    profiles,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "erased profiles' events scrubbed from the store"
+                ),
+                Err(error) => tracing::warn!(%error, "scrubbing erased profiles failed; retried"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.inner.scrub_wanted.notified() => {}
+                () = tokio::time::sleep(SCRUB_EVERY) => {}
+            }
+        }
+    }
+
     /// Lays memory out afresh (see [`Model::compact`]) while queries go on reading it; only
     /// putting the new arena in place waits for them. The caller holds the writer, so
-    /// nothing changes memory meanwhile.
+    /// nothing is applied to memory meanwhile.
     async fn compact(&self) -> Result<(), AnalyticsError> {
         let started = std::time::Instant::now();
         let inner = self.inner.clone();
@@ -624,6 +647,103 @@ fn find_map(
     maps.get(id)
         .cloned()
         .ok_or_else(|| AnalyticsError::NotFound(format!("no journey map {id:?}")))
+}
+
+/// A delivered batch made ready to store, before anything is locked: encoded, classified
+/// and rid of repeats within it.
+struct Batch {
+    events: Vec<Prepared>,
+    /// Profiles its `Profile Deleted` notices erase.
+    erase: Vec<String>,
+}
+
+struct Prepared {
+    row: Option<NewEvent>,
+    event_id: String,
+    classified: Incoming,
+}
+
+impl Batch {
+    fn prepare(events: Vec<Event>, response: &mut DeliverResponse) -> Batch {
+        let mut prepared = Vec::with_capacity(events.len());
+        let mut erase = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, event) in events.into_iter().enumerate() {
+            if event.event_id.is_empty() {
+                response.rejected.push(RejectedEvent {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    event_id: String::new(),
+                    field: "event_id".into(),
+                    reason: "is required: events are applied once by their id".into(),
+                });
+                continue;
+            }
+            if event.profile_id.is_empty() {
+                response.unattributed += 1;
+                continue;
+            }
+            let event = slim(event);
+            let body = event.encode_to_vec();
+            let (event_id, profile_id) = (event.event_id.clone(), event.profile_id.clone());
+            let classified = model::classify(event);
+            let kind = match &classified {
+                Incoming::Customer(_) => Kind::Customer,
+                Incoming::JourneyStep(_) => Kind::JourneyStep,
+                Incoming::Notice(Notice::Deleted { profiles }) => {
+                    erase.extend(profiles.iter().cloned());
+                    prepared.push(Prepared {
+                        row: None,
+                        event_id,
+                        classified,
+                    });
+                    continue;
+                }
+                Incoming::Notice(_) => Kind::Notice,
+            };
+            if !ids.insert(event_id.clone()) {
+                response.duplicates += 1;
+                continue;
+            }
+            prepared.push(Prepared {
+                row: Some(NewEvent {
+                    event_id: event_id.clone(),
+                    profile_id,
+                    kind,
+                    body,
+                }),
+                event_id,
+                classified,
+            });
+        }
+        erase.sort();
+        erase.dedup();
+        Batch {
+            events: prepared,
+            erase,
+        }
+    }
+
+    /// The rows to store and what to apply once stored, without the events of profiles
+    /// already erased.
+    fn unerased(
+        &mut self,
+        erased: &HashSet<String>,
+        response: &mut DeliverResponse,
+    ) -> (Vec<NewEvent>, Vec<(String, Incoming)>) {
+        let mut rows = Vec::with_capacity(self.events.len());
+        let mut kept = Vec::with_capacity(self.events.len());
+        for p in self.events.drain(..) {
+            if let Some(row) = p.row {
+                if erased.contains(&row.profile_id) {
+                    response.suppressed += 1;
+                    continue;
+                }
+                rows.push(row);
+            }
+            kept.push((p.event_id, p.classified));
+        }
+        (rows, kept)
+    }
 }
 
 /// An event without what analytics never reads (context, traits, integrations and the

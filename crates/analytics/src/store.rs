@@ -1,6 +1,10 @@
 //! The analytics tables, on PostgreSQL or SQLite: every event received (the source of
 //! truth memory is rebuilt from, in arrival order), the profiles erased, the journey maps
 //! and what was last written back to each profile.
+//!
+//! Events carry no index by profile: it would cost every insert about as much as the row
+//! itself, for erasures, which are rare. An erasure is recorded at once and its events
+//! are deleted afterwards by one scan for every erasure pending ([`scrub`]).
 
 use std::collections::HashSet;
 
@@ -63,7 +67,19 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: EVENTS_POSTGRES,
         sqlite: EVENTS_SQLITE,
     },
+    Migration {
+        version: 3,
+        name: "events without a profile index; erasures scrubbed afterwards",
+        postgres: SCRUB_LATER,
+        sqlite: SCRUB_LATER,
+    },
 ];
+
+// Erasures recorded before this migration deleted their events at once.
+const SCRUB_LATER: &str = "
+    DROP INDEX analytics_events_profile;
+    ALTER TABLE analytics_erased ADD COLUMN scrubbed SMALLINT NOT NULL DEFAULT 1;
+";
 
 /// What a stored event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,41 +102,70 @@ struct Id {
     event_id: String,
 }
 
-/// Stores `events`, skipping those already stored; returns the ids stored now.
+#[derive(FromQueryResult)]
+struct Seq {
+    seq: i64,
+}
+
+/// Stores `events`, skipping those already stored; returns the ids stored now. Their
+/// `seq` follows the order given, which replay follows.
 pub async fn insert_events<C: ConnectionTrait>(
     conn: &C,
-    events: Vec<NewEvent>,
+    events: &[NewEvent],
 ) -> Result<HashSet<String>, DbErr> {
     if events.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut ids = Vec::with_capacity(events.len());
-    let mut profiles = Vec::with_capacity(events.len());
-    let mut kinds = Vec::with_capacity(events.len());
-    let mut bodies = Vec::with_capacity(events.len());
-    for e in events {
-        ids.push(e.event_id);
-        profiles.push(e.profile_id);
-        kinds.push(e.kind as i16);
-        bodies.push(e.body);
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    let postgres = conn.get_database_backend() == sea_orm::DbBackend::Postgres;
+    let mut columns = Vec::with_capacity(5);
+    if postgres {
+        // Concurrent deliveries may share redelivered ids, and two that insert them in
+        // different orders deadlock on the unique index. Every delivery inserts in id
+        // order instead, with seqs drawn first and given out in the order of `events`.
+        let mut seqs: Vec<i64> = sql::query_as::<Seq, _>(
+            conn,
+            "SELECT nextval(pg_get_serial_sequence('analytics_events', 'seq')) AS seq \
+             FROM generate_series(1, ?)",
+            vec![(events.len() as i64).into()],
+        )
+        .await?
+        .into_iter()
+        .map(|s| s.seq)
+        .collect();
+        seqs.sort_unstable();
+        order.sort_unstable_by(|&a, &b| events[a].event_id.cmp(&events[b].event_id));
+        columns.push(Column::Int8(order.iter().map(|&i| seqs[i]).collect()));
     }
-    let fresh = Insert::new(
-        "INSERT INTO analytics_events (event_id, profile_id, kind, body)",
-        vec![
-            Column::Text(ids),
-            Column::Text(profiles),
-            Column::Int2(kinds),
-            Column::Bytea(bodies),
-        ],
-    )
-    .in_order()
-    .suffix("ON CONFLICT (event_id) DO NOTHING RETURNING event_id")
-    .returning::<Id, _>(conn)
-    .await?;
+    let rows = order.iter().map(|&i| &events[i]);
+    columns.push(Column::Text(
+        rows.clone().map(|e| e.event_id.clone()).collect(),
+    ));
+    columns.push(Column::Text(
+        rows.clone().map(|e| e.profile_id.clone()).collect(),
+    ));
+    columns.push(Column::Int2(rows.clone().map(|e| e.kind as i16).collect()));
+    columns.push(Column::Bytea(rows.map(|e| e.body.clone()).collect()));
+    let insert = if postgres {
+        Insert::new(
+            "INSERT INTO analytics_events (seq, event_id, profile_id, kind, body)",
+            columns,
+        )
+    } else {
+        Insert::new(
+            "INSERT INTO analytics_events (event_id, profile_id, kind, body)",
+            columns,
+        )
+        .in_order()
+    };
+    let fresh = insert
+        .suffix("ON CONFLICT (event_id) DO NOTHING RETURNING event_id")
+        .returning::<Id, _>(conn)
+        .await?;
     Ok(fresh.into_iter().map(|r| r.event_id).collect())
 }
 
-/// Forgets every event of `profiles` and remembers them as erased.
+/// Remembers `profiles` as erased; their events are deleted by the next [`scrub`].
 pub async fn erase<C: ConnectionTrait>(
     conn: &C,
     profiles: &[String],
@@ -129,31 +174,58 @@ pub async fn erase<C: ConnectionTrait>(
     if profiles.is_empty() {
         return Ok(());
     }
-    for chunk in profiles.chunks(500) {
-        let list = sql::in_list(chunk.len());
-        let values: Vec<sea_orm::Value> = chunk.iter().map(|p| p.clone().into()).collect();
-        sql::execute(
-            conn,
-            &format!("DELETE FROM analytics_events WHERE profile_id IN ({list})"),
-            values.clone(),
-        )
-        .await?;
-        sql::execute(
-            conn,
-            &format!("DELETE FROM analytics_written WHERE profile_id IN ({list})"),
-            values,
-        )
-        .await?;
-    }
     Insert::new(
-        "INSERT INTO analytics_erased (profile_id, erased_at)",
+        "INSERT INTO analytics_erased (profile_id, erased_at, scrubbed)",
         vec![Column::Text(profiles.to_vec())],
     )
     .constant(now)
+    .constant(0i16)
     .suffix("ON CONFLICT (profile_id) DO NOTHING")
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Erased profiles scrubbed per scan: bounds the statement, not the scans.
+const SCRUB_BATCH: usize = 1000;
+
+/// Deletes the events and written-back stages of erased profiles not yet scrubbed, in
+/// one transaction per [`SCRUB_BATCH`] of them; returns how many profiles were scrubbed.
+pub async fn scrub(db: &sea_orm::DatabaseConnection) -> Result<usize, DbErr> {
+    let mut scrubbed = 0;
+    loop {
+        let txn = waymark_kit::db::begin_write(db).await?;
+        let pending: Vec<ErasedRow> = sql::query_as(
+            &txn,
+            "SELECT profile_id FROM analytics_erased WHERE scrubbed = 0 ORDER BY profile_id LIMIT ?",
+            vec![(SCRUB_BATCH as i64).into()],
+        )
+        .await?;
+        if pending.is_empty() {
+            return Ok(scrubbed);
+        }
+        let list = sql::in_list(pending.len());
+        let values: Vec<sea_orm::Value> = pending
+            .iter()
+            .map(|p| p.profile_id.clone().into())
+            .collect();
+        for table in ["analytics_events", "analytics_written"] {
+            sql::execute(
+                &txn,
+                &format!("DELETE FROM {table} WHERE profile_id IN ({list})"),
+                values.clone(),
+            )
+            .await?;
+        }
+        sql::execute(
+            &txn,
+            &format!("UPDATE analytics_erased SET scrubbed = 1 WHERE profile_id IN ({list})"),
+            values,
+        )
+        .await?;
+        txn.commit().await?;
+        scrubbed += pending.len();
+    }
 }
 
 #[derive(FromQueryResult)]

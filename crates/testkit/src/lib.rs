@@ -346,6 +346,12 @@ impl Proxy {
     pub fn lose_reply_containing(&self, pattern: &[u8]) {
         *self.lose.lock().unwrap() = Some(pattern.to_vec());
     }
+
+    /// Whether the reply set to be lost by [`Proxy::lose_reply_containing`] has not come
+    /// yet.
+    pub fn loss_pending(&self) -> bool {
+        self.lose.lock().unwrap().is_some()
+    }
 }
 
 async fn relay_connection(

@@ -262,18 +262,11 @@ async fn an_erased_customer_disappears_for_good(backend: Backend) {
     );
     let again = rig.server.deliver(mine).await;
     assert_eq!((again.applied, again.suppressed), (0, 2));
-    let url = config(&rig.db.url, "").analytics_database();
-    let db = waymark_kit::db::connect(&url, "analytics", 1)
-        .await
-        .unwrap();
-    let left: Vec<Count> = waymark_kit::sql::query_as(
-        &db,
-        "SELECT COUNT(*) AS n FROM analytics_events WHERE profile_id IN ('gone', 'merged-in')",
-        vec![],
-    )
-    .await
-    .unwrap();
-    assert_eq!(left[0].n, 0);
+    let db = analytics_db(&rig.db.url).await;
+    waymark_testkit::eventually("events scrubbed", waymark_testkit::PATIENCE, async || {
+        stored_of(&db, &["gone", "merged-in"]).await == 0
+    })
+    .await;
     let url = rig.db.url.clone();
     rig.server.stop().await;
     let restarted = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
@@ -287,6 +280,113 @@ waymark_testkit::on_both_backends!(an_erased_customer_disappears_for_good);
 struct Count {
     n: i64,
 }
+
+async fn analytics_db(url: &str) -> sea_orm::DatabaseConnection {
+    let url = config(url, "").analytics_database();
+    waymark_kit::db::connect(&url, "analytics", 1)
+        .await
+        .unwrap()
+}
+
+/// Events stored for `profiles`.
+async fn stored_of(db: &sea_orm::DatabaseConnection, profiles: &[&str]) -> i64 {
+    let list = waymark_kit::sql::in_list(profiles.len());
+    let values: Vec<sea_orm::Value> = profiles.iter().map(|p| (*p).into()).collect();
+    let rows: Vec<Count> = waymark_kit::sql::query_as(
+        db,
+        &format!("SELECT COUNT(*) AS n FROM analytics_events WHERE profile_id IN ({list})"),
+        values,
+    )
+    .await
+    .unwrap();
+    rows[0].n
+}
+
+/// An erasure whose events could not be deleted (PostgreSQL cut as they were) is kept in
+/// no answer meanwhile, none after a restart (memory skips its events), and its events
+/// are deleted once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_cut_from_postgres_is_scrubbed_later() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = waymark_testkit::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    let server = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
+    server
+        .deliver(vec![
+            track("gone", "A", 0, json!({})),
+            track("gone", "B", 10, json!({})),
+            track("stays", "A", 0, json!({})),
+        ])
+        .await;
+    // The scrub marks the profile done as the last statement before its commit.
+    proxy.lose_reply_containing(b"UPDATE 1");
+    server
+        .deliver(vec![notice(
+            "Profile Deleted",
+            "gone",
+            json!({"erased_profile_ids": ["gone"]}),
+        )])
+        .await;
+    waymark_testkit::eventually("the scrub cut", waymark_testkit::PATIENCE, async || {
+        !proxy.loss_pending()
+    })
+    .await;
+    let ab = || funnel(&["A", "B"], FunnelOrder::Ordered, "1d");
+    assert_eq!(
+        reached(&server.funnel(ab()).await.total.unwrap()),
+        vec![1, 0]
+    );
+    let direct = analytics_db(&db.url).await;
+    assert_eq!(
+        stored_of(&direct, &["gone"]).await,
+        2,
+        "the cut scrub was rolled back"
+    );
+    server.stop().await;
+    let restarted = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
+    let answer = restarted.funnel(ab()).await;
+    assert_eq!(reached(&answer.total.unwrap()), vec![1, 0]);
+    assert_eq!(answer.customers_scanned, 1);
+    waymark_testkit::eventually("events scrubbed", waymark_testkit::PATIENCE, async || {
+        stored_of(&direct, &["gone"]).await == 0
+    })
+    .await;
+    assert_eq!(stored_of(&direct, &["stays"]).await, 1);
+}
+
+/// Deliveries that run at once and share events (a relay resending a batch while its
+/// first attempt is still stored, in another order) all succeed, and each event counts
+/// once.
+async fn concurrent_deliveries_of_the_same_events_count_each_once(backend: Backend) {
+    let rig = Rig::start(backend).await;
+    let events: Vec<_> = (0..200)
+        .map(|i| {
+            let name = if i < 100 { "A" } else { "B" };
+            track(&format!("c{}", i % 40), name, i, json!({}))
+        })
+        .collect();
+    let deliveries = (0..8).map(|d| {
+        let mut batch = events.clone();
+        if d % 2 == 1 {
+            batch.reverse();
+        }
+        let server = &rig.server;
+        async move { server.deliver(batch).await }
+    });
+    let answers = futures::future::join_all(deliveries).await;
+    let applied: u32 = answers.iter().map(|a| a.applied).sum();
+    let duplicates: u32 = answers.iter().map(|a| a.duplicates).sum();
+    assert_eq!((applied, duplicates), (200, 7 * 200));
+    let answer = rig
+        .server
+        .funnel(funnel(&["A", "B"], FunnelOrder::Ordered, "1d"))
+        .await;
+    assert_eq!(reached(&answer.total.unwrap()), vec![40, 40]);
+    assert_eq!(answer.events_scanned, 200);
+}
+waymark_testkit::on_both_backends!(concurrent_deliveries_of_the_same_events_count_each_once);
 
 /// A redelivered event counts once, a late one is placed by its event time, and memory
 /// compacted when deliveries pause, or rebuilt at start-up, gives the same answers.
