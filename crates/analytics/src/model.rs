@@ -287,6 +287,13 @@ pub struct Layout {
     as_of: u64,
 }
 
+/// The memory a [`Model::install`] replaced, freed when dropped.
+pub struct Replaced {
+    _events: Vec<Ev>,
+    _props: Vec<Prop>,
+    _recent: Vec<(Vec<Ev>, Vec<Prop>)>,
+}
+
 /// Everything queries read.
 #[derive(Default)]
 pub struct Model {
@@ -422,7 +429,7 @@ impl Model {
     /// Run after memory is rebuilt and when much has arrived since.
     pub fn compact(&mut self) {
         let layout = self.layout();
-        self.install(layout);
+        drop(self.install(layout));
     }
 
     /// The compacted arena of what memory holds now, built without changing it (so
@@ -469,17 +476,27 @@ impl Model {
     }
 
     /// Puts a [`Model::layout`] in place. Memory must not have changed since it was built.
-    pub fn install(&mut self, layout: Layout) {
+    /// Returns what it replaced, to be freed once queries may read again: freeing a
+    /// gigabyte arena and a million small vectors takes a while.
+    pub fn install(&mut self, layout: Layout) -> Replaced {
+        let mut recent = Vec::new();
         for (m, base, len) in layout.ranges {
             let slot = &mut self.slots[m as usize];
             slot.base = base;
             slot.base_len = len;
-            slot.events = Vec::new();
-            slot.props = Vec::new();
+            if slot.events.capacity() > 0 || slot.props.capacity() > 0 {
+                recent.push((
+                    std::mem::take(&mut slot.events),
+                    std::mem::take(&mut slot.props),
+                ));
+            }
         }
-        self.arena_events = layout.events;
-        self.arena_props = layout.props;
         self.compacted_at = layout.as_of;
+        Replaced {
+            _events: std::mem::replace(&mut self.arena_events, layout.events),
+            _props: std::mem::replace(&mut self.arena_props, layout.props),
+            _recent: recent,
+        }
     }
 
     fn recent_props(&self) -> usize {

@@ -361,17 +361,30 @@ impl Analytics {
 
     /// Lays memory out afresh (see [`Model::compact`]) while queries go on reading it; only
     /// putting the new arena in place waits for them. The caller holds the writer, so
-    /// nothing is applied to memory meanwhile.
+    /// nothing is applied to memory meanwhile. The layout runs on a thread of its own at
+    /// the lowest CPU priority: it yields the cores to queries and deliveries, and takes
+    /// what they leave idle.
     async fn compact(&self) -> Result<(), AnalyticsError> {
         let started = std::time::Instant::now();
         let inner = self.inner.clone();
-        let layout = tokio::task::spawn_blocking(move || inner.model.blocking_read().layout())
+        let (done, layout) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("analytics-compaction".into())
+            .spawn(move || {
+                lowest_cpu_priority();
+                let _ = done.send(inner.model.blocking_read().layout());
+            })
+            .map_err(|e| AnalyticsError::Internal(format!("compaction did not start: {e}")))?;
+        let layout = layout
             .await
-            .map_err(|e| AnalyticsError::Internal(format!("compaction failed: {e}")))?;
+            .map_err(|_| AnalyticsError::Internal("compaction failed".into()))?;
         let mut model = self.inner.model.write().await;
-        model.install(layout);
+        let replaced = model.install(layout);
+        let events = model.event_count();
+        drop(model);
+        tokio::task::spawn_blocking(move || drop(replaced));
         tracing::info!(
-            events = model.event_count(),
+            events,
             took_ms = started.elapsed().as_millis() as u64,
             "analytics memory compacted"
         );
@@ -743,6 +756,15 @@ impl Batch {
             kept.push((p.event_id, p.classified));
         }
         (rows, kept)
+    }
+}
+
+/// Lowers the calling thread to the lowest CPU priority (nice 19) where the platform
+/// allows it; a thread can always lower its own.
+fn lowest_cpu_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(%error, "compaction runs at normal priority");
     }
 }
 
