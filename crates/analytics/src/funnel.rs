@@ -402,12 +402,14 @@ impl Funnel {
         std::hint::black_box(touched);
         for span in &spans {
             if span.in_range {
-                self.customer(model, budget, acc, span, &mut hits[span.start..span.end])?;
+                self.customer(model, acc, span, &mut hits[span.start..span.end])?;
             }
         }
         acc.hits = hits;
         acc.spans = spans;
-        Ok(())
+        // Once per block: the budget's counter is shared by every core, and charging it
+        // per customer had them fight over its cache line.
+        budget.charge(std::mem::take(&mut acc.uncharged))
     }
 
     /// Appends the events of one profile's ordered `events` that a step or exclusion
@@ -447,7 +449,6 @@ impl Funnel {
     fn customer(
         &self,
         model: &Model,
-        budget: &Budget,
         acc: &mut Partial<'_>,
         span: &Span,
         hits: &mut [Hit<'_>],
@@ -479,9 +480,7 @@ impl Funnel {
                 "the breakdown has more than {MAX_DISTINCT_GROUPS} distinct values; break down by something coarser"
             )));
         }
-        if bytes > 0 {
-            budget.charge(bytes * (1 + usize::from(!acc.groups.is_empty())))?;
-        }
+        acc.uncharged += bytes * (1 + usize::from(!acc.groups.is_empty()));
         Ok(())
     }
 
@@ -933,6 +932,8 @@ struct Partial<'m> {
     spans: Vec<Span>,
     scratch: Scratch,
     group_keys: Vec<GroupKey>,
+    /// Bytes held but not charged to the budget yet.
+    uncharged: usize,
 }
 
 impl Partial<'_> {
@@ -950,6 +951,7 @@ impl Partial<'_> {
             spans: Vec::new(),
             scratch: Scratch::default(),
             group_keys: Vec::new(),
+            uncharged: 0,
         }
     }
 

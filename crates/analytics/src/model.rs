@@ -133,27 +133,33 @@ pub struct Ev {
 /// The bit of `Ev::start` that places its properties in the profile's `props`.
 pub const RECENT: u32 = 1 << 31;
 
-/// One profile.
+/// One profile. Laid out in declaration order, 128 bytes: what a scan reads of every
+/// profile (root, arena range, members, recent events) shares its first cache line.
 #[derive(Default)]
+#[repr(C)]
 pub struct Slot {
-    pub id: Box<str>,
     /// The root profile of the customer this profile belongs to (itself when a root).
     pub root: u32,
-    /// The profiles of the customer, when this is a root (itself first).
-    pub members: Vec<u32>,
     /// Its events as of the last compaction: `Model::arena_events[base..base + base_len]`,
     /// ordered by (at, tie).
     pub base: u32,
     pub base_len: u32,
+    /// Erased: holds nothing and takes nothing more.
+    pub erased: bool,
+    /// The profiles of the customer, when this is a root (itself first).
+    pub members: Vec<u32>,
     /// Events since the last compaction, ordered by (at, tie).
     pub events: Vec<Ev>,
     /// The properties of `events`.
     pub props: Vec<Prop>,
     /// Segment memberships: (segment, entered at, exited at or `i64::MAX`).
     pub segments: Vec<(u32, i64, i64)>,
-    /// Erased: holds nothing and takes nothing more.
-    pub erased: bool,
+    pub id: Box<str>,
 }
+
+#[cfg(target_pointer_width = "64")]
+const _: () =
+    assert!(std::mem::size_of::<Slot>() == 128 && std::mem::offset_of!(Slot, props) == 64);
 
 /// One journey enrollment's steps, in order.
 pub struct Enrollment {
