@@ -50,7 +50,8 @@ struct Inner {
     /// erased profile is stored after the erasure, and a rebuild sees no delivery halfway.
     gate: tokio::sync::RwLock<()>,
     /// One delivery applies to memory at a time; compaction holds it from its layout to
-    /// its install, so that nothing applied in between is lost.
+    /// its install, so that nothing applied in between is lost, and a rebuild holds it
+    /// while it replaces memory. Taken after `gate`, never before.
     writer: tokio::sync::Mutex<()>,
     /// Wakes the scrubber after an erasure.
     scrub_wanted: tokio::sync::Notify,
@@ -169,8 +170,10 @@ impl Analytics {
     }
 
     /// As [`Analytics::prepare`], with the gate's write side held. Events of profiles
-    /// erased but not scrubbed yet are skipped.
+    /// erased but not scrubbed yet are skipped. Takes the writer too: a compaction must
+    /// not install a layout of the memory this replaces.
     async fn rebuild(&self) -> Result<(), AnalyticsError> {
+        let _writer = self.inner.writer.lock().await;
         let started = std::time::Instant::now();
         let erased = store::erased(self.db()).await?;
         let mut fresh = Model::default();
