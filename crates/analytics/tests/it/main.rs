@@ -307,11 +307,7 @@ async fn stored_of(db: &sea_orm::DatabaseConnection, profiles: &[&str]) -> i64 {
 /// are deleted once the store is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_cut_from_postgres_is_scrubbed_later() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let proxy = waymark_testkit::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = db
-        .url
-        .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    let (db, proxy, url) = postgres_behind_proxy().await;
     let server = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
     server
         .deliver(vec![
@@ -716,12 +712,7 @@ async fn a_query_past_its_memory_budget_is_stopped_with_a_clear_error() {
 /// service cannot know) is in every answer once it comes again, and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_cut_from_postgres_is_applied_once_when_it_comes_again() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let proxy = waymark_testkit::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = db
-        .url
-        .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
-    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    let (_db, proxy, url) = postgres_behind_proxy().await;
     let server = TestAnalytics::start(config(&url, "http://127.0.0.1:9")).await;
     let sink = waymark_proto::common::v1::event_sink_client::EventSinkClient::connect(server.url())
         .await

@@ -128,6 +128,18 @@ impl Rig {
     }
 }
 
+/// A PostgreSQL database, a proxy in front of it that a test can cut, and the database's
+/// URL through the proxy.
+pub async fn postgres_behind_proxy() -> (TestDb, waymark_testkit::Proxy, String) {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = waymark_testkit::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    (db, proxy, url)
+}
+
 /// A resolved track event of `profile` at `T0 + secs`.
 pub fn track(profile: &str, name: &str, secs: i64, properties: serde_json::Value) -> Event {
     let mut event = Event {
