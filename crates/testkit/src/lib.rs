@@ -294,7 +294,15 @@ pub struct Proxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    lose: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    lose: Arc<std::sync::Mutex<Option<Loss>>>,
+}
+
+/// Replies to lose: those containing `pattern`, the first one or every one, and how many
+/// were lost so far.
+struct Loss {
+    pattern: Vec<u8>,
+    every: bool,
+    lost: usize,
 }
 
 impl Proxy {
@@ -303,7 +311,7 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let lose: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
+        let lose: Arc<std::sync::Mutex<Option<Loss>>> = Arc::default();
         let (open2, connections2, lose2) = (open.clone(), connections.clone(), lose.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -344,20 +352,38 @@ impl Proxy {
     /// `UPDATE 3` that completes a statement) never reaches the client, and that
     /// connection is cut. The server has done the work; the client cannot know.
     pub fn lose_reply_containing(&self, pattern: &[u8]) {
-        *self.lose.lock().unwrap() = Some(pattern.to_vec());
+        self.lose(pattern, false);
     }
 
-    /// Whether the reply set to be lost by [`Proxy::lose_reply_containing`] has not come
-    /// yet.
-    pub fn loss_pending(&self) -> bool {
-        self.lose.lock().unwrap().is_some()
+    /// As [`Proxy::lose_reply_containing`], for every such reply until
+    /// [`Proxy::keep_replies`]: a client that retries at once fails again.
+    pub fn lose_every_reply_containing(&self, pattern: &[u8]) {
+        self.lose(pattern, true);
+    }
+
+    /// Loses no more replies.
+    pub fn keep_replies(&self) {
+        *self.lose.lock().unwrap() = None;
+    }
+
+    /// Replies lost since the last call to lose some.
+    pub fn replies_lost(&self) -> usize {
+        self.lose.lock().unwrap().as_ref().map_or(0, |l| l.lost)
+    }
+
+    fn lose(&self, pattern: &[u8], every: bool) {
+        *self.lose.lock().unwrap() = Some(Loss {
+            pattern: pattern.to_vec(),
+            every,
+            lost: 0,
+        });
     }
 }
 
 async fn relay_connection(
     client: TcpStream,
     server: TcpStream,
-    lose: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    lose: Arc<std::sync::Mutex<Option<Loss>>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_read, mut client_write) = client.into_split();
@@ -375,11 +401,13 @@ async fn relay_connection(
             let chunk = &buffer[..n];
             {
                 let mut lose = lose.lock().unwrap();
-                let hit = lose
-                    .as_ref()
-                    .is_some_and(|p| chunk.windows(p.len()).any(|w| w == p.as_slice()));
-                if hit {
-                    *lose = None;
+                if let Some(loss) = lose.as_mut()
+                    && (loss.every || loss.lost == 0)
+                    && chunk
+                        .windows(loss.pattern.len())
+                        .any(|w| w == loss.pattern.as_slice())
+                {
+                    loss.lost += 1;
                     return;
                 }
             }
