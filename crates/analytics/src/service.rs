@@ -111,8 +111,6 @@ impl ProfileWriter {
     }
 }
 
-/// Times a delivery is stored when PostgreSQL rolls it back as a deadlock victim.
-const STORE_ATTEMPTS: u32 = 5;
 /// How often pending erasures are scrubbed when no erasure wakes the scrubber (after a
 /// failed scrub, say).
 const SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -228,32 +226,11 @@ impl Analytics {
     }
 
     /// Stores `rows` (returning the ids new to the store) and erases `erase`, in one
-    /// transaction, run again when PostgreSQL picks it as a deadlock victim (concurrent
-    /// deliveries sharing redelivered ids). A failure before the commit was sent rolled
-    /// everything back; one of the commit itself leaves the outcome unknown (the reply may
-    /// be what was lost).
+    /// transaction. A failure before the commit was sent rolled everything back; one of
+    /// the commit itself leaves the outcome unknown (the reply may be what was lost).
     async fn store(
         &self,
-        rows: &[NewEvent],
-        erase: &[String],
-    ) -> Result<HashSet<String>, StoreFailure> {
-        let mut attempt = 1;
-        loop {
-            match self.store_once(rows, erase).await {
-                Err(StoreFailure::RolledBack(e))
-                    if attempt < STORE_ATTEMPTS && waymark_kit::db::is_retryable(&e) =>
-                {
-                    tracing::debug!(error = %e, attempt, "delivery rolled back; storing it again");
-                    attempt += 1;
-                }
-                outcome => return outcome,
-            }
-        }
-    }
-
-    async fn store_once(
-        &self,
-        rows: &[NewEvent],
+        rows: Vec<NewEvent>,
         erase: &[String],
     ) -> Result<HashSet<String>, StoreFailure> {
         let rolled_back = StoreFailure::RolledBack;
@@ -290,7 +267,8 @@ impl Analytics {
             let erased = self.inner.erased.read().map_err(|_| lock_poisoned())?;
             batch.unerased(&erased, &mut response)
         };
-        let fresh = match self.store(&rows, &batch.erase).await {
+        let stored = rows.len();
+        let fresh = match self.store(rows, &batch.erase).await {
             Ok(fresh) => fresh,
             Err(StoreFailure::RolledBack(e)) => return Err(e.into()),
             Err(StoreFailure::Unknown(e)) => {
@@ -301,7 +279,7 @@ impl Analytics {
                 return Err(e.into());
             }
         };
-        response.duplicates += u32::try_from(rows.len() - fresh.len()).unwrap_or(u32::MAX);
+        response.duplicates += u32::try_from(stored - fresh.len()).unwrap_or(u32::MAX);
         {
             let _writer = self.inner.writer.lock().await;
             let compact;

@@ -111,19 +111,18 @@ struct Seq {
 /// `seq` follows the order given, which replay follows.
 pub async fn insert_events<C: ConnectionTrait>(
     conn: &C,
-    events: &[NewEvent],
+    mut events: Vec<NewEvent>,
 ) -> Result<HashSet<String>, DbErr> {
     if events.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut order: Vec<usize> = (0..events.len()).collect();
     let postgres = conn.get_database_backend() == sea_orm::DbBackend::Postgres;
-    let mut columns = Vec::with_capacity(5);
+    let mut seqs = Vec::new();
     if postgres {
-        // Concurrent deliveries may share redelivered ids, and two that insert them in
-        // different orders deadlock on the unique index. Every delivery inserts in id
-        // order instead, with seqs drawn first and given out in the order of `events`.
-        let mut seqs: Vec<i64> = sql::query_as::<Seq, _>(
+        // Concurrent deliveries may share redelivered ids. Each inserts in id order, so
+        // that none waits for another's id while holding one the other wants (a
+        // deadlock); seqs are drawn first and given out in the order of `events`.
+        seqs = sql::query_as::<Seq, _>(
             conn,
             "SELECT nextval(pg_get_serial_sequence('analytics_events', 'seq')) AS seq \
              FROM generate_series(1, ?)",
@@ -134,18 +133,32 @@ pub async fn insert_events<C: ConnectionTrait>(
         .map(|s| s.seq)
         .collect();
         seqs.sort_unstable();
-        order.sort_unstable_by(|&a, &b| events[a].event_id.cmp(&events[b].event_id));
-        columns.push(Column::Int8(order.iter().map(|&i| seqs[i]).collect()));
+        let mut numbered: Vec<(i64, NewEvent)> = seqs.into_iter().zip(events).collect();
+        numbered.sort_unstable_by(|a, b| a.1.event_id.cmp(&b.1.event_id));
+        (seqs, events) = numbered.into_iter().unzip();
     }
-    let rows = order.iter().map(|&i| &events[i]);
-    columns.push(Column::Text(
-        rows.clone().map(|e| e.event_id.clone()).collect(),
-    ));
-    columns.push(Column::Text(
-        rows.clone().map(|e| e.profile_id.clone()).collect(),
-    ));
-    columns.push(Column::Int2(rows.clone().map(|e| e.kind as i16).collect()));
-    columns.push(Column::Bytea(rows.map(|e| e.body.clone()).collect()));
+    let mut columns = Vec::with_capacity(5);
+    if postgres {
+        columns.push(Column::Int8(seqs));
+    }
+    let (mut ids, mut profiles, mut kinds, mut bodies) = (
+        Vec::with_capacity(events.len()),
+        Vec::with_capacity(events.len()),
+        Vec::with_capacity(events.len()),
+        Vec::with_capacity(events.len()),
+    );
+    for e in events {
+        ids.push(e.event_id);
+        profiles.push(e.profile_id);
+        kinds.push(e.kind as i16);
+        bodies.push(e.body);
+    }
+    columns.extend([
+        Column::Text(ids),
+        Column::Text(profiles),
+        Column::Int2(kinds),
+        Column::Bytea(bodies),
+    ]);
     let insert = if postgres {
         Insert::new(
             "INSERT INTO analytics_events (seq, event_id, profile_id, kind, body)",

@@ -88,18 +88,6 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTra
     .await
 }
 
-/// Whether PostgreSQL rolled the transaction back as a deadlock victim or on a
-/// serialization failure: nothing of it was stored, and running it again may succeed.
-pub fn is_retryable(error: &DbErr) -> bool {
-    use sea_orm::RuntimeErr;
-    if let DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) = error
-        && let sea_orm::sqlx::Error::Database(e) = e.as_ref()
-    {
-        return matches!(e.code().as_deref(), Some("40P01" | "40001"));
-    }
-    false
-}
-
 /// `db.client.connection.count{state=idle|used}`, the OpenTelemetry semantic convention
 /// for a connection pool's use.
 pub struct PoolGauge(opentelemetry::metrics::Gauge<u64>);
