@@ -58,8 +58,18 @@ pub struct Funnel {
     /// By interned event name: the steps and exclusions without a condition it matches,
     /// and whether one with a condition names it.
     by_name: Vec<Mark>,
-    /// Whether counting reads properties of events beyond those a condition reads.
-    reads_properties: bool,
+    /// Whose properties counting reads beyond the events a condition reads.
+    reads: Reads,
+}
+
+/// The hits whose properties counting reads, besides those a condition reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    Nothing,
+    /// Those that may start an attempt: a breakdown by property reads its first event's.
+    Starts,
+    /// Every hit: held properties are compared on every step.
+    All,
 }
 
 /// The range's bounds in microseconds, open ends as the extremes.
@@ -238,7 +248,13 @@ impl Funnel {
         }
         Ok(Funnel {
             by_name,
-            reads_properties: !hold.is_empty() || matches!(by, By::Property(_)),
+            reads: if !hold.is_empty() {
+                Reads::All
+            } else if matches!(by, By::Property(_)) {
+                Reads::Starts
+            } else {
+                Reads::Nothing
+            },
             names: req.steps.iter().map(|s| s.event.clone()).collect(),
             steps,
             order,
@@ -392,12 +408,11 @@ impl Funnel {
             spans.push(span);
         }
         // Reading one property of each hit whose properties will be read starts all of the
-        // block's loads from memory before the first one is waited on.
+        // block's loads from memory before the first one is waited on. Only those: the
+        // others would cost memory bandwidth for nothing.
         let mut touched = 0;
-        for hit in &hits {
-            if hit.mark.conditioned || self.reads_properties {
-                touched ^= hit.props.first().map_or(0, |p| p.key);
-            }
+        for hit in hits.iter().filter(|h| self.props_read(h)) {
+            touched ^= hit.props.first().map_or(0, |p| p.key);
         }
         std::hint::black_box(touched);
         for span in &spans {
@@ -410,6 +425,25 @@ impl Funnel {
         // Once per block: the budget's counter is shared by every core, and charging it
         // per customer had them fight over its cache line.
         budget.charge(std::mem::take(&mut acc.uncharged))
+    }
+
+    /// Whether counting may read `hit`'s properties.
+    fn props_read(&self, hit: &Hit<'_>) -> bool {
+        hit.mark.conditioned
+            || match self.reads {
+                Reads::Nothing => false,
+                Reads::Starts => self.may_start(hit.mark.steps),
+                Reads::All => true,
+            }
+    }
+
+    /// Whether an event matching `steps` may start an attempt.
+    fn may_start(&self, steps: u64) -> bool {
+        if self.order == FunnelOrder::Any {
+            steps != 0
+        } else {
+            steps & 1 != 0
+        }
     }
 
     /// Appends the events of one profile's ordered `events` that a step or exclusion
@@ -509,12 +543,7 @@ impl Funnel {
         let (lo, hi) = self.range;
         let can_start = |i: usize| {
             let hit = &hits[i];
-            let first = if self.order == FunnelOrder::Any {
-                hit.mark.steps != 0
-            } else {
-                hit.mark.steps & 1 != 0
-            };
-            first && hit.at >= lo && hit.at < hi
+            self.may_start(hit.mark.steps) && hit.at >= lo && hit.at < hi
         };
         let Scratch { times, best, held } = scratch;
         match self.counting {
@@ -911,7 +940,14 @@ impl Agg {
     fn absorb(&mut self, other: Agg) {
         for (i, (n, t)) in other.reached.into_iter().zip(other.times).enumerate() {
             self.reached[i] += n;
-            self.times[i].extend(t);
+            // The smaller list goes into the larger: the first absorbed moves, not copies.
+            let mine = &mut self.times[i];
+            if mine.capacity() < t.capacity() {
+                let smaller = std::mem::replace(mine, t);
+                mine.extend(smaller);
+            } else {
+                mine.extend(t);
+            }
         }
     }
 }

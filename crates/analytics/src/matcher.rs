@@ -53,6 +53,9 @@ type MemoKey = [(u8, u64); MEMO_KEYS + 1];
 /// Remembered results of one matcher, for one thread.
 #[derive(Default)]
 pub struct Memo {
+    /// For a condition that reads one property and not the channel: by that value alone,
+    /// a fifth of the bytes to hash and compare of a whole [`MemoKey`].
+    by_value: FxHashMap<(u8, u64), bool>,
     results: FxHashMap<MemoKey, bool>,
 }
 
@@ -120,10 +123,23 @@ impl Matcher {
         let Some(keys) = &c.memo_keys else {
             return evaluate(model, c, props, channel, None);
         };
+        if let [wanted] = keys.as_slice()
+            && !c.channel
+        {
+            let value = wanted
+                .and_then(|w| props.iter().find(|p| p.key == w))
+                .map_or((255, 0), Prop::value_key);
+            if let Some(&hit) = memo.by_value.get(&value) {
+                return hit;
+            }
+            let result = evaluate(model, c, props, channel, Some(keys));
+            memo.by_value.insert(value, result);
+            return result;
+        }
         let mut key: MemoKey = [(255, 0); MEMO_KEYS + 1];
         for (k, wanted) in key.iter_mut().zip(keys) {
             if let Some(p) = wanted.and_then(|w| props.iter().find(|p| p.key == w)) {
-                *k = p.val().key();
+                *k = p.value_key();
             }
         }
         if c.channel {

@@ -109,7 +109,12 @@ impl Prop {
     }
 
     pub fn val(&self) -> Val {
-        Val::from_key((self.tag, self.bits))
+        Val::from_key(self.value_key())
+    }
+
+    /// The value as [`Val::key`] gives it, without decoding it.
+    pub fn value_key(&self) -> (u8, u64) {
+        (self.tag, self.bits)
     }
 }
 
